@@ -1,0 +1,1 @@
+"""Generated stubs of the llmmesh protobuf contract."""

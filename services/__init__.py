@@ -1,0 +1,1 @@
+"""llmmesh services: router, adapters and the CPU backend."""

@@ -1,0 +1,1 @@
+"""The adapter: one model behind the GenerateService, wrapping one TGI backend."""

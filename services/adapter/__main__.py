@@ -1,0 +1,146 @@
+"""Run one adapter: `python -m services.adapter --model qwen2 --tgi-url URL`.
+
+Every flag can also come from the environment (LLMMESH_MODEL, TGI_URL, ...),
+which is how the containers are configured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvloop
+
+from services.adapter.chat_template import ChatTemplate
+from services.adapter.core import AdapterCore
+from services.adapter.tgi import TGIBackend
+from services.common import logs
+from services.common.metrics import Metrics
+from services.common.registry import ModelSpec, load_registry
+from services.common.service import (
+    SERVICE_NAME,
+    HealthBoard,
+    ServerSettings,
+    serve_until_signalled,
+    start_server,
+)
+
+DEFAULT_REGISTRY = Path(__file__).resolve().parents[2] / "models" / "registry.yaml"
+log = logging.getLogger("llmmesh.adapter")
+
+
+@dataclass(frozen=True)
+class AdapterSettings:
+    model: ModelSpec
+    tgi_url: str
+    chat_template: Path
+    server: ServerSettings
+    max_concurrency: int
+    default_timeout: float
+    health_interval: float
+
+
+def parse_args(argv: list[str] | None = None) -> AdapterSettings:
+    env = os.environ
+    p = argparse.ArgumentParser(prog="python -m services.adapter", description=__doc__)
+    p.add_argument("--model", default=env.get("LLMMESH_MODEL"), help="registry id, e.g. qwen2")
+    p.add_argument("--registry", default=env.get("LLMMESH_REGISTRY", str(DEFAULT_REGISTRY)))
+    p.add_argument("--tgi-url", default=env.get("TGI_URL"), help="the TGI server's base URL")
+    p.add_argument(
+        "--chat-template",
+        default=env.get("LLMMESH_CHAT_TEMPLATE"),
+        help="a .jinja, tokenizer_config.json or .gguf file (default: the registry's)",
+    )
+    p.add_argument("--host", default=env.get("LLMMESH_HOST", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(env.get("LLMMESH_PORT", "50061")))
+    p.add_argument("--metrics-port", type=int, default=_int(env.get("LLMMESH_METRICS_PORT")))
+    p.add_argument(
+        "--max-concurrency", type=int, default=int(env.get("LLMMESH_MAX_CONCURRENCY", "128")),
+        help="requests beyond this get RESOURCE_EXHAUSTED (match TGI's max-concurrent-requests)",
+    )
+    p.add_argument(
+        "--timeout", type=float, default=float(env.get("LLMMESH_TIMEOUT", "600")),
+        help="seconds a request may take when the client sets no deadline",
+    )
+    p.add_argument("--health-interval", type=float, default=2.0)
+    p.add_argument("--grace", type=float, default=float(env.get("LLMMESH_GRACE", "10")))
+    p.add_argument("--log-level", default=env.get("LLMMESH_LOG_LEVEL", "info"))
+    args = p.parse_args(argv)
+    if not args.model:
+        p.error("--model (or LLMMESH_MODEL) is required")
+    if not args.tgi_url:
+        p.error("--tgi-url (or TGI_URL) is required")
+    logs.setup(f"adapter-{args.model}", args.log_level)
+    registry = load_registry(args.registry)
+    model = registry.find(args.model)
+    if model is None:
+        known = ", ".join(m.id for m in registry.models)
+        p.error(f"model {args.model!r} is not in {args.registry} (known: {known})")
+    template = args.chat_template or model.chat_template
+    if template is None:
+        p.error(f"no chat template for {model.id}: set --chat-template")
+    return AdapterSettings(
+        model=model,
+        tgi_url=args.tgi_url,
+        chat_template=Path(template),
+        server=ServerSettings(
+            host=args.host, port=args.port, metrics_port=args.metrics_port,
+            grace_seconds=args.grace,
+        ),
+        max_concurrency=args.max_concurrency,
+        default_timeout=args.timeout,
+        health_interval=args.health_interval,
+    )
+
+
+def _int(value: str | None) -> int | None:
+    return int(value) if value else None
+
+
+async def run(settings: AdapterSettings) -> None:
+    metrics = Metrics(f"adapter-{settings.model.id}")
+    backend = TGIBackend(settings.tgi_url)
+    core = AdapterCore(
+        settings.model,
+        backend,
+        ChatTemplate.load(settings.chat_template),
+        metrics,
+        max_concurrency=settings.max_concurrency,
+        default_timeout=settings.default_timeout,
+    )
+    health = HealthBoard()
+    for name in ("", SERVICE_NAME, settings.model.id):
+        await health.set(name, False)
+
+    async def on_change(serving: bool) -> None:
+        for name in ("", SERVICE_NAME, settings.model.id):
+            await health.set(name, serving)
+
+    running = await start_server(core, metrics, health, settings.server)
+    log.info(
+        "adapter started",
+        extra={"model": settings.model.id, "port": running.port, "tgi_url": settings.tgi_url},
+    )
+    watcher = asyncio.create_task(core.watch(settings.health_interval, on_change))
+
+    async def on_stop() -> None:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        await backend.close()
+
+    await serve_until_signalled(running, settings.server.grace_seconds, on_stop)
+
+
+def main() -> None:
+    settings = parse_args()
+    uvloop.run(run(settings))
+
+
+if __name__ == "__main__":
+    main()

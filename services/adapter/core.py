@@ -1,0 +1,229 @@
+"""The adapter's core: one model over one backend, with no transport.
+
+It validates a request against the model's limits, renders the model's chat
+template, calls the backend within the caller's deadline, counts tokens as
+the backend reports them, and keeps the model's readiness in step with the
+backend's health.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
+from typing import Protocol
+
+from services.adapter.chat_template import ChatTemplate
+from services.adapter.tgi import BackendInfo, BackendResult, BackendToken
+from services.common.errors import MeshError, Reason
+from services.common.metrics import Metrics
+from services.common.registry import ModelSpec
+from services.common.types import (
+    Chunk,
+    Generation,
+    GenerationRequest,
+    Limits,
+    Message,
+    ModelInfo,
+    Parameters,
+)
+from services.common.validation import require, validate
+
+log = logging.getLogger("llmmesh.adapter")
+
+SCENARIOS = ("", "chat", "raw")
+
+
+class Backend(Protocol):
+    """A text-generation server; TGIBackend is the real one."""
+
+    async def generate(
+        self, prompt: str, params: Parameters, timeout: float | None
+    ) -> BackendResult: ...
+
+    def generate_stream(
+        self, prompt: str, params: Parameters, timeout: float | None
+    ) -> AsyncIterator[BackendToken | BackendResult]: ...
+
+    async def health(self, timeout: float = 2.0) -> bool: ...
+
+    async def info(self, timeout: float = 2.0) -> BackendInfo: ...
+
+    async def close(self) -> None: ...
+
+
+class AdapterCore:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        backend: Backend,
+        template: ChatTemplate,
+        metrics: Metrics,
+        *,
+        max_concurrency: int = 128,
+        default_timeout: float | None = 600.0,
+    ) -> None:
+        self.spec = spec
+        self._backend = backend
+        self._template = template
+        self._metrics = metrics
+        self._max_concurrency = max_concurrency
+        self._default_timeout = default_timeout
+        self._in_flight = 0
+        self.ready = False
+        self.backend_info: BackendInfo | None = None
+        metrics.declare_model(spec.id)
+
+    # -- limits and readiness -------------------------------------------------
+
+    @property
+    def limits(self) -> Limits:
+        """The registry's limits, narrowed by what the backend reports."""
+        limits = self.spec.limits
+        info = self.backend_info
+        if info is None:
+            return limits
+        max_new = limits.max_new_tokens
+        if info.max_total_tokens > 1:
+            max_new = min(max_new, info.max_total_tokens - 1)
+        return replace(
+            limits,
+            max_new_tokens=max_new,
+            max_stop_sequences=min(limits.max_stop_sequences, info.max_stop_sequences),
+            max_input_tokens=info.max_input_tokens,
+            max_total_tokens=info.max_total_tokens,
+        )
+
+    def model_info(self) -> ModelInfo:
+        return ModelInfo(
+            id=self.spec.id,
+            name=self.spec.name,
+            aliases=self.spec.aliases,
+            backend_model=self.backend_info.model_id if self.backend_info else "",
+            limits=self.limits,
+            ready=self.ready,
+            replicas=1,
+            ready_replicas=int(self.ready),
+        )
+
+    async def refresh(self) -> bool:
+        """Poll the backend once; learn its limits when it (re)appears."""
+        up = await self._backend.health()
+        if up and (self.backend_info is None or not self.ready):
+            try:
+                self.backend_info = await self._backend.info()
+            except MeshError:
+                up = False
+        if up != self.ready:
+            log.info(
+                "backend health changed",
+                extra={"model": self.spec.id, "serving": up},
+            )
+        self.ready = up
+        self._metrics.backend_up.labels(self._metrics.service, self.spec.id, "tgi").set(int(up))
+        return up
+
+    async def watch(
+        self, interval: float, on_change: Callable[[bool], Awaitable[None]]
+    ) -> None:
+        """Poll the backend forever, calling on_change(serving) on every change."""
+        last: bool | None = None
+        while True:
+            up = await self.refresh()
+            if up != last:
+                await on_change(up)
+                last = up
+            await asyncio.sleep(interval)
+
+    # -- the GenerationCore protocol -----------------------------------------------
+
+    def labels(self, model_id: str, scenario: str) -> tuple[str, str]:
+        return self.spec.id, "raw" if scenario == "raw" else "chat"
+
+    async def list_models(self) -> list[ModelInfo]:
+        return [self.model_info()]
+
+    async def get_model(self, model_id: str) -> ModelInfo:
+        self._check_model(model_id)
+        return self.model_info()
+
+    async def generate(self, request: GenerationRequest, timeout: float | None) -> Generation:
+        prompt, params = self._prepare(request)
+        with self._slot():
+            result = await self._backend.generate(prompt, params, self._deadline(timeout))
+        return self._finish(result)
+
+    async def generate_stream(
+        self, request: GenerationRequest, timeout: float | None
+    ) -> AsyncIterator[Chunk | Generation]:
+        prompt, params = self._prepare(request)
+        with self._slot():
+            tokens = 0
+            events = self._backend.generate_stream(prompt, params, self._deadline(timeout))
+            try:
+                async for event in events:
+                    if isinstance(event, BackendToken):
+                        tokens += 1
+                        if event.text and not event.special:
+                            yield Chunk(event.text, tokens)
+                    else:
+                        yield self._finish(event)
+            finally:
+                await events.aclose()  # type: ignore[attr-defined]
+
+    # -- helpers ------------------------------------------------------------------
+
+    def _check_model(self, model_id: str) -> None:
+        if model_id and model_id.lower() not in (n.lower() for n in self.spec.names):
+            raise MeshError(
+                Reason.MODEL_NOT_FOUND,
+                f"model {model_id!r} is not served here; this adapter serves {self.spec.id!r}",
+                metadata={"model_id": model_id, "known_models": self.spec.id},
+            )
+
+    def _prepare(self, request: GenerationRequest) -> tuple[str, Parameters]:
+        self._check_model(request.model_id)
+        require(
+            request.scenario in SCENARIOS,
+            "scenario",
+            f"the adapter takes only {', '.join(repr(s) for s in SCENARIOS)}; "
+            "scenario templates are applied by the router",
+        )
+        validate(request, self.limits)
+        params = request.parameters.with_defaults(self.spec.defaults)
+        if request.scenario == "raw" and not request.messages:
+            return request.inputs, params
+        messages = request.messages or (Message("user", request.inputs),)
+        return self._template.render(messages), params
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        return timeout if timeout is not None else self._default_timeout
+
+    @contextlib.contextmanager
+    def _slot(self):  # type: ignore[no-untyped-def]
+        if self._in_flight >= self._max_concurrency:
+            raise MeshError(
+                Reason.OVERLOADED,
+                f"model {self.spec.id} is at its limit of {self._max_concurrency} "
+                "concurrent requests; retry shortly",
+                metadata={"model_id": self.spec.id, "limit": str(self._max_concurrency)},
+                retry_after=1.0,
+            )
+        self._in_flight += 1
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+
+    def _finish(self, result: BackendResult) -> Generation:
+        self._metrics.record_tokens(self.spec.id, result.input_tokens, result.generated_tokens)
+        return Generation(
+            text=result.text,
+            model=self.spec.name,
+            model_id=self.spec.id,
+            tokens=result.generated_tokens,
+            input_tokens=result.input_tokens,
+            finish_reason=result.finish_reason,
+        )

@@ -1,0 +1,294 @@
+"""The TGI backend: Text Generation Inference's HTTP API, through the
+`text-generation` client's request types and error parser.
+
+The client's own `AsyncClient` opens a new HTTP session per call and applies
+a fixed total timeout, so the adapter keeps one long-lived aiohttp session
+per backend, posts the client's `Request` to TGI's `/` route exactly as the
+client does, and derives each call's timeout from the gRPC deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from text_generation import errors as tgi_errors
+from text_generation.types import Parameters as TGIParameters
+from text_generation.types import Request as TGIRequest
+
+from services.common.errors import MeshError, Reason
+from services.common.types import FinishReason, Parameters
+
+# TGI's errors -> the mesh's reasons. The `text-generation` client turns TGI's
+# status and `error_type` into these exception classes (errors.parse_error);
+# the reason then decides the gRPC code through services.common.errors.TABLE.
+TGI_ERRORS: Mapping[type[Exception], Reason] = {
+    tgi_errors.ValidationError: Reason.INVALID_ARGUMENT,  # 422 validation
+    tgi_errors.BadRequestError: Reason.INVALID_ARGUMENT,  # 400
+    tgi_errors.OverloadedError: Reason.OVERLOADED,  # 429 overloaded
+    tgi_errors.RateLimitExceededError: Reason.OVERLOADED,  # 429 without error_type
+    tgi_errors.GenerationError: Reason.MODEL_ERROR,  # 424 generation
+    tgi_errors.IncompleteGenerationError: Reason.INCOMPLETE_GENERATION,  # 500 incomplete
+    tgi_errors.ShardNotReadyError: Reason.BACKEND_UNAVAILABLE,  # 403/424 shard not ready
+    tgi_errors.ShardTimeoutError: Reason.TIMEOUT,  # 504
+    tgi_errors.NotFoundError: Reason.BACKEND_UNAVAILABLE,  # 404: not a TGI at that URL
+    tgi_errors.UnknownError: Reason.MODEL_ERROR,  # anything else TGI says
+}
+
+_FINISH = {
+    "length": FinishReason.LENGTH,
+    "eos_token": FinishReason.EOS_TOKEN,
+    "stop_sequence": FinishReason.STOP_SEQUENCE,
+}
+
+
+@dataclass(frozen=True)
+class BackendToken:
+    text: str
+    special: bool
+
+
+@dataclass(frozen=True)
+class BackendResult:
+    text: str
+    generated_tokens: int
+    input_tokens: int
+    finish_reason: FinishReason
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    model_id: str
+    max_input_tokens: int
+    max_total_tokens: int
+    max_stop_sequences: int
+    max_concurrent_requests: int
+
+
+def error_from_tgi(status: int, payload: Any) -> MeshError:
+    """One TGI error reply (or in-band stream error) as a MeshError."""
+    if not isinstance(payload, dict) or "error" not in payload:
+        payload = {"error": f"backend replied {status}: {str(payload)[:200]}"}
+    exc = tgi_errors.parse_error(status, payload)
+    reason = TGI_ERRORS.get(type(exc), Reason.MODEL_ERROR)
+    metadata = {"backend_status": str(status)}
+    if "error_type" in payload:
+        metadata["backend_error_type"] = str(payload["error_type"])
+    return MeshError(reason, str(payload["error"]), metadata=metadata)
+
+
+def _timeout(seconds: float | None, connect: float) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=seconds, sock_connect=connect)
+
+
+class TGIBackend:
+    """One TGI server, reached over one pooled HTTP session."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        connect_timeout: float = 2.0,
+        max_connections: int = 256,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._connect_timeout = connect_timeout
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(
+                limit=self._max_connections, keepalive_timeout=60, force_close=False
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                json_serialize=json.dumps,
+                auto_decompress=False,
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _body(self, prompt: str, params: Parameters, stream: bool) -> dict[str, Any]:
+        parameters = TGIParameters(
+            details=True,
+            do_sample=params.sampling,
+            max_new_tokens=params.max_new_tokens or 20,
+            repetition_penalty=params.repetition_penalty,
+            seed=params.seed,
+            stop=list(params.stop),
+            temperature=params.temperature,
+            top_k=params.top_k,
+            top_p=params.top_p,
+        )
+        return TGIRequest(inputs=prompt, parameters=parameters, stream=stream).model_dump()
+
+    def body(self, prompt: str, params: Parameters, stream: bool) -> dict[str, Any]:
+        """The JSON body the `text-generation` client would send."""
+        try:
+            return self._body(prompt, params, stream)
+        except ValueError as exc:  # the client's own checks (pydantic)
+            raise MeshError(Reason.INVALID_ARGUMENT, f"invalid parameters: {exc}") from exc
+
+    async def generate(
+        self, prompt: str, params: Parameters, timeout: float | None
+    ) -> BackendResult:
+        body = self.body(prompt, params, stream=False)
+        try:
+            async with self.session.post(
+                f"{self.base_url}/",
+                json=body,
+                timeout=_timeout(timeout, self._connect_timeout),
+            ) as resp:
+                payload = await resp.json(content_type=None)
+                if resp.status != 200:
+                    raise error_from_tgi(resp.status, payload)
+                reply = payload[0] if isinstance(payload, list) else payload
+                details = reply.get("details") or {}
+                return BackendResult(
+                    text=reply["generated_text"],
+                    generated_tokens=int(
+                        details.get("generated_tokens")
+                        or resp.headers.get("x-generated-tokens", 0)
+                    ),
+                    input_tokens=int(resp.headers.get("x-prompt-tokens", 0)),
+                    finish_reason=_FINISH.get(
+                        details.get("finish_reason", ""), FinishReason.UNSPECIFIED
+                    ),
+                )
+        except (MeshError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            raise _transport_error(exc, self.base_url) from exc
+
+    async def generate_stream(
+        self, prompt: str, params: Parameters, timeout: float | None
+    ) -> AsyncIterator[BackendToken | BackendResult]:
+        """Yield each token, then the final result.
+
+        On cancellation the response is closed without being read to the end,
+        which closes the TCP connection, and TGI drops the request.
+        """
+        body = self.body(prompt, params, stream=True)
+        resp: aiohttp.ClientResponse | None = None
+        finished = False
+        try:
+            resp = await self.session.post(
+                f"{self.base_url}/",
+                json=body,
+                timeout=_timeout(timeout, self._connect_timeout),
+            )
+            if resp.status != 200:
+                payload = await _json_or_text(resp)
+                raise error_from_tgi(resp.status, payload)
+            async for line in resp.content:
+                if not line.startswith(b"data:"):
+                    continue  # blank separators and ':' keep-alive comments
+                event = json.loads(line[5:])
+                if "error" in event:
+                    raise error_from_tgi(200, event)
+                token = event.get("token") or {}
+                if event.get("generated_text") is not None:
+                    details = event.get("details") or {}
+                    if not token.get("special", False) and token.get("text"):
+                        yield BackendToken(token["text"], False)
+                    finished = True
+                    yield BackendResult(
+                        text=event["generated_text"],
+                        generated_tokens=int(details.get("generated_tokens", 0)),
+                        input_tokens=int(details.get("input_length", 0)),
+                        finish_reason=_FINISH.get(
+                            details.get("finish_reason", ""), FinishReason.UNSPECIFIED
+                        ),
+                    )
+                    return
+                yield BackendToken(token.get("text", ""), bool(token.get("special", False)))
+            raise MeshError(
+                Reason.INCOMPLETE_GENERATION,
+                "the backend closed the stream before its final event",
+            )
+        except (MeshError, asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as exc:
+            raise _transport_error(exc, self.base_url) from exc
+        finally:
+            if resp is not None:
+                if finished:
+                    resp.release()
+                else:
+                    resp.close()  # drop the connection: TGI stops generating
+
+    async def health(self, timeout: float = 2.0) -> bool:
+        try:
+            async with self.session.get(
+                f"{self.base_url}/health", timeout=_timeout(timeout, self._connect_timeout)
+            ) as resp:
+                await resp.read()
+                return resp.status == 200
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return False
+
+    async def info(self, timeout: float = 2.0) -> BackendInfo:
+        try:
+            async with self.session.get(
+                f"{self.base_url}/info", timeout=_timeout(timeout, self._connect_timeout)
+            ) as resp:
+                data = await resp.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            raise _transport_error(exc, self.base_url) from exc
+        return BackendInfo(
+            model_id=str(data.get("model_id", "")),
+            # Releases before v2 called it max_input_length.
+            max_input_tokens=int(
+                data.get("max_input_tokens") or data.get("max_input_length") or 0
+            ),
+            max_total_tokens=int(data.get("max_total_tokens") or 0),
+            max_stop_sequences=int(data.get("max_stop_sequences") or 4),
+            max_concurrent_requests=int(data.get("max_concurrent_requests") or 128),
+        )
+
+
+async def _json_or_text(resp: aiohttp.ClientResponse) -> Any:
+    raw = await resp.read()
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw.decode("utf-8", errors="replace")
+
+
+def _transport_error(exc: BaseException, url: str) -> MeshError:
+    if isinstance(exc, TimeoutError):
+        return MeshError(
+            Reason.TIMEOUT, f"the backend at {url} did not answer in time",
+            metadata={"backend": url},
+        )
+    if isinstance(exc, aiohttp.ClientConnectorError | ConnectionRefusedError):
+        return MeshError(
+            Reason.BACKEND_UNAVAILABLE, f"cannot connect to the backend at {url}",
+            metadata={"backend": url},
+        )
+    if isinstance(
+        exc, aiohttp.ClientPayloadError | aiohttp.ServerDisconnectedError | ConnectionError
+    ):
+        return MeshError(
+            Reason.INCOMPLETE_GENERATION, f"the backend at {url} dropped the connection",
+            metadata={"backend": url},
+        )
+    if isinstance(exc, ValueError):
+        return MeshError(
+            Reason.MODEL_ERROR, f"the backend at {url} sent a reply that is not TGI's",
+            metadata={"backend": url},
+        )
+    return MeshError(
+        Reason.BACKEND_UNAVAILABLE, f"the backend at {url} failed: {exc.__class__.__name__}",
+        metadata={"backend": url},
+    )

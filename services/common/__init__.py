@@ -1,0 +1,1 @@
+"""Shared building blocks: domain types, the error table, validation, gRPC plumbing."""

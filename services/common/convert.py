@@ -1,0 +1,153 @@
+"""Conversion between the llmmesh.v1 messages and the domain types."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from llmmesh.v1 import generate_pb2 as pb
+
+from services.common.errors import MeshError
+from services.common.types import (
+    Chunk,
+    FinishReason,
+    Generation,
+    GenerationRequest,
+    Message,
+    ModelInfo,
+    Parameters,
+)
+
+_FINISH_TO_PB = {
+    FinishReason.UNSPECIFIED: pb.FINISH_REASON_UNSPECIFIED,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.EOS_TOKEN: pb.FINISH_REASON_EOS_TOKEN,
+    FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE,
+    FinishReason.ERROR: pb.FINISH_REASON_ERROR,
+}
+_FINISH_FROM_PB = {v: k for k, v in _FINISH_TO_PB.items()}
+
+AnyGenerateRequest = pb.GenerateRequest | pb.GenerateStreamRequest
+
+
+def parameters_from_pb(p: pb.GenerationParameters) -> Parameters:
+    has = p.HasField
+    return Parameters(
+        max_new_tokens=p.max_new_tokens if has("max_new_tokens") else None,
+        temperature=p.temperature if has("temperature") else None,
+        top_p=p.top_p if has("top_p") else None,
+        top_k=p.top_k if has("top_k") else None,
+        repetition_penalty=p.repetition_penalty if has("repetition_penalty") else None,
+        stop=tuple(p.stop),
+        seed=p.seed if has("seed") else None,
+        do_sample=p.do_sample if has("do_sample") else None,
+    )
+
+
+def parameters_to_pb(p: Parameters) -> pb.GenerationParameters:
+    out = pb.GenerationParameters(stop=list(p.stop))
+    for name in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty",
+                 "seed", "do_sample"):
+        value = getattr(p, name)
+        if value is not None:
+            setattr(out, name, value)
+    return out
+
+
+def request_from_pb(r: AnyGenerateRequest) -> GenerationRequest:
+    return GenerationRequest(
+        model_id=r.model_id,
+        inputs=r.inputs,
+        scenario=r.scenario,
+        parameters=parameters_from_pb(r.parameters),
+        messages=tuple(Message(m.role, m.content) for m in r.messages),
+    )
+
+
+R = TypeVar("R", pb.GenerateRequest, pb.GenerateStreamRequest)
+
+
+def request_to_pb(r: GenerationRequest, cls: type[R]) -> R:
+    return cls(
+        model_id=r.model_id,
+        inputs=r.inputs,
+        scenario=r.scenario,
+        parameters=parameters_to_pb(r.parameters),
+        messages=[pb.ChatMessage(role=m.role, content=m.content) for m in r.messages],
+    )
+
+
+def generation_to_pb(g: Generation) -> pb.GenerateResponse:
+    return pb.GenerateResponse(
+        generated_text=g.text,
+        model=g.model,
+        model_id=g.model_id,
+        tokens=g.tokens,
+        input_tokens=g.input_tokens,
+        finish_reason=_FINISH_TO_PB[g.finish_reason],
+    )
+
+
+def generation_from_pb(r: pb.GenerateResponse) -> Generation:
+    return Generation(
+        text=r.generated_text,
+        model=r.model,
+        model_id=r.model_id,
+        tokens=r.tokens,
+        input_tokens=r.input_tokens,
+        finish_reason=_FINISH_FROM_PB.get(r.finish_reason, FinishReason.UNSPECIFIED),
+    )
+
+
+def chunk_to_pb(c: Chunk) -> pb.GenerateStreamResponse:
+    return pb.GenerateStreamResponse(text=c.text, tokens=c.tokens)
+
+
+def final_to_pb(g: Generation) -> pb.GenerateStreamResponse:
+    return pb.GenerateStreamResponse(
+        tokens=g.tokens,
+        finish_reason=_FINISH_TO_PB[g.finish_reason],
+        generated_text=g.text,
+        model=g.model,
+        model_id=g.model_id,
+        input_tokens=g.input_tokens,
+    )
+
+
+def failure_to_pb(error: MeshError, tokens: int) -> pb.GenerateStreamResponse:
+    return pb.GenerateStreamResponse(
+        tokens=tokens,
+        finish_reason=pb.FINISH_REASON_ERROR,
+        error=pb.StreamError(code=error.code, reason=error.reason.value, message=error.message),
+    )
+
+
+def stream_event_from_pb(m: pb.GenerateStreamResponse) -> Chunk | Generation | pb.StreamError:
+    """Decode one stream message: a chunk, the final result, or an in-band error."""
+    if m.finish_reason == pb.FINISH_REASON_UNSPECIFIED:
+        return Chunk(text=m.text, tokens=m.tokens)
+    if m.finish_reason == pb.FINISH_REASON_ERROR:
+        return m.error
+    return Generation(
+        text=m.generated_text,
+        model=m.model,
+        model_id=m.model_id,
+        tokens=m.tokens,
+        input_tokens=m.input_tokens,
+        finish_reason=_FINISH_FROM_PB[m.finish_reason],
+    )
+
+
+def model_to_pb(m: ModelInfo) -> pb.Model:
+    return pb.Model(
+        id=m.id,
+        aliases=list(m.aliases),
+        name=m.name,
+        backend_model=m.backend_model,
+        max_input_tokens=m.limits.max_input_tokens,
+        max_total_tokens=m.limits.max_total_tokens,
+        max_new_tokens=m.limits.max_new_tokens,
+        max_stop_sequences=m.limits.max_stop_sequences,
+        ready=m.ready,
+        replicas=m.replicas,
+        ready_replicas=m.ready_replicas,
+    )

@@ -1,0 +1,129 @@
+"""The mesh's one error table.
+
+Every failure is a `MeshError` with a `Reason`. The reason decides the gRPC
+status code (Envoy derives the HTTP status from that code), is sent as the
+`google.rpc.ErrorInfo` reason, and labels the error metric. Nothing else maps
+errors to codes: the gRPC layer, the HTTP edge and the metrics all read this
+table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+
+DOMAIN = "llmmesh.v1"
+
+
+class Reason(StrEnum):
+    """Why a request failed; UPPER_SNAKE as in google.rpc.ErrorInfo."""
+
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    MODEL_NOT_FOUND = "MODEL_NOT_FOUND"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    OVERLOADED = "OVERLOADED"
+    TIMEOUT = "TIMEOUT"
+    CANCELLED = "CANCELLED"
+    MODEL_ERROR = "MODEL_ERROR"
+    INCOMPLETE_GENERATION = "INCOMPLETE_GENERATION"
+    BACKEND_UNAVAILABLE = "BACKEND_UNAVAILABLE"
+    MODEL_UNAVAILABLE = "MODEL_UNAVAILABLE"
+    INTERNAL = "INTERNAL"
+
+    @property
+    def label(self) -> str:
+        """The value of the `reason` label on error metrics."""
+        return self.value.lower()
+
+
+@dataclass(frozen=True)
+class ErrorKind:
+    """One row of the table: the gRPC code name and whether a retry may help."""
+
+    code: str
+    retryable: bool
+
+
+# Reason -> gRPC status code (by name, so the core needs no grpc import).
+# Envoy turns the code into HTTP: INVALID_ARGUMENT 400, NOT_FOUND 404,
+# UNAUTHENTICATED 401, RESOURCE_EXHAUSTED 429, CANCELLED 499, INTERNAL 500,
+# UNAVAILABLE 503, DEADLINE_EXCEEDED 504.
+TABLE: Mapping[Reason, ErrorKind] = {
+    Reason.INVALID_ARGUMENT: ErrorKind("INVALID_ARGUMENT", retryable=False),
+    Reason.MODEL_NOT_FOUND: ErrorKind("NOT_FOUND", retryable=False),
+    Reason.UNAUTHENTICATED: ErrorKind("UNAUTHENTICATED", retryable=False),
+    Reason.OVERLOADED: ErrorKind("RESOURCE_EXHAUSTED", retryable=True),
+    Reason.TIMEOUT: ErrorKind("DEADLINE_EXCEEDED", retryable=False),
+    Reason.CANCELLED: ErrorKind("CANCELLED", retryable=False),
+    Reason.MODEL_ERROR: ErrorKind("INTERNAL", retryable=False),
+    Reason.INCOMPLETE_GENERATION: ErrorKind("UNAVAILABLE", retryable=True),
+    Reason.BACKEND_UNAVAILABLE: ErrorKind("UNAVAILABLE", retryable=True),
+    Reason.MODEL_UNAVAILABLE: ErrorKind("UNAVAILABLE", retryable=True),
+    Reason.INTERNAL: ErrorKind("INTERNAL", retryable=False),
+}
+
+# The reverse direction, for a status that arrives without an ErrorInfo
+# (from a peer that is not part of the mesh, or from gRPC itself).
+CODE_FALLBACK: Mapping[str, Reason] = {
+    "INVALID_ARGUMENT": Reason.INVALID_ARGUMENT,
+    "OUT_OF_RANGE": Reason.INVALID_ARGUMENT,
+    "NOT_FOUND": Reason.MODEL_NOT_FOUND,
+    "UNAUTHENTICATED": Reason.UNAUTHENTICATED,
+    "RESOURCE_EXHAUSTED": Reason.OVERLOADED,
+    "DEADLINE_EXCEEDED": Reason.TIMEOUT,
+    "CANCELLED": Reason.CANCELLED,
+    "UNAVAILABLE": Reason.BACKEND_UNAVAILABLE,
+}
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """A request field at fault, as in google.rpc.BadRequest."""
+
+    field: str
+    description: str
+
+
+class MeshError(Exception):
+    """A failure with a reason from the table and everything a client needs."""
+
+    def __init__(
+        self,
+        reason: Reason,
+        message: str,
+        *,
+        violations: Iterable[FieldViolation] = (),
+        metadata: Mapping[str, str] | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.violations = tuple(violations)
+        self.metadata = dict(metadata or {})
+        self.retry_after = retry_after
+
+    @property
+    def code(self) -> str:
+        """The gRPC status code name for this error."""
+        return TABLE[self.reason].code
+
+    @property
+    def retryable(self) -> bool:
+        return TABLE[self.reason].retryable
+
+    def __repr__(self) -> str:
+        return f"MeshError({self.reason.value}, {self.message!r})"
+
+
+def invalid(violations: Iterable[FieldViolation]) -> MeshError:
+    """An INVALID_ARGUMENT error whose message lists every violation."""
+    items = tuple(violations)
+    text = "; ".join(f"{v.field}: {v.description}" for v in items)
+    return MeshError(
+        Reason.INVALID_ARGUMENT,
+        f"invalid request: {text}",
+        violations=items,
+        metadata={"fields": ",".join(v.field for v in items)},
+    )

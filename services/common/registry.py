@@ -1,0 +1,117 @@
+"""The model registry (models/registry.yaml), read by the router and the adapters.
+
+Values may use `${VAR}` or `${VAR:-default}`: the file is expanded from the
+environment it is loaded in, so one registry serves the local mesh, docker
+compose and Kubernetes, which differ only in addresses.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from services.common.types import Limits, Parameters
+
+_D = TypeVar("_D", Limits, Parameters)
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    id: str
+    name: str
+    aliases: tuple[str, ...] = ()
+    adapters: tuple[str, ...] = ()
+    chat_template: Path | None = None
+    limits: Limits = field(default_factory=Limits)
+    defaults: Parameters = field(default_factory=Parameters)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every name the model answers to."""
+        return (self.id, self.name, *self.aliases)
+
+
+@dataclass(frozen=True)
+class Registry:
+    models: tuple[ModelSpec, ...]
+
+    def find(self, name: str) -> ModelSpec | None:
+        """The model with this id, full name or alias (case-insensitive)."""
+        key = name.strip().lower()
+        for model in self.models:
+            if key in (n.lower() for n in model.names):
+                return model
+        return None
+
+    def get(self, model_id: str) -> ModelSpec:
+        model = self.find(model_id)
+        if model is None:
+            raise KeyError(model_id)
+        return model
+
+
+def expand(text: str, env: Mapping[str, str]) -> str:
+    def sub(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in env:
+            return env[name]
+        if default is None:
+            raise SystemExit(f"registry: ${{{name}}} is not set and has no default")
+        return default
+
+    return _VAR.sub(sub, text)
+
+
+def load_registry(path: str | Path, env: Mapping[str, str] | None = None) -> Registry:
+    """Parse and check the registry; a bad file stops the service with a clear message."""
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(expand(p.read_text(encoding="utf-8"), env or os.environ))
+    except (OSError, yaml.YAMLError) as exc:
+        raise SystemExit(f"cannot read the model registry {p}: {exc}") from exc
+    if not isinstance(raw, dict) or not isinstance(raw.get("models"), list):
+        raise SystemExit(f"{p}: expected a top-level `models:` list")
+    models = tuple(_model(entry, p.parent) for entry in raw["models"])
+    seen: dict[str, str] = {}
+    for model in models:
+        for name in model.names:
+            other = seen.setdefault(name.lower(), model.id)
+            if other != model.id:
+                raise SystemExit(f"{p}: the name {name!r} is used by {other} and {model.id}")
+    return Registry(models)
+
+
+def _model(entry: Any, base: Path) -> ModelSpec:
+    if not isinstance(entry, dict) or not entry.get("id") or not entry.get("name"):
+        raise SystemExit(f"registry: every model needs an id and a name, got {entry!r}")
+    adapters = entry.get("adapters") or ()
+    if isinstance(adapters, str):
+        adapters = [a.strip() for a in adapters.split(",") if a.strip()]
+    template = entry.get("chat_template")
+    return ModelSpec(
+        id=str(entry["id"]),
+        name=str(entry["name"]),
+        aliases=tuple(str(a) for a in entry.get("aliases") or ()),
+        adapters=tuple(str(a) for a in adapters),
+        chat_template=(base / template) if template else None,
+        limits=_build(Limits, entry.get("limits"), entry["id"]),
+        defaults=_build(Parameters, entry.get("defaults"), entry["id"]),
+    )
+
+
+def _build(cls: type[_D], values: Any, model: str) -> _D:
+    values = dict(values or {})
+    known = {f.name for f in fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise SystemExit(f"registry: model {model}: unknown keys {sorted(unknown)}")
+    if "stop" in values:
+        values["stop"] = tuple(values["stop"])
+    return cls(**values)

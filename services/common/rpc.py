@@ -1,0 +1,85 @@
+"""gRPC side of the error table: MeshError <-> google.rpc.Status.
+
+A MeshError leaves a service as a status whose details hold one ErrorInfo
+(reason, domain, metadata), a BadRequest with field violations when fields
+are at fault, and a RetryInfo when waiting may help. A status arriving from
+a peer is read back into the same MeshError, so the router passes an
+adapter's error on unchanged.
+"""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from services.common.errors import (
+    CODE_FALLBACK,
+    DOMAIN,
+    FieldViolation,
+    MeshError,
+    Reason,
+)
+
+_DETAILS_KEY = "grpc-status-details-bin"
+
+
+def to_status(error: MeshError) -> grpc.Status:
+    """The rich gRPC status for `error`."""
+    info = error_details_pb2.ErrorInfo(
+        reason=error.reason.value, domain=DOMAIN, metadata=error.metadata
+    )
+    status = status_pb2.Status(
+        code=code_pb2.Code.Value(error.code), message=error.message
+    )
+    status.details.add().Pack(info)
+    if error.violations:
+        bad = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=v.field, description=v.description
+                )
+                for v in error.violations
+            ]
+        )
+        status.details.add().Pack(bad)
+    if error.retry_after is not None:
+        delay = duration_pb2.Duration()
+        delay.FromMilliseconds(int(error.retry_after * 1000))
+        status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    return rpc_status.to_status(status)
+
+
+def from_rpc_error(error: grpc.aio.AioRpcError) -> MeshError:
+    """Read a peer's status back into a MeshError, keeping its reason."""
+    code = error.code().name
+    message = error.details() or code
+    reason = CODE_FALLBACK.get(code, Reason.INTERNAL)
+    metadata: dict[str, str] = {}
+    violations: list[FieldViolation] = []
+    retry_after: float | None = None
+    for key, value in error.trailing_metadata() or ():
+        if key != _DETAILS_KEY or not isinstance(value, bytes):
+            continue
+        status = status_pb2.Status.FromString(value)
+        for detail in status.details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                if info.reason in Reason.__members__:
+                    reason = Reason(info.reason)
+                metadata = dict(info.metadata)
+            elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad = error_details_pb2.BadRequest()
+                detail.Unpack(bad)
+                violations = [
+                    FieldViolation(v.field, v.description) for v in bad.field_violations
+                ]
+            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                retry = error_details_pb2.RetryInfo()
+                detail.Unpack(retry)
+                retry_after = retry.retry_delay.ToMilliseconds() / 1000
+    return MeshError(
+        reason, message, violations=violations, metadata=metadata, retry_after=retry_after
+    )

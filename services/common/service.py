@@ -1,0 +1,346 @@
+"""The GenerateService transport: one thin servicer over a transport-free core,
+one interceptor for errors, metrics and logs, and the server bootstrap with
+health, reflection and graceful shutdown. The router and the adapters differ
+only in the core they pass in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from llmmesh.v1 import generate_pb2 as pb
+from llmmesh.v1 import generate_pb2_grpc as pb_grpc
+from prometheus_client import start_http_server
+
+from services.common import convert
+from services.common.errors import MeshError, Reason
+from services.common.metrics import Metrics
+from services.common.rpc import to_status
+from services.common.types import Chunk, Generation, GenerationRequest, ModelInfo
+
+log = logging.getLogger("llmmesh.rpc")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerateService"].full_name
+
+
+class GenerationCore(Protocol):
+    """What a servicer needs from a core; nothing here knows about gRPC."""
+
+    async def generate(self, request: GenerationRequest, timeout: float | None) -> Generation: ...
+
+    def generate_stream(
+        self, request: GenerationRequest, timeout: float | None
+    ) -> AsyncIterator[Chunk | Generation]: ...
+
+    async def list_models(self) -> list[ModelInfo]: ...
+
+    async def get_model(self, model_id: str) -> ModelInfo: ...
+
+    def labels(self, model_id: str, scenario: str) -> tuple[str, str]:
+        """Bounded metric labels (model, scenario) for a request's values."""
+        ...
+
+
+class GenerateServicer(pb_grpc.GenerateServiceServicer):
+    """Translates between protobuf and the core; errors are the interceptor's."""
+
+    def __init__(self, core: GenerationCore) -> None:
+        self._core = core
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GenerateResponse:
+        result = await self._core.generate(
+            convert.request_from_pb(request), context.time_remaining()
+        )
+        return convert.generation_to_pb(result)
+
+    async def GenerateStream(
+        self, request: pb.GenerateStreamRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateStreamResponse]:
+        tokens = 0
+        started = False
+        events = self._core.generate_stream(
+            convert.request_from_pb(request), context.time_remaining()
+        )
+        try:
+            async for event in events:
+                if isinstance(event, Chunk):
+                    tokens = event.tokens
+                    started = True
+                    yield convert.chunk_to_pb(event)
+                else:
+                    yield convert.final_to_pb(event)
+        except MeshError as error:
+            if not started:
+                raise  # Still before the first message: a real gRPC status.
+            # HTTP clients behind Envoy cannot see a status after the 200, so
+            # the error becomes the stream's last message.
+            yield convert.failure_to_pb(error, tokens)
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        models = await self._core.list_models()
+        return pb.ListModelsResponse(models=[convert.model_to_pb(m) for m in models])
+
+    async def GetModel(
+        self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetModelResponse:
+        model = await self._core.get_model(request.model_id)
+        return pb.GetModelResponse(model=convert.model_to_pb(model))
+
+
+class MeshInterceptor(grpc.aio.ServerInterceptor):
+    """Maps MeshError through the error table, records metrics, logs each RPC.
+
+    Unexpected exceptions become INTERNAL with a generic message: the stack
+    trace goes to the log, never to the client.
+    """
+
+    def __init__(self, core: GenerationCore, metrics: Metrics) -> None:
+        self._core = core
+        self._metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        path: str = details.method  # type: ignore[attr-defined]
+        if handler is None or not path.startswith(f"/{SERVICE_NAME}/"):
+            return handler
+        method = path.rsplit("/", 1)[-1]
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(method, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(method, handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    def _wrap_unary(self, method: str, behavior: Any) -> Any:
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            rpc = _Rpc(self, method, request, context)
+            try:
+                response = await behavior(request, context)
+            except BaseException as exc:
+                await rpc.fail(exc)
+                raise
+            else:
+                rpc.finish("OK", tokens=getattr(response, "tokens", None))
+                return response
+
+        return unary
+
+    def _wrap_stream(self, method: str, behavior: Any) -> Any:
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            rpc = _Rpc(self, method, request, context)
+            last = None
+            try:
+                async for message in behavior(request, context):
+                    if last is None and message.text:
+                        rpc.first_token()
+                    last = message
+                    yield message
+            except BaseException as exc:
+                await rpc.fail(exc)
+                raise
+            if last is not None and last.finish_reason == pb.FINISH_REASON_ERROR:
+                reason = Reason(last.error.reason) if last.error.reason in Reason.__members__ else (
+                    Reason.INTERNAL
+                )
+                rpc.finish(last.error.code, reason=reason, tokens=last.tokens)
+            else:
+                rpc.finish("OK", tokens=last.tokens if last is not None else None)
+
+        return stream
+
+
+class _Rpc:
+    """Bookkeeping of one call: timing, in-flight gauge, outcome, log line."""
+
+    def __init__(
+        self,
+        owner: MeshInterceptor,
+        method: str,
+        request: Any,
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        self._owner = owner
+        self._m = owner._metrics
+        self._method = method
+        self._context = context
+        self._model, self._scenario = owner._core.labels(
+            getattr(request, "model_id", ""), getattr(request, "scenario", "")
+        )
+        self._start = time.perf_counter()
+        self._first: float | None = None
+        self._m.in_flight.labels(self._m.service, self._model, method).inc()
+
+    def first_token(self) -> None:
+        self._first = time.perf_counter()
+        self._m.ttft.labels(self._m.service, self._model).observe(self._first - self._start)
+
+    async def fail(self, exc: BaseException) -> None:
+        if isinstance(exc, MeshError):
+            self.finish(exc.code, reason=exc.reason, message=exc.message)
+            await self._context.abort_with_status(to_status(exc))
+        elif isinstance(exc, asyncio.CancelledError):
+            self.finish("CANCELLED", reason=Reason.CANCELLED)
+        elif isinstance(exc, grpc.aio.AbortError):
+            self.finish(self._context.code().name if self._context.code() else "UNKNOWN")
+        else:
+            log.error(
+                "unhandled error", exc_info=exc, extra={"method": self._method}
+            )
+            error = MeshError(Reason.INTERNAL, "internal error; see the service log")
+            self.finish(error.code, reason=error.reason, message=str(exc))
+            await self._context.abort_with_status(to_status(error))
+
+    def finish(
+        self,
+        code: str,
+        *,
+        reason: Reason | None = None,
+        message: str = "",
+        tokens: int | None = None,
+    ) -> None:
+        m = self._m
+        elapsed = time.perf_counter() - self._start
+        m.in_flight.labels(m.service, self._model, self._method).dec()
+        m.requests.labels(m.service, self._model, self._scenario, self._method, code).inc()
+        m.duration.labels(m.service, self._model, self._method).observe(elapsed)
+        if reason is not None:
+            m.errors.labels(m.service, self._model, reason.label).inc()
+        if self._first is not None and tokens and tokens > 1:
+            per_token = (time.perf_counter() - self._first) / (tokens - 1)
+            m.tpot.labels(m.service, self._model).observe(per_token)
+        fields: dict[str, object] = {
+            "method": self._method,
+            "model": self._model,
+            "scenario": self._scenario,
+            "code": code,
+            "duration_ms": round(elapsed * 1000, 2),
+            "peer": self._context.peer(),
+        }
+        if reason is not None:
+            fields["reason"] = reason.value
+            fields["error"] = message
+        if tokens is not None:
+            fields["tokens"] = tokens
+        log.info("rpc", extra=fields)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 0
+    metrics_port: int | None = None
+    grace_seconds: float = 10.0
+    max_message_bytes: int = 4 * 1024 * 1024
+
+
+class HealthBoard:
+    """The grpc.health.v1 servicer and the statuses the service reports."""
+
+    def __init__(self) -> None:
+        self.servicer = health_aio.HealthServicer()
+
+    async def set(self, service: str, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        await self.servicer.set(service, status)
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    health: HealthBoard
+    metrics_server: Any = None
+
+    async def stop(self, grace: float) -> None:
+        # Probes and load balancers see NOT_SERVING before anything closes.
+        await self.health.servicer.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+
+
+async def start_server(
+    core: GenerationCore,
+    metrics: Metrics,
+    health: HealthBoard,
+    settings: ServerSettings,
+) -> RunningServer:
+    """Start GenerateService, Health and reflection on settings.host:port."""
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ]
+    server = grpc.aio.server(interceptors=[MeshInterceptor(core, metrics)], options=options)
+    pb_grpc.add_GenerateServiceServicer_to_server(GenerateServicer(core), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME),
+        server,
+    )
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    if port == 0:
+        raise SystemExit(f"cannot listen on {settings.host}:{settings.port}: address in use?")
+    await server.start()
+    metrics_server = None
+    if settings.metrics_port is not None:
+        try:
+            metrics_server, _ = start_http_server(
+                settings.metrics_port, addr=settings.host, registry=metrics.registry
+            )
+        except OSError as exc:
+            await server.stop(0)
+            raise SystemExit(
+                f"cannot serve metrics on {settings.host}:{settings.metrics_port}: {exc}"
+            ) from exc
+    return RunningServer(server, port, health, metrics_server)
+
+
+async def serve_until_signalled(
+    running: RunningServer, grace: float, on_stop: Callable[[], Awaitable[None]]
+) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("serving", extra={"port": running.port})
+    await stop.wait()
+    log.info("shutting down", extra={"grace_seconds": grace})
+    await running.stop(grace)
+    await on_stop()
+    log.info("stopped")

@@ -1,0 +1,125 @@
+"""Domain types shared by the router and the adapters.
+
+They carry no protobuf or gRPC types: the servicers convert at the edge
+(`services.common.convert`), so the cores can be tested without a transport.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from typing import TypeVar
+
+
+class FinishReason(StrEnum):
+    UNSPECIFIED = "unspecified"
+    LENGTH = "length"
+    EOS_TOKEN = "eos_token"
+    STOP_SEQUENCE = "stop_sequence"
+    ERROR = "error"
+
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class Parameters:
+    """Generation parameters; None means "the model's default"."""
+
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    do_sample: bool | None = None
+
+    def with_defaults(self, defaults: Parameters) -> Parameters:
+        """Fill every unset field from `defaults`."""
+        return Parameters(
+            max_new_tokens=_first(self.max_new_tokens, defaults.max_new_tokens),
+            temperature=_first(self.temperature, defaults.temperature),
+            top_p=_first(self.top_p, defaults.top_p),
+            top_k=_first(self.top_k, defaults.top_k),
+            repetition_penalty=_first(self.repetition_penalty, defaults.repetition_penalty),
+            stop=self.stop or defaults.stop,
+            seed=_first(self.seed, defaults.seed),
+            do_sample=_first(self.do_sample, defaults.do_sample),
+        )
+
+    @property
+    def sampling(self) -> bool:
+        """Whether to sample: explicit do_sample wins, else any sampling knob."""
+        if self.do_sample is not None:
+            return self.do_sample
+        return any(v is not None for v in (self.temperature, self.top_p, self.top_k))
+
+
+T = TypeVar("T")
+
+
+def _first(value: T | None, default: T | None) -> T | None:
+    return value if value is not None else default
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    model_id: str
+    inputs: str = ""
+    scenario: str = ""
+    parameters: Parameters = field(default_factory=Parameters)
+    messages: tuple[Message, ...] = ()
+
+    def evolve(self, **changes: object) -> GenerationRequest:
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Generation:
+    """The result of a whole generation (also the last event of a stream)."""
+
+    text: str
+    model: str
+    model_id: str
+    tokens: int
+    input_tokens: int
+    finish_reason: FinishReason
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Text produced since the previous chunk, and the tokens so far."""
+
+    text: str
+    tokens: int
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a model accepts; the adapter learns the token limits from TGI."""
+
+    max_new_tokens: int = 1024
+    max_stop_sequences: int = 4
+    max_input_chars: int = 32_000
+    max_input_tokens: int = 0
+    max_total_tokens: int = 0
+    max_messages: int = 64
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    id: str
+    name: str
+    aliases: tuple[str, ...] = ()
+    backend_model: str = ""
+    limits: Limits = field(default_factory=Limits)
+    ready: bool = False
+    replicas: int = 1
+    ready_replicas: int = 0

@@ -1,0 +1,1 @@
+"""The router: one entry point that routes requests to per-model adapters."""

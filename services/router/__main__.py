@@ -1,0 +1,117 @@
+"""Run the router: `python -m services.router [--registry models/registry.yaml]`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvloop
+
+from services.common import logs
+from services.common.metrics import Metrics
+from services.common.registry import Registry, load_registry
+from services.common.service import (
+    SERVICE_NAME,
+    HealthBoard,
+    ServerSettings,
+    serve_until_signalled,
+    start_server,
+)
+from services.router.core import RouterCore
+from services.router.pool import ReplicaPool
+from services.router.scenarios import DEFAULT_FILE, Scenarios, load_scenarios
+
+DEFAULT_REGISTRY = Path(__file__).resolve().parents[2] / "models" / "registry.yaml"
+log = logging.getLogger("llmmesh.router")
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    registry: Registry
+    scenarios: Scenarios
+    server: ServerSettings
+    default_timeout: float
+    health_interval: float
+
+
+def parse_args(argv: list[str] | None = None) -> RouterSettings:
+    env = os.environ
+    p = argparse.ArgumentParser(prog="python -m services.router", description=__doc__)
+    p.add_argument("--registry", default=env.get("LLMMESH_REGISTRY", str(DEFAULT_REGISTRY)))
+    p.add_argument("--scenarios", default=env.get("LLMMESH_SCENARIOS", str(DEFAULT_FILE)))
+    p.add_argument("--host", default=env.get("LLMMESH_HOST", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(env.get("LLMMESH_PORT", "50051")))
+    p.add_argument(
+        "--metrics-port", type=int,
+        default=int(env["LLMMESH_METRICS_PORT"]) if env.get("LLMMESH_METRICS_PORT") else None,
+    )
+    p.add_argument(
+        "--timeout", type=float, default=float(env.get("LLMMESH_TIMEOUT", "600")),
+        help="seconds a request may take when the client sets no deadline",
+    )
+    p.add_argument("--health-interval", type=float, default=1.0)
+    p.add_argument("--grace", type=float, default=float(env.get("LLMMESH_GRACE", "10")))
+    p.add_argument("--log-level", default=env.get("LLMMESH_LOG_LEVEL", "info"))
+    args = p.parse_args(argv)
+    logs.setup("router", args.log_level)
+    registry = load_registry(args.registry)
+    for spec in registry.models:
+        if not spec.adapters:
+            p.error(f"model {spec.id} has no adapters in {args.registry}")
+    return RouterSettings(
+        registry=registry,
+        scenarios=load_scenarios(args.scenarios),
+        server=ServerSettings(
+            host=args.host, port=args.port, metrics_port=args.metrics_port,
+            grace_seconds=args.grace,
+        ),
+        default_timeout=args.timeout,
+        health_interval=args.health_interval,
+    )
+
+
+async def run(settings: RouterSettings) -> None:
+    metrics = Metrics("router")
+    pools = {
+        spec.id: ReplicaPool(spec.id, spec.adapters, spec.limits)
+        for spec in settings.registry.models
+    }
+    core = RouterCore(
+        settings.registry, settings.scenarios, pools, metrics,
+        default_timeout=settings.default_timeout,
+    )
+    health = HealthBoard()
+
+    async def on_change(servable: dict[str, bool]) -> None:
+        anything = any(servable.values())
+        await health.set("", anything)
+        await health.set(SERVICE_NAME, anything)
+        for model_id, ok in servable.items():
+            await health.set(model_id, ok)
+        log.info("models servable", extra={"servable": servable})
+
+    await on_change({spec.id: False for spec in settings.registry.models})
+    running = await start_server(core, metrics, health, settings.server)
+    watcher = asyncio.create_task(core.watch(settings.health_interval, on_change))
+
+    async def on_stop() -> None:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        await core.close()
+
+    await serve_until_signalled(running, settings.server.grace_seconds, on_stop)
+
+
+def main() -> None:
+    settings = parse_args()
+    uvloop.run(run(settings))
+
+
+if __name__ == "__main__":
+    main()

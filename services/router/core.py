@@ -1,0 +1,207 @@
+"""The router's core: find the model, validate, apply the scenario, forward.
+
+An invalid request never reaches an adapter. A request goes to one serving
+replica of its model; when that replica answers UNAVAILABLE before any text
+reached the client, the request is tried once on each other replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+
+import grpc
+from llmmesh.v1 import generate_pb2 as pb
+
+from services.common import convert
+from services.common.errors import MeshError, Reason
+from services.common.metrics import UNKNOWN_MODEL, Metrics
+from services.common.registry import ModelSpec, Registry
+from services.common.rpc import from_rpc_error
+from services.common.types import Chunk, Generation, GenerationRequest, ModelInfo
+from services.common.validation import validate
+from services.router.pool import Replica, ReplicaPool
+from services.router.scenarios import DEFAULT_SCENARIO, Scenarios
+
+log = logging.getLogger("llmmesh.router")
+
+
+class RouterCore:
+    def __init__(
+        self,
+        registry: Registry,
+        scenarios: Scenarios,
+        pools: Mapping[str, ReplicaPool],
+        metrics: Metrics,
+        *,
+        default_timeout: float | None = 600.0,
+    ) -> None:
+        self._registry = registry
+        self._scenarios = scenarios
+        self._pools = pools
+        self._metrics = metrics
+        self._default_timeout = default_timeout
+        for spec in registry.models:
+            metrics.declare_model(spec.id)
+
+    # -- the GenerationCore protocol -----------------------------------------------
+
+    def labels(self, model_id: str, scenario: str) -> tuple[str, str]:
+        spec = self._registry.find(model_id) if model_id else None
+        scenario = scenario or DEFAULT_SCENARIO
+        return (
+            spec.id if spec else UNKNOWN_MODEL,
+            scenario if scenario in self._scenarios else "unknown",
+        )
+
+    async def list_models(self) -> list[ModelInfo]:
+        return [self._info(spec) for spec in self._registry.models]
+
+    async def get_model(self, model_id: str) -> ModelInfo:
+        return self._info(self._spec(model_id))
+
+    async def generate(self, request: GenerationRequest, timeout: float | None) -> Generation:
+        spec, forward = self._prepare(request)
+        message = convert.request_to_pb(forward, pb.GenerateRequest)
+        tried: set[Replica] = set()
+        while True:
+            replica = self._pick(spec, tried)
+            try:
+                with replica.track():
+                    reply = await replica.stub.Generate(message, timeout=self._deadline(timeout))
+            except grpc.aio.AioRpcError as exc:
+                if not self._failover(spec, replica, exc, tried):
+                    raise from_rpc_error(exc) from None
+                continue
+            result = convert.generation_from_pb(reply)
+            self._metrics.record_tokens(spec.id, result.input_tokens, result.tokens)
+            return result
+
+    async def generate_stream(
+        self, request: GenerationRequest, timeout: float | None
+    ) -> AsyncIterator[Chunk | Generation]:
+        spec, forward = self._prepare(request)
+        message = convert.request_to_pb(forward, pb.GenerateStreamRequest)
+        tried: set[Replica] = set()
+        while True:
+            replica = self._pick(spec, tried)
+            call = replica.stub.GenerateStream(message, timeout=self._deadline(timeout))
+            sent = False
+            try:
+                with replica.track():
+                    async for reply in call:
+                        event = convert.stream_event_from_pb(reply)
+                        if isinstance(event, pb.StreamError):
+                            raise _stream_error(event)
+                        if isinstance(event, Generation):
+                            self._metrics.record_tokens(spec.id, event.input_tokens, event.tokens)
+                        sent = True
+                        yield event
+                return
+            except grpc.aio.AioRpcError as exc:
+                if sent or not self._failover(spec, replica, exc, tried):
+                    raise from_rpc_error(exc) from None
+            finally:
+                call.cancel()  # no-op when done; stops the adapter when the client left
+
+    # -- health -------------------------------------------------------------------
+
+    async def refresh(self, timeout: float = 1.0) -> None:
+        await asyncio.gather(*(pool.refresh(timeout) for pool in self._pools.values()))
+        for spec in self._registry.models:
+            for replica in self._pools[spec.id].replicas.values():
+                self._metrics.backend_up.labels(
+                    self._metrics.service, spec.id, replica.address
+                ).set(int(replica.serving))
+
+    def servable(self) -> dict[str, bool]:
+        return {model_id: pool.ready_count > 0 for model_id, pool in self._pools.items()}
+
+    async def watch(
+        self, interval: float, on_change: Callable[[dict[str, bool]], Awaitable[None]]
+    ) -> None:
+        """Check the replicas forever; on_change(servable) whenever it changes."""
+        last: dict[str, bool] | None = None
+        while True:
+            try:
+                await self.refresh()
+            except Exception:  # keep watching whatever one round did
+                log.exception("health round failed")
+            now = self.servable()
+            if now != last:
+                await on_change(now)
+                last = now
+            await asyncio.sleep(interval)
+
+    async def close(self) -> None:
+        for pool in self._pools.values():
+            await pool.close()
+
+    # -- helpers ------------------------------------------------------------------
+
+    def _spec(self, model_id: str) -> ModelSpec:
+        spec = self._registry.find(model_id) if model_id else None
+        if spec is None:
+            known = ", ".join(m.id for m in self._registry.models)
+            what = f"unknown model {model_id!r}" if model_id else "model_id is required"
+            raise MeshError(
+                Reason.MODEL_NOT_FOUND,
+                f"{what}; known models: {known}",
+                metadata={"model_id": model_id, "known_models": known},
+            )
+        return spec
+
+    def _prepare(self, request: GenerationRequest) -> tuple[ModelSpec, GenerationRequest]:
+        spec = self._spec(request.model_id)
+        forward = self._scenarios.apply(request)
+        validate(request, self._pools[spec.id].limits)
+        return spec, forward.evolve(model_id=spec.id)
+
+    def _pick(self, spec: ModelSpec, tried: set[Replica]) -> Replica:
+        replica = self._pools[spec.id].pick(tried)
+        if replica is None:
+            raise MeshError(
+                Reason.MODEL_UNAVAILABLE,
+                f"model {spec.id} has no serving replica right now"
+                + (" (all tried)" if tried else ""),
+                metadata={"model_id": spec.id},
+                retry_after=2.0,
+            )
+        return replica
+
+    def _failover(
+        self, spec: ModelSpec, replica: Replica, exc: grpc.aio.AioRpcError, tried: set[Replica]
+    ) -> bool:
+        """Whether to try another replica after `exc`; marks this one down."""
+        if exc.code() != grpc.StatusCode.UNAVAILABLE:
+            return False
+        self._pools[spec.id].mark_down(replica)
+        tried.add(replica)
+        log.warning(
+            "replica unavailable, failing over",
+            extra={"model": spec.id, "replica": replica.address, "error": exc.details()},
+        )
+        return True
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        return timeout if timeout is not None else self._default_timeout
+
+    def _info(self, spec: ModelSpec) -> ModelInfo:
+        pool = self._pools[spec.id]
+        details = pool.details
+        return ModelInfo(
+            id=spec.id,
+            name=spec.name,
+            aliases=spec.aliases,
+            backend_model=details.backend_model if details else "",
+            limits=pool.limits,
+            ready=pool.ready_count > 0,
+            replicas=len(pool.replicas) or len(spec.adapters),
+            ready_replicas=pool.ready_count,
+        )
+
+
+def _stream_error(error: pb.StreamError) -> MeshError:
+    reason = Reason(error.reason) if error.reason in Reason.__members__ else Reason.INTERNAL
+    return MeshError(reason, error.message)

@@ -1,0 +1,171 @@
+"""Adapter replicas of one model: channels, health, and the choice of replica.
+
+Each replica keeps one long-lived gRPC channel. A background loop checks
+every replica's grpc.health.v1 status, resolves `dns:///` entries again (so
+scaling a Deployment behind a headless Service adds replicas without a config
+change), and asks a serving replica for the model's details. Requests go to
+the serving replica with the fewest requests in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from llmmesh.v1 import generate_pb2 as pb
+from llmmesh.v1 import generate_pb2_grpc as pb_grpc
+
+from services.common.types import Limits, ModelInfo
+
+log = logging.getLogger("llmmesh.router")
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+    ("grpc.max_send_message_length", 4 * 1024 * 1024),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.enable_retries", 0),  # the router chooses where to retry
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+]
+
+
+@dataclass(eq=False)
+class Replica:
+    address: str
+    channel: grpc.aio.Channel
+    stub: pb_grpc.GenerateServiceStub
+    health: health_pb2_grpc.HealthStub
+    serving: bool = False
+    in_flight: int = 0
+    _serial: int = field(default_factory=itertools.count().__next__)
+
+    @classmethod
+    def connect(cls, address: str) -> Replica:
+        channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        return cls(
+            address, channel, pb_grpc.GenerateServiceStub(channel),
+            health_pb2_grpc.HealthStub(channel),
+        )
+
+    @contextlib.contextmanager
+    def track(self) -> Iterator[None]:
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+
+    async def check(self, timeout: float) -> bool:
+        try:
+            reply = await self.health.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        except grpc.aio.AioRpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+class ReplicaPool:
+    def __init__(self, model_id: str, targets: tuple[str, ...], limits: Limits) -> None:
+        self.model_id = model_id
+        self.targets = targets
+        self.replicas: dict[str, Replica] = {}
+        self.details: ModelInfo | None = None  # as the adapters report it
+        self._static_limits = limits
+        self._turn = itertools.count()
+
+    @property
+    def ready_count(self) -> int:
+        return sum(r.serving for r in self.replicas.values())
+
+    @property
+    def limits(self) -> Limits:
+        """The adapters' limits once known (they include the backend's)."""
+        return self.details.limits if self.details is not None else self._static_limits
+
+    def pick(self, exclude: set[Replica]) -> Replica | None:
+        """The serving replica with the fewest requests in flight; ties take turns."""
+        candidates = [r for r in self.replicas.values() if r.serving and r not in exclude]
+        if not candidates:
+            return None
+        least = min(r.in_flight for r in candidates)
+        tied = [r for r in candidates if r.in_flight == least]
+        return tied[next(self._turn) % len(tied)]
+
+    def mark_down(self, replica: Replica) -> None:
+        if replica.serving:
+            log.warning(
+                "replica marked down", extra={"model": self.model_id, "replica": replica.address}
+            )
+        replica.serving = False
+
+    async def refresh(self, timeout: float) -> None:
+        """Resolve targets, check every replica, and fetch details when serving."""
+        addresses = await _resolve(self.targets)
+        for address in set(self.replicas) - addresses:
+            replica = self.replicas.pop(address)
+            await replica.channel.close(grace=30)
+        for address in addresses - set(self.replicas):
+            self.replicas[address] = Replica.connect(address)
+        replicas = list(self.replicas.values())
+        results = await asyncio.gather(*(r.check(timeout) for r in replicas))
+        for replica, serving in zip(replicas, results, strict=True):
+            if serving != replica.serving:
+                log.info(
+                    "replica health changed",
+                    extra={"model": self.model_id, "replica": replica.address, "serving": serving},
+                )
+            replica.serving = serving
+        serving_replica = next((r for r in replicas if r.serving), None)
+        if serving_replica is not None:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                reply = await serving_replica.stub.GetModel(
+                    pb.GetModelRequest(model_id=self.model_id), timeout=timeout
+                )
+                self.details = _model_from_pb(reply.model, self._static_limits)
+
+    async def close(self) -> None:
+        for replica in self.replicas.values():
+            await replica.channel.close(grace=None)
+
+
+async def _resolve(targets: tuple[str, ...]) -> set[str]:
+    out: set[str] = set()
+    loop = asyncio.get_running_loop()
+    for target in targets:
+        if not target.startswith("dns:///"):
+            out.add(target)
+            continue
+        host, _, port = target.removeprefix("dns:///").rpartition(":")
+        try:
+            infos = await loop.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+        except (OSError, ValueError) as exc:
+            log.warning("cannot resolve adapters", extra={"target": target, "error": str(exc)})
+            continue
+        for family, *_rest, sockaddr in infos:
+            ip = sockaddr[0]
+            out.add(f"[{ip}]:{sockaddr[1]}" if family == socket.AF_INET6 else f"{ip}:{sockaddr[1]}")
+    return out
+
+
+def _model_from_pb(m: pb.Model, static: Limits) -> ModelInfo:
+    return ModelInfo(
+        id=m.id,
+        name=m.name,
+        aliases=tuple(m.aliases),
+        backend_model=m.backend_model,
+        limits=replace(
+            static,
+            max_new_tokens=m.max_new_tokens,
+            max_stop_sequences=m.max_stop_sequences,
+            max_input_tokens=m.max_input_tokens,
+            max_total_tokens=m.max_total_tokens,
+        ),
+        ready=m.ready,
+    )

@@ -1,0 +1,1 @@
+"""Test doubles for what cannot run here (TGI, a GPU)."""

@@ -1,0 +1,80 @@
+"""An in-process backend for unit and component tests of the cores.
+
+It implements the adapter's Backend protocol (what TGIBackend does over
+HTTP), scripted per test: the text to produce, a failure to raise, a delay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from services.adapter.tgi import BackendInfo, BackendResult, BackendToken
+from services.common.errors import MeshError
+from services.common.types import FinishReason, Parameters
+
+
+@dataclass
+class FakeBackend:
+    words: list[str] = field(default_factory=lambda: ["Hello", " there", ",", " friend", "."])
+    input_tokens: int = 7
+    fail: MeshError | None = None
+    fail_after: int | None = None  # fail mid-stream after this many tokens
+    delay: float = 0.0
+    healthy: bool = True
+    info_reply: BackendInfo = field(
+        default_factory=lambda: BackendInfo("fake/model", 1000, 2048, 4, 128)
+    )
+    prompts: list[str] = field(default_factory=list)
+    params: list[Parameters] = field(default_factory=list)
+    cancelled: int = 0
+    closed: bool = False
+
+    def _words(self, params: Parameters) -> list[str]:
+        return self.words[: params.max_new_tokens or len(self.words)]
+
+    async def generate(
+        self, prompt: str, params: Parameters, timeout: float | None
+    ) -> BackendResult:
+        self.prompts.append(prompt)
+        self.params.append(params)
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.fail is not None:
+            raise self.fail
+        words = self._words(params)
+        return BackendResult("".join(words), len(words), self.input_tokens, _finish(words, self))
+
+    async def generate_stream(
+        self, prompt: str, params: Parameters, timeout: float | None
+    ) -> AsyncIterator[BackendToken | BackendResult]:
+        self.prompts.append(prompt)
+        self.params.append(params)
+        words = self._words(params)
+        try:
+            for i, word in enumerate(words):
+                if self.fail is not None and (self.fail_after or 0) <= i:
+                    raise self.fail
+                if self.delay:
+                    await asyncio.sleep(self.delay)
+                yield BackendToken(word, special=False)
+            if self.fail is not None:
+                raise self.fail
+            yield BackendResult("".join(words), len(words), self.input_tokens, _finish(words, self))
+        except (asyncio.CancelledError, GeneratorExit):
+            self.cancelled += 1
+            raise
+
+    async def health(self, timeout: float = 2.0) -> bool:
+        return self.healthy
+
+    async def info(self, timeout: float = 2.0) -> BackendInfo:
+        return self.info_reply
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+def _finish(words: list[str], backend: FakeBackend) -> FinishReason:
+    return FinishReason.LENGTH if len(words) < len(backend.words) else FinishReason.EOS_TOKEN

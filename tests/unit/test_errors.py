@@ -1,0 +1,69 @@
+"""The error table and its gRPC form."""
+
+import grpc
+import pytest
+from grpc.aio import AioRpcError, Metadata
+
+from services.common.errors import TABLE, FieldViolation, MeshError, Reason, invalid
+from services.common.rpc import from_rpc_error, to_status
+
+EXPECTED_CODES = {
+    Reason.INVALID_ARGUMENT: "INVALID_ARGUMENT",
+    Reason.MODEL_NOT_FOUND: "NOT_FOUND",
+    Reason.UNAUTHENTICATED: "UNAUTHENTICATED",
+    Reason.OVERLOADED: "RESOURCE_EXHAUSTED",
+    Reason.TIMEOUT: "DEADLINE_EXCEEDED",
+    Reason.CANCELLED: "CANCELLED",
+    Reason.MODEL_ERROR: "INTERNAL",
+    Reason.INCOMPLETE_GENERATION: "UNAVAILABLE",
+    Reason.BACKEND_UNAVAILABLE: "UNAVAILABLE",
+    Reason.MODEL_UNAVAILABLE: "UNAVAILABLE",
+    Reason.INTERNAL: "INTERNAL",
+}
+
+
+def test_every_reason_has_a_row():
+    assert set(TABLE) == set(Reason)
+
+
+@pytest.mark.parametrize(("reason", "code"), EXPECTED_CODES.items())
+def test_reason_maps_to_code(reason, code):
+    assert MeshError(reason, "x").code == code
+    assert grpc.StatusCode[code]  # a real gRPC code name
+
+
+def test_metric_labels_are_lower_snake():
+    assert Reason.MODEL_ERROR.label == "model_error"
+    assert Reason.TIMEOUT.label == "timeout"
+
+
+def _as_rpc_error(error: MeshError) -> AioRpcError:
+    status = to_status(error)
+    return AioRpcError(status.code, Metadata(), Metadata(*status.trailing_metadata), status.details)
+
+
+@pytest.mark.parametrize("reason", list(Reason))
+def test_status_round_trip_keeps_reason(reason):
+    error = MeshError(reason, f"failed: {reason}", metadata={"model_id": "qwen2"})
+    back = from_rpc_error(_as_rpc_error(error))
+    assert back.reason is reason
+    assert back.code == error.code
+    assert back.message == error.message
+    assert back.metadata == {"model_id": "qwen2"}
+
+
+def test_round_trip_keeps_violations_and_retry():
+    error = invalid([FieldViolation("parameters.top_p", "must be < 1"),
+                     FieldViolation("inputs", "must not be empty")])
+    back = from_rpc_error(_as_rpc_error(error))
+    assert back.violations == error.violations
+    assert "parameters.top_p: must be < 1" in back.message
+    busy = MeshError(Reason.OVERLOADED, "busy", retry_after=1.5)
+    assert from_rpc_error(_as_rpc_error(busy)).retry_after == 1.5
+
+
+def test_status_without_details_falls_back_on_code():
+    plain = AioRpcError(grpc.StatusCode.UNAVAILABLE, Metadata(), Metadata(), "connect failed")
+    assert from_rpc_error(plain).reason is Reason.BACKEND_UNAVAILABLE
+    odd = AioRpcError(grpc.StatusCode.DATA_LOSS, Metadata(), Metadata(), "?")
+    assert from_rpc_error(odd).reason is Reason.INTERNAL
