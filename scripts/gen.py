@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import filecmp
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -53,7 +52,7 @@ def generate(out: Path) -> None:
 
 def generated_files(root: Path) -> list[Path]:
     files = [p for p in (root / "python").rglob("*") if p.name.endswith(GENERATED_SUFFIXES)]
-    return sorted(p.relative_to(root) for p in files) + [Path("llmmesh.binpb")]
+    return [*sorted(p.relative_to(root) for p in files), Path("llmmesh.binpb")]
 
 
 def main() -> int:
@@ -72,7 +71,9 @@ def main() -> int:
         generate(fresh)
         want, have = generated_files(fresh), generated_files(gen)
         stale = sorted(set(want) ^ set(have))
-        stale += [p for p in want if p in have and not filecmp.cmp(fresh / p, gen / p, shallow=False)]
+        stale += [
+            p for p in want if p in have and not filecmp.cmp(fresh / p, gen / p, shallow=False)
+        ]
         if stale:
             print("gen/ is stale; run `make gen` and commit:", file=sys.stderr)
             for path in stale:

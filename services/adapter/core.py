@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
 from typing import Protocol
 
@@ -202,7 +202,7 @@ class AdapterCore:
         return timeout if timeout is not None else self._default_timeout
 
     @contextlib.contextmanager
-    def _slot(self):  # type: ignore[no-untyped-def]
+    def _slot(self) -> Iterator[None]:
         if self._in_flight >= self._max_concurrency:
             raise MeshError(
                 Reason.OVERLOADED,

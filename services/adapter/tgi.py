@@ -158,7 +158,8 @@ class TGIBackend:
                     text=reply["generated_text"],
                     generated_tokens=int(
                         details.get("generated_tokens")
-                        or resp.headers.get("x-generated-tokens", 0)
+                        or resp.headers.get("x-generated-tokens")
+                        or 0
                     ),
                     input_tokens=int(resp.headers.get("x-prompt-tokens", 0)),
                     finish_reason=_FINISH.get(

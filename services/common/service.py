@@ -118,7 +118,7 @@ class MeshInterceptor(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        path: str = details.method  # type: ignore[attr-defined]
+        path: str = details.method
         if handler is None or not path.startswith(f"/{SERVICE_NAME}/"):
             return handler
         method = path.rsplit("/", 1)[-1]

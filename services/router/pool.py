@@ -149,8 +149,8 @@ async def _resolve(targets: tuple[str, ...]) -> set[str]:
             log.warning("cannot resolve adapters", extra={"target": target, "error": str(exc)})
             continue
         for family, *_rest, sockaddr in infos:
-            ip = sockaddr[0]
-            out.add(f"[{ip}]:{sockaddr[1]}" if family == socket.AF_INET6 else f"{ip}:{sockaddr[1]}")
+            ip, port_number = str(sockaddr[0]), int(sockaddr[1])
+            out.add(f"[{ip}]:{port_number}" if family == socket.AF_INET6 else f"{ip}:{port_number}")
     return out
 
 

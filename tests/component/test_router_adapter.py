@@ -114,11 +114,12 @@ async def test_empty_inputs_and_unknown_scenario(start_adapter, start_router):
 @pytest.mark.parametrize("scenario", ["qa", "summarize", "rewrite"])
 async def test_scenarios_reach_model_as_chat(start_adapter, start_router, scenario):
     router, adapters = await mesh(start_adapter, start_router, llama3=FakeBackend())
-    request = pb.GenerateRequest(model_id="llama3", inputs="光合作用的原理是什么？", scenario=scenario)
+    question = "光合作用的原理是什么？"
+    request = pb.GenerateRequest(model_id="llama3", inputs=question, scenario=scenario)
     await router.stub.Generate(request, timeout=5)
     prompt = adapters["llama3"].backend.prompts[0]
     assert prompt.count("<|start_header_id|>system") == 1
-    assert "光合作用的原理是什么？" in prompt
+    assert question in prompt
 
 
 async def test_stream_messages_then_final(start_adapter, start_router):
@@ -201,7 +202,7 @@ async def test_no_serving_replica_is_unavailable(start_adapter, start_router):
 
 
 async def test_deadline_propagates(start_adapter, start_router):
-    router, adapters = await mesh(start_adapter, start_router, qwen2=FakeBackend(delay=3))
+    router, _ = await mesh(start_adapter, start_router, qwen2=FakeBackend(delay=3))
     loop = asyncio.get_running_loop()
     started = loop.time()
     with pytest.raises(grpc.aio.AioRpcError) as caught:

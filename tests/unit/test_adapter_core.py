@@ -110,7 +110,7 @@ async def test_health_follows_backend():
 async def test_overload_is_immediate():
     import asyncio
 
-    core, backend = make(FakeBackend(delay=0.2), max_concurrency=1)
+    core, _ = make(FakeBackend(delay=0.2), max_concurrency=1)
     first = asyncio.create_task(core.generate(req(), timeout=5))
     await asyncio.sleep(0.05)
     with pytest.raises(MeshError) as caught:

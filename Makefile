@@ -1,0 +1,72 @@
+# llmmesh: `make up` runs the local mesh, `make test` runs every test.
+# Everything installs into .venv on first use; nothing else is needed.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+STAMP := $(VENV)/.installed
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: help venv gen check-gen lint fmt test test-fast up bench prometheus clean
+
+help:
+	@echo "make up        start the local mesh (CPU backends, adapters, router, Envoy)"
+	@echo "make test      install what is missing and run every check and test"
+	@echo "make test-fast unit and component tests only"
+	@echo "make gen       regenerate gen/ from protos/"
+	@echo "make lint      ruff and mypy"
+	@echo "make bench     benchmarks; prints figures"
+
+$(STAMP): pyproject.toml gen/python/pyproject.toml scripts/install_llama_cpp.sh
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install -e gen/python -e '.[dev]'
+	bash scripts/install_llama_cpp.sh $(VENV)
+	@touch $@
+
+venv: $(STAMP)
+
+gen: $(STAMP)
+	$(PY) scripts/gen.py
+	$(PY) envoy/render.py
+
+# Generated code must match protos/; the contract must lint and must not
+# break what is on main.
+check-gen: $(STAMP)
+	$(PY) scripts/gen.py --check
+	$(PY) envoy/render.py --check
+	buf lint
+	@if git rev-parse --verify -q main >/dev/null; then \
+		buf breaking --against '.git#branch=main'; \
+	else echo "buf breaking: no main branch here, skipped"; fi
+
+lint: $(STAMP)
+	ruff check services tests scripts
+	mypy
+
+fmt: $(STAMP)
+	ruff check --fix services tests scripts
+
+# Prometheus is a Debian package; the observability tests use the real one.
+prometheus:
+	@command -v promtool >/dev/null || { \
+		echo "installing prometheus (Debian package)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
+test: $(STAMP) check-gen lint prometheus
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit tests/component
+
+up: $(STAMP)
+	$(PY) -m services.launcher $(if $(BACKENDS),--backends "$(BACKENDS)")
+
+bench: $(STAMP)
+	$(PY) -m tests.bench
+
+clean:
+	rm -rf .run .mypy_cache .ruff_cache .pytest_cache
