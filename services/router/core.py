@@ -65,14 +65,16 @@ class RouterCore:
         spec, forward = self._prepare(request)
         message = convert.request_to_pb(forward, pb.GenerateRequest)
         tried: set[Replica] = set()
+        last: MeshError | None = None
         while True:
-            replica = self._pick(spec, tried)
+            replica = self._pick(spec, tried, last)
             try:
                 with replica.track():
                     reply = await replica.stub.Generate(message, timeout=self._deadline(timeout))
             except grpc.aio.AioRpcError as exc:
-                if not self._failover(spec, replica, exc, tried):
-                    raise from_rpc_error(exc) from None
+                last = from_rpc_error(exc)
+                if not self._failover(spec, replica, last, tried):
+                    raise last from None
                 continue
             result = convert.generation_from_pb(reply)
             self._metrics.record_tokens(spec.id, result.input_tokens, result.tokens)
@@ -84,8 +86,9 @@ class RouterCore:
         spec, forward = self._prepare(request)
         message = convert.request_to_pb(forward, pb.GenerateStreamRequest)
         tried: set[Replica] = set()
+        last: MeshError | None = None
         while True:
-            replica = self._pick(spec, tried)
+            replica = self._pick(spec, tried, last)
             call = replica.stub.GenerateStream(message, timeout=self._deadline(timeout))
             sent = False
             try:
@@ -100,8 +103,9 @@ class RouterCore:
                         yield event
                 return
             except grpc.aio.AioRpcError as exc:
-                if sent or not self._failover(spec, replica, exc, tried):
-                    raise from_rpc_error(exc) from None
+                last = from_rpc_error(exc)
+                if sent or not self._failover(spec, replica, last, tried):
+                    raise last from None
             finally:
                 call.cancel()  # no-op when done; stops the adapter when the client left
 
@@ -158,29 +162,36 @@ class RouterCore:
         validate(request, self._pools[spec.id].limits)
         return spec, forward.evolve(model_id=spec.id)
 
-    def _pick(self, spec: ModelSpec, tried: set[Replica]) -> Replica:
+    def _pick(self, spec: ModelSpec, tried: set[Replica], last: MeshError | None) -> Replica:
         replica = self._pools[spec.id].pick(tried)
-        if replica is None:
-            raise MeshError(
-                Reason.MODEL_UNAVAILABLE,
-                f"model {spec.id} has no serving replica right now"
-                + (" (all tried)" if tried else ""),
-                metadata={"model_id": spec.id},
-                retry_after=2.0,
-            )
-        return replica
+        if replica is not None:
+            return replica
+        if last is not None:
+            raise last  # every replica tried: the last one's own error says most
+        raise MeshError(
+            Reason.MODEL_UNAVAILABLE,
+            f"model {spec.id} has no serving replica right now",
+            metadata={"model_id": spec.id},
+            retry_after=2.0,
+        )
 
     def _failover(
-        self, spec: ModelSpec, replica: Replica, exc: grpc.aio.AioRpcError, tried: set[Replica]
+        self, spec: ModelSpec, replica: Replica, error: MeshError, tried: set[Replica]
     ) -> bool:
-        """Whether to try another replica after `exc`; marks this one down."""
-        if exc.code() != grpc.StatusCode.UNAVAILABLE:
+        """Whether to try another replica after `error` (UNAVAILABLE before any text).
+
+        A replica that cannot be reached, or whose backend is down, is marked
+        down until its health check says otherwise; one whose generation broke
+        off stays in rotation.
+        """
+        if error.code != "UNAVAILABLE":
             return False
-        self._pools[spec.id].mark_down(replica)
+        if error.reason in (Reason.BACKEND_UNAVAILABLE, Reason.MODEL_UNAVAILABLE):
+            self._pools[spec.id].mark_down(replica)
         tried.add(replica)
         log.warning(
-            "replica unavailable, failing over",
-            extra={"model": spec.id, "replica": replica.address, "error": exc.details()},
+            "replica unavailable, trying another",
+            extra={"model": spec.id, "replica": replica.address, "error": error.message},
         )
         return True
 

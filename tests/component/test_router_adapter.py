@@ -273,3 +273,15 @@ async def test_metrics_count_requests_and_tokens(start_adapter, start_router):
     adapter_value = adapters["qwen2"].metrics.registry.get_sample_value
     assert adapter_value("llmmesh_output_tokens_total",
                          {"service": "adapter-qwen2", "model": "qwen2"}) == 15
+
+
+async def test_last_replica_error_is_kept(start_adapter, start_router):
+    broken = FakeBackend(
+        fail=MeshError(Reason.INCOMPLETE_GENERATION, "stream ended early"), fail_after=0
+    )
+    router, _ = await mesh(start_adapter, start_router, qwen2=broken)
+    for _ in range(2):  # and the replica stays in rotation: its backend is up
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await router.stub.Generate(ask(), timeout=5)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert details(caught.value)[0].reason == "INCOMPLETE_GENERATION"

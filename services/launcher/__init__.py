@@ -1,0 +1,1 @@
+"""The local mesh launcher behind `make up`."""

@@ -1,0 +1,111 @@
+"""Config files the local mesh needs, rendered for the plan's ports: Envoy's
+(from envoy/envoy.template.yaml) and Prometheus' scrape config; and the
+banner `make up` prints once everything is ready."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import yaml
+
+from services.launcher.plan import Plan
+
+ROOT = Path(__file__).resolve().parents[2]
+DESCRIPTOR = ROOT / "gen" / "llmmesh.binpb"
+RULES_DIR = ROOT / "observability" / "prometheus" / "rules"
+
+
+def _envoy_render() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("envoy_render", ROOT / "envoy" / "render.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def envoy_config(plan: Plan) -> str:
+    return str(_envoy_render().render(
+        ADMIN_ADDRESS=plan.host, ADMIN_PORT=plan.ports.admin,
+        LISTEN_ADDRESS=plan.host, LISTEN_PORT=plan.ports.envoy,
+        ROUTER_HOST=plan.host, ROUTER_PORT=plan.ports.router,
+        ROUTER_DISCOVERY="STATIC", DESCRIPTOR=DESCRIPTOR,
+    ))
+
+
+def prometheus_config(plan: Plan, rules_dir: Path = RULES_DIR) -> dict[str, Any]:
+    """Scrape every process of the plan; the rules files are loaded when present."""
+    host, ports = plan.host, plan.ports
+    adapters = [f"{host}:{ports.metrics + 1 + i}" for i in range(len(plan.models))]
+    backends = [
+        _hostport(plan.backends[m]) if m in plan.backends
+        else f"{host}:{ports.backend + i}"
+        for i, m in enumerate(plan.models)
+    ]
+    return {
+        "global": {"scrape_interval": "5s", "evaluation_interval": "5s"},
+        "rule_files": [str(rules_dir / "*.yml")],
+        "scrape_configs": [
+            _job("router", [f"{host}:{ports.metrics}"]),
+            _job("adapter", adapters),
+            _job("envoy", [f"{host}:{ports.admin}"], path="/stats/prometheus"),
+            {
+                **_job("backend", backends),
+                # TGI's metrics carry no model label: add it per target.
+                "static_configs": [
+                    {"targets": [target], "labels": {"model": model}}
+                    for target, model in zip(backends, plan.models, strict=True)
+                ],
+            },
+        ],
+    }
+
+
+def _job(name: str, targets: list[str], path: str = "/metrics") -> dict[str, Any]:
+    return {"job_name": name, "metrics_path": path, "static_configs": [{"targets": targets}]}
+
+
+def _hostport(url: str) -> str:
+    return url.split("://", 1)[-1].split("/", 1)[0]
+
+
+def write(plan: Plan) -> None:
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    (plan.run_dir / "envoy.yaml").write_text(envoy_config(plan), encoding="utf-8")
+    (plan.run_dir / "prometheus.yml").write_text(
+        yaml.safe_dump(prometheus_config(plan), sort_keys=False), encoding="utf-8"
+    )
+
+
+def banner(plan: Plan) -> str:
+    host, ports = plan.host, plan.ports
+    base = f"http://{host}:{ports.envoy}"
+    lines = [
+        "",
+        "llmmesh is up.",
+        f"  HTTP/JSON and gRPC  {base}   (Envoy; admin http://{host}:{ports.admin})",
+        f"  router (gRPC)       {host}:{ports.router}   metrics http://{host}:{ports.metrics}/metrics",
+    ]
+    for i, model in enumerate(plan.models):
+        backend = plan.backends.get(model) or (
+            f"http://{host}:{ports.backend + i} (CPU backend, SmolLM2-135M-Instruct)"
+        )
+        lines.append(f"  {model:<8} adapter {host}:{ports.adapter + i} -> {backend}")
+    if plan.prometheus:
+        lines.append(f"  Prometheus          http://{host}:{ports.prometheus}")
+    lines += [
+        f"  logs                {plan.log_dir}/",
+        "",
+        "Try:",
+        f"  curl {base}/v1/generate -X POST -H 'Content-Type: application/json' \\",
+        """    -d '{"model_id": "qwen2", "inputs": "Hello!", """
+        """"parameters": {"max_new_tokens": 64}}'""",
+        f"  curl -N {base}/v1/generate_stream -X POST \\",
+        """    -d '{"model_id": "llama3", "inputs": "Tell me a joke.", "scenario": "qa"}'""",
+        f"  grpcurl -plaintext {host}:{ports.envoy} list",
+        "",
+        "Ctrl-C stops everything.",
+    ]
+    return "\n".join(lines)

