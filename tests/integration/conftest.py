@@ -1,0 +1,180 @@
+"""The whole mesh as real processes: two TGI doubles, started here, and the
+launcher (`make up`'s entry point) starting adapters, router and Envoy in
+front of them on free ports."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.procs import free_port, python_module, start, stop, wait_http
+
+MODELS = ("qwen2", "llama3")
+
+
+@dataclass
+class Double:
+    url: str
+    proc: subprocess.Popen[bytes]
+
+    def control(self, **state: Any) -> None:
+        _post(f"{self.url}/_control", state)
+
+    def reset(self) -> None:
+        _post(f"{self.url}/_reset", {})
+
+    def stats(self) -> dict[str, Any]:
+        with urllib.request.urlopen(f"{self.url}/_stats", timeout=5) as resp:
+            return dict(json.loads(resp.read()))
+
+
+@dataclass
+class Mesh:
+    envoy: str  # host:port
+    router: str
+    adapters: dict[str, str]
+    metrics: int
+    doubles: dict[str, Double]
+    run_dir: Path
+    launcher: subprocess.Popen[bytes]
+
+    @property
+    def http(self) -> str:
+        return f"http://{self.envoy}"
+
+    def log(self, name: str) -> str:
+        return (self.run_dir / "logs" / f"{name}.log").read_text(errors="replace")
+
+
+def _post(url: str, body: dict[str, Any]) -> None:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), method="POST",
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=5) as resp:
+        resp.read()
+
+
+def start_doubles(tmp: Path, **flags: str) -> dict[str, Double]:
+    doubles = {}
+    for model in MODELS:
+        port = free_port()
+        args = ["--port", str(port), "--model-id", f"double/{model}"]
+        for key, value in flags.items():
+            args += [f"--{key.replace('_', '-')}", value]
+        proc = start(python_module("tests.fakes.tgi_double", *args),
+                     log_path=tmp / f"double-{model}.log")
+        doubles[model] = Double(f"http://127.0.0.1:{port}", proc)
+    for double in doubles.values():
+        wait_http(f"{double.url}/health", 30, double.proc)
+    return doubles
+
+
+def start_mesh(tmp: Path, doubles: dict[str, Double], *extra: str) -> Mesh:
+    ports = {name: free_port() for name in ("envoy", "admin", "router", "metrics")}
+    adapter_base = _free_run(len(MODELS))
+    metrics_base = _free_run(1 + len(MODELS))
+    backends = " ".join(f"{m}={d.url}" for m, d in doubles.items())
+    run_dir = tmp / "run"
+    launcher = start(
+        python_module(
+            "services.launcher", "--backends", backends, "--run-dir", str(run_dir),
+            "--envoy-port", str(ports["envoy"]), "--admin-port", str(ports["admin"]),
+            "--router-port", str(ports["router"]), "--adapter-port", str(adapter_base),
+            "--metrics-port", str(metrics_base), "--no-prometheus", *extra,
+        ),
+        log_path=tmp / "launcher.log",
+    )
+    mesh = Mesh(
+        envoy=f"127.0.0.1:{ports['envoy']}",
+        router=f"127.0.0.1:{ports['router']}",
+        adapters={m: f"127.0.0.1:{adapter_base + i}" for i, m in enumerate(MODELS)},
+        metrics=metrics_base,
+        doubles=doubles,
+        run_dir=run_dir,
+        launcher=launcher,
+    )
+    try:
+        wait_http(f"{mesh.http}/v1/models", 60, launcher)
+        _wait_all_ready(mesh)
+    except Exception:
+        stop_mesh(mesh)
+        print((tmp / "launcher.log").read_text(errors="replace"))
+        raise
+    return mesh
+
+
+def _wait_all_ready(mesh: Mesh) -> None:
+    import time
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"{mesh.http}/v1/models", timeout=5) as resp:
+            if all(m["ready"] for m in json.loads(resp.read())["models"]):
+                return
+        time.sleep(0.2)
+    raise TimeoutError("models not ready")
+
+
+def _free_run(n: int) -> int:
+    """The first of n consecutive free ports."""
+    import socket
+
+    for _ in range(50):
+        base = free_port()
+        sockets = []
+        try:
+            for port in range(base, base + n):
+                s = socket.socket()
+                s.bind(("127.0.0.1", port))
+                sockets.append(s)
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError("no run of free ports")
+
+
+def stop_mesh(mesh: Mesh) -> None:
+    if mesh.launcher.poll() is None:
+        mesh.launcher.send_signal(signal.SIGINT)
+        try:
+            mesh.launcher.wait(40)
+        except subprocess.TimeoutExpired:
+            stop(mesh.launcher)
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    tmp = tmp_path_factory.mktemp("mesh")
+    doubles = start_doubles(tmp)
+    try:
+        mesh = start_mesh(tmp, doubles)
+        try:
+            yield mesh
+        finally:
+            stop_mesh(mesh)
+    finally:
+        for double in doubles.values():
+            stop(double.proc)
+
+
+@pytest.fixture
+def clean(mesh: Mesh) -> Iterator[Mesh]:
+    """The mesh with both doubles back to normal before and after the test."""
+    for double in mesh.doubles.values():
+        double.reset()
+    _wait_all_ready(mesh)
+    yield mesh
+    for double in mesh.doubles.values():
+        double.reset()
