@@ -165,8 +165,8 @@ class AdapterCore:
             try:
                 async for event in events:
                     if isinstance(event, BackendToken):
-                        tokens += 1
-                        if event.text and not event.special:
+                        tokens += event.count
+                        if event.text:
                             yield Chunk(event.text, tokens)
                     else:
                         yield self._finish(event)

@@ -48,8 +48,10 @@ _FINISH = {
 
 @dataclass(frozen=True)
 class BackendToken:
+    """One or more tokens that arrived together; `text` leaves out special tokens."""
+
     text: str
-    special: bool
+    count: int = 1
 
 
 @dataclass(frozen=True)
@@ -191,28 +193,39 @@ class TGIBackend:
             if resp.status != 200:
                 payload = await _json_or_text(resp)
                 raise error_from_tgi(resp.status, payload)
-            async for line in resp.content:
-                if not line.startswith(b"data:"):
-                    continue  # blank separators and ':' keep-alive comments
-                event = json.loads(line[5:])
-                if "error" in event:
-                    raise error_from_tgi(200, event)
-                token = event.get("token") or {}
-                if event.get("generated_text") is not None:
-                    details = event.get("details") or {}
-                    if not token.get("special", False) and token.get("text"):
-                        yield BackendToken(token["text"], False)
+            events = _SSEParser()
+            while not finished:
+                # Everything that has arrived goes out as one chunk: one message
+                # per token when the backend is slow, fewer when the reader lags.
+                data = await resp.content.readany()
+                if not data:
+                    break
+                texts: list[str] = []
+                result: BackendResult | None = None
+                for event in events.feed(data):
+                    if "error" in event:
+                        if texts:
+                            yield BackendToken("".join(texts), len(texts))
+                        raise error_from_tgi(200, event)
+                    token = event.get("token") or {}
+                    texts.append("" if token.get("special") else token.get("text", ""))
+                    if event.get("generated_text") is not None:
+                        details = event.get("details") or {}
+                        result = BackendResult(
+                            text=event["generated_text"],
+                            generated_tokens=int(details.get("generated_tokens", 0)),
+                            input_tokens=int(details.get("input_length", 0)),
+                            finish_reason=_FINISH.get(
+                                details.get("finish_reason", ""), FinishReason.UNSPECIFIED
+                            ),
+                        )
+                        break
+                if texts:
+                    yield BackendToken("".join(texts), len(texts))
+                if result is not None:
                     finished = True
-                    yield BackendResult(
-                        text=event["generated_text"],
-                        generated_tokens=int(details.get("generated_tokens", 0)),
-                        input_tokens=int(details.get("input_length", 0)),
-                        finish_reason=_FINISH.get(
-                            details.get("finish_reason", ""), FinishReason.UNSPECIFIED
-                        ),
-                    )
+                    yield result
                     return
-                yield BackendToken(token.get("text", ""), bool(token.get("special", False)))
             raise MeshError(
                 Reason.INCOMPLETE_GENERATION,
                 "the backend closed the stream before its final event",
@@ -256,6 +269,18 @@ class TGIBackend:
             max_stop_sequences=int(data.get("max_stop_sequences") or 4),
             max_concurrent_requests=int(data.get("max_concurrent_requests") or 128),
         )
+
+
+class _SSEParser:
+    """TGI's Server-Sent Events: `data:{json}` lines; anything else is framing."""
+
+    def __init__(self) -> None:
+        self._partial = b""
+
+    def feed(self, data: bytes) -> list[dict[str, Any]]:
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()  # an incomplete last line waits for more
+        return [json.loads(line[5:]) for line in lines if line.startswith(b"data:")]
 
 
 async def _json_or_text(resp: aiohttp.ClientResponse) -> Any:

@@ -42,8 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="GGUF file for the CPU backends (default: SmolLM2-135M-Instruct)")
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
                    help="llama.cpp threads per CPU backend")
-    p.add_argument("--max-concurrent-requests", type=int, default=4,
-                   help="per CPU backend; adapters get the same limit")
+    p.add_argument("--max-concurrent-requests", type=int, default=None,
+                   help="per model: CPU backends and their adapters take 4 by default, "
+                        "adapters in front of TGI 128 (TGI's own default)")
     p.add_argument("--ready-timeout", type=float, default=180.0)
     return p.parse_args(argv)
 

@@ -9,8 +9,6 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import yaml
-
 from services.launcher.plan import Plan
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -18,12 +16,20 @@ DESCRIPTOR = ROOT / "gen" / "llmmesh.binpb"
 RULES_DIR = ROOT / "observability" / "prometheus" / "rules"
 
 
-def _envoy_render() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("envoy_render", ROOT / "envoy" / "render.py")
+def _load(name: str, path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _envoy_render() -> ModuleType:
+    return _load("envoy_render", ROOT / "envoy" / "render.py")
+
+
+def _observability_render() -> ModuleType:
+    return _load("observability_render", ROOT / "observability" / "render.py")
 
 
 def envoy_config(plan: Plan) -> str:
@@ -36,35 +42,21 @@ def envoy_config(plan: Plan) -> str:
 
 
 def prometheus_config(plan: Plan, rules_dir: Path = RULES_DIR) -> dict[str, Any]:
-    """Scrape every process of the plan; the rules files are loaded when present."""
+    """Scrape every process of the plan, with observability/render.py's jobs and
+    the rules of observability/prometheus/rules."""
     host, ports = plan.host, plan.ports
-    adapters = [f"{host}:{ports.metrics + 1 + i}" for i in range(len(plan.models))]
-    backends = [
-        _hostport(plan.backends[m]) if m in plan.backends
-        else f"{host}:{ports.backend + i}"
+    backends = {
+        m: _hostport(plan.backends[m]) if m in plan.backends else f"{host}:{ports.backend + i}"
         for i, m in enumerate(plan.models)
-    ]
-    return {
-        "global": {"scrape_interval": "5s", "evaluation_interval": "5s"},
-        "rule_files": [str(rules_dir / "*.yml")],
-        "scrape_configs": [
-            _job("router", [f"{host}:{ports.metrics}"]),
-            _job("adapter", adapters),
-            _job("envoy", [f"{host}:{ports.admin}"], path="/stats/prometheus"),
-            {
-                **_job("backend", backends),
-                # TGI's metrics carry no model label: add it per target.
-                "static_configs": [
-                    {"targets": [target], "labels": {"model": model}}
-                    for target, model in zip(backends, plan.models, strict=True)
-                ],
-            },
-        ],
     }
-
-
-def _job(name: str, targets: list[str], path: str = "/metrics") -> dict[str, Any]:
-    return {"job_name": name, "metrics_path": path, "static_configs": [{"targets": targets}]}
+    config: dict[str, Any] = _observability_render().prometheus_config(
+        router=f"{host}:{ports.metrics}",
+        adapters=[f"{host}:{ports.metrics + 1 + i}" for i in range(len(plan.models))],
+        envoy=f"{host}:{ports.admin}",
+        backends=backends,
+        rule_files=[str(rules_dir / "*.yml")],
+    )
+    return config
 
 
 def _hostport(url: str) -> str:
@@ -75,7 +67,7 @@ def write(plan: Plan) -> None:
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     (plan.run_dir / "envoy.yaml").write_text(envoy_config(plan), encoding="utf-8")
     (plan.run_dir / "prometheus.yml").write_text(
-        yaml.safe_dump(prometheus_config(plan), sort_keys=False), encoding="utf-8"
+        _observability_render().dump(prometheus_config(plan)), encoding="utf-8"
     )
 
 

@@ -102,7 +102,7 @@ def build_plan(
     backends: dict[str, str],
     model_path: Path | None,
     threads: int,
-    max_concurrent_requests: int,
+    max_concurrent_requests: int | None,
     prometheus: bool,
 ) -> Plan:
     registry = load_registry(root / "models" / "registry.yaml", env={})
@@ -130,7 +130,7 @@ def build_plan(
                 name=f"backend-{model}", stage=0, ports=(port,),
                 argv=(py, "-m", "services.cpu_backend", "--host", host, "--port", str(port),
                       "--model-path", str(gguf), "--served-model-id", _served_name(gguf),
-                      "--max-concurrent-requests", str(max_concurrent_requests),
+                      "--max-concurrent-requests", str(max_concurrent_requests or 4),
                       "--threads", str(threads)),
                 ready=Ready("http", f"{url}/health"),
             ))
@@ -139,7 +139,8 @@ def build_plan(
         argv = [py, "-m", "services.adapter", "--model", model, "--tgi-url", url,
                 "--host", host, "--port", str(adapter_port),
                 "--metrics-port", str(metrics_port),
-                "--max-concurrency", str(max_concurrent_requests if model in cpu_models else 128)]
+                "--max-concurrency",
+                str(max_concurrent_requests or (4 if model in cpu_models else 128))]
         if model in cpu_models:
             # SmolLM2 stands in for the model: its own chat template, from the GGUF.
             argv += ["--chat-template", str(gguf)]

@@ -58,7 +58,7 @@ class FakeBackend:
                     raise self.fail
                 if self.delay:
                     await asyncio.sleep(self.delay)
-                yield BackendToken(word, special=False)
+                yield BackendToken(word)
             if self.fail is not None:
                 raise self.fail
             yield BackendResult("".join(words), len(words), self.input_tokens, _finish(words, self))
