@@ -12,6 +12,7 @@ check fails. Standard library only, so it runs from any machine.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -139,9 +140,9 @@ def main() -> int:
     base, timeout = args.base_url.rstrip("/"), args.timeout
     checks = Checks()
     for name, body in GUIDE_REQUESTS:
-        checks.run(name, lambda body=body: check_generate(base, body, timeout))
+        checks.run(name, functools.partial(check_generate, base, body, timeout))
     checks.run("stream", lambda: check_stream(base, timeout))
-    bad = [
+    bad: list[tuple[str, dict[str, Any], int]] = [
         ("unknown model -> 404", {"model_id": "gpt-4", "inputs": "hi"}, 404),
         ("top_p = 1.0 -> 400", {"model_id": "qwen2", "inputs": "hi",
                                 "parameters": {"top_p": 1.0}}, 400),
@@ -149,9 +150,9 @@ def main() -> int:
         ("unknown scenario -> 400", {"model_id": "qwen2", "inputs": "hi",
                                      "scenario": "poem"}, 400),
     ]
-    for name, body, status in bad:
-        checks.run(name, lambda b=body, s=status: check_error(base, json.dumps(b).encode(), s,
-                                                               timeout))
+    for name, bad_body, status in bad:
+        checks.run(name, functools.partial(check_error, base, json.dumps(bad_body).encode(),
+                                           status, timeout))
     checks.run("body that is not JSON -> 400",
                lambda: check_error(base, b"this is not json", 400, timeout))
     print(f"{checks.passed} passed, {checks.failed} failed")
