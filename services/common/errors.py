@@ -77,6 +77,16 @@ CODE_FALLBACK: Mapping[str, Reason] = {
 }
 
 
+def clip(value: str, limit: int = 64) -> str:
+    """A value the client sent, cut to `limit` characters for an error message.
+
+    Errors travel in HTTP/2 trailers, which gRPC clients refuse beyond 8 KiB:
+    an unknown model id of a few KiB, quoted whole, would turn NOT_FOUND into
+    a RESOURCE_EXHAUSTED about metadata size.
+    """
+    return value if len(value) <= limit else f"{value[:limit]}... ({len(value)} characters)"
+
+
 @dataclass(frozen=True)
 class FieldViolation:
     """A request field at fault, as in google.rpc.BadRequest."""

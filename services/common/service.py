@@ -23,6 +23,7 @@ from llmmesh.v1 import generate_pb2_grpc as pb_grpc
 from prometheus_client import start_http_server
 
 from services.common import convert
+from services.common.auth import ApiKeys
 from services.common.errors import MeshError, Reason
 from services.common.metrics import Metrics
 from services.common.rpc import to_status
@@ -108,9 +109,16 @@ class MeshInterceptor(grpc.aio.ServerInterceptor):
     trace goes to the log, never to the client.
     """
 
-    def __init__(self, core: GenerationCore, metrics: Metrics) -> None:
+    def __init__(
+        self, core: GenerationCore, metrics: Metrics, api_keys: ApiKeys | None = None
+    ) -> None:
         self._core = core
         self._metrics = metrics
+        self._api_keys = api_keys
+
+    def _authenticate(self, context: grpc.aio.ServicerContext) -> None:
+        if self._api_keys is not None:
+            self._api_keys.check(context.invocation_metadata())
 
     async def intercept_service(
         self,
@@ -140,6 +148,7 @@ class MeshInterceptor(grpc.aio.ServerInterceptor):
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             rpc = _Rpc(self, method, request, context)
             try:
+                self._authenticate(context)
                 response = await behavior(request, context)
             except BaseException as exc:
                 await rpc.fail(exc)
@@ -155,6 +164,7 @@ class MeshInterceptor(grpc.aio.ServerInterceptor):
             rpc = _Rpc(self, method, request, context)
             last = None
             try:
+                self._authenticate(context)
                 async for message in behavior(request, context):
                     if last is None and message.text:
                         rpc.first_token()
@@ -293,8 +303,12 @@ async def start_server(
     metrics: Metrics,
     health: HealthBoard,
     settings: ServerSettings,
+    api_keys: ApiKeys | None = None,
 ) -> RunningServer:
-    """Start GenerateService, Health and reflection on settings.host:port."""
+    """Start GenerateService, Health and reflection on settings.host:port.
+
+    With `api_keys`, every GenerateService call must carry one of them.
+    """
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -304,7 +318,9 @@ async def start_server(
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ]
-    server = grpc.aio.server(interceptors=[MeshInterceptor(core, metrics)], options=options)
+    server = grpc.aio.server(
+        interceptors=[MeshInterceptor(core, metrics, api_keys)], options=options
+    )
     pb_grpc.add_GenerateServiceServicer_to_server(GenerateServicer(core), server)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     reflection.enable_server_reflection(

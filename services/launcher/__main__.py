@@ -10,6 +10,7 @@ SIGTERM stops every process it started, in reverse order, gracefully.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 import sys
@@ -45,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-concurrent-requests", type=int, default=None,
                    help="per model: CPU backends and their adapters take 4 by default, "
                         "adapters in front of TGI 128 (TGI's own default)")
+    p.add_argument("--api-keys-file", type=Path, default=None,
+                   help="require one of these API keys at the router (one per line)")
     p.add_argument("--ready-timeout", type=float, default=180.0)
     return p.parse_args(argv)
 
@@ -67,11 +70,12 @@ def main(argv: list[str] | None = None) -> int:
             threads=args.threads,
             max_concurrent_requests=args.max_concurrent_requests,
             prometheus=not args.no_prometheus,
+            api_keys_file=args.api_keys_file,
         )
     except LaunchError as exc:
         print(f"make up: {exc}", file=sys.stderr)
         return 2
-    supervisor = Supervisor(plan, log=print)
+    supervisor = Supervisor(plan, log=functools.partial(print, flush=True))
     stop = supervisor.request_stop
     signal.signal(signal.SIGINT, lambda *_: stop())
     signal.signal(signal.SIGTERM, lambda *_: stop())

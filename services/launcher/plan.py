@@ -37,6 +37,7 @@ class Ready:
     kind: str  # "http" | "grpc"
     target: str  # URL, or host:port
     services: tuple[str, ...] = ("",)  # gRPC health service names that must serve
+    authorization: str | None = None  # an Authorization header for `http`
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,7 @@ def build_plan(
     threads: int,
     max_concurrent_requests: int | None,
     prometheus: bool,
+    api_keys_file: Path | None = None,
 ) -> Plan:
     registry = load_registry(root / "models" / "registry.yaml", env={})
     ids = tuple(m.id for m in registry.models)
@@ -152,7 +154,8 @@ def build_plan(
     procs.append(Proc(
         name="router", stage=2, ports=(ports.router, ports.metrics),
         argv=(py, "-m", "services.router", "--host", host, "--port", str(ports.router),
-              "--metrics-port", str(ports.metrics)),
+              "--metrics-port", str(ports.metrics),
+              *(("--api-keys-file", str(api_keys_file)) if api_keys_file else ())),
         env=adapters_env(registry, addresses),
         ready=Ready("grpc", f"{host}:{ports.router}", services=("", *ids)),
     ))
@@ -161,7 +164,8 @@ def build_plan(
         name="envoy", stage=3, ports=(ports.envoy, ports.admin),
         argv=(_tool("envoy"), "-c", str(envoy_config), "--log-level", "warn",
               "--disable-hot-restart"),
-        ready=Ready("http", f"http://{host}:{ports.envoy}/v1/models"),
+        ready=Ready("http", f"http://{host}:{ports.envoy}/v1/models",
+                    authorization=_first_key(api_keys_file)),
     ))
     prometheus_bin = shutil.which("prometheus")
     want_prometheus = prometheus and prometheus_bin is not None
@@ -179,6 +183,20 @@ def build_plan(
         procs=tuple(procs), host=host, ports=ports, run_dir=run_dir, models=ids,
         cpu_models=cpu_models, backends=backends, prometheus=want_prometheus,
     )
+
+
+def _first_key(api_keys_file: Path | None) -> str | None:
+    """`Bearer <key>` with the file's first key, for the launcher's own checks."""
+    if api_keys_file is None:
+        return None
+    try:
+        lines = api_keys_file.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise LaunchError(f"cannot read the API keys file {api_keys_file}: {exc}") from exc
+    key = next((s.strip() for s in lines if s.strip() and not s.startswith("#")), None)
+    if key is None:
+        raise LaunchError(f"the API keys file {api_keys_file} holds no key")
+    return f"Bearer {key}"
 
 
 def _served_name(gguf: Path) -> str:

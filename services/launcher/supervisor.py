@@ -152,8 +152,10 @@ class Supervisor:
 
 def is_ready(ready: Ready) -> bool:
     if ready.kind == "http":
+        headers = {"Authorization": ready.authorization} if ready.authorization else {}
         try:
-            with urllib.request.urlopen(ready.target, timeout=1) as resp:
+            request = urllib.request.Request(ready.target, headers=headers)
+            with urllib.request.urlopen(request, timeout=1) as resp:
                 if resp.status != 200:
                     return False
                 if ready.target.endswith("/v1/models"):

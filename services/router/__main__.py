@@ -13,6 +13,7 @@ from pathlib import Path
 import uvloop
 
 from services.common import logs
+from services.common.auth import ApiKeys
 from services.common.metrics import Metrics
 from services.common.registry import Registry, load_registry
 from services.common.service import (
@@ -32,6 +33,7 @@ log = logging.getLogger("llmmesh.router")
 
 @dataclass(frozen=True)
 class RouterSettings:
+    api_keys: ApiKeys | None
     registry: Registry
     scenarios: Scenarios
     server: ServerSettings
@@ -54,6 +56,11 @@ def parse_args(argv: list[str] | None = None) -> RouterSettings:
         "--timeout", type=float, default=float(env.get("LLMMESH_TIMEOUT", "600")),
         help="seconds a request may take when the client sets no deadline",
     )
+    p.add_argument(
+        "--api-keys-file", default=env.get("LLMMESH_API_KEYS_FILE"),
+        help="require one of these keys (one per line) on every GenerateService call; "
+             "LLMMESH_API_KEYS may also hold comma-separated keys",
+    )
     p.add_argument("--health-interval", type=float, default=1.0)
     p.add_argument("--grace", type=float, default=float(env.get("LLMMESH_GRACE", "10")))
     p.add_argument("--log-level", default=env.get("LLMMESH_LOG_LEVEL", "info"))
@@ -64,6 +71,7 @@ def parse_args(argv: list[str] | None = None) -> RouterSettings:
         if not spec.adapters:
             p.error(f"model {spec.id} has no adapters in {args.registry}")
     return RouterSettings(
+        api_keys=ApiKeys.load(args.api_keys_file, env.get("LLMMESH_API_KEYS")),
         registry=registry,
         scenarios=load_scenarios(args.scenarios),
         server=ServerSettings(
@@ -96,7 +104,9 @@ async def run(settings: RouterSettings) -> None:
         log.info("models servable", extra={"servable": servable})
 
     await on_change({spec.id: False for spec in settings.registry.models})
-    running = await start_server(core, metrics, health, settings.server)
+    running = await start_server(core, metrics, health, settings.server, settings.api_keys)
+    if settings.api_keys is not None:
+        log.info("API keys required", extra={"keys": len(settings.api_keys)})
     watcher = asyncio.create_task(core.watch(settings.health_interval, on_change))
 
     async def on_stop() -> None:

@@ -103,13 +103,26 @@ def start_mesh(tmp: Path, doubles: dict[str, Double], *extra: str) -> Mesh:
         launcher=launcher,
     )
     try:
-        wait_http(f"{mesh.http}/v1/models", 60, launcher)
-        _wait_all_ready(mesh)
+        _wait_launcher(tmp / "launcher.log", launcher, 120)
     except Exception:
         stop_mesh(mesh)
         print((tmp / "launcher.log").read_text(errors="replace"))
         raise
     return mesh
+
+
+def _wait_launcher(log: Path, launcher: subprocess.Popen[bytes], timeout: float) -> None:
+    """Until the launcher says every process is ready (its own checks are thorough)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if "llmmesh is up." in log.read_text(errors="replace"):
+            return
+        if launcher.poll() is not None:
+            raise RuntimeError(f"the launcher exited with {launcher.returncode}")
+        time.sleep(0.2)
+    raise TimeoutError(f"the mesh was not up after {timeout}s")
 
 
 def _wait_all_ready(mesh: Mesh) -> None:

@@ -77,8 +77,10 @@ def test_grpcurl_describes_and_streams(mesh: Mesh) -> None:
                        mesh.router, "llmmesh.v1.GenerateService/GenerateStream")
     assert streamed.returncode == 0, streamed.stderr
     messages = [json.loads(m) for m in streamed.stdout.replace("}\n{", "}\x00{").split("\x00")]
-    assert [m.get("text") for m in messages[:-1]] == ["one", " two", " three"]
+    # Tokens that arrive together travel in one message.
+    assert "".join(m.get("text", "") for m in messages[:-1]) == "one two three"
     assert messages[-1]["finish_reason"] == "FINISH_REASON_EOS_TOKEN"
+    assert messages[-1]["tokens"] == 4  # three words and the end-of-sequence token
 
 
 def test_per_model_health(mesh: Mesh) -> None:
@@ -118,7 +120,7 @@ def test_incomplete_stream_is_an_in_band_error(clean: Mesh) -> None:
     clean.doubles["qwen2"].control(mode="incomplete", after_tokens=2)
     replies = list(stub(clean.router).GenerateStream(
         pb.GenerateStreamRequest(model_id="qwen2", inputs="a b c d e"), timeout=10))
-    assert [r.text for r in replies[:-1]] == ["a", " b"]
+    assert "".join(r.text for r in replies[:-1]) == "a b"
     assert replies[-1].finish_reason == pb.FINISH_REASON_ERROR
     assert (replies[-1].error.code, replies[-1].error.reason) == (
         "UNAVAILABLE", "INCOMPLETE_GENERATION")
