@@ -31,6 +31,9 @@ venv: $(STAMP)
 gen: $(STAMP)
 	$(PY) scripts/gen.py
 	$(PY) envoy/render.py
+	# kustomize reads only files below its folder: the Envoy ConfigMap takes copies.
+	cp envoy/envoy.compose.yaml deploy/k8s/base/envoy/envoy.yaml
+	cp gen/llmmesh.binpb deploy/k8s/base/envoy/llmmesh.binpb
 
 # Generated code must match protos/; the contract must lint and must not
 # break what is on main.

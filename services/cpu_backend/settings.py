@@ -1,0 +1,75 @@
+"""Frozen settings of the CPU backend, built once in `__main__` and passed down.
+
+Nothing here reads the environment or the command line: tests build these
+objects directly, so no module depends on process state at import time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """What the TGI router would take as launcher flags, plus our HTTP knobs."""
+
+    # Served name reported by /info and /v1/models (TGI's --model-id).
+    model_id: str
+    # TGI --max-concurrent-requests: admitted requests beyond it get 429.
+    max_concurrent_requests: int = 4
+    # TGI --max-input-tokens (older releases: --max-input-length).
+    max_input_tokens: int = 1536
+    # TGI --max-total-tokens: prompt plus generated tokens per request.
+    max_total_tokens: int = 2048
+    # TGI --max-stop-sequences.
+    max_stop_sequences: int = 4
+    # TGI --max-best-of; 1 because one CPU engine cannot afford parallel samples.
+    max_best_of: int = 1
+    # TGI --max-top-n-tokens; 0 because the engine returns no alternatives.
+    max_top_n_tokens: int = 0
+    # TGI --max-client-batch-size (reported by /info only).
+    max_client_batch_size: int = 4
+    # TGI --validation-workers (reported by /info only).
+    validation_workers: int = 1
+    # Value of the x-compute-type header (TGI reads COMPUTE_TYPE, "gpu+optimized").
+    compute_type: str = "cpu"
+    # TGI's `/` route defaults return_full_text to true when the model has no
+    # hub pipeline tag or the tag is text-generation, which is our case.
+    compat_return_full_text: bool = True
+    # Seconds between SSE keep-alive comments on an idle stream (axum: 15 s).
+    keep_alive_interval: float = 15.0
+    # How often an idle request checks whether its client went away; bounds
+    # how long a generation survives a silent disconnect.
+    disconnect_poll_interval: float = 0.2
+    # Request body limit in bytes (TGI --payload-limit, default 2 MB).
+    payload_limit: int = 2_000_000
+    # Reported in /info; the TGI API level this server mimics.
+    version: str = "3.3.4"
+    # Reported in /info as `router`.
+    router: str = "llmmesh-cpu-backend"
+
+    def __post_init__(self) -> None:
+        if not self.model_id:
+            raise ValueError("model_id must not be empty")
+        if self.max_concurrent_requests < 1:
+            raise ValueError("max_concurrent_requests must be >= 1")
+        if not 0 < self.max_input_tokens < self.max_total_tokens:
+            # TGI's launcher refuses the same combination at start.
+            raise ValueError(
+                "max_input_tokens must be > 0 and < max_total_tokens, got "
+                f"{self.max_input_tokens} and {self.max_total_tokens}"
+            )
+
+
+@dataclass(frozen=True)
+class LlamaSettings:
+    """How to load the GGUF model into llama.cpp."""
+
+    model_path: Path
+    # Context size; must hold max_total_tokens.
+    n_ctx: int = 2048
+    # CPU threads for prompt processing and decoding.
+    n_threads: int = 2
+    # Prompt tokens evaluated per llama_decode call.
+    n_batch: int = 512

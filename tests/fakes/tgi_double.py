@@ -1,0 +1,464 @@
+"""A scriptable TGI test double: the real TGI HTTP layer over a scripted engine.
+
+The HTTP side is `services.cpu_backend.server.create_app`, the very code the
+CPU backend serves, so validation messages, status codes, SSE framing,
+headers and metrics are TGI's. Only the engine is fake: `ScriptedEngine`
+tokenizes on whitespace and answers deterministically, and faults can be
+switched on at run time.
+
+Reply: the content of the last user turn of a ChatML or Llama 3 prompt
+(or the whole prompt when it has no such turn), one token per word, then an
+EOS token. `max_new_tokens` and stop sequences apply as in TGI. A fixed
+reply can be set with `--reply` or `/_control`.
+
+Run as a process:
+    python -m tests.fakes.tgi_double --port 8090 [--model-id NAME]
+        [--max-concurrent-requests K] [--token-delay SECONDS] [--reply TEXT]
+
+Control endpoints (double only, never on the real backend):
+    POST /_control  {"mode": "ok", "after_tokens": 0, "token_delay": 0.0,
+                     "first_token_delay": 0.0, "reply": null}
+        Sets the WHOLE fault state: omitted keys take their start values
+        (the defaults above, or --token-delay/--reply), so `{}` resets. Modes:
+          ok                normal replies
+          generation_error  after `after_tokens` tokens the engine fails:
+                            424 {"error_type":"generation"} or in-band
+          overloaded        every generation request gets TGI's overload
+                            error (429, in-band on streams)
+          hang              after `after_tokens` tokens stop producing and
+                            never answer, until the client goes away
+          die_midstream     after `after_tokens` tokens close the TCP
+                            connection (unary: no response at all)
+          crash_midstream   after `after_tokens` tokens the process exits
+                            with status 3 (os._exit)
+          incomplete        after `after_tokens` tokens: streams end cleanly
+                            with no final event and no error; unary gets
+                            TGI's 500 incomplete_generation
+          unhealthy         /health, /ping and GET / answer 503
+        A fault fires only if generation gets that far: a reply shorter than
+        `after_tokens` words ends with EOS first (set a longer `reply`).
+    GET  /_control  current fault state
+    GET  /_stats    {"requests": {"POST /generate": 2, ...},  # control routes excluded
+                     "generations_started", "generations_active",
+                     "generations_completed", "generations_closed_early" (stop seq.),
+                     "generations_cancelled" (client went away), "generations_faulted",
+                     "last_request": {"path", "body"}, "in_flight" (permits held),
+                     "dropped", "failures": {err: n}, "request_count", "success_count"}
+    POST /_reset    fault state and counters back to their initial values
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextvars
+import json
+import os
+import re
+import zlib
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Final
+
+from aiohttp import web
+
+from services.cpu_backend import logs
+from services.cpu_backend.engine import EngineError, SamplingParams, Token
+from services.cpu_backend.server import CORE, create_app
+from services.cpu_backend.settings import ServerSettings
+
+MODES: Final = frozenset(
+    {
+        "ok",
+        "generation_error",
+        "overloaded",
+        "hang",
+        "die_midstream",
+        "crash_midstream",
+        "incomplete",
+        "unhealthy",
+    }
+)
+# Time given to the server to write out tokens before a connection fault.
+_FLUSH_DELAY: Final = 0.05
+EOS_ID: Final = 0
+EOS_TEXT: Final = "</s>"
+# Modes that act at token `after_tokens` inside the engine.
+_MIDSTREAM_FAULTS: Final = frozenset(
+    {"generation_error", "hang", "die_midstream", "crash_midstream", "incomplete"}
+)
+_PIECE = re.compile(r"\s*\S+")
+_CHATML_USER = re.compile(r"<\|im_start\|>user\s(.*?)<\|im_end\|>", re.S)
+_LLAMA3_USER = re.compile(r"<\|start_header_id\|>user<\|end_header_id\|>\s*(.*?)<\|eot_id\|>", re.S)
+
+
+@dataclass(frozen=True)
+class Control:
+    """Fault state; replaced as a whole by POST /_control."""
+
+    mode: str = "ok"
+    # Tokens emitted before the fault of the mode fires (0: before the first).
+    after_tokens: int = 0
+    # Seconds slept before each token.
+    token_delay: float = 0.0
+    # Extra seconds before the first token (a slow prefill).
+    first_token_delay: float = 0.0
+    # Fixed reply text instead of echoing the prompt.
+    reply: str | None = None
+
+    @classmethod
+    def from_json(cls, data: Any, base: Control) -> Control:
+        if not isinstance(data, dict):
+            raise ValueError("body must be a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown keys: {sorted(unknown)}")
+        ctl = replace(base, **data)
+        if ctl.mode not in MODES:
+            raise ValueError(f"mode must be one of {sorted(MODES)}")
+        if not isinstance(ctl.after_tokens, int) or ctl.after_tokens < 0:
+            raise ValueError("after_tokens must be an integer >= 0")
+        for name in ("token_delay", "first_token_delay"):
+            value = getattr(ctl, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise ValueError(f"{name} must be a number >= 0")
+        if ctl.reply is not None and not isinstance(ctl.reply, str):
+            raise ValueError("reply must be a string or null")
+        return ctl
+
+
+INITIAL_CONTROL: Final = web.AppKey("tgi_double.initial_control", Control)
+
+
+@dataclass
+class Stats:
+    """What tests assert on: what arrived, and what happened to generations."""
+
+    # "POST /generate" -> count; control routes are not counted.
+    requests: Counter[str] = field(default_factory=Counter)
+    # Times the engine was asked to generate (i.e. requests that passed
+    # admission and validation).
+    generations_started: int = 0
+    generations_active: int = 0
+    # Ended by EOS or by reaching max_new_tokens.
+    generations_completed: int = 0
+    # Closed by the server before the end (a stop sequence matched).
+    generations_closed_early: int = 0
+    # Cancelled because the client went away (or the server shut down).
+    generations_cancelled: int = 0
+    # Ended by an injected fault.
+    generations_faulted: int = 0
+    # Path and JSON body (or text) of the last non-control request.
+    last_request: dict[str, Any] | None = None
+
+    def snapshot(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["requests"] = dict(self.requests)
+        return out
+
+
+# The aiohttp request being served, for faults that act on the connection.
+_CURRENT: contextvars.ContextVar[tuple[web.Request, bool] | None] = contextvars.ContextVar(
+    "tgi_double_request", default=None
+)
+
+
+def _piece_id(piece: str) -> int:
+    # crc32 is stable across processes (unlike hash()); ids 0-2 are reserved.
+    return max(zlib.crc32(piece.encode("utf-8")), 3)
+
+
+def scripted_reply(prompt: str) -> str:
+    """The echo the double answers with: the last user turn, else the prompt."""
+    for pattern in (_CHATML_USER, _LLAMA3_USER):
+        turns = pattern.findall(prompt)
+        if turns:
+            return str(turns[-1]).strip()
+    return prompt.strip()
+
+
+class ScriptedEngine:
+    """A deterministic `Engine`: whitespace tokens, echo replies, injectable faults."""
+
+    def __init__(self, *, model_id: str = "tgi-double", context_length: int = 8192) -> None:
+        self._model_id = model_id
+        self._context_length = context_length
+        self._pieces: dict[int, str] = {EOS_ID: EOS_TEXT}
+        self.control = Control()
+        self.stats = Stats()
+
+    @property
+    def model_id(self) -> str:
+        return self._model_id
+
+    @property
+    def context_length(self) -> int:
+        return self._context_length
+
+    def _encode(self, text: str) -> list[int]:
+        ids = []
+        for piece in _PIECE.findall(text):
+            token_id = _piece_id(piece)
+            self._pieces[token_id] = piece
+            ids.append(token_id)
+        return ids
+
+    async def tokenize(self, text: str) -> list[int]:
+        """One token per word, with the whitespace before it."""
+        return self._encode(text)
+
+    async def token_texts(self, ids: Sequence[int]) -> list[str]:
+        return [self._pieces.get(i, "") for i in ids]
+
+    async def health(self) -> bool:
+        return self.control.mode != "unhealthy"
+
+    async def close(self) -> None:
+        return None
+
+    async def _fault(self, ctl: Control) -> bool:
+        """Fire the mode's fault; True when generation must end quietly."""
+        current = _CURRENT.get()
+        if ctl.mode == "generation_error":
+            raise EngineError("scripted generation error")
+        if ctl.mode in ("crash_midstream", "die_midstream", "incomplete"):
+            # The server writes tokens in another task, a little behind this
+            # generator: let the tokens produced so far reach the socket first.
+            await asyncio.sleep(_FLUSH_DELAY)
+        if ctl.mode == "crash_midstream":
+            os._exit(3)
+        if ctl.mode == "hang":
+            await asyncio.Event().wait()
+        if ctl.mode == "die_midstream" and current is not None:
+            transport = current[0].transport
+            if transport is not None:
+                transport.close()
+            await asyncio.Event().wait()
+        if ctl.mode == "incomplete":
+            if current is not None and current[1]:
+                transport = current[0].transport
+                if transport is not None:
+                    # End the chunked body properly, then close: the client
+                    # sees a clean end of stream without a final event.
+                    transport.write(b"0\r\n\r\n")
+                    transport.close()
+                await asyncio.Event().wait()
+            return True
+        return False
+
+    async def generate_tokens(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        *,
+        on_start: Callable[[], None] | None = None,
+    ) -> AsyncIterator[Token]:
+        ctl = self.control
+        stats = self.stats
+        stats.generations_started += 1
+        stats.generations_active += 1
+        outcome: str | None = None
+        try:
+            if on_start is not None:
+                on_start()
+            prompt = "".join(self._pieces.get(i, "") for i in prompt_ids)
+            reply = ctl.reply if ctl.reply is not None else scripted_reply(prompt)
+            words = _PIECE.findall(reply)
+            if words:
+                words[0] = words[0].lstrip()
+            if ctl.first_token_delay:
+                await asyncio.sleep(ctl.first_token_delay)
+            for i in range(params.max_new_tokens):
+                if ctl.mode in _MIDSTREAM_FAULTS and i == ctl.after_tokens:
+                    if await self._fault(ctl):
+                        outcome = "faulted"
+                        return
+                if ctl.token_delay:
+                    await asyncio.sleep(ctl.token_delay)
+                if i >= len(words):
+                    outcome = "completed"
+                    yield Token(id=EOS_ID, text=EOS_TEXT, logprob=-0.1, special=True, eos=True)
+                    return
+                if i == params.max_new_tokens - 1:
+                    # The server closes us right after this one: a normal end.
+                    outcome = "completed"
+                piece = words[i]
+                token_id = _piece_id(piece)
+                self._pieces[token_id] = piece
+                yield Token(id=token_id, text=piece, logprob=-0.5, special=False)
+            outcome = "completed"
+        except GeneratorExit:
+            # aclose() from the server before the end: a stop sequence matched.
+            outcome = outcome or "closed_early"
+            raise
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        except EngineError:
+            outcome = "faulted"
+            raise
+        finally:
+            stats.generations_active -= 1
+            name = f"generations_{outcome or 'faulted'}"
+            setattr(stats, name, getattr(stats, name) + 1)
+
+
+def _apply_control(app: web.Application, engine: ScriptedEngine, ctl: Control) -> None:
+    engine.control = ctl
+    core = app[CORE]
+    # TGI answers 429 when its semaphore is exhausted; shrinking it to zero
+    # produces exactly that path, on unary and streaming routes alike.
+    core.limiter.capacity = 0 if ctl.mode == "overloaded" else core.settings.max_concurrent_requests
+
+
+def create_double_app(
+    engine: ScriptedEngine, settings: ServerSettings, initial: Control | None = None
+) -> web.Application:
+    """The TGI app over `engine`, plus the double's control routes and bookkeeping.
+
+    `initial` is the fault state at start, and what `{}` and /_reset go back to.
+    """
+    app = create_app(engine, settings)
+    app[INITIAL_CONTROL] = initial or Control()
+    _apply_control(app, engine, app[INITIAL_CONTROL])
+
+    @web.middleware
+    async def record(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if request.path.startswith("/_"):
+            return await handler(request)
+        engine.stats.requests[f"{request.method} {request.path}"] += 1
+        is_stream = request.path == "/generate_stream"
+        # A body over the limit is left to the server, which answers 413.
+        if request.method == "POST" and (request.content_length or 0) <= settings.payload_limit:
+            raw = await request.read()  # aiohttp caches it for the handler
+            body: Any
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                body = raw.decode("utf-8", errors="replace")
+            engine.stats.last_request = {"path": request.path, "body": body}
+            if request.path == "/" and isinstance(body, dict) and body.get("stream") is True:
+                is_stream = True
+        token = _CURRENT.set((request, is_stream))
+        try:
+            return await handler(request)
+        finally:
+            _CURRENT.reset(token)
+
+    async def get_control(request: web.Request) -> web.Response:
+        return web.json_response(asdict(engine.control))
+
+    async def post_control(request: web.Request) -> web.Response:
+        try:
+            ctl = Control.from_json(await request.json(), app[INITIAL_CONTROL])
+        except (ValueError, TypeError) as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        _apply_control(app, engine, ctl)
+        return web.json_response(asdict(ctl))
+
+    async def get_stats(request: web.Request) -> web.Response:
+        core = app[CORE]
+        out = engine.stats.snapshot()
+        out["in_flight"] = core.limiter.in_use
+        out["dropped"] = core.metrics.failures()["dropped"]
+        out["failures"] = core.metrics.failures()
+        out["request_count"] = core.metrics.request_count
+        out["success_count"] = core.metrics.success_count
+        return web.json_response(out)
+
+    async def reset(request: web.Request) -> web.Response:
+        _apply_control(app, engine, app[INITIAL_CONTROL])
+        active = engine.stats.generations_active
+        engine.stats = Stats(generations_active=active)
+        return web.json_response({"ok": True})
+
+    app.middlewares.append(record)
+    app.router.add_get("/_control", get_control)
+    app.router.add_post("/_control", post_control)
+    app.router.add_get("/_stats", get_stats)
+    app.router.add_post("/_reset", reset)
+    return app
+
+
+@dataclass
+class RunningDouble:
+    """Handle on an in-process double started by `serve()`."""
+
+    url: str
+    engine: ScriptedEngine
+    app: web.Application
+
+
+@asynccontextmanager
+async def serve(
+    settings: ServerSettings | None = None,
+    engine: ScriptedEngine | None = None,
+    host: str = "127.0.0.1",
+    port: int = 0,
+) -> AsyncIterator[RunningDouble]:
+    """Run a double on a real socket inside the current event loop (port 0: any)."""
+    engine = engine or ScriptedEngine()
+    settings = settings or ServerSettings(model_id=engine.model_id)
+    app = create_double_app(engine, settings)
+    # handler_cancellation: a client that disconnects cancels its handler.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    sockets = runner.addresses
+    bound_port = sockets[0][1]
+    try:
+        yield RunningDouble(url=f"http://{host}:{bound_port}", engine=engine, app=app)
+    finally:
+        await runner.cleanup()
+
+
+def parse_sse(raw: bytes) -> list[dict[str, Any]]:
+    """The JSON events of an SSE body in TGI's framing (keep-alives skipped)."""
+    events = []
+    for block in raw.split(b"\n\n"):
+        if block.startswith(b"data:"):
+            events.append(json.loads(block[len(b"data:") :]))
+    return events
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tests.fakes.tgi_double", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--model-id", default="tgi-double")
+    parser.add_argument("--max-concurrent-requests", type=int, default=128)
+    parser.add_argument("--max-input-tokens", type=int, default=4095)
+    parser.add_argument("--max-total-tokens", type=int, default=4096)
+    parser.add_argument("--token-delay", type=float, default=0.0)
+    parser.add_argument("--reply", default=None)
+    parser.add_argument("--log-level", default="WARNING")
+    args = parser.parse_args(argv)
+    logs.configure(args.log_level)
+    engine = ScriptedEngine(model_id=args.model_id, context_length=args.max_total_tokens)
+    settings = ServerSettings(
+        model_id=args.model_id,
+        max_concurrent_requests=args.max_concurrent_requests,
+        max_input_tokens=args.max_input_tokens,
+        max_total_tokens=args.max_total_tokens,
+    )
+    initial = Control(token_delay=args.token_delay, reply=args.reply)
+    app = create_double_app(engine, settings, initial)
+    web.run_app(
+        app,
+        host=args.host,
+        port=args.port,
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=2.0,
+        print=None,
+    )
+
+
+if __name__ == "__main__":
+    main()
