@@ -31,6 +31,7 @@ venv: $(STAMP)
 gen: $(STAMP)
 	$(PY) scripts/gen.py
 	$(PY) envoy/render.py
+	$(PY) observability/render.py
 	# kustomize reads only files below its folder: the Envoy ConfigMap takes copies.
 	cp envoy/envoy.compose.yaml deploy/k8s/base/envoy/envoy.yaml
 	cp gen/llmmesh.binpb deploy/k8s/base/envoy/llmmesh.binpb
@@ -40,6 +41,7 @@ gen: $(STAMP)
 check-gen: $(STAMP)
 	$(PY) scripts/gen.py --check
 	$(PY) envoy/render.py --check
+	$(PY) observability/render.py --check
 	buf lint
 	@if git rev-parse --verify -q main >/dev/null; then \
 		buf breaking --against '.git#branch=main'; \

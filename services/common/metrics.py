@@ -19,6 +19,8 @@ LATENCY_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600,
 )
 TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+# The RPCs that generate text, whose series exist from the start (declare_model).
+GENERATION_METHODS = ("Generate", "GenerateStream")
 
 
 class Metrics:
@@ -68,11 +70,21 @@ class Metrics:
         # dashboards have a zero to start from.
         self._reasons = [reason.label for reason in Reason]
 
-    def declare_model(self, model: str) -> None:
+    def declare_model(self, model: str, scenario: str = "chat") -> None:
+        """Create the model's series at zero. rate() counts only what happens
+        after a series' first scrape: without a zero scraped first, the first
+        requests of a fresh service would never show in rates or quantiles.
+        `scenario` is the label of requests that name none."""
         for reason in self._reasons:
             self.errors.labels(self.service, model, reason)
         self.input_tokens.labels(self.service, model)
         self.output_tokens.labels(self.service, model)
+        for method in GENERATION_METHODS:
+            self.requests.labels(self.service, model, scenario, method, "OK")
+            self.duration.labels(self.service, model, method)
+            self.in_flight.labels(self.service, model, method)
+        self.ttft.labels(self.service, model)
+        self.tpot.labels(self.service, model)
 
     def record_tokens(self, model: str, input_tokens: int, output_tokens: int) -> None:
         self.input_tokens.labels(self.service, model).inc(input_tokens)
