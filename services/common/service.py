@@ -27,11 +27,13 @@ from services.common.auth import ApiKeys
 from services.common.errors import MeshError, Reason
 from services.common.metrics import Metrics
 from services.common.rpc import to_status
+from services.common.tls import TlsFiles
 from services.common.types import Chunk, Generation, GenerationRequest, ModelInfo
 
 log = logging.getLogger("llmmesh.rpc")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerateService"].full_name
+DEADLINE_SLACK_SECONDS = 0.05
 
 
 class GenerationCore(Protocol):
@@ -214,7 +216,14 @@ class _Rpc:
             self.finish(exc.code, reason=exc.reason, message=exc.message)
             await self._context.abort_with_status(to_status(exc))
         elif isinstance(exc, asyncio.CancelledError):
-            self.finish("CANCELLED", reason=Reason.CANCELLED)
+            # gRPC cancels the handler both when the client goes away and when
+            # the deadline passes; the time left tells them apart. Envoy resets
+            # a stream a few ms before the deadline itself, hence the slack.
+            remaining = self._context.time_remaining()
+            if remaining is not None and remaining < DEADLINE_SLACK_SECONDS:
+                self.finish("DEADLINE_EXCEEDED", reason=Reason.TIMEOUT)
+            else:
+                self.finish("CANCELLED", reason=Reason.CANCELLED)
         elif isinstance(exc, grpc.aio.AbortError):
             self.finish(self._context.code().name if self._context.code() else "UNKNOWN")
         else:
@@ -266,6 +275,7 @@ class ServerSettings:
     metrics_port: int | None = None
     grace_seconds: float = 10.0
     max_message_bytes: int = 4 * 1024 * 1024
+    tls: TlsFiles | None = None
 
 
 class HealthBoard:
@@ -328,7 +338,11 @@ async def start_server(
          reflection.SERVICE_NAME),
         server,
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    address = f"{settings.host}:{settings.port}"
+    if settings.tls is not None:
+        port = server.add_secure_port(address, settings.tls.server_credentials())
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
         raise SystemExit(f"cannot listen on {settings.host}:{settings.port}: address in use?")
     await server.start()
