@@ -87,6 +87,11 @@ def test_make_up_serves_real_text_and_stops_cleanly(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.5)
         assert {m["backend_model"] for m in models} == {"SmolLM2-135M-Instruct"}
+        # The banner follows the launcher's own last check, a moment later.
+        for _ in range(100):
+            if "llmmesh is up." in log.read_text():
+                break
+            time.sleep(0.1)
         banner = log.read_text()
         assert "llmmesh is up." in banner and "curl" in banner
         for body in GUIDE_BODIES:
