@@ -77,6 +77,51 @@ def render(**values: str | int) -> str:
     return string.Template(TEMPLATE.read_text(encoding="utf-8")).substitute(merged)
 
 
+def with_tls(text: str, cert: str, key: str, ca: str) -> str:
+    """A rendered config with TLS at the edge and mutual TLS to the router.
+
+    Clients connect over TLS (HTTP/1.1 or h2 by ALPN; no client certificate
+    asked at the edge). Envoy presents `cert` to the router, and accepts
+    only a router certificate that `ca` signed and that names `router`.
+    """
+    import yaml
+
+    config = yaml.safe_load(text)
+    identity = {"certificate_chain": {"filename": cert}, "private_key": {"filename": key}}
+    listener = config["static_resources"]["listeners"][0]
+    listener["filter_chains"][0]["transport_socket"] = {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3"
+                     ".DownstreamTlsContext",
+            "common_tls_context": {
+                "alpn_protocols": ["h2", "http/1.1"],
+                "tls_certificates": [identity],
+            },
+        },
+    }
+    cluster = next(c for c in config["static_resources"]["clusters"] if c["name"] == "router")
+    cluster["transport_socket"] = {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3"
+                     ".UpstreamTlsContext",
+            "sni": "router",
+            "common_tls_context": {
+                "alpn_protocols": ["h2"],
+                "tls_certificates": [identity],
+                "validation_context": {
+                    "trusted_ca": {"filename": ca},
+                    "match_typed_subject_alt_names": [
+                        {"san_type": "DNS", "matcher": {"exact": "router"}}
+                    ],
+                },
+            },
+        },
+    }
+    return str(yaml.safe_dump(config, sort_keys=False))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--check", action="store_true")

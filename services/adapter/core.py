@@ -17,7 +17,7 @@ from typing import Protocol
 
 from services.adapter.chat_template import ChatTemplate
 from services.adapter.tgi import BackendInfo, BackendResult, BackendToken
-from services.common.errors import MeshError, Reason
+from services.common.errors import MeshError, Reason, clip
 from services.common.metrics import Metrics
 from services.common.registry import ModelSpec
 from services.common.types import (
@@ -179,8 +179,9 @@ class AdapterCore:
         if model_id and model_id.lower() not in (n.lower() for n in self.spec.names):
             raise MeshError(
                 Reason.MODEL_NOT_FOUND,
-                f"model {model_id!r} is not served here; this adapter serves {self.spec.id!r}",
-                metadata={"model_id": model_id, "known_models": self.spec.id},
+                f"model {clip(model_id)!r} is not served here; "
+                f"this adapter serves {self.spec.id!r}",
+                metadata={"model_id": clip(model_id), "known_models": self.spec.id},
             )
 
     def _prepare(self, request: GenerationRequest) -> tuple[str, Parameters]:

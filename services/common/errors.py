@@ -127,13 +127,22 @@ class MeshError(Exception):
         return f"MeshError({self.reason.value}, {self.message!r})"
 
 
+# At most this many field violations travel (see clip() for why).
+MAX_VIOLATIONS = 10
+
+
 def invalid(violations: Iterable[FieldViolation]) -> MeshError:
-    """An INVALID_ARGUMENT error whose message lists every violation."""
-    items = tuple(violations)
+    """An INVALID_ARGUMENT error whose message lists every violation (the first
+    MAX_VIOLATIONS of them, when a request has more)."""
+    every = tuple(violations)
+    items = every[:MAX_VIOLATIONS]
     text = "; ".join(f"{v.field}: {v.description}" for v in items)
+    what = "invalid request"
+    if len(every) > len(items):
+        what += f" ({len(every)} problems, the first {len(items)} here)"
     return MeshError(
         Reason.INVALID_ARGUMENT,
-        f"invalid request: {text}",
+        f"{what}: {text}",
         violations=items,
         metadata={"fields": ",".join(v.field for v in items)},
     )

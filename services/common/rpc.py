@@ -17,6 +17,7 @@ from grpc_status import rpc_status
 from services.common.errors import (
     CODE_FALLBACK,
     DOMAIN,
+    MAX_VIOLATIONS,
     FieldViolation,
     MeshError,
     Reason,
@@ -24,23 +25,40 @@ from services.common.errors import (
 
 _DETAILS_KEY = "grpc-status-details-bin"
 
+# A status travels twice in HTTP/2 trailers (grpc-message, and the whole
+# Status again in grpc-status-details-bin, base64), and gRPC clients refuse
+# trailers over 8 KiB with RESOURCE_EXHAUSTED. Whatever a core put in an
+# error, these bounds (UTF-8 bytes) keep both under 8 KiB together.
+_MAX_MESSAGE = 768
+_MAX_VALUE = 160
+_MAX_FIELD = 64
+
+
+def _cut(text: str, limit: int) -> str:
+    raw = text.encode("utf-8")
+    if len(raw) <= limit:
+        return text
+    return raw[: limit - 3].decode("utf-8", errors="ignore") + "..."
+
 
 def to_status(error: MeshError) -> grpc.Status:
     """The rich gRPC status for `error`."""
     info = error_details_pb2.ErrorInfo(
-        reason=error.reason.value, domain=DOMAIN, metadata=error.metadata
+        reason=error.reason.value,
+        domain=DOMAIN,
+        metadata={_cut(k, _MAX_FIELD): _cut(v, _MAX_VALUE) for k, v in error.metadata.items()},
     )
     status = status_pb2.Status(
-        code=code_pb2.Code.Value(error.code), message=error.message
+        code=code_pb2.Code.Value(error.code), message=_cut(error.message, _MAX_MESSAGE)
     )
     status.details.add().Pack(info)
     if error.violations:
         bad = error_details_pb2.BadRequest(
             field_violations=[
                 error_details_pb2.BadRequest.FieldViolation(
-                    field=v.field, description=v.description
+                    field=_cut(v.field, _MAX_FIELD), description=_cut(v.description, _MAX_VALUE)
                 )
-                for v in error.violations
+                for v in error.violations[:MAX_VIOLATIONS]
             ]
         )
         status.details.add().Pack(bad)

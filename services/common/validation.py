@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from services.common.errors import FieldViolation, MeshError, invalid
+from services.common.errors import FieldViolation, MeshError, clip, invalid
 from services.common.types import ROLES, GenerationRequest, Limits, Parameters
 
 
@@ -66,7 +66,7 @@ def check_text(request: GenerationRequest, limits: Limits) -> list[FieldViolatio
                 out.append(
                     FieldViolation(
                         f"messages[{i}].role",
-                        f"must be one of {', '.join(ROLES)}, got {message.role!r}",
+                        f"must be one of {', '.join(ROLES)}, got {clip(message.role)!r}",
                     )
                 )
         if request.messages[-1].role == "assistant":

@@ -8,6 +8,7 @@ reached the client, the request is tried once on each other replica.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
@@ -15,7 +16,7 @@ import grpc
 from llmmesh.v1 import generate_pb2 as pb
 
 from services.common import convert
-from services.common.errors import MeshError, Reason
+from services.common.errors import FieldViolation, MeshError, Reason, clip, invalid
 from services.common.metrics import UNKNOWN_MODEL, Metrics
 from services.common.registry import ModelSpec, Registry
 from services.common.rpc import from_rpc_error
@@ -25,6 +26,9 @@ from services.router.pool import Replica, ReplicaPool
 from services.router.scenarios import DEFAULT_SCENARIO, Scenarios
 
 log = logging.getLogger("llmmesh.router")
+
+# Seconds a request may wait for a just-started router's first health round.
+FIRST_CHECK_WAIT = 3.0
 
 
 class RouterCore:
@@ -67,7 +71,7 @@ class RouterCore:
         tried: set[Replica] = set()
         last: MeshError | None = None
         while True:
-            replica = self._pick(spec, tried, last)
+            replica = await self._pick(spec, tried, last)
             try:
                 with replica.track():
                     reply = await replica.stub.Generate(message, timeout=self._deadline(timeout))
@@ -88,7 +92,7 @@ class RouterCore:
         tried: set[Replica] = set()
         last: MeshError | None = None
         while True:
-            replica = self._pick(spec, tried, last)
+            replica = await self._pick(spec, tried, last)
             call = replica.stub.GenerateStream(message, timeout=self._deadline(timeout))
             sent = False
             try:
@@ -145,14 +149,15 @@ class RouterCore:
     # -- helpers ------------------------------------------------------------------
 
     def _spec(self, model_id: str) -> ModelSpec:
-        spec = self._registry.find(model_id) if model_id else None
+        known = ", ".join(m.id for m in self._registry.models)
+        if not model_id:
+            raise invalid([FieldViolation("model_id", f"is required; known models: {known}")])
+        spec = self._registry.find(model_id)
         if spec is None:
-            known = ", ".join(m.id for m in self._registry.models)
-            what = f"unknown model {model_id!r}" if model_id else "model_id is required"
             raise MeshError(
                 Reason.MODEL_NOT_FOUND,
-                f"{what}; known models: {known}",
-                metadata={"model_id": model_id, "known_models": known},
+                f"unknown model {clip(model_id)!r}; known models: {known}",
+                metadata={"model_id": clip(model_id), "known_models": known},
             )
         return spec
 
@@ -162,8 +167,17 @@ class RouterCore:
         validate(request, self._pools[spec.id].limits)
         return spec, forward.evolve(model_id=spec.id)
 
-    def _pick(self, spec: ModelSpec, tried: set[Replica], last: MeshError | None) -> Replica:
-        replica = self._pools[spec.id].pick(tried)
+    async def _pick(
+        self, spec: ModelSpec, tried: set[Replica], last: MeshError | None
+    ) -> Replica:
+        pool = self._pools[spec.id]
+        if not pool.checked.is_set():
+            # A router that has just started (behind Envoy, during a restart)
+            # waits for its first health round instead of answering
+            # MODEL_UNAVAILABLE to the requests that arrive before it.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(pool.checked.wait(), FIRST_CHECK_WAIT)
+        replica = pool.pick(tried)
         if replica is not None:
             return replica
         if last is not None:

@@ -48,8 +48,13 @@ class Replica:
     _serial: int = field(default_factory=itertools.count().__next__)
 
     @classmethod
-    def connect(cls, address: str) -> Replica:
-        channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    def connect(
+        cls, address: str, credentials: grpc.ChannelCredentials | None = None
+    ) -> Replica:
+        if credentials is None:
+            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        else:
+            channel = grpc.aio.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
         return cls(
             address, channel, pb_grpc.GenerateServiceStub(channel),
             health_pb2_grpc.HealthStub(channel),
@@ -72,13 +77,23 @@ class Replica:
 
 
 class ReplicaPool:
-    def __init__(self, model_id: str, targets: tuple[str, ...], limits: Limits) -> None:
+    def __init__(
+        self,
+        model_id: str,
+        targets: tuple[str, ...],
+        limits: Limits,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        self._credentials = credentials
         self.model_id = model_id
         self.targets = targets
         self.replicas: dict[str, Replica] = {}
         self.details: ModelInfo | None = None  # as the adapters report it
         self._static_limits = limits
         self._turn = itertools.count()
+        # Set after the first health round: before it, "no serving replica"
+        # only means that none has been checked yet.
+        self.checked = asyncio.Event()
 
     @property
     def ready_count(self) -> int:
@@ -112,7 +127,7 @@ class ReplicaPool:
             replica = self.replicas.pop(address)
             await replica.channel.close(grace=30)
         for address in addresses - set(self.replicas):
-            self.replicas[address] = Replica.connect(address)
+            self.replicas[address] = Replica.connect(address, self._credentials)
         replicas = list(self.replicas.values())
         results = await asyncio.gather(*(r.check(timeout) for r in replicas))
         for replica, serving in zip(replicas, results, strict=True):
@@ -122,6 +137,7 @@ class ReplicaPool:
                     extra={"model": self.model_id, "replica": replica.address, "serving": serving},
                 )
             replica.serving = serving
+        self.checked.set()
         serving_replica = next((r for r in replicas if r.serving), None)
         if serving_replica is not None:
             with contextlib.suppress(grpc.aio.AioRpcError):

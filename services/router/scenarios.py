@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from services.common.errors import FieldViolation, invalid
+from services.common.errors import FieldViolation, clip, invalid
 from services.common.types import GenerationRequest, Message
 
 DEFAULT_FILE = Path(__file__).with_name("scenarios.yaml")
@@ -52,7 +52,8 @@ class Scenarios:
         if scenario is None:
             raise invalid([
                 FieldViolation(
-                    "scenario", f"unknown scenario {name!r}; known: {', '.join(self.names)}"
+                    "scenario",
+                    f"unknown scenario {clip(name)!r}; known: {', '.join(self.names)}",
                 )
             ])
         if request.messages:

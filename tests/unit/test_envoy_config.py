@@ -44,7 +44,8 @@ def test_envoy_validates(profile, tmp_path):
 def test_transcoder_settings():
     config = yaml.safe_load(render.render())
     hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
-    transcoder = hcm["typed_config"]["http_filters"][0]["typed_config"]
+    filters = {f["name"]: f for f in hcm["typed_config"]["http_filters"]}
+    transcoder = filters["envoy.filters.http.grpc_json_transcoder"]["typed_config"]
     assert transcoder["services"] == ["llmmesh.v1.GenerateService"]
     assert transcoder["convert_grpc_status"] is True
     assert transcoder["print_options"]["preserve_proto_field_names"] is True
@@ -52,4 +53,11 @@ def test_transcoder_settings():
     routes = hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
     stream = routes[0]["route"]
     assert stream["timeout"] == "0s" and stream["idle_timeout"] == "60s"
-    assert "retry_policy" not in stream  # a stream that started is never replayed
+    for route in routes:
+        # Only failures before the request reached the router are retried.
+        retry_on = set(route["route"]["retry_policy"]["retry_on"].split(","))
+        assert retry_on <= {"connect-failure", "refused-stream", "reset-before-request"}
+    # The body limit is on for HTTP/JSON routes only (gRPC has its own).
+    assert filters["envoy.filters.http.buffer"]["disabled"] is True
+    limited = [r["match"]["prefix"] for r in routes if "typed_per_filter_config" in r]
+    assert limited == ["/v1/generate_stream", "/v1/"]
