@@ -7,8 +7,6 @@ which is how the containers are configured.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -19,7 +17,7 @@ import uvloop
 from services.adapter.chat_template import ChatTemplate
 from services.adapter.core import AdapterCore
 from services.adapter.tgi import TGIBackend
-from services.common import logs
+from services.common import logs, tls
 from services.common.metrics import Metrics
 from services.common.registry import ModelSpec, load_registry
 from services.common.service import (
@@ -69,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> AdapterSettings:
     )
     p.add_argument("--health-interval", type=float, default=2.0)
     p.add_argument("--grace", type=float, default=float(env.get("LLMMESH_GRACE", "10")))
+    tls.add_arguments(p, env)
     p.add_argument("--log-level", default=env.get("LLMMESH_LOG_LEVEL", "info"))
     args = p.parse_args(argv)
     if not args.model:
@@ -90,7 +89,7 @@ def parse_args(argv: list[str] | None = None) -> AdapterSettings:
         chat_template=Path(template),
         server=ServerSettings(
             host=args.host, port=args.port, metrics_port=args.metrics_port,
-            grace_seconds=args.grace,
+            grace_seconds=args.grace, tls=tls.from_arguments(args),
         ),
         max_concurrency=args.max_concurrency,
         default_timeout=args.timeout,
@@ -126,15 +125,10 @@ async def run(settings: AdapterSettings) -> None:
         "adapter started",
         extra={"model": settings.model.id, "port": running.port, "tgi_url": settings.tgi_url},
     )
-    watcher = asyncio.create_task(core.watch(settings.health_interval, on_change))
-
-    async def on_stop() -> None:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
-        await backend.close()
-
-    await serve_until_signalled(running, settings.server.grace_seconds, on_stop)
+    await serve_until_signalled(
+        running, settings.server.grace_seconds,
+        watch=core.watch(settings.health_interval, on_change), on_stop=backend.close,
+    )
 
 
 def main() -> None:

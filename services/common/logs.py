@@ -26,7 +26,9 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
         }
         for key, value in vars(record).items():
-            if key not in _STANDARD and not key.startswith("_"):
+            if key == "fields" and isinstance(value, dict):
+                entry.update(value)  # extra={"fields": {...}}, for keys chosen at run time
+            elif key not in _STANDARD and not key.startswith("_"):
                 entry[key] = value
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
@@ -34,7 +36,11 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup(service: str, level: str = "info") -> None:
-    """Route every logger to stdout as JSON lines tagged with `service`."""
+    """Route every logger to stdout as JSON lines tagged with `service`.
+
+    Called from a service's `__main__` only: importing this module changes
+    nothing, so tests keep pytest's own log capture.
+    """
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(JsonFormatter(service))
     root = logging.getLogger()

@@ -7,10 +7,11 @@ only in the core they pass in.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -322,6 +323,8 @@ async def start_server(
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
+        # Above Envoy's own 60 KiB header limit, so its 431 is what long URLs get.
+        ("grpc.max_metadata_size", 64 * 1024),
         ("grpc.so_reuseport", 0),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.http2.max_pings_without_data", 0),
@@ -361,16 +364,25 @@ async def start_server(
 
 
 async def serve_until_signalled(
-    running: RunningServer, grace: float, on_stop: Callable[[], Awaitable[None]]
+    running: RunningServer,
+    grace: float,
+    watch: Coroutine[Any, Any, None],
+    on_stop: Callable[[], Awaitable[None]],
 ) -> None:
-    """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+    """Serve, with `watch` (the health loop) running, until SIGTERM or SIGINT;
+    then shut down gracefully: health first, open streams within `grace`,
+    the health loop, and last `on_stop` (close clients)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    watcher = asyncio.create_task(watch)
     log.info("serving", extra={"port": running.port})
     await stop.wait()
     log.info("shutting down", extra={"grace_seconds": grace})
     await running.stop(grace)
+    watcher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watcher
     await on_stop()
     log.info("stopped")

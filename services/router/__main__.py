@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -12,7 +10,7 @@ from pathlib import Path
 
 import uvloop
 
-from services.common import logs
+from services.common import logs, tls
 from services.common.auth import ApiKeys
 from services.common.metrics import Metrics
 from services.common.registry import Registry, load_registry
@@ -63,6 +61,7 @@ def parse_args(argv: list[str] | None = None) -> RouterSettings:
     )
     p.add_argument("--health-interval", type=float, default=1.0)
     p.add_argument("--grace", type=float, default=float(env.get("LLMMESH_GRACE", "10")))
+    tls.add_arguments(p, env)
     p.add_argument("--log-level", default=env.get("LLMMESH_LOG_LEVEL", "info"))
     args = p.parse_args(argv)
     logs.setup("router", args.log_level)
@@ -76,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> RouterSettings:
         scenarios=load_scenarios(args.scenarios),
         server=ServerSettings(
             host=args.host, port=args.port, metrics_port=args.metrics_port,
-            grace_seconds=args.grace,
+            grace_seconds=args.grace, tls=tls.from_arguments(args),
         ),
         default_timeout=args.timeout,
         health_interval=args.health_interval,
@@ -85,8 +84,11 @@ def parse_args(argv: list[str] | None = None) -> RouterSettings:
 
 async def run(settings: RouterSettings) -> None:
     metrics = Metrics("router")
+    server_tls = settings.server.tls
+    # With TLS the router calls its adapters with the same identity it serves with.
+    credentials = server_tls.channel_credentials() if server_tls is not None else None
     pools = {
-        spec.id: ReplicaPool(spec.id, spec.adapters, spec.limits)
+        spec.id: ReplicaPool(spec.id, spec.adapters, spec.limits, credentials)
         for spec in settings.registry.models
     }
     core = RouterCore(
@@ -107,15 +109,10 @@ async def run(settings: RouterSettings) -> None:
     running = await start_server(core, metrics, health, settings.server, settings.api_keys)
     if settings.api_keys is not None:
         log.info("API keys required", extra={"keys": len(settings.api_keys)})
-    watcher = asyncio.create_task(core.watch(settings.health_interval, on_change))
-
-    async def on_stop() -> None:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
-        await core.close()
-
-    await serve_until_signalled(running, settings.server.grace_seconds, on_stop)
+    await serve_until_signalled(
+        running, settings.server.grace_seconds,
+        watch=core.watch(settings.health_interval, on_change), on_stop=core.close,
+    )
 
 
 def main() -> None:

@@ -64,7 +64,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from services.cpu_backend import logs
+from services.common import logs
 from services.cpu_backend.engine import EngineError, SamplingParams, Token
 from services.cpu_backend.server import CORE, create_app
 from services.cpu_backend.settings import ServerSettings
@@ -439,7 +439,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reply", default=None)
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
-    logs.configure(args.log_level)
+    logs.setup("tgi-double", args.log_level)
     engine = ScriptedEngine(model_id=args.model_id, context_length=args.max_total_tokens)
     settings = ServerSettings(
         model_id=args.model_id,
