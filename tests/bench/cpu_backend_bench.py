@@ -25,7 +25,7 @@ from pathlib import Path
 
 import aiohttp
 
-from services.cpu_backend.__main__ import default_model_path
+from services.cpu_backend.settings import default_model_path
 from tests.procs import free_port, python_module, start, stop, wait_http
 
 FILLER = (

@@ -80,8 +80,8 @@ def start_doubles(tmp: Path, **flags: str) -> dict[str, Double]:
 
 def start_mesh(tmp: Path, doubles: dict[str, Double], *extra: str) -> Mesh:
     ports = {name: free_port() for name in ("envoy", "admin", "router", "metrics")}
-    adapter_base = _free_run(len(MODELS))
-    metrics_base = _free_run(1 + len(MODELS))
+    adapter_base = free_run(len(MODELS))
+    metrics_base = free_run(1 + len(MODELS))
     backends = " ".join(f"{m}={d.url}" for m, d in doubles.items())
     run_dir = tmp / "run"
     launcher = start(
@@ -103,7 +103,7 @@ def start_mesh(tmp: Path, doubles: dict[str, Double], *extra: str) -> Mesh:
         launcher=launcher,
     )
     try:
-        _wait_launcher(tmp / "launcher.log", launcher, 120)
+        wait_launcher(tmp / "launcher.log", launcher, 120)
     except Exception:
         stop_mesh(mesh)
         print((tmp / "launcher.log").read_text(errors="replace"))
@@ -111,7 +111,7 @@ def start_mesh(tmp: Path, doubles: dict[str, Double], *extra: str) -> Mesh:
     return mesh
 
 
-def _wait_launcher(log: Path, launcher: subprocess.Popen[bytes], timeout: float) -> None:
+def wait_launcher(log: Path, launcher: subprocess.Popen[bytes], timeout: float) -> None:
     """Until the launcher says every process is ready (its own checks are thorough)."""
     import time
 
@@ -137,7 +137,7 @@ def _wait_all_ready(mesh: Mesh) -> None:
     raise TimeoutError("models not ready")
 
 
-def _free_run(n: int) -> int:
+def free_run(n: int) -> int:
     """The first of n consecutive free ports."""
     import socket
 
@@ -159,12 +159,17 @@ def _free_run(n: int) -> int:
 
 
 def stop_mesh(mesh: Mesh) -> None:
-    if mesh.launcher.poll() is None:
-        mesh.launcher.send_signal(signal.SIGINT)
+    stop_launcher(mesh.launcher)
+
+
+def stop_launcher(launcher: subprocess.Popen[bytes]) -> None:
+    """SIGINT, as Ctrl-C: the launcher stops its processes in order."""
+    if launcher.poll() is None:
+        launcher.send_signal(signal.SIGINT)
         try:
-            mesh.launcher.wait(40)
+            launcher.wait(40)
         except subprocess.TimeoutExpired:
-            stop(mesh.launcher)
+            stop(launcher)
 
 
 @pytest.fixture(scope="module")

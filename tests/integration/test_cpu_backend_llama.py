@@ -22,7 +22,7 @@ import aiohttp
 import pytest
 from text_generation import AsyncClient
 
-from services.cpu_backend.__main__ import default_model_path
+from services.cpu_backend.settings import default_model_path
 from tests.procs import free_port, python_module, start, stop, wait_http
 
 llama_cpp = pytest.importorskip(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import _free_run
+from tests.integration.conftest import free_run
 from tests.procs import ROOT, free_port, python_module
 
 pytestmark = pytest.mark.integration
@@ -56,7 +56,7 @@ def test_make_up_serves_real_text_and_stops_cleanly(tmp_path: Path) -> None:
     llama = pytest.importorskip("llama_cpp", reason="make test installs llama-cpp-python")
     del llama
     envoy_port = free_port()
-    adapters, backends, metrics = _free_run(2), _free_run(2), _free_run(3)
+    adapters, backends, metrics = free_run(2), free_run(2), free_run(3)
     log = tmp_path / "up.log"
     # In a session of its own, as `make up` in a terminal is a process group.
     launcher = subprocess.Popen(

@@ -126,7 +126,7 @@ def _post(url: str, body: dict[str, Any]) -> None:
         resp.read()
 
 
-def _free_run(n: int) -> int:
+def free_run(n: int) -> int:
     """The first of n consecutive free ports (the launcher numbers adapters so)."""
     for _ in range(50):
         base = free_port()
@@ -171,7 +171,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             wait_http(f"{url}/health", 30, proc)
 
         ports = {name: free_port() for name in ("envoy", "admin", "router", "prometheus")}
-        adapters, metrics = _free_run(len(MODELS)), _free_run(1 + len(MODELS))
+        adapters, metrics = free_run(len(MODELS)), free_run(1 + len(MODELS))
         log = tmp / "launcher.log"
         launcher = start(
             python_module(
