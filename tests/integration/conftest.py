@@ -4,6 +4,7 @@ front of them on free ports."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -172,12 +173,14 @@ def stop_launcher(launcher: subprocess.Popen[bytes]) -> None:
             stop(launcher)
 
 
-@pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    tmp = tmp_path_factory.mktemp("mesh")
-    doubles = start_doubles(tmp)
+@contextlib.contextmanager
+def running_mesh(
+    tmp: Path, *launcher_args: str, **double_flags: str
+) -> Iterator[Mesh]:
+    """Doubles and the launched mesh for the block; everything stopped after."""
+    doubles = start_doubles(tmp, **double_flags)
     try:
-        mesh = start_mesh(tmp, doubles)
+        mesh = start_mesh(tmp, doubles, *launcher_args)
         try:
             yield mesh
         finally:
@@ -185,6 +188,12 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     finally:
         for double in doubles.values():
             stop(double.proc)
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    with running_mesh(tmp_path_factory.mktemp("mesh")) as mesh:
+        yield mesh
 
 
 @pytest.fixture

@@ -16,8 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmmesh.v1 import generate_pb2 as pb
 from llmmesh.v1 import generate_pb2_grpc as pb_grpc
 
-from tests.integration.conftest import Mesh, start_doubles, start_mesh, stop_mesh
-from tests.procs import stop
+from tests.integration.conftest import Mesh, running_mesh
 
 pytestmark = pytest.mark.integration
 KEY = "s3cret-key-4242"
@@ -28,16 +27,8 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     tmp = tmp_path_factory.mktemp("auth")
     keys = tmp / "api-keys"
     keys.write_text(f"# test key\n{KEY}\n")
-    doubles = start_doubles(tmp)
-    try:
-        mesh = start_mesh(tmp, doubles, "--api-keys-file", str(keys))
-        try:
-            yield mesh
-        finally:
-            stop_mesh(mesh)
-    finally:
-        for double in doubles.values():
-            stop(double.proc)
+    with running_mesh(tmp, "--api-keys-file", str(keys)) as mesh:
+        yield mesh
 
 
 def http(mesh: Mesh, headers: dict[str, str]) -> tuple[int, dict[str, object]]:

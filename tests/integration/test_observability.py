@@ -21,7 +21,6 @@ import math
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -34,6 +33,7 @@ from typing import Any
 
 import pytest
 
+from tests.integration.conftest import free_run
 from tests.procs import ROOT, free_port, python_module, start, stop, wait_http
 
 pytestmark = [
@@ -124,25 +124,6 @@ def _post(url: str, body: dict[str, Any]) -> None:
     )
     with urllib.request.urlopen(request, timeout=5) as resp:
         resp.read()
-
-
-def free_run(n: int) -> int:
-    """The first of n consecutive free ports (the launcher numbers adapters so)."""
-    for _ in range(50):
-        base = free_port()
-        sockets = []
-        try:
-            for port in range(base, base + n):
-                s = socket.socket()
-                sockets.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    raise RuntimeError(f"no {n} consecutive free ports")
 
 
 def _all_ready(http: str) -> bool:

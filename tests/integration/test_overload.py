@@ -21,9 +21,8 @@ import grpc
 import pytest
 from llmmesh.v1 import generate_pb2 as pb
 
-from tests.integration.conftest import Mesh, start_doubles, start_mesh, stop_mesh
+from tests.integration.conftest import Mesh, running_mesh
 from tests.integration.meshparts import error_details, eventually, http_json, rss_kib, stub
-from tests.procs import stop
 
 pytestmark = pytest.mark.integration
 
@@ -37,16 +36,11 @@ FIGURES: dict[str, Any] = {}
 @pytest.fixture(scope="module")
 def limited_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     tmp = tmp_path_factory.mktemp("overload")
-    doubles = start_doubles(tmp, max_concurrent_requests=str(K))
     try:
-        mesh = start_mesh(tmp, doubles, "--max-concurrent-requests", str(K))
-        try:
+        with running_mesh(tmp, "--max-concurrent-requests", str(K),
+                          max_concurrent_requests=str(K)) as mesh:
             yield mesh
-        finally:
-            stop_mesh(mesh)
     finally:
-        for double in doubles.values():
-            stop(double.proc)
         if FIGURES:
             print("\noverload figures:", json.dumps(FIGURES, indent=1))
 
