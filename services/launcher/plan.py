@@ -151,6 +151,8 @@ def build_plan(
         name="router", stage=2, ports=(ports.router, ports.metrics),
         argv=(py, "-m", "services.router", "--host", host, "--port", str(ports.router),
               "--metrics-port", str(ports.metrics),
+              # The router's own bound stays above what the adapters admit.
+              "--max-in-flight", str(max(512, max_concurrent_requests or 0)),
               *(("--api-keys-file", str(api_keys_file)) if api_keys_file else ())),
         env=adapters_env(registry, addresses),
         ready=Ready("grpc", f"{host}:{ports.router}", services=("", *ids)),

@@ -36,6 +36,7 @@ class RouterSettings:
     scenarios: Scenarios
     server: ServerSettings
     default_timeout: float
+    max_in_flight: int
     health_interval: float
 
 
@@ -59,6 +60,10 @@ def parse_args(argv: list[str] | None = None) -> RouterSettings:
         help="require one of these keys (one per line) on every GenerateService call; "
              "LLMMESH_API_KEYS may also hold comma-separated keys",
     )
+    p.add_argument(
+        "--max-in-flight", type=int, default=int(env.get("LLMMESH_MAX_IN_FLIGHT", "512")),
+        help="requests per model the router holds at once; beyond, RESOURCE_EXHAUSTED",
+    )
     p.add_argument("--health-interval", type=float, default=1.0)
     p.add_argument("--grace", type=float, default=float(env.get("LLMMESH_GRACE", "10")))
     tls.add_arguments(p, env)
@@ -78,6 +83,7 @@ def parse_args(argv: list[str] | None = None) -> RouterSettings:
             grace_seconds=args.grace, tls=tls.from_arguments(args),
         ),
         default_timeout=args.timeout,
+        max_in_flight=args.max_in_flight,
         health_interval=args.health_interval,
     )
 
@@ -93,7 +99,7 @@ async def run(settings: RouterSettings) -> None:
     }
     core = RouterCore(
         settings.registry, settings.scenarios, pools, metrics,
-        default_timeout=settings.default_timeout,
+        default_timeout=settings.default_timeout, max_in_flight=settings.max_in_flight,
     )
     health = HealthBoard()
 

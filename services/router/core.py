@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 
 import grpc
 from llmmesh.v1 import generate_pb2 as pb
@@ -40,11 +40,16 @@ class RouterCore:
         metrics: Metrics,
         *,
         default_timeout: float | None = 600.0,
+        max_in_flight: int = 512,
     ) -> None:
         self._registry = registry
         self._scenarios = scenarios
         self._pools = pools
         self._metrics = metrics
+        # The router's own bound per model, over all replicas: beyond it a
+        # request is refused at once instead of queueing without limit.
+        self._max_in_flight = max_in_flight
+        self._in_flight = {spec.id: 0 for spec in registry.models}
         self._default_timeout = default_timeout
         for spec in registry.models:
             metrics.declare_model(spec.id)
@@ -70,25 +75,35 @@ class RouterCore:
         message = convert.request_to_pb(forward, pb.GenerateRequest)
         tried: set[Replica] = set()
         last: MeshError | None = None
-        while True:
-            replica = await self._pick(spec, tried, last)
-            try:
-                with replica.track():
-                    reply = await replica.stub.Generate(message, timeout=self._deadline(timeout))
-            except grpc.aio.AioRpcError as exc:
-                last = from_rpc_error(exc)
-                if not self._failover(spec, replica, last, tried):
-                    raise last from None
-                continue
-            result = convert.generation_from_pb(reply)
-            self._metrics.record_tokens(spec.id, result.input_tokens, result.tokens)
-            return result
+        with self._admit(spec):
+            while True:
+                replica = await self._pick(spec, tried, last)
+                try:
+                    with replica.track():
+                        reply = await replica.stub.Generate(
+                            message, timeout=self._deadline(timeout)
+                        )
+                except grpc.aio.AioRpcError as exc:
+                    last = from_rpc_error(exc)
+                    if not self._failover(spec, replica, last, tried):
+                        raise last from None
+                    continue
+                result = convert.generation_from_pb(reply)
+                self._metrics.record_tokens(spec.id, result.input_tokens, result.tokens)
+                return result
 
     async def generate_stream(
         self, request: GenerationRequest, timeout: float | None
     ) -> AsyncIterator[Chunk | Generation]:
         spec, forward = self._prepare(request)
         message = convert.request_to_pb(forward, pb.GenerateStreamRequest)
+        with self._admit(spec):
+            async for event in self._relay(spec, message, timeout):
+                yield event
+
+    async def _relay(
+        self, spec: ModelSpec, message: pb.GenerateStreamRequest, timeout: float | None
+    ) -> AsyncIterator[Chunk | Generation]:
         tried: set[Replica] = set()
         last: MeshError | None = None
         while True:
@@ -208,6 +223,22 @@ class RouterCore:
             extra={"model": spec.id, "replica": replica.address, "error": error.message},
         )
         return True
+
+    @contextlib.contextmanager
+    def _admit(self, spec: ModelSpec) -> Iterator[None]:
+        if self._in_flight[spec.id] >= self._max_in_flight:
+            raise MeshError(
+                Reason.OVERLOADED,
+                f"model {spec.id} has {self._max_in_flight} requests in flight at the router, "
+                "its limit; retry shortly",
+                metadata={"model_id": spec.id, "limit": str(self._max_in_flight)},
+                retry_after=1.0,
+            )
+        self._in_flight[spec.id] += 1
+        try:
+            yield
+        finally:
+            self._in_flight[spec.id] -= 1
 
     def _deadline(self, timeout: float | None) -> float | None:
         return timeout if timeout is not None else self._default_timeout

@@ -3,8 +3,8 @@
     python -m tests.bench [--quick]
 
 Runs the mesh benchmark (its cost hop by hop against a zero-delay TGI
-double) and the CPU-backend benchmark (SmolLM2 through the mesh versus
-llama.cpp in-process), then writes every figure, with the machine, to
+double), SmolLM2 through the mesh versus llama.cpp in-process, and the CPU
+backend's own prompt and generation tokens/s, then writes every figure, with the machine, to
 .run/bench/results.json and the tables to .run/bench/results.md.
 """
 
@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from tests.bench import cpu_mesh_bench, mesh_bench
+from tests.bench import cpu_backend_bench, cpu_mesh_bench, mesh_bench
 
 OUT = Path(__file__).resolve().parents[2] / ".run" / "bench"
 
@@ -31,6 +31,9 @@ def main() -> None:
         print()
         sys.argv = [sys.argv[0], *(["--requests", "2"] if quick else [])]
         cpu = cpu_mesh_bench.main()
+        print()
+        # The CPU backend alone: prompt and generation tokens/s over HTTP.
+        cpu_backend_bench.main()
     results = json.loads((OUT / "mesh.json").read_text())
     results["cpu_backend"] = cpu
     (OUT / "results.json").write_text(json.dumps(results, indent=2))

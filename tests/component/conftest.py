@@ -93,11 +93,12 @@ async def start_adapter() -> AsyncIterator[Callable[..., object]]:
 async def start_router(tmp_path) -> AsyncIterator[Callable[..., object]]:
     started: list[Router] = []
 
-    async def start(addresses: dict[str, list[str]]) -> Router:
+    async def start(addresses: dict[str, list[str]], max_in_flight: int = 512) -> Router:
         registry = registry_for(tmp_path, addresses)
         pools = {m.id: ReplicaPool(m.id, m.adapters, m.limits) for m in registry.models}
         metrics = Metrics("router")
-        core = RouterCore(registry, load_scenarios(), pools, metrics, default_timeout=30)
+        core = RouterCore(registry, load_scenarios(), pools, metrics, default_timeout=30,
+                          max_in_flight=max_in_flight)
         await core.refresh()
         server = await start_server(core, metrics, HealthBoard(), ServerSettings(port=0))
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")

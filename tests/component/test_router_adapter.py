@@ -285,3 +285,22 @@ async def test_last_replica_error_is_kept(start_adapter, start_router):
             await router.stub.Generate(ask(), timeout=5)
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
         assert details(caught.value)[0].reason == "INCOMPLETE_GENERATION"
+
+
+async def test_router_bounds_requests_in_flight(start_adapter, start_router):
+    adapter = await start_adapter("qwen2", FakeBackend(delay=0.3))
+    router = await start_router({"qwen2": [adapter.address]}, max_in_flight=2)
+    held = [asyncio.ensure_future(router.stub.Generate(ask(), timeout=5)) for _ in range(2)]
+    await asyncio.sleep(0.1)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await router.stub.Generate(ask(), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert details(caught.value)[0].reason == "OVERLOADED"
+    stream = router.stub.GenerateStream(pb.GenerateStreamRequest(model_id="qwen2", inputs="x"))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stream.read()
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    for reply in await asyncio.gather(*held):
+        assert reply.generated_text
+    assert len(adapter.backend.prompts) == 2  # the refused ones never reached it
+    assert (await router.stub.Generate(ask(), timeout=5)).generated_text  # room again
