@@ -17,18 +17,19 @@ import uvloop
 from services.adapter.chat_template import ChatTemplate
 from services.adapter.core import AdapterCore
 from services.adapter.tgi import TGIBackend
-from services.common import logs, tls
+from services.common import logs
 from services.common.metrics import Metrics
 from services.common.registry import ModelSpec, load_registry
 from services.common.service import (
     SERVICE_NAME,
     HealthBoard,
     ServerSettings,
+    add_server_arguments,
     serve_until_signalled,
+    server_settings,
     start_server,
 )
 
-DEFAULT_REGISTRY = Path(__file__).resolve().parents[2] / "models" / "registry.yaml"
 log = logging.getLogger("llmmesh.adapter")
 
 
@@ -46,29 +47,19 @@ class AdapterSettings:
 def parse_args(argv: list[str] | None = None) -> AdapterSettings:
     env = os.environ
     p = argparse.ArgumentParser(prog="python -m services.adapter", description=__doc__)
+    add_server_arguments(p, env, default_port=50061)
     p.add_argument("--model", default=env.get("LLMMESH_MODEL"), help="registry id, e.g. qwen2")
-    p.add_argument("--registry", default=env.get("LLMMESH_REGISTRY", str(DEFAULT_REGISTRY)))
     p.add_argument("--tgi-url", default=env.get("TGI_URL"), help="the TGI server's base URL")
     p.add_argument(
         "--chat-template",
         default=env.get("LLMMESH_CHAT_TEMPLATE"),
         help="a .jinja, tokenizer_config.json or .gguf file (default: the registry's)",
     )
-    p.add_argument("--host", default=env.get("LLMMESH_HOST", "127.0.0.1"))
-    p.add_argument("--port", type=int, default=int(env.get("LLMMESH_PORT", "50061")))
-    p.add_argument("--metrics-port", type=int, default=_int(env.get("LLMMESH_METRICS_PORT")))
     p.add_argument(
         "--max-concurrency", type=int, default=int(env.get("LLMMESH_MAX_CONCURRENCY", "128")),
         help="requests beyond this get RESOURCE_EXHAUSTED (match TGI's max-concurrent-requests)",
     )
-    p.add_argument(
-        "--timeout", type=float, default=float(env.get("LLMMESH_TIMEOUT", "600")),
-        help="seconds a request may take when the client sets no deadline",
-    )
     p.add_argument("--health-interval", type=float, default=2.0)
-    p.add_argument("--grace", type=float, default=float(env.get("LLMMESH_GRACE", "10")))
-    tls.add_arguments(p, env)
-    p.add_argument("--log-level", default=env.get("LLMMESH_LOG_LEVEL", "info"))
     args = p.parse_args(argv)
     if not args.model:
         p.error("--model (or LLMMESH_MODEL) is required")
@@ -87,18 +78,11 @@ def parse_args(argv: list[str] | None = None) -> AdapterSettings:
         model=model,
         tgi_url=args.tgi_url,
         chat_template=Path(template),
-        server=ServerSettings(
-            host=args.host, port=args.port, metrics_port=args.metrics_port,
-            grace_seconds=args.grace, tls=tls.from_arguments(args),
-        ),
+        server=server_settings(args),
         max_concurrency=args.max_concurrency,
         default_timeout=args.timeout,
         health_interval=args.health_interval,
     )
-
-
-def _int(value: str | None) -> int | None:
-    return int(value) if value else None
 
 
 async def run(settings: AdapterSettings) -> None:

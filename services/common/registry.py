@@ -18,6 +18,7 @@ import yaml
 
 from services.common.types import Limits, Parameters
 
+DEFAULT_REGISTRY = Path(__file__).resolve().parents[2] / "models" / "registry.yaml"
 _D = TypeVar("_D", Limits, Parameters)
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 

@@ -6,12 +6,13 @@ only in the core they pass in.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -23,10 +24,11 @@ from llmmesh.v1 import generate_pb2 as pb
 from llmmesh.v1 import generate_pb2_grpc as pb_grpc
 from prometheus_client import start_http_server
 
-from services.common import convert
+from services.common import convert, tls
 from services.common.auth import ApiKeys
 from services.common.errors import MeshError, Reason
 from services.common.metrics import Metrics
+from services.common.registry import DEFAULT_REGISTRY
 from services.common.rpc import to_status
 from services.common.tls import TlsFiles
 from services.common.types import Chunk, Generation, GenerationRequest, ModelInfo
@@ -277,6 +279,34 @@ class ServerSettings:
     grace_seconds: float = 10.0
     max_message_bytes: int = 4 * 1024 * 1024
     tls: TlsFiles | None = None
+
+
+def add_server_arguments(
+    parser: argparse.ArgumentParser, env: Mapping[str, str], default_port: int
+) -> None:
+    """The flags every gRPC service of the mesh takes, each with its LLMMESH_*
+    environment variable for containers: where to listen, the registry,
+    deadlines, shutdown, logs and TLS."""
+    p = parser
+    p.add_argument("--registry", default=env.get("LLMMESH_REGISTRY", str(DEFAULT_REGISTRY)))
+    p.add_argument("--host", default=env.get("LLMMESH_HOST", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(env.get("LLMMESH_PORT", default_port)))
+    p.add_argument("--metrics-port", type=int,
+                   default=int(env["LLMMESH_METRICS_PORT"]) if env.get("LLMMESH_METRICS_PORT")
+                   else None)
+    p.add_argument("--timeout", type=float, default=float(env.get("LLMMESH_TIMEOUT", "600")),
+                   help="seconds a request may take when the client sets no deadline")
+    p.add_argument("--grace", type=float, default=float(env.get("LLMMESH_GRACE", "10")),
+                   help="seconds open streams get to finish on SIGTERM")
+    p.add_argument("--log-level", default=env.get("LLMMESH_LOG_LEVEL", "info"))
+    tls.add_arguments(p, env)
+
+
+def server_settings(args: argparse.Namespace) -> ServerSettings:
+    return ServerSettings(
+        host=args.host, port=args.port, metrics_port=args.metrics_port,
+        grace_seconds=args.grace, tls=tls.from_arguments(args),
+    )
 
 
 class HealthBoard:

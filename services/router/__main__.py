@@ -6,11 +6,10 @@ import argparse
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import uvloop
 
-from services.common import logs, tls
+from services.common import logs
 from services.common.auth import ApiKeys
 from services.common.metrics import Metrics
 from services.common.registry import Registry, load_registry
@@ -18,14 +17,15 @@ from services.common.service import (
     SERVICE_NAME,
     HealthBoard,
     ServerSettings,
+    add_server_arguments,
     serve_until_signalled,
+    server_settings,
     start_server,
 )
 from services.router.core import RouterCore
 from services.router.pool import ReplicaPool
 from services.router.scenarios import DEFAULT_FILE, Scenarios, load_scenarios
 
-DEFAULT_REGISTRY = Path(__file__).resolve().parents[2] / "models" / "registry.yaml"
 log = logging.getLogger("llmmesh.router")
 
 
@@ -43,18 +43,8 @@ class RouterSettings:
 def parse_args(argv: list[str] | None = None) -> RouterSettings:
     env = os.environ
     p = argparse.ArgumentParser(prog="python -m services.router", description=__doc__)
-    p.add_argument("--registry", default=env.get("LLMMESH_REGISTRY", str(DEFAULT_REGISTRY)))
+    add_server_arguments(p, env, default_port=50051)
     p.add_argument("--scenarios", default=env.get("LLMMESH_SCENARIOS", str(DEFAULT_FILE)))
-    p.add_argument("--host", default=env.get("LLMMESH_HOST", "127.0.0.1"))
-    p.add_argument("--port", type=int, default=int(env.get("LLMMESH_PORT", "50051")))
-    p.add_argument(
-        "--metrics-port", type=int,
-        default=int(env["LLMMESH_METRICS_PORT"]) if env.get("LLMMESH_METRICS_PORT") else None,
-    )
-    p.add_argument(
-        "--timeout", type=float, default=float(env.get("LLMMESH_TIMEOUT", "600")),
-        help="seconds a request may take when the client sets no deadline",
-    )
     p.add_argument(
         "--api-keys-file", default=env.get("LLMMESH_API_KEYS_FILE"),
         help="require one of these keys (one per line) on every GenerateService call; "
@@ -65,9 +55,6 @@ def parse_args(argv: list[str] | None = None) -> RouterSettings:
         help="requests per model the router holds at once; beyond, RESOURCE_EXHAUSTED",
     )
     p.add_argument("--health-interval", type=float, default=1.0)
-    p.add_argument("--grace", type=float, default=float(env.get("LLMMESH_GRACE", "10")))
-    tls.add_arguments(p, env)
-    p.add_argument("--log-level", default=env.get("LLMMESH_LOG_LEVEL", "info"))
     args = p.parse_args(argv)
     logs.setup("router", args.log_level)
     registry = load_registry(args.registry)
@@ -78,10 +65,7 @@ def parse_args(argv: list[str] | None = None) -> RouterSettings:
         api_keys=ApiKeys.load(args.api_keys_file, env.get("LLMMESH_API_KEYS")),
         registry=registry,
         scenarios=load_scenarios(args.scenarios),
-        server=ServerSettings(
-            host=args.host, port=args.port, metrics_port=args.metrics_port,
-            grace_seconds=args.grace, tls=tls.from_arguments(args),
-        ),
+        server=server_settings(args),
         default_timeout=args.timeout,
         max_in_flight=args.max_in_flight,
         health_interval=args.health_interval,
