@@ -48,11 +48,11 @@ check-gen: $(STAMP)
 	else echo "buf breaking: no main branch here, skipped"; fi
 
 lint: $(STAMP)
-	ruff check services tests scripts
+	ruff check services tests scripts envoy observability
 	mypy
 
 fmt: $(STAMP)
-	ruff check --fix services tests scripts
+	ruff check --fix services tests scripts envoy observability
 
 # Prometheus is a Debian package; the observability tests use the real one.
 prometheus:
