@@ -87,12 +87,15 @@ class GenerateServicer(pb_grpc.GenerateServiceServicer):
                     yield convert.chunk_to_pb(event)
                 else:
                     yield convert.final_to_pb(event)
-        except MeshError as error:
+        except Exception as exc:
             if not started:
                 raise  # Still before the first message: a real gRPC status.
             # HTTP clients behind Envoy cannot see a status after the 200, so
             # the error becomes the stream's last message.
-            yield convert.failure_to_pb(error, tokens)
+            if not isinstance(exc, MeshError):
+                log.error("unhandled error in a stream", exc_info=exc)
+                exc = MeshError(Reason.INTERNAL, "internal error; see the service log")
+            yield convert.failure_to_pb(exc, tokens)
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext

@@ -304,3 +304,20 @@ async def test_router_bounds_requests_in_flight(start_adapter, start_router):
         assert reply.generated_text
     assert len(adapter.backend.prompts) == 2  # the refused ones never reached it
     assert (await router.stub.Generate(ask(), timeout=5)).generated_text  # room again
+
+
+async def test_a_bug_midstream_is_an_in_band_internal_error(start_adapter, start_router):
+    class Broken(FakeBackend):
+        async def generate_stream(self, prompt, params, timeout):
+            async for event in super().generate_stream(prompt, params, timeout):
+                yield event
+                raise RuntimeError("a bug with a secret in it")
+
+    router, _ = await mesh(start_adapter, start_router, qwen2=Broken())
+    replies = [m async for m in router.stub.GenerateStream(
+        pb.GenerateStreamRequest(model_id="qwen2", inputs="hi"), timeout=5)]
+    assert replies[0].text == "Hello"
+    last = replies[-1]
+    assert last.finish_reason == pb.FINISH_REASON_ERROR
+    assert (last.error.code, last.error.reason) == ("INTERNAL", "INTERNAL")
+    assert "secret" not in last.error.message  # the trace stays in the log
