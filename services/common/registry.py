@@ -42,14 +42,21 @@ class ModelSpec:
 @dataclass(frozen=True)
 class Registry:
     models: tuple[ModelSpec, ...]
+    # Every name, lower-cased, to its model: built once, read on every request.
+    _by_name: dict[str, ModelSpec] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        index: dict[str, ModelSpec] = {}
+        for model in self.models:
+            for name in model.names:
+                other = index.setdefault(name.lower(), model)
+                if other is not model:
+                    raise ValueError(f"the name {name!r} is used by {other.id} and {model.id}")
+        object.__setattr__(self, "_by_name", index)
 
     def find(self, name: str) -> ModelSpec | None:
         """The model with this id, full name or alias (case-insensitive)."""
-        key = name.strip().lower()
-        for model in self.models:
-            if key in (n.lower() for n in model.names):
-                return model
-        return None
+        return self._by_name.get(name.strip().lower())
 
     def get(self, model_id: str) -> ModelSpec:
         model = self.find(model_id)
@@ -79,14 +86,10 @@ def load_registry(path: str | Path, env: Mapping[str, str] | None = None) -> Reg
         raise SystemExit(f"cannot read the model registry {p}: {exc}") from exc
     if not isinstance(raw, dict) or not isinstance(raw.get("models"), list):
         raise SystemExit(f"{p}: expected a top-level `models:` list")
-    models = tuple(_model(entry, p.parent) for entry in raw["models"])
-    seen: dict[str, str] = {}
-    for model in models:
-        for name in model.names:
-            other = seen.setdefault(name.lower(), model.id)
-            if other != model.id:
-                raise SystemExit(f"{p}: the name {name!r} is used by {other} and {model.id}")
-    return Registry(models)
+    try:
+        return Registry(tuple(_model(entry, p.parent) for entry in raw["models"]))
+    except ValueError as exc:
+        raise SystemExit(f"{p}: {exc}") from exc
 
 
 def _model(entry: Any, base: Path) -> ModelSpec:
