@@ -123,6 +123,9 @@ class MeshInterceptor(grpc.aio.ServerInterceptor):
         self._core = core
         self._metrics = metrics
         self._api_keys = api_keys
+        # Wrapped handlers by method path: a method's handler never changes,
+        # so it is wrapped once, not on every call.
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     def _authenticate(self, context: grpc.aio.ServicerContext) -> None:
         if self._api_keys is not None:
@@ -133,11 +136,17 @@ class MeshInterceptor(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
         path: str = details.method
+        cached = self._wrapped.get(path)
+        if cached is not None:
+            return cached
+        handler = await continuation(details)
         if handler is None or not path.startswith(f"/{SERVICE_NAME}/"):
             return handler
-        method = path.rsplit("/", 1)[-1]
+        self._wrapped[path] = self._wrap(path.rsplit("/", 1)[-1], handler)
+        return self._wrapped[path]
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(method, handler.unary_unary),
