@@ -17,11 +17,13 @@ from typing import Any
 
 import aiohttp
 from text_generation import errors as tgi_errors
+from text_generation.types import Grammar as TGIGrammar
+from text_generation.types import GrammarType as TGIGrammarType
 from text_generation.types import Parameters as TGIParameters
 from text_generation.types import Request as TGIRequest
 
-from services.common.errors import MeshError, Reason
-from services.common.types import FinishReason, Parameters
+from services.common.errors import FieldViolation, MeshError, Reason, invalid
+from services.common.types import FinishReason, Grammar, Parameters
 
 # TGI's errors -> the mesh's reasons. The `text-generation` client turns TGI's
 # status and `error_type` into these exception classes (errors.parse_error);
@@ -121,6 +123,10 @@ class TGIBackend:
             self._session = None
 
     def _body(self, prompt: str, params: Parameters, stream: bool) -> dict[str, Any]:
+        if params.presence_penalty:
+            # TGI's /generate has frequency_penalty but no presence_penalty.
+            raise invalid([FieldViolation(
+                "parameters.presence_penalty", "not supported by this model's engine (TGI)")])
         parameters = TGIParameters(
             details=True,
             do_sample=params.sampling,
@@ -131,8 +137,13 @@ class TGIBackend:
             temperature=params.temperature,
             top_k=params.top_k,
             top_p=params.top_p,
+            grammar=_grammar(params.grammar),
         )
-        return TGIRequest(inputs=prompt, parameters=parameters, stream=stream).model_dump()
+        body = TGIRequest(inputs=prompt, parameters=parameters, stream=stream).model_dump()
+        if params.frequency_penalty:
+            # Set after the client's model: its check predates TGI's -2..2 range.
+            body["parameters"]["frequency_penalty"] = params.frequency_penalty
+        return body
 
     def body(self, prompt: str, params: Parameters, stream: bool) -> dict[str, Any]:
         """The JSON body the `text-generation` client would send."""
@@ -269,6 +280,15 @@ class TGIBackend:
             max_stop_sequences=int(data.get("max_stop_sequences") or 4),
             max_concurrent_requests=int(data.get("max_concurrent_requests") or 128),
         )
+
+
+def _grammar(grammar: Grammar | None) -> TGIGrammar | None:
+    """The mesh's grammar as TGI's `grammar` parameter."""
+    if grammar is None:
+        return None
+    if grammar.kind == "json":
+        return TGIGrammar(type=TGIGrammarType.Json, value=grammar.schema())
+    return TGIGrammar(type=TGIGrammarType.Regex, value=grammar.value)
 
 
 class _SSEParser:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, TypeVar
 
+from google.protobuf import json_format, struct_pb2
 from llmmesh.v1 import generate_pb2 as pb
 
 from services.common.errors import MeshError
@@ -12,6 +13,7 @@ from services.common.types import (
     FinishReason,
     Generation,
     GenerationRequest,
+    Grammar,
     Message,
     ModelInfo,
     Parameters,
@@ -29,6 +31,35 @@ _FINISH_FROM_PB = {v: k for k, v in _FINISH_TO_PB.items()}
 AnyGenerateRequest = pb.GenerateRequest | pb.GenerateStreamRequest
 
 
+def _integral(value: Any) -> Any:
+    """Struct holds every number as a double: give whole numbers back as ints,
+    so that a schema's `"minLength": 1` stays 1 on its way to an engine."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    return value
+
+
+def grammar_from_pb(g: pb.Grammar) -> Grammar | None:
+    kind = g.WhichOneof("kind")
+    if kind == "json_schema":
+        return Grammar.json_schema(_integral(json_format.MessageToDict(g.json_schema)))
+    if kind == "regex":
+        return Grammar("regex", g.regex)
+    return None
+
+
+def grammar_to_pb(g: Grammar) -> pb.Grammar:
+    if g.kind == "regex":
+        return pb.Grammar(regex=g.value)
+    schema = struct_pb2.Struct()
+    schema.update(g.schema())
+    return pb.Grammar(json_schema=schema)
+
+
 def parameters_from_pb(p: pb.GenerationParameters) -> Parameters:
     has = p.HasField
     return Parameters(
@@ -40,16 +71,21 @@ def parameters_from_pb(p: pb.GenerationParameters) -> Parameters:
         stop=tuple(p.stop),
         seed=p.seed if has("seed") else None,
         do_sample=p.do_sample if has("do_sample") else None,
+        grammar=grammar_from_pb(p.grammar) if has("grammar") else None,
+        frequency_penalty=p.frequency_penalty if has("frequency_penalty") else None,
+        presence_penalty=p.presence_penalty if has("presence_penalty") else None,
     )
 
 
 def parameters_to_pb(p: Parameters) -> pb.GenerationParameters:
     out = pb.GenerationParameters(stop=list(p.stop))
     for name in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty",
-                 "seed", "do_sample"):
+                 "seed", "do_sample", "frequency_penalty", "presence_penalty"):
         value = getattr(p, name)
         if value is not None:
             setattr(out, name, value)
+    if p.grammar is not None:
+        out.grammar.CopyFrom(grammar_to_pb(p.grammar))
     return out
 
 

@@ -6,9 +6,10 @@ They carry no protobuf or gRPC types: the servicers convert at the edge
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from typing import TypeVar
+from typing import Any, Literal, TypeVar
 
 
 class FinishReason(StrEnum):
@@ -29,6 +30,29 @@ class Message:
 
 
 @dataclass(frozen=True)
+class Grammar:
+    """A constraint on the generated text (structured output).
+
+    `kind` "json": the text is JSON that conforms to the JSON schema held in
+    `value` as JSON text; "regex": the text matches the regular expression
+    `value`. The same two kinds as TGI's `grammar` parameter.
+    """
+
+    kind: Literal["json", "regex"]
+    value: str
+
+    @classmethod
+    def json_schema(cls, schema: dict[str, Any]) -> Grammar:
+        return cls("json", json.dumps(schema, separators=(",", ":"), sort_keys=True))
+
+    def schema(self) -> dict[str, Any]:
+        """The JSON schema of a "json" grammar."""
+        value = json.loads(self.value)
+        assert isinstance(value, dict)
+        return value
+
+
+@dataclass(frozen=True)
 class Parameters:
     """Generation parameters; None means "the model's default"."""
 
@@ -40,6 +64,9 @@ class Parameters:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     do_sample: bool | None = None
+    grammar: Grammar | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
 
     def with_defaults(self, defaults: Parameters) -> Parameters:
         """Fill every unset field from `defaults`."""
@@ -52,6 +79,9 @@ class Parameters:
             stop=self.stop or defaults.stop,
             seed=_first(self.seed, defaults.seed),
             do_sample=_first(self.do_sample, defaults.do_sample),
+            grammar=_first(self.grammar, defaults.grammar),
+            frequency_penalty=_first(self.frequency_penalty, defaults.frequency_penalty),
+            presence_penalty=_first(self.presence_penalty, defaults.presence_penalty),
         )
 
     @property

@@ -7,10 +7,12 @@ the mesh with field violations instead of travelling to a backend.
 
 from __future__ import annotations
 
+import json
 import math
+import re
 
 from services.common.errors import FieldViolation, MeshError, clip, invalid
-from services.common.types import ROLES, GenerationRequest, Limits, Parameters
+from services.common.types import ROLES, GenerationRequest, Grammar, Limits, Parameters
 
 
 def check_parameters(params: Parameters, limits: Limits) -> list[FieldViolation]:
@@ -50,7 +52,39 @@ def check_parameters(params: Parameters, limits: Limits) -> list[FieldViolation]
         )
     if any(not s for s in params.stop):
         bad("stop", "stop sequences must not be empty")
+    for name in ("frequency_penalty", "presence_penalty"):
+        value = getattr(params, name)
+        if value is not None and not (math.isfinite(value) and -2 <= value <= 2):
+            bad(name, f"must be a number from -2 to 2, got {value}")
+    if params.grammar is not None:
+        out += check_grammar(params.grammar)
     return out
+
+
+MAX_GRAMMAR_CHARS = 32_000
+
+
+def check_grammar(grammar: Grammar) -> list[FieldViolation]:
+    """A grammar must be small, and a schema an object, a regex one that compiles."""
+    field = "parameters.grammar"
+    if len(grammar.value) > MAX_GRAMMAR_CHARS:
+        return [FieldViolation(field, f"at most {MAX_GRAMMAR_CHARS} characters, "
+                                      f"got {len(grammar.value)}")]
+    if grammar.kind == "json":
+        try:
+            schema = json.loads(grammar.value)
+        except ValueError:
+            schema = None
+        if not isinstance(schema, dict):
+            return [FieldViolation(f"{field}.json_schema", "must be a JSON schema object")]
+        return []
+    if not grammar.value:
+        return [FieldViolation(f"{field}.regex", "must not be empty")]
+    try:
+        re.compile(grammar.value)
+    except re.error as exc:
+        return [FieldViolation(f"{field}.regex", f"not a regular expression: {exc}")]
+    return []
 
 
 def check_text(request: GenerationRequest, limits: Limits) -> list[FieldViolation]:

@@ -162,7 +162,7 @@ def build_plan(
         name="envoy", stage=3, ports=(ports.envoy, ports.admin),
         argv=(_tool("envoy"), "-c", str(envoy_config), "--log-level", "warn",
               "--disable-hot-restart"),
-        ready=Ready("http", f"http://{host}:{ports.envoy}/v1/models",
+        ready=Ready("http", f"http://{host}:{ports.envoy}/v1/mesh/models",
                     authorization=_first_key(api_keys_file)),
     ))
     prometheus_bin = shutil.which("prometheus")

@@ -158,7 +158,7 @@ def is_ready(ready: Ready) -> bool:
             with urllib.request.urlopen(request, timeout=1) as resp:
                 if resp.status != 200:
                     return False
-                if ready.target.endswith("/v1/models"):
+                if ready.target.endswith("/v1/mesh/models"):
                     models = json.loads(resp.read()).get("models", [])
                     return bool(models) and all(m.get("ready") for m in models)
                 return True

@@ -131,7 +131,7 @@ def _wait_all_ready(mesh: Mesh) -> None:
 
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        with urllib.request.urlopen(f"{mesh.http}/v1/models", timeout=5) as resp:
+        with urllib.request.urlopen(f"{mesh.http}/v1/mesh/models", timeout=5) as resp:
             if all(m["ready"] for m in json.loads(resp.read())["models"]):
                 return
         time.sleep(0.2)

@@ -248,7 +248,7 @@ class EnvoyPart(Part):
             "envoy",
             [ENVOY, "-c", str(config), "--disable-hot-restart", "--log-level", "warn"],
             tmp / "envoy.log",
-            _http_ready(f"{self.http}/v1/models"),
+            _http_ready(f"{self.http}/v1/mesh/models"),
         )
 
     def cluster_stat(self, name: str) -> int:

@@ -271,7 +271,7 @@ def test_http_deeply_nested_json(mesh: Mesh, raw: bytes) -> None:
                           st.integers(1_000, 8_000).map(lambda n: "m" * n)))
 def test_http_get_model_hostile_ids(mesh: Mesh, model_id: str) -> None:
     path = urllib.parse.quote(model_id, safe="")
-    check_http_answer(*http_json("GET", f"{mesh.http}/v1/models/{path}"))
+    check_http_answer(*http_json("GET", f"{mesh.http}/v1/mesh/models/{path}"))
 
 
 # -- each kind of mistake, with its exact answer ------------------------------------------------
@@ -354,7 +354,7 @@ def test_long_values_are_clipped_in_errors(mesh: Mesh) -> None:
     # (Not much longer: Envoy passes the path on as x-envoy-original-path, and
     # the router's gRPC server refuses metadata beyond 8 KiB, at random up to
     # 16 KiB, with RESOURCE_EXHAUSTED.)
-    status, _, raw = http_json("GET", f"{mesh.http}/v1/models/{'m' * 4_000}")
+    status, _, raw = http_json("GET", f"{mesh.http}/v1/mesh/models/{'m' * 4_000}")
     assert status == 404 and "known models" in json.loads(raw)["message"], raw[:300]
     status, _, raw = http_json("POST", f"{mesh.http}/v1/generate",
                                json.dumps({"model_id": "m" * 500_000, "inputs": "x"}).encode(),

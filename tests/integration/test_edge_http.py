@@ -113,13 +113,13 @@ def test_guide_curl_examples(mesh: Mesh, name: str) -> None:
 
 
 def test_models_routes(mesh: Mesh) -> None:
-    status, ctype, body = get(f"{mesh.http}/v1/models")
+    status, ctype, body = get(f"{mesh.http}/v1/mesh/models")
     assert (status, ctype) == (200, "application/json")
     assert [m["id"] for m in body["models"]] == ["qwen2", "llama3"]
     assert all(m["ready"] for m in body["models"])
-    status, _, body = get(f"{mesh.http}/v1/models/llama")
+    status, _, body = get(f"{mesh.http}/v1/mesh/models/llama")
     assert status == 200 and body["model"]["name"] == NAMES["llama3"]
-    status, ctype, body = get(f"{mesh.http}/v1/models/nope")
+    status, ctype, body = get(f"{mesh.http}/v1/mesh/models/nope")
     assert (status, ctype) == (404, "application/json") and "known models" in body["message"]
 
 

@@ -70,7 +70,7 @@ class FaultMesh:
         for double in self.doubles.values():
             double.reset()
         eventually(lambda: ready_replicas(self.router.address, "qwen2") == 2)
-        eventually(lambda: http_json("GET", f"{self.envoy.http}/v1/models")[0] == 200)
+        eventually(lambda: http_json("GET", f"{self.envoy.http}/v1/mesh/models")[0] == 200)
 
     def generations(self, key: str) -> int:
         """A counter of the doubles' /_stats, summed over both."""

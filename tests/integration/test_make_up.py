@@ -71,14 +71,14 @@ def test_make_up_serves_real_text_and_stops_cleanly(tmp_path: Path) -> None:
     )
     spawned: set[int] = set()
     try:
-        # Scripts wait for readiness by polling /v1/models, as the README says.
+        # Scripts wait for readiness by polling /v1/mesh/models, as the README says.
         base = f"http://127.0.0.1:{envoy_port}"
         deadline = time.monotonic() + 180
         while True:
             assert launcher.poll() is None, log.read_text()
             spawned |= children(launcher.pid)
             try:
-                with urllib.request.urlopen(f"{base}/v1/models", timeout=2) as resp:
+                with urllib.request.urlopen(f"{base}/v1/mesh/models", timeout=2) as resp:
                     models = json.loads(resp.read())["models"]
                 if all(m["ready"] for m in models):
                     break

@@ -128,7 +128,7 @@ def _post(url: str, body: dict[str, Any]) -> None:
 
 def _all_ready(http: str) -> bool:
     try:
-        models = _get_json(f"{http}/v1/models", timeout=2)["models"]
+        models = _get_json(f"{http}/v1/mesh/models", timeout=2)["models"]
     except (OSError, ValueError, KeyError):
         return False
     return {m["id"] for m in models} == set(MODELS) and all(m["ready"] for m in models)

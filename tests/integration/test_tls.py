@@ -99,7 +99,7 @@ def _wait_ready(mesh: SecureMesh) -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"{mesh.https}/v1/models", timeout=2,
+            with urllib.request.urlopen(f"{mesh.https}/v1/mesh/models", timeout=2,
                                         context=_context(mesh)) as resp:
                 if json.loads(resp.read())["models"][0]["ready"]:
                     return

@@ -82,7 +82,9 @@ class GenerateServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListModels(self, request, context):
-        """ListModels lists the models the service can route to.
+        """ListModels lists the models the service can route to. Over HTTP it is
+        served under /v1/mesh/ because /v1/models is the OpenAI-compatible
+        listing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
