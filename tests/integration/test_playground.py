@@ -177,6 +177,9 @@ def test_envoy_serves_the_page_with_a_strict_policy(mesh: Mesh) -> None:
     # Everything ships inline: no other request, and nothing from elsewhere.
     assert "unsafe-inline" not in policy and "connect-src 'self'" in policy
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", body)
+    # `make up` points at it.
+    banner = (mesh.run_dir.parent / "launcher.log").read_text()
+    assert f"playground          {mesh.http}/ " in banner
     # The transcoder still owns every other path.
     status, ctype, raw = http_json("GET", f"{mesh.http}/playground.js")
     assert status == 404 and ctype == "application/json" and json.loads(raw)["code"] == 5
@@ -342,6 +345,14 @@ def test_keyboard_and_narrow_window(clean: Mesh, open_page: Any) -> None:
     page.keyboard.press("Enter")
     answer = wait_answer(page, 0)
     assert answer.locator(".text").inner_text() == "first line\nsecond line"
+
+    # Esc stops a stream, as the Stop button does.
+    clean.doubles["qwen2"].control(reply=" ".join(["more"] * 300), token_delay=0.1)
+    send(page, "a long one")
+    until(page, "document.querySelector('.msg.assistant[data-state=streaming] .text')"
+                "?.textContent.length > 10")
+    page.keyboard.press("Escape")
+    assert stat(wait_answer(page, 1), "finish") == "stopped"
 
     # Nothing wider than the window; the buttons within reach.
     assert page.evaluate("document.documentElement.scrollWidth") <= NARROW["width"]
