@@ -7,7 +7,9 @@ must list both models, stream answers that grow token by token with their
 figures, stop a long stream so that the backend stops generating, put
 errors in plain words, work from the keyboard and in a narrow window.
 
-With LLMMESH_UPDATE_SCREENSHOT=1 the side-by-side test also writes
+One more test runs the page over the CPU profile that `make up` starts
+without TGI (llama.cpp with SmolLM2 behind both models): real text through
+the whole mesh. With LLMMESH_UPDATE_SCREENSHOT=1 it writes
 docs/playground.png, the screenshot the README shows.
 """
 
@@ -26,9 +28,15 @@ from typing import Any
 import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Page, sync_playwright
 
-from tests.integration.conftest import Mesh, running_mesh
+from tests.integration.conftest import (
+    Mesh,
+    free_run,
+    running_mesh,
+    stop_launcher,
+    wait_launcher,
+)
 from tests.integration.meshparts import eventually, http_json, sse_events
-from tests.procs import ROOT
+from tests.procs import ROOT, free_port, python_module, start
 
 pytestmark = pytest.mark.integration
 
@@ -239,13 +247,6 @@ def test_two_models_side_by_side(clean: Mesh, open_page: Any) -> None:
     for double in clean.doubles.values():
         assert double.stats()["generations_started"] == 1
     assert console.unexpected() == []
-    page.locator("#prompt").blur()
-    bottom = page.evaluate("""() => Math.max(...['.settings', '.composer'].map(
-        (s) => document.querySelector(s).getBoundingClientRect().bottom))""")
-    shot = page.screenshot(clip={"x": 0, "y": 0, "width": WIDE["width"], "height": bottom + 16})
-    if os.environ.get("LLMMESH_UPDATE_SCREENSHOT") == "1":
-        SCREENSHOT.write_bytes(shot)
-    assert shot.startswith(b"\x89PNG")
 
 
 def test_stop_ends_the_generation_in_the_backend(clean: Mesh, open_page: Any) -> None:
@@ -399,3 +400,49 @@ def test_api_key_kept_for_the_tab_only(secured: Mesh, open_page: Any) -> None:
     assert fresh.evaluate("sessionStorage.getItem('llmmesh.apiKey')") is None
     assert console.unexpected(401) == []
 
+
+
+@pytest.fixture(scope="module")
+def cpu_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`make up` as it comes (CPU backends: llama.cpp and SmolLM2), on free ports."""
+    pytest.importorskip("llama_cpp", reason="make test installs llama-cpp-python")
+    tmp = tmp_path_factory.mktemp("playground-cpu")
+    envoy_port = free_port()
+    launcher = start(python_module(
+        "services.launcher", "--run-dir", str(tmp / "run"),
+        "--envoy-port", str(envoy_port), "--admin-port", str(free_port()),
+        "--router-port", str(free_port()), "--adapter-port", str(free_run(2)),
+        "--backend-port", str(free_run(2)), "--metrics-port", str(free_run(3)),
+        "--no-prometheus",
+    ), log_path=tmp / "launcher.log")
+    try:
+        wait_launcher(tmp / "launcher.log", launcher, 300)
+        yield f"http://127.0.0.1:{envoy_port}"
+    finally:
+        stop_launcher(launcher)
+
+
+def test_a_real_model_side_by_side(cpu_mesh: str, open_page: Any) -> None:
+    page, console = open_page(url=f"{cpu_mesh}/")
+    wait_models(page)
+    assert "backend SmolLM2-135M-Instruct" in page.locator("#model-info").inner_text()
+    page.select_option("#compare", "llama3")
+    page.fill("#max_new_tokens", "48")
+    record_growth(page)
+    send(page, "Name three colors and say one thing about each.")
+    for pane in (0, 1):
+        answer = wait_answer(page, 0, pane)
+        assert answer.get_attribute("data-state") == "done"
+        assert answer.locator(".text").inner_text().strip()
+        assert 0 < int(stat(answer, "output")) <= 48
+        assert int(stat(answer, "input")) > 0
+        assert stat(answer, "finish") in ("length limit", "end of answer")
+    growth = page.evaluate("window.growth")
+    assert len(set(growth)) >= 3, growth
+    assert console.unexpected() == []
+    if os.environ.get("LLMMESH_UPDATE_SCREENSHOT") == "1":
+        page.locator("#prompt").blur()
+        bottom = page.evaluate("""() => Math.max(...['.settings', '.composer'].map(
+            (s) => document.querySelector(s).getBoundingClientRect().bottom))""")
+        SCREENSHOT.write_bytes(page.screenshot(
+            clip={"x": 0, "y": 0, "width": WIDE["width"], "height": bottom + 16}))
