@@ -182,6 +182,8 @@ def test_envoy_serves_the_page_with_a_strict_policy(mesh: Mesh) -> None:
         assert resp.headers["x-content-type-options"] == "nosniff"
         body = resp.read().decode()
     assert body == page
+    status, ctype, raw = http_json("GET", f"{mesh.http}/?from=readme")
+    assert (status, ctype, raw.decode()) == (200, "text/html; charset=utf-8", page)
     # Everything ships inline: no other request, and nothing from elsewhere.
     assert "unsafe-inline" not in policy and "connect-src 'self'" in policy
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", body)

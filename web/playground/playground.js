@@ -335,6 +335,8 @@
     const answer = bubble(pane, "assistant", "");
     const out = answer.querySelector(".text");
     answer.dataset.state = "streaming";
+    // Screen readers announce the answer once it is complete, not each token.
+    answer.setAttribute("aria-busy", "true");
     const body = { model_id: model, scenario, parameters: params };
     if (scenario === "chat") {
       body.messages = [...pane.history, { role: "user", content: text }];
@@ -357,6 +359,7 @@
         showProblem(answer, problem);
         answer.dataset.state = "error";
         answer.dataset.status = String(resp.status);
+        answer.removeAttribute("aria-busy");
         if (resp.status === 404 || resp.status === 503) loadModels();
         return;
       }
@@ -409,6 +412,7 @@
       ["Finish", finish, "finish"],
     ]);
     answer.dataset.state = state;
+    answer.removeAttribute("aria-busy");
     if (scenario === "chat" && out.textContent) {
       pane.history.push({ role: "user", content: text }, { role: "assistant", content: out.textContent });
     }
@@ -434,6 +438,8 @@
   function setBusy(busy) {
     ui.send.disabled = busy;
     ui.stop.disabled = !busy;
+    // The answering models and the scenario stay as they are until the end.
+    for (const menu of [ui.model, ui.compare, ui.scenario]) menu.disabled = busy;
     document.body.classList.toggle("busy", busy);
     if (busy) ui.stop.focus();
     else ui.prompt.focus();
