@@ -328,7 +328,13 @@ def test_errors_in_plain_words(clean: Mesh, open_page: Any) -> None:
     assert "This model is down" in problem
     until(page, "document.querySelector('#model-info').textContent.includes('down')")
     assert page.locator("#model option").first.inner_text() == "qwen2 (down)"
-    assert console.unexpected(400, 404, 429, 503) == []
+
+    # 413: a text over Envoy's 1 MiB body limit.
+    page.fill("#prompt", "word " * 220_000)
+    page.press("#prompt", "Enter")
+    problem = wait_answer(page, 5).locator(".problem").inner_text()
+    assert "The text is too long for the mesh" in problem
+    assert console.unexpected(400, 404, 413, 429, 503) == []
 
 
 def test_keyboard_and_narrow_window(clean: Mesh, open_page: Any) -> None:

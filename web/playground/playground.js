@@ -103,7 +103,10 @@
       const what = violations.map((v) => `${labelOf(v.field)} ${v.description}`);
       return { title: `Please check: ${what.join("; ")}.`, message: "", fields };
     }
-    if (status === 400 || status === 413) {
+    if (status === 413) {
+      return { title: "The text is too long for the mesh (1 MiB at most).", message, fields: ["prompt"] };
+    }
+    if (status === 400) {
       return { title: "The mesh refused this request.", message, fields };
     }
     if (status === 401 || reason === "UNAUTHENTICATED") {
@@ -160,7 +163,8 @@
     }
     if (!resp.ok) {
       const problem = describe(resp.status, await errorBody(resp));
-      ui.modelInfo.textContent = problem.title;
+      ui.modelInfo.textContent = resp.status === 404
+        ? "This mesh has no model listing at /v1/mesh/models." : problem.title;
       if (problem.auth) ui.keyPanel.open = true;
       return;
     }
