@@ -9,7 +9,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: help venv gen check-gen lint fmt test test-fast up bench prometheus clean
+.PHONY: help venv gen check-gen lint fmt test test-fast up bench prometheus chromium clean
 
 help:
 	@echo "make up        start the local mesh (CPU backends, adapters, router, Envoy)"
@@ -61,7 +61,14 @@ prometheus:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
-test: $(STAMP) check-gen lint prometheus
+# The playground's browser test drives Debian's chromium with Playwright.
+chromium:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+		echo "installing chromium (Debian package)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; }
+
+test: $(STAMP) check-gen lint prometheus chromium
 	$(PY) -m pytest -q -p no:cacheprovider
 
 test-fast: $(STAMP)

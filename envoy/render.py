@@ -8,12 +8,17 @@ launcher call `render()` with their own ports.
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
 import string
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 TEMPLATE = HERE / "envoy.template.yaml"
+PLAYGROUND = HERE.parent / "web" / "playground"
+# Envoy's limit on a direct response's body (its default is 4 KiB).
+PLAYGROUND_MAX_BYTES = 262144
 
 PROFILES: dict[str, dict[str, str]] = {
     "local": {
@@ -70,10 +75,113 @@ def _mappers(indent: int = 20) -> str:
     return "\n".join(out)
 
 
+def playground_page() -> tuple[str, str]:
+    """The playground as one HTML document, and its Content-Security-Policy.
+
+    web/playground/index.html links playground.css and playground.js; here
+    both are inlined, so the page is one response with no other request, and
+    the policy allows exactly these two inline blocks (by their SHA-256) and
+    requests to this origin, nothing else.
+    """
+    html = (PLAYGROUND / "index.html").read_text(encoding="utf-8")
+    style = "\n" + (PLAYGROUND / "playground.css").read_text(encoding="utf-8")
+    script = "\n" + (PLAYGROUND / "playground.js").read_text(encoding="utf-8")
+    for tag in ('<link rel="stylesheet" href="playground.css">',
+                '<script src="playground.js"></script>'):
+        if html.count(tag) != 1:
+            raise ValueError(f"web/playground/index.html must contain {tag} once")
+    html = html.replace('<link rel="stylesheet" href="playground.css">', f"<style>{style}</style>")
+    html = html.replace('<script src="playground.js"></script>', f"<script>{script}</script>")
+    html = html.replace("\r", "")
+    size = len(html.encode("utf-8"))
+    if size > PLAYGROUND_MAX_BYTES:
+        raise ValueError(f"the playground is {size} bytes, over {PLAYGROUND_MAX_BYTES}")
+
+    def digest(text: str) -> str:
+        return base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode()
+
+    csp = (
+        "default-src 'none'; "
+        f"script-src 'sha256-{digest(script)}'; style-src 'sha256-{digest(style)}'; "
+        "connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; "
+        "frame-ancestors 'none'"
+    )
+    return html, csp
+
+
+def _playground_routes(indent: int = 24) -> str:
+    """Routes serving the playground at `/` from Envoy itself (a direct response).
+
+    The transcoder is off for them: it would answer 404 to a path that is
+    no gRPC method.
+    """
+    html, csp = playground_page()
+    pad = " " * indent
+    body = "\n".join(f"{pad}        {line}".rstrip() for line in html.splitlines())
+    headers = [
+        ("content-security-policy", csp),
+        ("x-content-type-options", "nosniff"),
+        ("referrer-policy", "no-referrer"),
+        ("cache-control", "no-cache"),
+    ]
+    out = [
+        f"{pad}- match:",
+        f'{pad}    path: "/"',
+        f"{pad}    headers:",
+        f'{pad}      - name: ":method"',
+        f'{pad}        string_match: {{ safe_regex: {{ regex: "GET|HEAD" }} }}',
+        f"{pad}  direct_response:",
+        f"{pad}    status: 200",
+        f"{pad}    body:",
+        f"{pad}      inline_string: |",
+        body,
+        f"{pad}  response_headers_to_add:",
+    ]
+    for key, value in headers:
+        out += [f'{pad}    - header: {{ key: {key}, value: "{value}" }}',
+                f"{pad}      append_action: OVERWRITE_IF_EXISTS_OR_ADD"]
+    out += [
+        f"{pad}  typed_per_filter_config:",
+        f"{pad}    envoy.filters.http.grpc_json_transcoder:",
+        f'{pad}      "@type": type.googleapis.com/envoy.config.route.v3.FilterConfig',
+        f"{pad}      disabled: true",
+    ]
+    return "\n".join(out)
+
+
+def _playground_mapper(indent: int = 20) -> str:
+    """A local reply mapper that keeps the page as it is.
+
+    Envoy passes direct responses through local_reply_config, whose JSON
+    body format would wrap the page; this mapper, for the page's path and
+    status only, returns the body unchanged as text/html.
+    """
+    pad = " " * indent
+    return "\n".join([
+        f"{pad}- filter:",
+        f"{pad}    and_filter:",
+        f"{pad}      filters:",
+        f"{pad}        - status_code_filter:",
+        f"{pad}            comparison:",
+        f"{pad}              op: EQ",
+        f"{pad}              value: {{ default_value: 200, runtime_key: local_reply_200 }}",
+        f"{pad}        - header_filter:",
+        f"{pad}            header:",
+        f'{pad}              name: ":path"',
+        f'{pad}              string_match: {{ safe_regex: {{ regex: "/([?].*)?" }} }}',
+        f"{pad}  body_format_override:",
+        f'{pad}    text_format_source: {{ inline_string: "%LOCAL_REPLY_BODY%" }}',
+        f'{pad}    content_type: "text/html; charset=utf-8"',
+    ])
+
+
 def render(**values: str | int) -> str:
     """The template with `values` over the local profile's."""
     merged = {**PROFILES["local"], **{k: str(v) for k, v in values.items()}}
     merged["LOCAL_REPLY_MAPPERS"] = _mappers()
+    merged["PLAYGROUND_ROUTES"] = _playground_routes()
+    merged["PLAYGROUND_REPLY_MAPPER"] = _playground_mapper()
+    merged["PLAYGROUND_MAX_BYTES"] = str(PLAYGROUND_MAX_BYTES)
     return string.Template(TEMPLATE.read_text(encoding="utf-8")).substitute(merged)
 
 

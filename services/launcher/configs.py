@@ -79,6 +79,7 @@ def banner(plan: Plan) -> str:
         "llmmesh is up.",
         f"  HTTP/JSON and gRPC  {base}   (Envoy; admin http://{host}:{ports.admin})",
         f"  router (gRPC)       {host}:{ports.router}   metrics http://{host}:{ports.metrics}/metrics",
+        f"  playground          {base}/   (open it in a browser)",
     ]
     for i, model in enumerate(plan.models):
         backend = plan.backends.get(model) or (
