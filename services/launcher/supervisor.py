@@ -80,11 +80,15 @@ class _Child:
         return self.popen is not None and self.popen.returncode is None
 
 
+# Loaded once here: between fork and exec (where _die_with_parent runs) the
+# child must not dlopen while another thread (gRPC's) may hold the loader's lock.
+_LIBC = ctypes.CDLL("libc.so.6", use_errno=True)
+
+
 def _die_with_parent() -> None:
     # Children live in their own session (so the launcher orders the shutdown),
     # and the kernel still stops them if the launcher itself is killed.
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class Supervisor:

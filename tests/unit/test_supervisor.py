@@ -170,3 +170,22 @@ def test_a_death_while_starting_stops_the_launch_with_the_log(tmp_path: Path) ->
         sup.shutdown()
     message = str(caught.value)
     assert "dying exited with code 3" in message and "cannot load the model" in message
+
+
+def test_children_inherit_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Tracing and log settings reach every process: OTEL_*, LLMMESH_*.
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317")
+    server = http_server("one", tmp_path)
+    script = ("import os; print('otel=' + os.environ['OTEL_EXPORTER_OTLP_ENDPOINT'], flush=True);"
+              "import runpy, sys; sys.argv = ['http.server', *sys.argv[1:]];"
+              "runpy.run_module('http.server', run_name='__main__')")
+    proc = Proc(name="one", stage=0, ports=server.ports, ready=server.ready,
+                argv=(sys.executable, "-c", script, *server.argv[3:]))
+    sup = Supervisor(make_plan(tmp_path, proc), log=print)
+    try:
+        assert sup.start_all(ready_timeout=30)
+    finally:
+        sup.shutdown()
+    assert "otel=http://collector:4317" in (tmp_path / "logs" / "one.log").read_text()
