@@ -69,7 +69,6 @@ class _Child:
 
     proc: Proc
     popen: subprocess.Popen[bytes] | None = None
-    started: float = 0.0
     deaths: deque[float] = field(default_factory=deque)
     restart_at: float | None = None  # a restart is due at this time
     died_at: float | None = None  # the last death not yet followed by readiness
@@ -197,9 +196,8 @@ class Supervisor:
         delay = self.policy.backoff(n)
         child.restart_at = now + delay
         self._log(
-            f"{died}\nrestarting {name} in {delay:g} s "
-            f"(death {n} of at most {self.policy.limit - 1} within "
-            f"{self.policy.window:.0f} s)"
+            f"{died}\nrestarting {name} in {delay:g} s (death {n} within "
+            f"{self.policy.window:.0f} s; at {self.policy.limit} it is given up)"
         )
 
     def shutdown(self) -> None:
@@ -257,7 +255,6 @@ class Supervisor:
                 env=env, cwd=configs.ROOT, start_new_session=True,
                 preexec_fn=_die_with_parent,
             )
-        child.started = self._clock()
         verb = "restarted" if again else "started"
         self._log(f"{verb} {proc.name} (pid {child.popen.pid}), log: {self.log_path(proc)}")
 
