@@ -78,6 +78,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Children run from the checkout's root: paths given relative to here must hold there.
+    for name in ("run_dir", "model_path", "api_keys_file", "tls_dir"):
+        if getattr(args, name) is not None:
+            setattr(args, name, getattr(args, name).resolve())
     try:
         backends = parse_backends(args.backends)
         policy = RestartPolicy(
