@@ -1,7 +1,7 @@
 """Run one adapter: `python -m services.adapter --model qwen2 --tgi-url URL`.
 
-Every flag can also come from the environment (LLMMESH_MODEL, TGI_URL, ...),
-which is how the containers are configured.
+Every flag can also come from the environment (LLMMESH_MODEL, TGI_URL, ...,
+as shown below), which is how the containers are configured.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import uvloop
 from services.adapter.chat_template import ChatTemplate
 from services.adapter.core import AdapterCore
 from services.adapter.tgi import TGIBackend
-from services.common import logs
+from services.common import envflags, logs
 from services.common.metrics import Metrics
 from services.common.registry import ModelSpec, load_registry
 from services.common.service import (
@@ -47,19 +47,21 @@ class AdapterSettings:
 def parse_args(argv: list[str] | None = None) -> AdapterSettings:
     env = os.environ
     p = argparse.ArgumentParser(prog="python -m services.adapter", description=__doc__)
-    add_server_arguments(p, env, default_port=50061)
-    p.add_argument("--model", default=env.get("LLMMESH_MODEL"), help="registry id, e.g. qwen2")
-    p.add_argument("--tgi-url", default=env.get("TGI_URL"), help="the TGI server's base URL")
+    add_server_arguments(p, default_port=50061)
+    p.add_argument("--model", default=None, help="registry id, e.g. qwen2")
+    p.add_argument("--tgi-url", default=None, help="the TGI server's base URL")
     p.add_argument(
         "--chat-template",
-        default=env.get("LLMMESH_CHAT_TEMPLATE"),
+        default=None,
         help="a .jinja, tokenizer_config.json or .gguf file (default: the registry's)",
     )
     p.add_argument(
-        "--max-concurrency", type=int, default=int(env.get("LLMMESH_MAX_CONCURRENCY", "128")),
+        "--max-concurrency", type=int, default=128,
         help="requests beyond this get RESOURCE_EXHAUSTED (match TGI's max-concurrent-requests)",
     )
-    p.add_argument("--health-interval", type=float, default=2.0)
+    p.add_argument("--health-interval", type=float, default=2.0,
+                   help="seconds between health checks of the TGI server")
+    envflags.apply(p, env, names={"tgi_url": "TGI_URL"})
     args = p.parse_args(argv)
     if not args.model:
         p.error("--model (or LLMMESH_MODEL) is required")

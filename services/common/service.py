@@ -12,7 +12,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -293,25 +293,23 @@ class ServerSettings:
     tls: TlsFiles | None = None
 
 
-def add_server_arguments(
-    parser: argparse.ArgumentParser, env: Mapping[str, str], default_port: int
-) -> None:
-    """The flags every gRPC service of the mesh takes, each with its LLMMESH_*
-    environment variable for containers: where to listen, the registry,
-    deadlines, shutdown, logs and TLS."""
+def add_server_arguments(parser: argparse.ArgumentParser, default_port: int) -> None:
+    """The flags every gRPC service of the mesh takes: where to listen, the
+    registry, deadlines, shutdown, logs and TLS. Each also reads its LLMMESH_*
+    environment variable (for containers) once the program calls
+    `envflags.apply` after declaring its own flags."""
     p = parser
-    p.add_argument("--registry", default=env.get("LLMMESH_REGISTRY", str(DEFAULT_REGISTRY)))
-    p.add_argument("--host", default=env.get("LLMMESH_HOST", "127.0.0.1"))
-    p.add_argument("--port", type=int, default=int(env.get("LLMMESH_PORT", default_port)))
-    p.add_argument("--metrics-port", type=int,
-                   default=int(env["LLMMESH_METRICS_PORT"]) if env.get("LLMMESH_METRICS_PORT")
-                   else None)
-    p.add_argument("--timeout", type=float, default=float(env.get("LLMMESH_TIMEOUT", "600")),
+    p.add_argument("--registry", default=str(DEFAULT_REGISTRY), help="the model registry (YAML)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=default_port, help="gRPC port")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics on this port (default: none)")
+    p.add_argument("--timeout", type=float, default=600.0,
                    help="seconds a request may take when the client sets no deadline")
-    p.add_argument("--grace", type=float, default=float(env.get("LLMMESH_GRACE", "10")),
+    p.add_argument("--grace", type=float, default=10.0,
                    help="seconds open streams get to finish on SIGTERM")
-    p.add_argument("--log-level", default=env.get("LLMMESH_LOG_LEVEL", "info"))
-    tls.add_arguments(p, env)
+    p.add_argument("--log-level", default="info", help="debug, info, warning or error")
+    tls.add_arguments(p)
 
 
 def server_settings(args: argparse.Namespace) -> ServerSettings:

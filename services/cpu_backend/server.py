@@ -54,6 +54,8 @@ from services.cpu_backend.settings import ServerSettings
 access_logger = logging.getLogger("llmmesh.cpu_backend.access")
 logger = logging.getLogger("llmmesh.cpu_backend.server")
 
+# Health probes and metrics scrapes, logged only at debug level when they succeed.
+PROBE_PATHS: Final = frozenset({"/", "/health", "/ping", "/metrics"})
 # Request-scoped dict of fields for the one access-log line per request.
 LOG_FIELDS: Final = web.RequestKey("llmmesh.log_fields", dict)
 _KEEP_ALIVE: Final = b":\n\n"
@@ -565,7 +567,11 @@ async def access_log(
         status = 499
         raise
     finally:
-        access_logger.info(
+        # Probes and scrapes come every few seconds: when they succeed they
+        # are noise at info level; when they fail they are news.
+        quiet = status == 200 and request.method == "GET" and request.path in PROBE_PATHS
+        access_logger.log(
+            logging.DEBUG if quiet else logging.INFO,
             "request",
             extra={
                 "fields": {

@@ -1,10 +1,17 @@
 """`make up`: start the whole local mesh and keep it in the foreground.
 
     python -m services.launcher [--backends "qwen2=http://HOST:PORT llama3=..."]
+        [--api-keys-file FILE] [--tls]
 
 Without --backends every model gets a CPU backend (TGI's HTTP API over
-llama.cpp, SmolLM2 standing in for the real model). Ctrl-C, SIGINT or
-SIGTERM stops every process it started, in reverse order, gracefully.
+llama.cpp, SmolLM2 standing in for the real model). A process that dies
+while the mesh serves is started again after 1 s, then 2, 4 ... up to 30 s
+as it keeps dying, and left stopped (with a plain message; the rest keeps
+serving) after 5 deaths within 60 s. Ctrl-C, SIGINT or SIGTERM stops every
+process it started, in reverse order, gracefully.
+
+Every flag can also come from the environment, as shown below; children
+inherit the environment (OTEL_*, LLMMESH_LOG_LEVEL, ...).
 """
 
 from __future__ import annotations
@@ -16,8 +23,10 @@ import signal
 import sys
 from pathlib import Path
 
+from services.common import envflags
+from services.launcher import certs
 from services.launcher.plan import LaunchError, Ports, build_plan, parse_backends
-from services.launcher.supervisor import Supervisor
+from services.launcher.supervisor import RestartPolicy, Supervisor
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,13 +35,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m services.launcher", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--backends", default=os.environ.get("BACKENDS", ""),
+        "--backends", default="",
         help='existing TGI servers, e.g. "qwen2=http://gpu:8080 llama3=http://gpu:8081"',
     )
     p.add_argument("--run-dir", type=Path, default=ROOT / ".run", help="logs and rendered configs")
     p.add_argument("--host", default="127.0.0.1", help="address every service binds to")
-    p.add_argument("--envoy-port", type=int, default=8000)
-    p.add_argument("--admin-port", type=int, default=9901)
+    p.add_argument("--envoy-port", type=int, default=8000, help="HTTP/JSON and gRPC")
+    p.add_argument("--admin-port", type=int, default=9901, help="Envoy's admin")
     p.add_argument("--router-port", type=int, default=50051)
     p.add_argument("--adapter-port", type=int, default=50061, help="first adapter's port")
     p.add_argument("--backend-port", type=int, default=8081, help="first CPU backend's port")
@@ -48,14 +57,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "adapters in front of TGI 128 (TGI's own default)")
     p.add_argument("--api-keys-file", type=Path, default=None,
                    help="require one of these API keys at the router (one per line)")
-    p.add_argument("--ready-timeout", type=float, default=180.0)
+    p.add_argument("--tls", action="store_true",
+                   help="HTTPS and gRPC over TLS on the Envoy port, mutual TLS inside, with "
+                        "development certificates from scripts/dev_ca.sh (made when missing)")
+    p.add_argument("--tls-dir", type=Path, default=None,
+                   help="where the certificates are (default: RUN_DIR/tls)")
+    p.add_argument("--ready-timeout", type=float, default=180.0,
+                   help="seconds each stage may take to start")
+    p.add_argument("--restart-delay", type=float, default=1.0,
+                   help="seconds before a dead process is started again; doubles with "
+                        "each death within --restart-window")
+    p.add_argument("--restart-max-delay", type=float, default=30.0,
+                   help="the longest wait before a restart")
+    p.add_argument("--restart-limit", type=int, default=5,
+                   help="deaths within --restart-window after which a process is left stopped")
+    p.add_argument("--restart-window", type=float, default=60.0, help="seconds")
+    envflags.apply(p, os.environ, names={"backends": "BACKENDS"})
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Children run from the checkout's root: paths given relative to here must hold there.
+    for name in ("run_dir", "model_path", "api_keys_file", "tls_dir"):
+        if getattr(args, name) is not None:
+            setattr(args, name, getattr(args, name).resolve())
     try:
         backends = parse_backends(args.backends)
+        policy = RestartPolicy(
+            delay=args.restart_delay, max_delay=args.restart_max_delay,
+            limit=args.restart_limit, window=args.restart_window,
+        )
+        tls_dir = (args.tls_dir or args.run_dir / "tls") if args.tls else None
         plan = build_plan(
             root=ROOT,
             run_dir=args.run_dir,
@@ -71,11 +104,14 @@ def main(argv: list[str] | None = None) -> int:
             max_concurrent_requests=args.max_concurrent_requests,
             prometheus=not args.no_prometheus,
             api_keys_file=args.api_keys_file,
+            tls_dir=tls_dir,
         )
+        if plan.tls is not None and certs.ensure(plan.tls):
+            print(f"made development certificates in {plan.tls.dir}", flush=True)
     except LaunchError as exc:
         print(f"make up: {exc}", file=sys.stderr)
         return 2
-    supervisor = Supervisor(plan, log=functools.partial(print, flush=True))
+    supervisor = Supervisor(plan, log=functools.partial(print, flush=True), policy=policy)
     stop = supervisor.request_stop
     signal.signal(signal.SIGINT, lambda *_: stop())
     signal.signal(signal.SIGTERM, lambda *_: stop())

@@ -5,6 +5,7 @@ banner `make up` prints once everything is ready."""
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -33,11 +34,18 @@ def _observability_render() -> ModuleType:
 
 
 def envoy_config(plan: Plan) -> str:
-    return str(_envoy_render().render(
+    render = _envoy_render()
+    text = str(render.render(
         ADMIN_ADDRESS=plan.host, ADMIN_PORT=plan.ports.admin,
         LISTEN_ADDRESS=plan.host, LISTEN_PORT=plan.ports.envoy,
         ROUTER_HOST=plan.host, ROUTER_PORT=plan.ports.router,
         ROUTER_DISCOVERY="STATIC", DESCRIPTOR=DESCRIPTOR,
+    ))
+    if plan.tls is None:
+        return text
+    tls = plan.tls
+    return str(render.with_tls(
+        text, cert=str(tls.cert("envoy")), key=str(tls.key("envoy")), ca=str(tls.ca)
     ))
 
 
@@ -71,9 +79,22 @@ def write(plan: Plan) -> None:
     )
 
 
+def shown(path: Path) -> str:
+    """A path as a person in the checkout would type it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def tool(name: str) -> str:
+    """How to call a program of this interpreter's venv, which need not be active."""
+    return shown(Path(sys.executable).parent / name)
+
+
 def banner(plan: Plan) -> str:
     host, ports = plan.host, plan.ports
-    base = f"http://{host}:{ports.envoy}"
+    base = f"{plan.scheme}://{host}:{ports.envoy}"
     lines = [
         "",
         "llmmesh is up.",
@@ -88,17 +109,39 @@ def banner(plan: Plan) -> str:
         lines.append(f"  {model:<8} adapter {host}:{ports.adapter + i} -> {backend}")
     if plan.prometheus:
         lines.append(f"  Prometheus          http://{host}:{ports.prometheus}")
+    else:
+        lines.append("  Prometheus          not running (see the note above)"
+                     if plan.notes else "  Prometheus          off (--no-prometheus)")
+    lines += [f"  logs                {shown(plan.log_dir)}/", ""]
+    curl, grpcurl = "curl", f"{tool('grpcurl')} -plaintext"
+    if plan.tls is not None:
+        ca = shown(plan.tls.ca)
+        curl, grpcurl = f"curl --cacert {ca}", f"{tool('grpcurl')} -cacert {ca}"
+        lines += [
+            f"TLS: HTTPS and gRPC over TLS on :{ports.envoy}, certificates signed by the "
+            f"development CA {ca};",
+            "mutual TLS between Envoy, router and adapters (a client of the router needs "
+            f"{shown(plan.tls.cert('client'))} and its key).",
+            "",
+        ]
+    header = ""
+    if plan.api_keys_file is not None:
+        keys = shown(plan.api_keys_file)
+        lines += [
+            f"API keys are required ({keys}): every call sends `Authorization: Bearer <key>`.",
+            f"  KEY=$(awk 'NF && !/^#/ {{print $1; exit}}' {keys})",
+        ]
+        header = ' -H "Authorization: Bearer $KEY"'
+        grpcurl += ' -H "authorization: Bearer $KEY"'
     lines += [
-        f"  logs                {plan.log_dir}/",
-        "",
-        "Try:",
-        f"  curl {base}/v1/generate -X POST -H 'Content-Type: application/json' \\",
+        "Try:" if not header else "Then try:",
+        f"  {curl} {base}/v1/generate -X POST -H 'Content-Type: application/json'{header} \\",
         """    -d '{"model_id": "qwen2", "inputs": "Hello!", """
         """"parameters": {"max_new_tokens": 64}}'""",
-        f"  curl -N {base}/v1/generate_stream -X POST \\",
+        f"  {curl} -N {base}/v1/generate_stream -X POST{header} \\",
         """    -d '{"model_id": "llama3", "inputs": "Tell me a joke.", "scenario": "qa"}'""",
-        f"  grpcurl -plaintext {host}:{ports.envoy} list",
+        f"  {grpcurl} {host}:{ports.envoy} list",
         "",
-        "Ctrl-C stops everything.",
+        "A process that dies is started again; Ctrl-C stops everything.",
     ]
     return "\n".join(lines)

@@ -29,6 +29,43 @@ class Ports:
 
 
 @dataclass(frozen=True)
+class ClientTls:
+    """What a client needs to reach a TLS service: the CA, and for mutual TLS
+    a certificate and key of its own."""
+
+    ca: Path
+    cert: Path | None = None
+    key: Path | None = None
+
+
+@dataclass(frozen=True)
+class MeshTls:
+    """Certificates as scripts/dev_ca.sh names them, in one folder."""
+
+    dir: Path
+
+    def cert(self, name: str) -> Path:
+        return self.dir / f"{name}.pem"
+
+    def key(self, name: str) -> Path:
+        return self.dir / f"{name}-key.pem"
+
+    @property
+    def ca(self) -> Path:
+        return self.dir / "ca.pem"
+
+    def flags(self, name: str) -> tuple[str, ...]:
+        """The --tls-* flags of a gRPC service of the mesh (mutual TLS)."""
+        return ("--tls-cert", str(self.cert(name)), "--tls-key", str(self.key(name)),
+                "--tls-ca", str(self.ca))
+
+    def client(self, mutual: bool = True) -> ClientTls:
+        if not mutual:
+            return ClientTls(self.ca)
+        return ClientTls(self.ca, self.cert("client"), self.key("client"))
+
+
+@dataclass(frozen=True)
 class Ready:
     """How to see that a process serves: `http` GET 200, or gRPC health SERVING."""
 
@@ -36,6 +73,8 @@ class Ready:
     target: str  # URL, or host:port
     services: tuple[str, ...] = ("",)  # gRPC health service names that must serve
     authorization: str | None = None  # an Authorization header for `http`
+    models: bool = False  # `http`: a model listing in which every model must be ready
+    tls: ClientTls | None = None
 
 
 @dataclass(frozen=True)
@@ -58,6 +97,14 @@ class Plan:
     cpu_models: tuple[str, ...]
     backends: dict[str, str]
     prometheus: bool
+    # Said once at start: what the local mesh leaves out, and how to get it.
+    notes: tuple[str, ...] = ()
+    api_keys_file: Path | None = None
+    tls: MeshTls | None = None
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls is not None else "http"
 
     @property
     def log_dir(self) -> Path:
@@ -102,7 +149,11 @@ def build_plan(
     max_concurrent_requests: int | None,
     prometheus: bool,
     api_keys_file: Path | None = None,
+    tls_dir: Path | None = None,
 ) -> Plan:
+    """Every process of the mesh, in start order. `tls_dir`: serve HTTPS and
+    gRPC over TLS at the edge, mutual TLS inside, with the certificates of
+    scripts/dev_ca.sh in that folder."""
     registry = load_registry(root / "models" / "registry.yaml", env={})
     ids = tuple(m.id for m in registry.models)
     for name in backends:
@@ -115,6 +166,7 @@ def build_plan(
         gguf = model_path or default_gguf()
         if not gguf.is_file():
             raise LaunchError(f"GGUF model not found: {gguf}")
+    tls = MeshTls(tls_dir) if tls_dir is not None else None
     py = sys.executable
     procs: list[Proc] = []
     addresses: dict[str, str] = {}
@@ -142,9 +194,12 @@ def build_plan(
         if model in cpu_models:
             # SmolLM2 stands in for the model: its own chat template, from the GGUF.
             argv += ["--chat-template", str(gguf)]
+        if tls is not None:
+            argv += tls.flags("adapter")
         procs.append(Proc(
             name=f"adapter-{model}", stage=1, ports=(adapter_port, metrics_port),
-            argv=tuple(argv), ready=Ready("grpc", f"{host}:{adapter_port}"),
+            argv=tuple(argv),
+            ready=Ready("grpc", f"{host}:{adapter_port}", tls=tls.client() if tls else None),
         ))
         addresses[model] = f"{host}:{adapter_port}"
     procs.append(Proc(
@@ -153,20 +208,32 @@ def build_plan(
               "--metrics-port", str(ports.metrics),
               # The router's own bound stays above what the adapters admit.
               "--max-in-flight", str(max(512, max_concurrent_requests or 0)),
-              *(("--api-keys-file", str(api_keys_file)) if api_keys_file else ())),
+              *(("--api-keys-file", str(api_keys_file)) if api_keys_file else ()),
+              *(tls.flags("router") if tls is not None else ())),
         env=adapters_env(registry, addresses),
-        ready=Ready("grpc", f"{host}:{ports.router}", services=("", *ids)),
+        ready=Ready("grpc", f"{host}:{ports.router}", services=("", *ids),
+                    tls=tls.client() if tls else None),
     ))
     envoy_config = run_dir / "envoy.yaml"
+    scheme = "https" if tls is not None else "http"
     procs.append(Proc(
         name="envoy", stage=3, ports=(ports.envoy, ports.admin),
         argv=(_tool("envoy"), "-c", str(envoy_config), "--log-level", "warn",
               "--disable-hot-restart"),
-        ready=Ready("http", f"http://{host}:{ports.envoy}/v1/mesh/models",
-                    authorization=_first_key(api_keys_file)),
+        ready=Ready("http", f"{scheme}://{host}:{ports.envoy}/v1/mesh/models", models=True,
+                    authorization=_first_key(api_keys_file),
+                    tls=tls.client(mutual=False) if tls else None),
     ))
     prometheus_bin = shutil.which("prometheus")
     want_prometheus = prometheus and prometheus_bin is not None
+    notes: list[str] = []
+    if prometheus and prometheus_bin is None:
+        notes.append(
+            "Prometheus is not installed, so the mesh runs without it (metrics are still "
+            "served on each process's /metrics). To get it: `sudo apt-get install "
+            "prometheus` (Debian/Ubuntu; `make prometheus` does the same as root), then "
+            "start `make up` again. --no-prometheus silences this note."
+        )
     if want_prometheus:
         assert prometheus_bin is not None
         procs.append(Proc(
@@ -180,6 +247,7 @@ def build_plan(
     return Plan(
         procs=tuple(procs), host=host, ports=ports, run_dir=run_dir, models=ids,
         cpu_models=cpu_models, backends=backends, prometheus=want_prometheus,
+        notes=tuple(notes), api_keys_file=api_keys_file, tls=tls,
     )
 
 

@@ -1,4 +1,7 @@
-"""Run the router: `python -m services.router [--registry models/registry.yaml]`."""
+"""Run the router: `python -m services.router [--registry models/registry.yaml]`.
+
+Every flag can also come from the environment (LLMMESH_PORT, ...), as shown below.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ from dataclasses import dataclass
 
 import uvloop
 
-from services.common import logs
+from services.common import envflags, logs
 from services.common.auth import ApiKeys
 from services.common.metrics import Metrics
 from services.common.registry import Registry, load_registry
@@ -43,18 +46,20 @@ class RouterSettings:
 def parse_args(argv: list[str] | None = None) -> RouterSettings:
     env = os.environ
     p = argparse.ArgumentParser(prog="python -m services.router", description=__doc__)
-    add_server_arguments(p, env, default_port=50051)
-    p.add_argument("--scenarios", default=env.get("LLMMESH_SCENARIOS", str(DEFAULT_FILE)))
+    add_server_arguments(p, default_port=50051)
+    p.add_argument("--scenarios", default=str(DEFAULT_FILE), help="scenario templates (YAML)")
     p.add_argument(
-        "--api-keys-file", default=env.get("LLMMESH_API_KEYS_FILE"),
+        "--api-keys-file", default=None,
         help="require one of these keys (one per line) on every GenerateService call; "
              "LLMMESH_API_KEYS may also hold comma-separated keys",
     )
     p.add_argument(
-        "--max-in-flight", type=int, default=int(env.get("LLMMESH_MAX_IN_FLIGHT", "512")),
+        "--max-in-flight", type=int, default=512,
         help="requests per model the router holds at once; beyond, RESOURCE_EXHAUSTED",
     )
-    p.add_argument("--health-interval", type=float, default=1.0)
+    p.add_argument("--health-interval", type=float, default=1.0,
+                   help="seconds between health checks of each adapter replica")
+    envflags.apply(p, env)
     args = p.parse_args(argv)
     logs.setup("router", args.log_level)
     registry = load_registry(args.registry)

@@ -3,10 +3,10 @@ restart any one part of it: TGI doubles, several adapter replicas of one
 model, the router and Envoy.
 
 The launcher (conftest.start_mesh) starts exactly one adapter per model and
-stops the whole mesh as soon as one of its processes dies, which is right for
-`make up` and wrong for fault injection; these helpers start the same
-commands (`python -m services.router`, `python -m services.adapter`, Envoy from
-envoy/render.py) one by one instead.
+restarts whatever dies on its own schedule, which is right for `make up` and
+wrong for fault injection that decides when a part comes back; these helpers
+start the same commands (`python -m services.router`, `python -m
+services.adapter`, Envoy from envoy/render.py) one by one instead.
 """
 
 from __future__ import annotations

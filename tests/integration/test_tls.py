@@ -4,6 +4,7 @@ with certificates from scripts/dev_ca.sh."""
 from __future__ import annotations
 
 import json
+import re
 import ssl
 import subprocess
 import sys
@@ -147,3 +148,17 @@ def test_router_reaches_adapter_over_mutual_tls(secure: SecureMesh) -> None:
     reply = pb_grpc.GenerateServiceStub(channel).Generate(
         pb.GenerateRequest(model_id="qwen2", inputs="mutual"), timeout=10)
     assert reply.generated_text == "mutual" and reply.model == "Qwen2-7B-Instruct-GPTQ-Int4"
+
+
+@pytest.mark.parametrize("flags", [["-cacert"], ["-plaintext"]], ids=["no-cert", "plaintext"])
+def test_grpcurl_without_a_certificate_fails_to_dial(secure: SecureMesh, flags: list[str]) -> None:
+    # What the README's Security section says such a client sees: the server
+    # closes the connection, so no RPC status, only a failed dial.
+    args = [*flags, str(secure.certs / "ca.pem")] if flags == ["-cacert"] else flags
+    grpcurl = str(Path(sys.executable).parent / "grpcurl")
+    run = subprocess.run([grpcurl, *args, "-connect-timeout", "3", secure.router, "list"],
+                         capture_output=True, text=True, timeout=30, check=False)
+    assert run.returncode == 1
+    assert f'Failed to dial target host "{secure.router}"' in run.stderr
+    assert re.search(r"broken pipe|use of closed network connection|context deadline exceeded",
+                     run.stderr), run.stderr
