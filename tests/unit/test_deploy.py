@@ -676,7 +676,9 @@ def test_envoy_reaches_the_router_and_finds_its_descriptor() -> None:
         assert cluster["type"] == "STRICT_DNS"
         assert_reaches(profile, f"{address['address']}:{address['port_value']}", what="envoy")
         text = json.dumps(config)
-        (descriptor,) = re.findall(r'"proto_descriptor": "([^"]+)"', text)
+        # The transcoder's, and the stream route's own copy of its settings.
+        descriptors = set(re.findall(r'"proto_descriptor": "([^"]+)"', text))
+        (descriptor,) = descriptors
         assert bind_mounts(svc)[descriptor] == ROOT / "gen" / "llmmesh.binpb"
 
 
