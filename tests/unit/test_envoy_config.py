@@ -119,3 +119,16 @@ def test_envoys_own_errors_come_from_the_error_table():
     assert replies["body_format"]["json_format"] == _expected_body(EDGE_DEFAULT)
     assert EDGE_ERRORS[413].reason is Reason.REQUEST_TOO_LARGE
     assert EDGE_ERRORS[503].reason is Reason.ROUTER_UNAVAILABLE
+
+
+def test_the_413_message_names_envoys_real_limit():
+    hcm = _hcm()
+    filters = {f["name"]: f for f in hcm["http_filters"]}
+    limit = filters["envoy.filters.http.buffer"]["typed_config"]["max_request_bytes"]
+    routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    per_route = {r["typed_per_filter_config"]["envoy.filters.http.buffer"]["buffer"][
+        "max_request_bytes"] for r in routes
+        if "envoy.filters.http.buffer" in r.get("typed_per_filter_config", {})}
+    assert per_route == {limit}
+    assert EDGE_ERRORS[413].metadata == {"limit_bytes": str(limit)}
+    assert f"({limit} bytes)" in EDGE_ERRORS[413].message
