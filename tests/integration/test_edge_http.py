@@ -233,6 +233,17 @@ def test_unknown_route_and_model_are_404(mesh: Mesh) -> None:
     assert "qwen2" in body["message"] and "llama3" in body["message"]
 
 
+def test_headers_too_large_is_431_json(mesh: Mesh) -> None:
+    args = ["curl", "-s", "-X", "POST", f"{mesh.http}/v1/generate", "-H", "x-pad: " + "a" * 70_000,
+            "-d", "{}", "-w", "\n%{http_code} %{content_type}"]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=60, check=True).stdout
+    text, _, tail = out.rpartition("\n")
+    assert tail == "431 application/json", out[-300:]
+    body = json.loads(text)
+    assert body["code"] == 8 and body["message"].startswith("request headers too large")
+    assert _detail(body, "ErrorInfo")["reason"] == "REQUEST_TOO_LARGE"
+
+
 def test_overloaded_is_429(clean: Mesh) -> None:
     clean.doubles["qwen2"].control(mode="overloaded")
     status, ctype, body = post(f"{clean.http}/v1/generate",
