@@ -234,6 +234,23 @@ def test_424_is_tgis_generation_error(double: Server) -> None:
     assert body["error"].startswith("Request failed during generation: ")
 
 
+def test_generation_error_midstream_is_tgis_event(double: Server) -> None:
+    """After tokens have gone out, TGI sends the error as the last event:
+    ErrorResponse, the 424's body (server.rs, impl From<InferError> for Event)."""
+    want = fixture("error_424_generation.json")["body"]
+    double.call("POST", "/_control", {"mode": "generation_error", "after_tokens": 2})
+    try:
+        status, _, raw = double.call("POST", "/generate_stream",
+                                     {"inputs": "a b c d", "parameters": {"details": True}})
+    finally:
+        double.call("POST", "/_control", {})
+    assert status == 200
+    *tokens, last = sse_events(raw)
+    assert len(tokens) == 2
+    assert shape(last) == shape(want) and last["error_type"] == want["error_type"]
+    assert last["error"].startswith("Request failed during generation: ")
+
+
 def test_info_is_tgis(server: Server) -> None:
     want = fixture("info.json")["body"]
     status, _, raw = server.call("GET", "/info")

@@ -39,19 +39,22 @@ def _response(fix: dict[str, Any], *, compat: bool) -> web.Response:
                         content_type=fix["headers"]["content-type"])
 
 
+Reply = str | dict[str, Any]  # a fixture's file name, or a fixture itself
+
+
 class Replay:
     """Serves `unary`, `stream` and `info` fixtures; records what was asked."""
 
-    def __init__(self, unary: str | None = None, stream: str | None = None) -> None:
+    def __init__(self, unary: Reply | None = None, stream: Reply | None = None) -> None:
         self.unary, self.stream = unary, stream
         self.requests: list[dict[str, Any]] = []
 
     async def compat(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.requests.append(body)
-        name = self.stream if body.get("stream") else self.unary
-        assert name is not None, body
-        return _response(fixture(name), compat=True)
+        reply = self.stream if body.get("stream") else self.unary
+        assert reply is not None, body
+        return _response(reply if isinstance(reply, dict) else fixture(reply), compat=True)
 
     async def info(self, request: web.Request) -> web.Response:
         return _response(fixture("info.json"), compat=False)
@@ -163,6 +166,25 @@ async def test_in_band_stream_error(serve):
         _ = [e async for e in backend.generate_stream("x", PARAMS, timeout=5)]
     assert caught.value.reason is Reason.INVALID_ARGUMENT
     assert caught.value.message == json.loads(fix["body"][len("data:"):])["error"]
+
+
+async def test_generation_error_midstream(serve):
+    """Two of the stream's token events, then TGI's generation error as an
+    event (the 424's body: server.rs, impl From<InferError> for Event)."""
+    stream = fixture("generate_stream.json")
+    error = fixture("error_424_generation.json")["body"]
+    events = [b for b in stream["body"].split("\n\n") if b.startswith("data:")][:2]
+    composed = {**stream, "body": "".join(f"{e}\n\n" for e in events)
+                + "data:" + json.dumps(error, separators=(",", ":")) + "\n\n"}
+    backend = await serve(Replay(stream=composed))
+    out: list[Any] = []
+    with pytest.raises(MeshError) as caught:
+        async for event in backend.generate_stream("x", PARAMS, timeout=5):
+            out.append(event)
+    texts = [json.loads(e[len("data:"):])["token"]["text"] for e in events]
+    assert "".join(t.text for t in out) == "".join(texts)  # what came before is kept
+    assert caught.value.reason is Reason.MODEL_ERROR
+    assert caught.value.message == error["error"]
 
 
 async def test_info(serve):
