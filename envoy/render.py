@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
+import json
 import string
 import sys
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 TEMPLATE = HERE / "envoy.template.yaml"
@@ -43,22 +45,50 @@ PROFILES: dict[str, dict[str, str]] = {
     },
 }
 
-# Envoy's own replies, as the gRPC status each HTTP status stands for, so
-# they read like the transcoder's errors.
-LOCAL_REPLIES = [
-    (400, 3, "INVALID_ARGUMENT"),
-    (404, 5, "NOT_FOUND"),
-    (413, 3, "INVALID_ARGUMENT"),
-    (429, 8, "RESOURCE_EXHAUSTED"),
-    (503, 14, "UNAVAILABLE"),
-    (504, 4, "DEADLINE_EXCEEDED"),
-]
+
+def _edge_errors() -> tuple[dict[int, Any], Any]:
+    """services.common.errors' EDGE_ERRORS and EDGE_DEFAULT (the one error
+    table), imported from the checkout this file lives in."""
+    if str(HERE.parent) not in sys.path:
+        sys.path.insert(0, str(HERE.parent))
+    from services.common import errors
+
+    return dict(errors.EDGE_ERRORS), errors.EDGE_DEFAULT
+
+
+def _json_str(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _reply_body(error: Any, pad: str) -> list[str]:
+    """A json_format body shaped like the transcoder's errors: the reason's
+    gRPC code, the message, and a google.rpc.ErrorInfo."""
+    import grpc
+
+    from services.common.errors import DOMAIN, TABLE
+
+    code = grpc.StatusCode[TABLE[error.reason].code].value[0]
+    lines = [
+        f"{pad}json_format:",
+        f"{pad}  code: {code}",
+        f"{pad}  message: {_json_str(error.message)}",
+        f"{pad}  details:",
+        f'{pad}    - "@type": type.googleapis.com/google.rpc.ErrorInfo',
+        f"{pad}      reason: {error.reason.value}",
+        f"{pad}      domain: {DOMAIN}",
+    ]
+    if error.metadata:
+        lines.append(f"{pad}      metadata:")
+        lines += [f"{pad}        {k}: {_json_str(v)}" for k, v in error.metadata.items()]
+    lines.append(f"{pad}content_type: application/json")
+    return lines
 
 
 def _mappers(indent: int = 20) -> str:
     pad = " " * indent
+    rows, _ = _edge_errors()
     out = []
-    for status, code, name in LOCAL_REPLIES:
+    for status, error in sorted(rows.items()):
         out += [
             f"{pad}- filter:",
             f"{pad}    status_code_filter:",
@@ -66,11 +96,7 @@ def _mappers(indent: int = 20) -> str:
             f"{pad}        op: EQ",
             f"{pad}        value: {{ default_value: {status}, runtime_key: local_reply_{status} }}",
             f"{pad}  body_format_override:",
-            f"{pad}    json_format:",
-            f"{pad}      code: {code}",
-            f'{pad}      message: "{name}: %LOCAL_REPLY_BODY%"',
-            f"{pad}      details: []",
-            f"{pad}    content_type: application/json",
+            *_reply_body(error, pad + "    "),
         ]
     return "\n".join(out)
 
@@ -175,6 +201,11 @@ def _playground_mapper(indent: int = 20) -> str:
     ])
 
 
+def _default_body(indent: int = 20) -> str:
+    _, default = _edge_errors()
+    return "\n".join(_reply_body(default, " " * indent))
+
+
 def render(**values: str | int) -> str:
     """The template with `values` over the local profile's."""
     merged = {**PROFILES["local"], **{k: str(v) for k, v in values.items()}}
@@ -182,6 +213,7 @@ def render(**values: str | int) -> str:
     merged["PLAYGROUND_ROUTES"] = _playground_routes()
     merged["PLAYGROUND_REPLY_MAPPER"] = _playground_mapper()
     merged["PLAYGROUND_MAX_BYTES"] = str(PLAYGROUND_MAX_BYTES)
+    merged["LOCAL_REPLY_DEFAULT"] = _default_body()
     return string.Template(TEMPLATE.read_text(encoding="utf-8")).substitute(merged)
 
 

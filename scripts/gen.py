@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -50,9 +51,50 @@ def generate(out: Path) -> None:
     )
 
 
-def generated_files(root: Path) -> list[Path]:
-    files = [p for p in (root / "python").rglob("*") if p.name.endswith(GENERATED_SUFFIXES)]
-    return [*sorted(p.relative_to(root) for p in files), Path("llmmesh.binpb")]
+def ignored_by_git(root: Path, paths: list[Path]) -> set[Path]:
+    """Those of `paths` (relative to `root`) that git ignores: build output of
+    `pip install ./gen/python`, say. None outside a git checkout."""
+    if not paths:
+        return set()
+    try:
+        done = subprocess.run(
+            ["git", "check-ignore", "-z", "--stdin"],
+            input="\0".join(str(p) for p in paths),
+            cwd=root, capture_output=True, text=True, timeout=60, check=False,
+        )
+    except OSError:  # no git at all
+        return set()
+    if done.returncode not in (0, 1):  # 128: not a git checkout
+        return set()
+    return {Path(p) for p in done.stdout.split("\0") if p}
+
+
+def generated_files(root: Path, *, skip_ignored: bool = False) -> list[Path]:
+    """The generated files below `root`, relative to it. With `skip_ignored`,
+    files that git ignores are left out: they are not part of the checkout."""
+    files = sorted(
+        p.relative_to(root)
+        for p in (root / "python").rglob("*")
+        if p.name.endswith(GENERATED_SUFFIXES)
+    )
+    if skip_ignored:
+        ignored = ignored_by_git(root, files)
+        files = [p for p in files if p not in ignored]
+    return [*files, Path("llmmesh.binpb")]
+
+
+def stale_files(gen: Path) -> list[Path]:
+    """Generated files under `gen` that differ from what protos/ gives now,
+    are missing, or should not be there."""
+    with tempfile.TemporaryDirectory() as tmp:
+        fresh = Path(tmp)
+        generate(fresh)
+        want, have = generated_files(fresh), generated_files(gen, skip_ignored=True)
+        stale = sorted(set(want) ^ set(have))
+        stale += [
+            p for p in want if p in have and not filecmp.cmp(fresh / p, gen / p, shallow=False)
+        ]
+    return stale
 
 
 def main() -> int:
@@ -61,24 +103,18 @@ def main() -> int:
     args = parser.parse_args()
     gen = ROOT / "gen"
     if not args.check:
-        for old in generated_files(gen):
+        for old in generated_files(gen, skip_ignored=True):
             (gen / old).unlink(missing_ok=True)
         generate(gen)
-        print(f"generated {len(generated_files(gen))} files in {gen.relative_to(ROOT)}/")
+        count = len(generated_files(gen, skip_ignored=True))
+        print(f"generated {count} files in {gen.relative_to(ROOT)}/")
         return 0
-    with tempfile.TemporaryDirectory() as tmp:
-        fresh = Path(tmp)
-        generate(fresh)
-        want, have = generated_files(fresh), generated_files(gen)
-        stale = sorted(set(want) ^ set(have))
-        stale += [
-            p for p in want if p in have and not filecmp.cmp(fresh / p, gen / p, shallow=False)
-        ]
-        if stale:
-            print("gen/ is stale; run `make gen` and commit:", file=sys.stderr)
-            for path in stale:
-                print(f"  gen/{path}", file=sys.stderr)
-            return 1
+    stale = stale_files(gen)
+    if stale:
+        print("gen/ is stale; run `make gen` and commit:", file=sys.stderr)
+        for path in stale:
+            print(f"  gen/{path}", file=sys.stderr)
+        return 1
     print("gen/ is up to date")
     return 0
 

@@ -122,13 +122,17 @@ def check_stream(base: str, timeout: float) -> str:
     return f"events={len(events)} tokens={last.get('tokens')}"
 
 
-def check_error(base: str, body: bytes, status: int, timeout: float) -> str:
-    got, ctype, raw = post(f"{base}/v1/generate", body, timeout)
+def check_error(base: str, body: bytes, status: int, timeout: float,
+                path: str = "/v1/generate") -> str:
+    got, ctype, raw = post(f"{base}{path}", body, timeout)
     expect(got == status, f"status {got}, want {status}: {raw[:300]!r}")
     expect(ctype.startswith("application/json"), f"content type {ctype}")
     reply = json.loads(raw)
     expect(isinstance(reply.get("message"), str) and reply["message"], f"no message: {reply}")
-    return f"{got} {reply['message'][:70]!r}"
+    reasons = [d.get("reason") for d in reply.get("details", [])
+               if str(d.get("@type", "")).endswith("google.rpc.ErrorInfo")]
+    expect(len(reasons) == 1 and reasons[0], f"no ErrorInfo: {reply}")
+    return f"{got} {reasons[0]} {reply['message'][:60]!r}"
 
 
 def main() -> int:
@@ -155,6 +159,8 @@ def main() -> int:
                                            status, timeout))
     checks.run("body that is not JSON -> 400",
                lambda: check_error(base, b"this is not json", 400, timeout))
+    checks.run("unknown route -> 404",
+               lambda: check_error(base, b"{}", 404, timeout, path="/v1/nope"))
     print(f"{checks.passed} passed, {checks.failed} failed")
     return 1 if checks.failed else 0
 

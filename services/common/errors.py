@@ -30,6 +30,10 @@ class Reason(StrEnum):
     BACKEND_UNAVAILABLE = "BACKEND_UNAVAILABLE"
     MODEL_UNAVAILABLE = "MODEL_UNAVAILABLE"
     INTERNAL = "INTERNAL"
+    # Made by Envoy itself, before a request reaches the router (EDGE_ERRORS).
+    ROUTE_NOT_FOUND = "ROUTE_NOT_FOUND"
+    REQUEST_TOO_LARGE = "REQUEST_TOO_LARGE"
+    ROUTER_UNAVAILABLE = "ROUTER_UNAVAILABLE"
 
     @property
     def label(self) -> str:
@@ -61,7 +65,49 @@ TABLE: Mapping[Reason, ErrorKind] = {
     Reason.BACKEND_UNAVAILABLE: ErrorKind("UNAVAILABLE", retryable=True),
     Reason.MODEL_UNAVAILABLE: ErrorKind("UNAVAILABLE", retryable=True),
     Reason.INTERNAL: ErrorKind("INTERNAL", retryable=False),
+    Reason.ROUTE_NOT_FOUND: ErrorKind("NOT_FOUND", retryable=False),
+    Reason.REQUEST_TOO_LARGE: ErrorKind("RESOURCE_EXHAUSTED", retryable=False),
+    Reason.ROUTER_UNAVAILABLE: ErrorKind("UNAVAILABLE", retryable=True),
 }
+
+
+@dataclass(frozen=True)
+class EdgeError:
+    """An error Envoy makes itself: the reason, and the message, in which
+    Envoy's command operators stand for what Envoy knows (%LOCAL_REPLY_BODY%
+    is its own text, %REQ(:PATH)% the path asked for)."""
+
+    reason: Reason
+    message: str
+    metadata: Mapping[str, str] | None = None
+
+
+# Envoy's own replies, by the HTTP status Envoy answers with. envoy/render.py
+# turns each row into a local-reply mapper that writes the body every other
+# error has: {"code", "message", "details": [ErrorInfo]}, the code being the
+# reason's. The HTTP status stays Envoy's (413 has no gRPC code of its own).
+EDGE_ERRORS: Mapping[int, EdgeError] = {
+    # A body that is not JSON, or not the method's message (a wrong type).
+    400: EdgeError(Reason.INVALID_ARGUMENT, "invalid request body: %LOCAL_REPLY_BODY%"),
+    404: EdgeError(
+        Reason.ROUTE_NOT_FOUND,
+        "no such route: %REQ(:METHOD)% %REQ(:PATH):64%",
+        {"method": "%REQ(:METHOD)%", "path": "%REQ(:PATH):64%"},
+    ),
+    413: EdgeError(
+        Reason.REQUEST_TOO_LARGE,
+        "request body larger than 1 MiB (1048576 bytes)",
+        {"limit_bytes": "1048576"},
+    ),
+    429: EdgeError(Reason.OVERLOADED, "too many requests: %LOCAL_REPLY_BODY%"),
+    431: EdgeError(Reason.REQUEST_TOO_LARGE, "request headers too large: %LOCAL_REPLY_BODY%"),
+    503: EdgeError(
+        Reason.ROUTER_UNAVAILABLE, "the router cannot be reached: %LOCAL_REPLY_BODY%"
+    ),
+    504: EdgeError(Reason.TIMEOUT, "deadline exceeded: %LOCAL_REPLY_BODY%"),
+}
+# Any other status Envoy makes itself.
+EDGE_DEFAULT = EdgeError(Reason.INTERNAL, "the edge proxy failed: %LOCAL_REPLY_BODY%")
 
 # The reverse direction, for a status that arrives without an ErrorInfo
 # (from a peer that is not part of the mesh, or from gRPC itself).

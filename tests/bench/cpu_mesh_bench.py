@@ -44,9 +44,9 @@ async def bench_mesh(url: str, texts: list[str], max_new: int) -> list[Sample]:
                         continue
                     event = json.loads(line[5:])
                     now = time.perf_counter()
-                    if event["text"] and not first_tokens:
+                    if event.get("text") and not first_tokens:
                         first, first_tokens = now, event["tokens"]
-                    if event["text"]:
+                    if event.get("text"):
                         last, tokens = now, event["tokens"]
                     final = event
             # Tokens after the first message, over the time after it.

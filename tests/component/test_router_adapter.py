@@ -6,6 +6,7 @@ import asyncio
 
 import grpc
 import pytest
+import yaml
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
@@ -13,6 +14,7 @@ from llmmesh.v1 import generate_pb2 as pb
 
 from services.common.errors import MeshError, Reason
 from tests.fakes.backend import FakeBackend
+from tests.procs import ROOT
 
 
 def details(exc: grpc.aio.AioRpcError) -> tuple[error_details_pb2.ErrorInfo, list[str]]:
@@ -111,6 +113,11 @@ async def test_empty_inputs_and_unknown_scenario(start_adapter, start_router):
         assert details(caught.value)[1] == [field]
 
 
+SCENARIOS = yaml.safe_load(
+    (ROOT / "services" / "router" / "scenarios.yaml").read_text(encoding="utf-8")
+)["scenarios"]
+
+
 @pytest.mark.parametrize("scenario", ["qa", "summarize", "rewrite"])
 async def test_scenarios_reach_model_as_chat(start_adapter, start_router, scenario):
     router, adapters = await mesh(start_adapter, start_router, llama3=FakeBackend())
@@ -118,8 +125,22 @@ async def test_scenarios_reach_model_as_chat(start_adapter, start_router, scenar
     request = pb.GenerateRequest(model_id="llama3", inputs=question, scenario=scenario)
     await router.stub.Generate(request, timeout=5)
     prompt = adapters["llama3"].backend.prompts[0]
+    # The scenario's own system message and user template, in Llama 3's turns.
+    system = SCENARIOS[scenario]["system"].strip()
+    user = SCENARIOS[scenario]["user"].replace("{inputs}", question).strip()
     assert prompt.count("<|start_header_id|>system") == 1
-    assert question in prompt
+    assert f"\n\n{system}<|eot_id|>" in prompt
+    assert f"<|start_header_id|>user<|end_header_id|>\n\n{user}<|eot_id|>" in prompt
+    assert prompt.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+async def test_chat_scenario_sends_the_text_alone(start_adapter, start_router):
+    router, adapters = await mesh(start_adapter, start_router, llama3=FakeBackend())
+    await router.stub.Generate(ask(model="llama3", inputs="Hello"), timeout=5)
+    prompt = adapters["llama3"].backend.prompts[0]
+    assert "<|start_header_id|>user<|end_header_id|>\n\nHello<|eot_id|>" in prompt
+    for other in ("qa", "summarize", "rewrite"):
+        assert SCENARIOS[other]["system"].strip() not in prompt
 
 
 async def test_stream_messages_then_final(start_adapter, start_router):

@@ -40,7 +40,7 @@ SETTINGS = {
 CLIENT_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
                 grpc.StatusCode.OUT_OF_RANGE}
 # HTTP status -> the gRPC code in Envoy's JSON error body.
-HTTP_CODES = {400: 3, 404: 5, 413: 3, 429: 8, 431: 2}
+HTTP_CODES = {400: 3, 404: 5, 413: 8, 429: 8, 431: 8}
 LEAKS = ("Traceback", 'File "', "site-packages")
 
 # -- strategies ---------------------------------------------------------------------------
@@ -371,6 +371,9 @@ def test_body_over_one_mib_is_refused_by_envoy(mesh: Mesh, tmp_path: Path) -> No
     body = json.dumps({"model_id": "qwen2", "inputs": "x", "pad": "p" * (MIB + MIB // 2)})
     status, ctype, raw = curl_post(f"{mesh.http}/v1/generate", body.encode(), tmp_path)
     assert (status, ctype) == (413, "application/json"), (status, raw[:200])
+    answer = json.loads(raw)
+    assert answer["code"] == 8 and "1 MiB" in answer["message"], answer
+    assert [d["reason"] for d in answer["details"]] == ["REQUEST_TOO_LARGE"], answer
     good_http(mesh)
 
 

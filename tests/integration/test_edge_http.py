@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.integration.conftest import Mesh
 from tests.procs import ROOT, free_port, start, stop, wait_http
@@ -66,6 +68,13 @@ GUIDE = {
   }""",
 }
 NAMES = {"qwen2": "Qwen2-7B-Instruct-GPTQ-Int4", "llama3": "Llama-3.1-8B-Instruct-GPTQ-INT4"}
+SCENARIOS = {
+    name: scenario["user"]
+    for name, scenario in yaml.safe_load(
+        (ROOT / "services" / "router" / "scenarios.yaml").read_text(encoding="utf-8")
+    )["scenarios"].items()
+}
+WORDS = re.compile(r"\s*\S+")  # the TGI double's tokens (tests/fakes/tgi_double.py)
 
 
 def curl(url: str, body: str, *headers: str) -> tuple[int, str, str]:
@@ -105,11 +114,19 @@ def test_guide_curl_examples(mesh: Mesh, name: str) -> None:
     assert status == 200, text
     assert ctype == "application/json"
     reply = json.loads(text)
-    model = json.loads(GUIDE[name])["model_id"]
-    assert reply["model"] == NAMES[model]
-    assert isinstance(reply["generated_text"], str) and reply["generated_text"]
-    assert isinstance(reply["tokens"], int) and reply["tokens"] > 0
-    assert reply["finish_reason"] == "FINISH_REASON_EOS_TOKEN"
+    request = json.loads(GUIDE[name])
+    # The double echoes the last user turn: the scenario's user message.
+    user = SCENARIOS.get(request.get("scenario", "chat"), "{inputs}")
+    echo = user.replace("{inputs}", request["inputs"])
+    assert reply == {
+        "generated_text": echo,
+        "model": NAMES[request["model_id"]],
+        "tokens": len(WORDS.findall(echo)) + 1,  # the double: a token per word, then EOS
+        "input_tokens": reply["input_tokens"],
+        "finish_reason": "FINISH_REASON_EOS_TOKEN",
+        "model_id": request["model_id"],
+    }
+    assert reply["input_tokens"] > len(WORDS.findall(echo))  # the chat template's tokens too
 
 
 def test_models_routes(mesh: Mesh) -> None:
@@ -139,8 +156,11 @@ def test_stream_is_sse_and_not_buffered(clean: Mesh) -> None:
     ctype, events = read_sse(f"{clean.http}/v1/generate_stream",
                              {"model_id": "qwen2", "inputs": "one two three four five"})
     assert ctype == "text/event-stream"
-    texts = [e["text"] for _, e in events[:-1]]
-    assert texts == ["one", " two", " three", " four", " five"]
+    # A token event carries its token and the count so far, nothing else.
+    assert [e for _, e in events[:-1]] == [
+        {"text": text, "tokens": i + 1}
+        for i, text in enumerate(["one", " two", " three", " four", " five"])
+    ]
     # Each event arrived when its token was made, not all at the end.
     gaps = [b[0] - a[0] for a, b in itertools.pairwise(events[:-1])]
     assert all(gap > 0.08 for gap in gaps), gaps
@@ -196,16 +216,32 @@ def test_400_names_the_fields(clean: Mesh) -> None:
 def test_bad_json_is_400_json(mesh: Mesh, body: bytes, needle: str) -> None:
     status, ctype, reply = post(f"{mesh.http}/v1/generate", body)
     assert (status, ctype) == (400, "application/json")
-    assert needle in reply["message"]
+    assert needle in reply["message"] and reply["code"] == 3
+    assert _detail(reply, "ErrorInfo")["reason"] == "INVALID_ARGUMENT"
 
 
 def test_unknown_route_and_model_are_404(mesh: Mesh) -> None:
     status, ctype, body = post(f"{mesh.http}/v1/nope", "{}")
     assert (status, ctype) == (404, "application/json") and body["code"] == 5
+    assert body["message"] == "no such route: POST /v1/nope"
+    info = _detail(body, "ErrorInfo")
+    assert (info["reason"], info["domain"]) == ("ROUTE_NOT_FOUND", "llmmesh.v1")
+    assert info["metadata"] == {"method": "POST", "path": "/v1/nope"}
     status, ctype, body = post(f"{mesh.http}/v1/generate",
                                json.dumps({"model_id": "gpt-4", "inputs": "x"}))
     assert (status, ctype) == (404, "application/json")
     assert "qwen2" in body["message"] and "llama3" in body["message"]
+
+
+def test_headers_too_large_is_431_json(mesh: Mesh) -> None:
+    args = ["curl", "-s", "-X", "POST", f"{mesh.http}/v1/generate", "-H", "x-pad: " + "a" * 70_000,
+            "-d", "{}", "-w", "\n%{http_code} %{content_type}"]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=60, check=True).stdout
+    text, _, tail = out.rpartition("\n")
+    assert tail == "431 application/json", out[-300:]
+    body = json.loads(text)
+    assert body["code"] == 8 and body["message"].startswith("request headers too large")
+    assert _detail(body, "ErrorInfo")["reason"] == "REQUEST_TOO_LARGE"
 
 
 def test_overloaded_is_429(clean: Mesh) -> None:
@@ -265,7 +301,9 @@ def test_router_down_is_503_json(tmp_path: Path) -> None:
         status, ctype, body = post(f"http://127.0.0.1:{port}/v1/generate",
                                    json.dumps({"model_id": "qwen2", "inputs": "x"}))
         assert (status, ctype) == (503, "application/json")
-        assert body["code"] == 14 and body["message"].startswith("UNAVAILABLE")
+        assert body["code"] == 14
+        assert body["message"].startswith("the router cannot be reached: "), body
+        assert _detail(body, "ErrorInfo")["reason"] == "ROUTER_UNAVAILABLE"
     finally:
         stop(envoy)
 

@@ -6,8 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grpc
 import pytest
 import yaml
+
+from services.common.errors import DOMAIN, EDGE_DEFAULT, EDGE_ERRORS, TABLE, Reason
 
 ROOT = Path(__file__).parents[2]
 ENVOY = Path(sys.executable).parent / "envoy"
@@ -25,7 +28,7 @@ def test_profiles_differ_only_in_addresses():
     local = render.render(**render.PROFILES["local"]).splitlines()
     compose = render.render(**render.PROFILES["compose"]).splitlines()
     changed = [(a, b) for a, b in zip(local, compose, strict=True) if a != b]
-    assert len(changed) == 5
+    assert len(changed) == 6  # the descriptor twice: the stream route has its own transcoder
     for a, _ in changed:
         assert any(k in a for k in ("address", "port_value", "type:", "proto_descriptor"))
 
@@ -62,3 +65,70 @@ def test_transcoder_settings():
     assert filters["envoy.filters.http.buffer"]["disabled"] is True
     limited = [r["match"]["prefix"] for r in proxied if "typed_per_filter_config" in r]
     assert limited == ["/v1/generate_stream", "/v1/"]
+
+
+def _hcm() -> dict:
+    config = yaml.safe_load(render.render())
+    return config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+        "typed_config"]
+
+
+def test_stream_route_prints_no_zero_fields_and_unary_routes_do():
+    hcm = _hcm()
+    filters = {f["name"]: f for f in hcm["http_filters"]}
+    unary = filters["envoy.filters.http.grpc_json_transcoder"]["typed_config"]
+    routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    (stream_route,) = [r for r in routes if r["match"].get("prefix") == "/v1/generate_stream"]
+    stream = stream_route["typed_per_filter_config"]["envoy.filters.http.grpc_json_transcoder"]
+    assert unary["print_options"]["always_print_primitive_fields"] is True
+    assert stream["print_options"]["always_print_primitive_fields"] is False
+    # Otherwise the same transcoder: nothing else may drift apart.
+    same = {**stream, "print_options": {**stream["print_options"],
+                                        "always_print_primitive_fields": True}}
+    assert same == unary
+    for route in routes:
+        if route is not stream_route:  # others use the filter's settings, or none
+            override = route.get("typed_per_filter_config", {}).get(
+                "envoy.filters.http.grpc_json_transcoder", {})
+            assert "print_options" not in override, route["match"]
+
+
+def _expected_body(error) -> dict:
+    info = {"@type": "type.googleapis.com/google.rpc.ErrorInfo",
+            "reason": error.reason.value, "domain": DOMAIN}
+    if error.metadata:
+        info["metadata"] = dict(error.metadata)
+    code = grpc.StatusCode[TABLE[error.reason].code].value[0]
+    return {"code": code, "message": error.message, "details": [info]}
+
+
+def test_envoys_own_errors_come_from_the_error_table():
+    replies = _hcm()["local_reply_config"]
+    bodies = {
+        m["filter"]["status_code_filter"]["comparison"]["value"]["default_value"]:
+            m["body_format_override"]
+        for m in replies["mappers"]
+        if "status_code_filter" in m["filter"]  # not the playground page's own mapper
+    }
+    # Every status Envoy answers with by itself here: bad JSON, no route,
+    # body or headers too large, overload, router down, timeout.
+    assert set(bodies) == set(EDGE_ERRORS) == {400, 404, 413, 429, 431, 503, 504}
+    for status, error in EDGE_ERRORS.items():
+        assert bodies[status]["json_format"] == _expected_body(error), status
+        assert bodies[status]["content_type"] == "application/json"
+    assert replies["body_format"]["json_format"] == _expected_body(EDGE_DEFAULT)
+    assert EDGE_ERRORS[413].reason is Reason.REQUEST_TOO_LARGE
+    assert EDGE_ERRORS[503].reason is Reason.ROUTER_UNAVAILABLE
+
+
+def test_the_413_message_names_envoys_real_limit():
+    hcm = _hcm()
+    filters = {f["name"]: f for f in hcm["http_filters"]}
+    limit = filters["envoy.filters.http.buffer"]["typed_config"]["max_request_bytes"]
+    routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    per_route = {r["typed_per_filter_config"]["envoy.filters.http.buffer"]["buffer"][
+        "max_request_bytes"] for r in routes
+        if "envoy.filters.http.buffer" in r.get("typed_per_filter_config", {})}
+    assert per_route == {limit}
+    assert EDGE_ERRORS[413].metadata == {"limit_bytes": str(limit)}
+    assert f"({limit} bytes)" in EDGE_ERRORS[413].message

@@ -4,8 +4,9 @@ import grpc
 import pytest
 from grpc.aio import AioRpcError, Metadata
 
-from services.common.errors import TABLE, FieldViolation, MeshError, Reason, invalid
+from services.common.errors import EDGE_ERRORS, TABLE, FieldViolation, MeshError, Reason, invalid
 from services.common.rpc import from_rpc_error, to_status
+from tests.procs import ROOT
 
 EXPECTED_CODES = {
     Reason.INVALID_ARGUMENT: "INVALID_ARGUMENT",
@@ -19,6 +20,9 @@ EXPECTED_CODES = {
     Reason.BACKEND_UNAVAILABLE: "UNAVAILABLE",
     Reason.MODEL_UNAVAILABLE: "UNAVAILABLE",
     Reason.INTERNAL: "INTERNAL",
+    Reason.ROUTE_NOT_FOUND: "NOT_FOUND",
+    Reason.REQUEST_TOO_LARGE: "RESOURCE_EXHAUSTED",
+    Reason.ROUTER_UNAVAILABLE: "UNAVAILABLE",
 }
 
 
@@ -67,3 +71,34 @@ def test_status_without_details_falls_back_on_code():
     assert from_rpc_error(plain).reason is Reason.BACKEND_UNAVAILABLE
     odd = AioRpcError(grpc.StatusCode.DATA_LOSS, Metadata(), Metadata(), "?")
     assert from_rpc_error(odd).reason is Reason.INTERNAL
+
+
+def _readme_error_rows() -> dict[str, tuple[str, str]]:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("### Errors"):]
+    section = section[: section.index("\n## ")]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 4 and cells[0].startswith("`"):
+            rows[cells[0].strip("`")] = (cells[1], cells[2])
+    return rows
+
+
+def test_readme_error_table_has_every_reason_with_its_code():
+    rows = _readme_error_rows()
+    assert set(rows) == {r.value for r in Reason}
+    for reason, (code, _) in rows.items():
+        assert code == TABLE[Reason(reason)].code, reason
+
+
+def test_readme_http_status_is_envoys():
+    """The HTTP column: what Envoy makes of the gRPC code, or Envoy's own status."""
+    http = {"INVALID_ARGUMENT": "400", "NOT_FOUND": "404", "UNAUTHENTICATED": "401",
+            "RESOURCE_EXHAUSTED": "429", "INTERNAL": "500", "UNAVAILABLE": "503",
+            "DEADLINE_EXCEEDED": "504", "CANCELLED": "499"}
+    edge: dict[str, set[str]] = {}
+    for status, error in EDGE_ERRORS.items():
+        edge.setdefault(error.reason.value, set()).add(str(status))
+    for reason, (code, status) in _readme_error_rows().items():
+        assert status in {http[code], *edge.get(reason, ())}, reason
