@@ -13,10 +13,9 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
-from typing import Protocol
 
+from services.adapter.backend import Backend, BackendInfo, BackendResult, BackendToken
 from services.adapter.chat_template import ChatTemplate
-from services.adapter.tgi import BackendInfo, BackendResult, BackendToken
 from services.common.errors import MeshError, Reason, clip
 from services.common.metrics import Metrics
 from services.common.registry import ModelSpec
@@ -34,24 +33,6 @@ from services.common.validation import require, validate
 log = logging.getLogger("llmmesh.adapter")
 
 SCENARIOS = ("", "chat", "raw")
-
-
-class Backend(Protocol):
-    """A text-generation server; TGIBackend is the real one."""
-
-    async def generate(
-        self, prompt: str, params: Parameters, timeout: float | None
-    ) -> BackendResult: ...
-
-    def generate_stream(
-        self, prompt: str, params: Parameters, timeout: float | None
-    ) -> AsyncIterator[BackendToken | BackendResult]: ...
-
-    async def health(self, timeout: float = 2.0) -> bool: ...
-
-    async def info(self, timeout: float = 2.0) -> BackendInfo: ...
-
-    async def close(self) -> None: ...
 
 
 class AdapterCore:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -22,6 +21,7 @@ from text_generation.types import GrammarType as TGIGrammarType
 from text_generation.types import Parameters as TGIParameters
 from text_generation.types import Request as TGIRequest
 
+from services.adapter.backend import BackendInfo, BackendResult, BackendToken
 from services.common.errors import FieldViolation, MeshError, Reason, invalid
 from services.common.types import FinishReason, Grammar, Parameters
 
@@ -46,31 +46,6 @@ _FINISH = {
     "eos_token": FinishReason.EOS_TOKEN,
     "stop_sequence": FinishReason.STOP_SEQUENCE,
 }
-
-
-@dataclass(frozen=True)
-class BackendToken:
-    """One or more tokens that arrived together; `text` leaves out special tokens."""
-
-    text: str
-    count: int = 1
-
-
-@dataclass(frozen=True)
-class BackendResult:
-    text: str
-    generated_tokens: int
-    input_tokens: int
-    finish_reason: FinishReason
-
-
-@dataclass(frozen=True)
-class BackendInfo:
-    model_id: str
-    max_input_tokens: int
-    max_total_tokens: int
-    max_stop_sequences: int
-    max_concurrent_requests: int
 
 
 def error_from_tgi(status: int, payload: Any) -> MeshError:

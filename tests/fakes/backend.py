@@ -10,7 +10,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from services.adapter.tgi import BackendInfo, BackendResult, BackendToken
+from services.adapter.backend import BackendInfo, BackendResult, BackendToken
 from services.common.errors import MeshError
 from services.common.types import FinishReason, Parameters
 
