@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from google.protobuf import json_format, struct_pb2
 from llmmesh.v1 import generate_pb2 as pb
 
-from services.common.errors import MeshError
+from services.common.errors import MeshError, Reason
 from services.common.types import (
     Chunk,
     FinishReason,
     Generation,
     GenerationRequest,
     Grammar,
+    Limits,
     Message,
     ModelInfo,
     Parameters,
@@ -157,12 +159,18 @@ def failure_to_pb(error: MeshError, tokens: int) -> pb.GenerateStreamResponse:
     )
 
 
-def stream_event_from_pb(m: pb.GenerateStreamResponse) -> Chunk | Generation | pb.StreamError:
+def stream_error_from_pb(e: pb.StreamError) -> MeshError:
+    """An in-band stream error as the MeshError it was raised as."""
+    reason = Reason(e.reason) if e.reason in Reason.__members__ else Reason.INTERNAL
+    return MeshError(reason, e.message)
+
+
+def stream_event_from_pb(m: pb.GenerateStreamResponse) -> Chunk | Generation | MeshError:
     """Decode one stream message: a chunk, the final result, or an in-band error."""
     if m.finish_reason == pb.FINISH_REASON_UNSPECIFIED:
         return Chunk(text=m.text, tokens=m.tokens)
     if m.finish_reason == pb.FINISH_REASON_ERROR:
-        return m.error
+        return stream_error_from_pb(m.error)
     return Generation(
         text=m.generated_text,
         model=m.model,
@@ -183,6 +191,26 @@ def model_to_pb(m: ModelInfo) -> pb.Model:
         max_total_tokens=m.limits.max_total_tokens,
         max_new_tokens=m.limits.max_new_tokens,
         max_stop_sequences=m.limits.max_stop_sequences,
+        ready=m.ready,
+        replicas=m.replicas,
+        ready_replicas=m.ready_replicas,
+    )
+
+
+def model_from_pb(m: pb.Model, static: Limits) -> ModelInfo:
+    """A peer's model description; `static` fills the limits the message lacks."""
+    return ModelInfo(
+        id=m.id,
+        name=m.name,
+        aliases=tuple(m.aliases),
+        backend_model=m.backend_model,
+        limits=replace(
+            static,
+            max_new_tokens=m.max_new_tokens,
+            max_stop_sequences=m.max_stop_sequences,
+            max_input_tokens=m.max_input_tokens,
+            max_total_tokens=m.max_total_tokens,
+        ),
         ready=m.ready,
         replicas=m.replicas,
         ready_replicas=m.ready_replicas,
