@@ -12,7 +12,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from services.common.types import FinishReason, Parameters
+from services.common.types import FinishReason, Message, Parameters
+
+# What a backend generates from: a prompt the adapter rendered with the
+# model's chat template (or a raw one), or, for an engine that applies the
+# template itself, the conversation.
+Prompt = str | tuple[Message, ...]
 
 
 @dataclass(frozen=True)
@@ -47,12 +52,18 @@ class BackendInfo:
 class Backend(Protocol):
     """A text-generation engine behind the adapter."""
 
+    @property
+    def applies_template(self) -> bool:
+        """True when the engine renders the chat template: it is then given
+        the conversation instead of a rendered prompt."""
+        ...
+
     async def generate(
-        self, prompt: str, params: Parameters, timeout: float | None
+        self, prompt: Prompt, params: Parameters, timeout: float | None
     ) -> BackendResult: ...
 
     def generate_stream(
-        self, prompt: str, params: Parameters, timeout: float | None
+        self, prompt: Prompt, params: Parameters, timeout: float | None
     ) -> AsyncIterator[BackendToken | BackendResult]: ...
 
     async def health(self, timeout: float = 2.0) -> bool: ...
