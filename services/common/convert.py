@@ -11,6 +11,7 @@ from llmmesh.v1 import generate_pb2 as pb
 from services.common.errors import MeshError, Reason
 from services.common.types import (
     Chunk,
+    EngineLoad,
     FinishReason,
     Generation,
     GenerationRequest,
@@ -181,6 +182,21 @@ def stream_event_from_pb(m: pb.GenerateStreamResponse) -> Chunk | Generation | M
     )
 
 
+def load_to_pb(load: EngineLoad) -> pb.EngineLoad:
+    out = pb.EngineLoad(waiting=load.waiting, running=load.running)
+    if load.kv_cache_usage is not None:
+        out.kv_cache_usage = load.kv_cache_usage
+    return out
+
+
+def load_from_pb(m: pb.EngineLoad) -> EngineLoad:
+    return EngineLoad(
+        waiting=m.waiting,
+        running=m.running,
+        kv_cache_usage=m.kv_cache_usage if m.HasField("kv_cache_usage") else None,
+    )
+
+
 def model_to_pb(m: ModelInfo) -> pb.Model:
     return pb.Model(
         id=m.id,
@@ -194,6 +210,7 @@ def model_to_pb(m: ModelInfo) -> pb.Model:
         ready=m.ready,
         replicas=m.replicas,
         ready_replicas=m.ready_replicas,
+        load=load_to_pb(m.load) if m.load is not None else None,
     )
 
 
@@ -214,4 +231,5 @@ def model_from_pb(m: pb.Model, static: Limits) -> ModelInfo:
         ready=m.ready,
         replicas=m.replicas,
         ready_replicas=m.ready_replicas,
+        load=load_from_pb(m.load) if m.HasField("load") else None,
     )

@@ -243,5 +243,6 @@ class RouterCore:
             ready=pool.ready_count > 0,
             replicas=len(pool.replicas) or len(spec.adapters),
             ready_replicas=pool.ready_count,
+            load=pool.load,
         )
 

@@ -3,14 +3,14 @@
 Each replica keeps one long-lived gRPC channel. A background loop checks
 every replica's grpc.health.v1 status, resolves `dns:///` entries again (so
 scaling a Deployment behind a headless Service adds replicas without a config
-change), and asks a serving replica for the model's details. Requests go to
-the serving replica with the fewest requests in flight.
+change), and asks every serving replica for the model's details, which carry
+its engine's load. Requests go to the serving replica services.router.choice
+ranks first.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import socket
@@ -18,7 +18,8 @@ import socket
 import grpc
 
 from services.common.errors import MeshError
-from services.common.types import Limits, ModelInfo
+from services.common.types import EngineLoad, Limits, ModelInfo
+from services.router.choice import choose
 from services.router.replica import Replica
 
 log = logging.getLogger("llmmesh.router")
@@ -30,8 +31,10 @@ class ReplicaPool:
         targets: tuple[str, ...],
         limits: Limits,
         credentials: grpc.ChannelCredentials | None = None,
+        policy: str = "load",
     ) -> None:
         self._credentials = credentials
+        self.policy = policy
         self.model_id = model_id
         self.targets = targets
         self.replicas: dict[str, Replica] = {}
@@ -51,14 +54,23 @@ class ReplicaPool:
         """The adapters' limits once known (they include the backend's)."""
         return self.details.limits if self.details is not None else self._static_limits
 
-    def pick(self, exclude: set[Replica]) -> Replica | None:
-        """The serving replica with the fewest requests in flight; ties take turns."""
-        candidates = [r for r in self.replicas.values() if r.serving and r not in exclude]
-        if not candidates:
+    @property
+    def load(self) -> EngineLoad | None:
+        """The engine load summed over serving replicas that report one."""
+        loads = [r.load for r in self.replicas.values() if r.serving and r.load is not None]
+        if not loads:
             return None
-        least = min(r.in_flight for r in candidates)
-        tied = [r for r in candidates if r.in_flight == least]
-        return tied[next(self._turn) % len(tied)]
+        kv = [x.kv_cache_usage for x in loads if x.kv_cache_usage is not None]
+        return EngineLoad(
+            waiting=sum(x.waiting for x in loads),
+            running=sum(x.running for x in loads),
+            kv_cache_usage=max(kv) if kv else None,
+        )
+
+    def pick(self, exclude: set[Replica]) -> Replica | None:
+        """The serving replica the pool's policy ranks first; ties take turns."""
+        candidates = [r for r in self.replicas.values() if r.serving and r not in exclude]
+        return choose(candidates, self.policy, next(self._turn))
 
     def mark_down(self, replica: Replica) -> None:
         if replica.serving:
@@ -85,12 +97,20 @@ class ReplicaPool:
                 )
             replica.serving = serving
         self.checked.set()
-        serving_replica = next((r for r in replicas if r.serving), None)
-        if serving_replica is not None:
-            with contextlib.suppress(MeshError):
-                self.details = await serving_replica.model_info(
-                    self.model_id, self._static_limits, timeout
-                )
+        up = [r for r in replicas if r.serving]
+        infos = await asyncio.gather(
+            *(r.model_info(self.model_id, self._static_limits, timeout) for r in up),
+            return_exceptions=True,
+        )
+        for replica, info in zip(up, infos, strict=True):
+            if isinstance(info, MeshError):
+                replica.report(None)
+            elif isinstance(info, BaseException):
+                raise info
+            else:
+                replica.report(info.load)
+                if self.details is None or replica is up[0]:
+                    self.details = info
 
     async def close(self) -> None:
         for replica in self.replicas.values():

@@ -21,7 +21,14 @@ from llmmesh.v1 import generate_pb2_grpc as pb_grpc
 from services.common import convert
 from services.common.errors import MeshError
 from services.common.rpc import from_rpc_error
-from services.common.types import Chunk, Generation, GenerationRequest, Limits, ModelInfo
+from services.common.types import (
+    Chunk,
+    EngineLoad,
+    Generation,
+    GenerationRequest,
+    Limits,
+    ModelInfo,
+)
 
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 4 * 1024 * 1024),
@@ -37,7 +44,8 @@ CHANNEL_OPTIONS = [
 @dataclass(eq=False)
 class Replica:
     """One adapter address over one long-lived channel, and what the router
-    knows about it: whether it serves, and its requests in flight."""
+    knows about it: whether it serves, its requests in flight, and the
+    engine load its adapter last reported."""
 
     address: str
     channel: grpc.aio.Channel
@@ -45,6 +53,10 @@ class Replica:
     health: health_pb2_grpc.HealthStub
     serving: bool = False
     in_flight: int = 0
+    # The engine's load at the last report (None: it reports none), and the
+    # router's own requests in flight there when the report arrived.
+    load: EngineLoad | None = None
+    in_flight_at_report: int = 0
     _serial: int = field(default_factory=itertools.count().__next__)
 
     @classmethod
@@ -59,6 +71,10 @@ class Replica:
             address, channel, pb_grpc.GenerateServiceStub(channel),
             health_pb2_grpc.HealthStub(channel),
         )
+
+    def report(self, load: EngineLoad | None) -> None:
+        self.load = load
+        self.in_flight_at_report = self.in_flight
 
     @contextlib.contextmanager
     def track(self) -> Iterator[None]:
