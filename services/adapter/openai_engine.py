@@ -173,6 +173,7 @@ class OpenAIEngineBackend:
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
         self._health_route: bool | None = None  # whether GET /health is served
+        self._active = 0  # generations in progress through this backend
 
     @property
     def applies_template(self) -> bool:
@@ -273,6 +274,7 @@ class OpenAIEngineBackend:
         self, prompt: Prompt, params: Parameters, timeout: float | None
     ) -> BackendResult:
         route, body = self.body(prompt, params, stream=False)
+        self._active += 1
         try:
             await self._model_for(body)
             async with self.session.post(
@@ -298,6 +300,8 @@ class OpenAIEngineBackend:
             raise
         except Exception as exc:
             raise _transport_error(exc, self.base_url) from exc
+        finally:
+            self._active -= 1
 
     async def generate_stream(
         self, prompt: Prompt, params: Parameters, timeout: float | None
@@ -312,6 +316,7 @@ class OpenAIEngineBackend:
         route, body = self.body(prompt, params, stream=True)
         resp: aiohttp.ClientResponse | None = None
         finished = False
+        self._active += 1
         try:
             await self._model_for(body)
             resp = await self.session.post(
@@ -370,6 +375,7 @@ class OpenAIEngineBackend:
         except Exception as exc:
             raise _transport_error(exc, self.base_url) from exc
         finally:
+            self._active -= 1
             if resp is not None:
                 if finished:
                     resp.release()
@@ -380,7 +386,17 @@ class OpenAIEngineBackend:
 
     async def health(self, timeout: float = 2.0) -> bool:
         """GET /health where the engine serves it (vLLM, SGLang, llama-server),
-        else GET /v1/models."""
+        else GET /v1/models.
+
+        llama-cpp-python's server serves no /health and answers /v1/models
+        only between generations (one lock guards its model); a probe that
+        gives up waiting for that lock breaks the generation in progress. So
+        where /v1/models is the probe, it is not sent while this backend has
+        generations in progress: the engine is serving them, and if it dies
+        their errors say so (and the router marks the replica down).
+        """
+        if self._health_route is False and self._active > 0:
+            return True
         try:
             if self._health_route is not False:
                 async with self.session.get(
