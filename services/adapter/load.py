@@ -32,6 +32,9 @@ LOAD_METRICS: Mapping[str, str] = {
     "vllm:num_requests_running": "running",
     "vllm:kv_cache_usage_perc": "kv",
     "vllm:gpu_cache_usage_perc": "kv",  # its name before vLLM 0.9
+    # llama.cpp's llama-server, when started with --metrics.
+    "llamacpp:requests_deferred": "waiting",
+    "llamacpp:requests_processing": "running",
     # SGLang's scheduler gauges.
     "sglang:num_queue_reqs": "waiting",
     "sglang:num_running_reqs": "running",

@@ -63,8 +63,9 @@ DIALECTS: Mapping[str, Dialect] = {
                       metrics=True),
     # llama.cpp's llama-server and llama-cpp-python's server: `repeat_penalty`,
     # a GBNF `grammar` on both routes (llama-cpp-python's /v1/completions has
-    # no other way to constrain output); no regex, and no /metrics.
-    "llamacpp": Dialect("llamacpp", "top_k", "repeat_penalty", "gbnf", None, metrics=False),
+    # no other way to constrain output), no regex; /metrics only from a
+    # llama-server started with --metrics.
+    "llamacpp": Dialect("llamacpp", "top_k", "repeat_penalty", "gbnf", None, metrics=True),
     # Ollama's OpenAI compatibility layer: OpenAI's fields only, and no
     # structured output on /v1/completions.
     "ollama": Dialect("ollama", None, None, None, None, metrics=False),

@@ -51,7 +51,9 @@ def test_the_registry_names_the_engine(monkeypatch):
     settings = parse(monkeypatch, QWEN2_ENGINE="llamacpp", QWEN2_ENGINE_URL="http://h:9/v1")
     assert (settings.engine.kind, settings.engine.url) == ("llamacpp", "http://h:9/v1")
     _, metrics = adapter_main.make_backend(settings)
-    assert metrics is None  # llama.cpp's servers have no /metrics: no sampling
+    assert metrics == "http://h:9/metrics"  # llama-server's, with --metrics
+    settings = parse(monkeypatch, QWEN2_ENGINE="ollama", QWEN2_ENGINE_URL="http://h:9/v1")
+    assert adapter_main.make_backend(settings)[1] is None  # Ollama has no /metrics
 
 
 def test_bad_engine_settings_stop_the_adapter(monkeypatch, capsys):
