@@ -84,8 +84,9 @@ def parse_backends(text: str) -> dict[str, str]:
         kind, _url = engine_of(url)
         if not sep or not _url.startswith(("http://", "https://")) or kind not in ENGINE_KINDS:
             raise LaunchError(
-                f"BACKENDS: expected MODEL=[KIND+]http://HOST:PORT (KIND one of "
-                f"{', '.join(ENGINE_KINDS)}), got {item!r}"
+                f"BACKENDS: expected MODEL=http://HOST:PORT (TGI) or "
+                f"MODEL=KIND+http://HOST:PORT/v1 (KIND one of {', '.join(ENGINE_KINDS[1:])}), "
+                f"got {item!r}"
             )
         out[model] = url.rstrip("/")
     return out
