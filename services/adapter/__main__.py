@@ -117,6 +117,10 @@ def parse_args(argv: list[str] | None = None) -> AdapterSettings:
         served_model=args.served_model or model.engine.served_model,
         chat_api=args.chat_api or model.engine.chat_api,
     )
+    if engine.kind not in ENGINE_KINDS:
+        p.error(f"engine kind {engine.kind!r} is not one of {', '.join(ENGINE_KINDS)}")
+    if engine.chat_api not in CHAT_APIS:
+        p.error(f"chat API {engine.chat_api!r} is not one of {', '.join(CHAT_APIS)}")
     if not engine.url:
         p.error(f"no engine URL for {model.id}: set --engine-url (or ENGINE_URL)")
     if engine.kind == "tgi" and engine.chat_api != "adapter":

@@ -64,6 +64,9 @@ def test_bad_engine_settings_stop_the_adapter(monkeypatch, capsys):
         parse(monkeypatch, "--engine", "tgi", "--chat-api", "engine", ENGINE_URL="http://x")
     with pytest.raises(SystemExit):
         parse(monkeypatch, "--engine", "triton", ENGINE_URL="http://x")
+    with pytest.raises(SystemExit):
+        parse(monkeypatch, ENGINE_URL="http://x", LLMMESH_ENGINE="triton")
+    assert "triton" in capsys.readouterr().err
 
 
 def test_registry_refuses_unknown_engines(tmp_path):
