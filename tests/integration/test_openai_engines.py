@@ -287,6 +287,24 @@ def test_a_client_that_goes_away_cancels_the_engine_request(mesh: EngineMesh) ->
         mesh.vllm.control()
 
 
+def test_a_client_that_goes_away_stops_llama_cpp(mesh: EngineMesh) -> None:
+    def disconnects() -> int:
+        return mesh.llama.tail(100_000).count("Disconnected from client")
+
+    before = disconnects()
+    call = stub(mesh.router.address).GenerateStream(pb.GenerateStreamRequest(
+        model_id="qwen2", inputs="Write a long story about the sea.",
+        parameters=pb.GenerationParameters(max_new_tokens=1500)), timeout=300)
+    assert next(iter(call)).text
+    call.cancel()
+    # llama-cpp-python's server notices the closed connection and stops.
+    eventually(lambda: disconnects() == before + 1, timeout=30)
+    reply = stub(mesh.router.address).Generate(pb.GenerateRequest(
+        model_id="qwen2", inputs="Hi", parameters=pb.GenerationParameters(max_new_tokens=4)),
+        timeout=60)
+    assert reply.tokens > 0
+
+
 def test_the_engines_load_reaches_the_router(mesh: EngineMesh) -> None:
     mesh.vllm.control(token_delay=0.2)
     stop = threading.Event()
