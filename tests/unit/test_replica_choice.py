@@ -3,12 +3,16 @@ simulation that compares the policies (tests/bench/replica_bench.py)."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
-from services.adapter.load import parse_load
+import aiohttp
+
+from services.adapter.load import LoadSampler, parse_load
 from services.common.types import EngineLoad
 from services.router.choice import choose, estimated_requests
 from tests.bench import replica_bench
+from tests.fakes.tgi_double import Control, serve
 
 
 @dataclass(eq=False)
@@ -74,3 +78,33 @@ def test_simulation_load_aware_beats_least_in_flight_under_outside_load():
     assert p95(aware, 0.95) < p95(blind, 0.95)
     # Without reports the policy is least-in-flight, request for request.
     assert replica_bench.simulate("load", seed=1, seconds=600, reports=False) == blind
+
+
+async def test_tgis_gauges_count_the_requests_in_the_engine():
+    """TGI's tgi_queue_size and tgi_batch_current_size, as the CPU backend's
+    HTTP layer (which the TGI double serves) exports them."""
+    async with serve() as double:
+        double.engine.control = Control(token_delay=0.1)
+        sampler = LoadSampler(f"{double.url}/metrics", 0.1)
+        async with aiohttp.ClientSession() as session:
+
+            async def generate() -> None:
+                body = {"inputs": "a b c d e f g h", "parameters": {"max_new_tokens": 8}}
+                async with session.post(f"{double.url}/generate", json=body) as resp:
+                    assert resp.status == 200
+                    await resp.read()
+
+            held = [asyncio.create_task(generate()) for _ in range(3)]
+            try:
+                for _ in range(50):
+                    load = await sampler.sample()
+                    if load is not None and load.requests == 3:
+                        break
+                    await asyncio.sleep(0.02)
+                assert load is not None and load.requests == 3
+                assert sampler.current == load
+            finally:
+                await asyncio.gather(*held)
+            after = await sampler.sample()
+            assert after is not None and after.requests == 0
+        await sampler.close()
