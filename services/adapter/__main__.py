@@ -1,12 +1,17 @@
-"""Run one adapter: `python -m services.adapter --model qwen2 --tgi-url URL`.
+"""Run one adapter: `python -m services.adapter --model qwen2 --engine-url URL`.
 
-Every flag can also come from the environment (LLMMESH_MODEL, TGI_URL, ...,
-as shown below), which is how the containers are configured.
+The engine is TGI by default; `--engine vllm` (or openai, sglang, llamacpp,
+ollama) drives an OpenAI-compatible server at `--engine-url http://HOST:PORT/v1`.
+Engine settings not given here come from the model's `engine:` entry in the
+registry. Every flag can also come from the environment (LLMMESH_MODEL,
+ENGINE_URL or TGI_URL, ..., as shown below), which is how the containers are
+configured.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 from dataclasses import dataclass
@@ -14,12 +19,15 @@ from pathlib import Path
 
 import uvloop
 
+from services.adapter.backend import Backend
 from services.adapter.chat_template import ChatTemplate
 from services.adapter.core import AdapterCore
+from services.adapter.load import LoadSampler
+from services.adapter.openai_engine import DIALECTS, OpenAIEngineBackend, root_of
 from services.adapter.tgi import TGIBackend
 from services.common import envflags, logs
 from services.common.metrics import Metrics
-from services.common.registry import ModelSpec, load_registry
+from services.common.registry import CHAT_APIS, ENGINE_KINDS, EngineSpec, ModelSpec, load_registry
 from services.common.service import (
     SERVICE_NAME,
     HealthBoard,
@@ -36,12 +44,18 @@ log = logging.getLogger("llmmesh.adapter")
 @dataclass(frozen=True)
 class AdapterSettings:
     model: ModelSpec
-    tgi_url: str
+    engine: EngineSpec  # the registry's, with the flags applied
     chat_template: Path
     server: ServerSettings
     max_concurrency: int
     default_timeout: float
     health_interval: float
+    load_interval: float = 0.5
+    engine_api_key: str | None = None
+
+    @property
+    def tgi_url(self) -> str:
+        return self.engine.url
 
 
 def parse_args(argv: list[str] | None = None) -> AdapterSettings:
@@ -49,7 +63,36 @@ def parse_args(argv: list[str] | None = None) -> AdapterSettings:
     p = argparse.ArgumentParser(prog="python -m services.adapter", description=__doc__)
     add_server_arguments(p, default_port=50061)
     p.add_argument("--model", default=None, help="registry id, e.g. qwen2")
-    p.add_argument("--tgi-url", default=None, help="the TGI server's base URL")
+    p.add_argument(
+        "--engine", choices=ENGINE_KINDS, default=None,
+        help="the engine's kind (default: the registry's, else tgi)",
+    )
+    p.add_argument(
+        "--engine-url", "--tgi-url", dest="engine_url",
+        # TGI_URL is the older name, still honoured; ENGINE_URL wins.
+        default=env.get("TGI_URL") or None,
+        help="the engine's base URL: TGI http://HOST:PORT, the others http://HOST:PORT/v1 "
+             "(TGI_URL also works)",
+    )
+    p.add_argument(
+        "--served-model", default=None,
+        help="the model name an OpenAI-compatible engine serves "
+             "(default: the first on its /v1/models)",
+    )
+    p.add_argument(
+        "--chat-api", choices=CHAT_APIS, default=None,
+        help="adapter: render the chat template here and call /v1/completions; engine: "
+             "send the conversation to /v1/chat/completions",
+    )
+    p.add_argument(
+        "--engine-api-key-file", default=None,
+        help="a file holding the key an OpenAI-compatible engine requires",
+    )
+    p.add_argument(
+        "--load-interval", type=float, default=0.5,
+        help="seconds between samples of the engine's /metrics for the router's choice of "
+             "replica; 0 turns sampling off",
+    )
     p.add_argument(
         "--chat-template",
         default=None,
@@ -61,35 +104,74 @@ def parse_args(argv: list[str] | None = None) -> AdapterSettings:
     )
     p.add_argument("--health-interval", type=float, default=2.0,
                    help="seconds between health checks of the TGI server")
-    envflags.apply(p, env, names={"tgi_url": "TGI_URL"})
+    envflags.apply(p, env, names={"engine_url": "ENGINE_URL",
+                                   "engine_api_key_file": "ENGINE_API_KEY_FILE"})
     args = p.parse_args(argv)
     if not args.model:
         p.error("--model (or LLMMESH_MODEL) is required")
-    if not args.tgi_url:
-        p.error("--tgi-url (or TGI_URL) is required")
     logs.setup(f"adapter-{args.model}", args.log_level)
     registry = load_registry(args.registry)
     model = registry.find(args.model)
     if model is None:
         known = ", ".join(m.id for m in registry.models)
         p.error(f"model {args.model!r} is not in {args.registry} (known: {known})")
+    engine = EngineSpec(
+        kind=args.engine or model.engine.kind,
+        url=args.engine_url or model.engine.url,
+        served_model=args.served_model or model.engine.served_model,
+        chat_api=args.chat_api or model.engine.chat_api,
+    )
+    if engine.kind not in ENGINE_KINDS:
+        p.error(f"engine kind {engine.kind!r} is not one of {', '.join(ENGINE_KINDS)}")
+    if engine.chat_api not in CHAT_APIS:
+        p.error(f"chat API {engine.chat_api!r} is not one of {', '.join(CHAT_APIS)}")
+    if not engine.url:
+        p.error(f"no engine URL for {model.id}: set --engine-url (or ENGINE_URL)")
+    if engine.kind == "tgi" and engine.chat_api != "adapter":
+        p.error("--chat-api engine needs an OpenAI-compatible engine, not TGI")
     template = args.chat_template or model.chat_template
     if template is None:
         p.error(f"no chat template for {model.id}: set --chat-template")
+    api_key = None
+    if args.engine_api_key_file:
+        try:
+            api_key = Path(args.engine_api_key_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            p.error(f"cannot read --engine-api-key-file: {exc}")
     return AdapterSettings(
         model=model,
-        tgi_url=args.tgi_url,
+        engine=engine,
         chat_template=Path(template),
         server=server_settings(args),
         max_concurrency=args.max_concurrency,
         default_timeout=args.timeout,
         health_interval=args.health_interval,
+        load_interval=args.load_interval,
+        engine_api_key=api_key,
     )
+
+
+def make_backend(settings: AdapterSettings) -> tuple[Backend, str | None]:
+    """The engine driver, and the URL of the engine's metrics (None: it has none)."""
+    engine = settings.engine
+    if engine.kind == "tgi":
+        tgi = TGIBackend(engine.url)
+        return tgi, f"{tgi.base_url}/metrics"
+    dialect = DIALECTS[engine.kind]
+    backend = OpenAIEngineBackend(
+        engine.url, dialect=dialect, served_model=engine.served_model or None,
+        chat_api=engine.chat_api == "engine", api_key=settings.engine_api_key,
+    )
+    return backend, f"{root_of(backend.base_url)}/metrics" if dialect.metrics else None
 
 
 async def run(settings: AdapterSettings) -> None:
     metrics = Metrics(f"adapter-{settings.model.id}")
-    backend = TGIBackend(settings.tgi_url)
+    backend, metrics_url = make_backend(settings)
+    sampler = (
+        LoadSampler(metrics_url, settings.load_interval)
+        if metrics_url is not None and settings.load_interval > 0 else None
+    )
     core = AdapterCore(
         settings.model,
         backend,
@@ -97,6 +179,7 @@ async def run(settings: AdapterSettings) -> None:
         metrics,
         max_concurrency=settings.max_concurrency,
         default_timeout=settings.default_timeout,
+        load=(lambda: sampler.current) if sampler is not None else None,
     )
     health = HealthBoard()
     for name in ("", SERVICE_NAME, settings.model.id):
@@ -106,14 +189,25 @@ async def run(settings: AdapterSettings) -> None:
         for name in ("", SERVICE_NAME, settings.model.id):
             await health.set(name, serving)
 
+    async def watch() -> None:
+        loops = [core.watch(settings.health_interval, on_change)]
+        if sampler is not None:
+            loops.append(sampler.run())
+        await asyncio.gather(*loops)
+
+    async def stop() -> None:
+        if sampler is not None:
+            await sampler.close()
+        await backend.close()
+
     running = await start_server(core, metrics, health, settings.server)
     log.info(
         "adapter started",
-        extra={"model": settings.model.id, "port": running.port, "tgi_url": settings.tgi_url},
+        extra={"model": settings.model.id, "port": running.port,
+               "engine": settings.engine.kind, "engine_url": settings.engine.url},
     )
     await serve_until_signalled(
-        running, settings.server.grace_seconds,
-        watch=core.watch(settings.health_interval, on_change), on_stop=backend.close,
+        running, settings.server.grace_seconds, watch=watch(), on_stop=stop,
     )
 
 

@@ -13,15 +13,15 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
-from typing import Protocol
 
+from services.adapter.backend import Backend, BackendInfo, BackendResult, BackendToken, Prompt
 from services.adapter.chat_template import ChatTemplate
-from services.adapter.tgi import BackendInfo, BackendResult, BackendToken
 from services.common.errors import MeshError, Reason, clip
 from services.common.metrics import Metrics
 from services.common.registry import ModelSpec
 from services.common.types import (
     Chunk,
+    EngineLoad,
     Generation,
     GenerationRequest,
     Limits,
@@ -36,24 +36,6 @@ log = logging.getLogger("llmmesh.adapter")
 SCENARIOS = ("", "chat", "raw")
 
 
-class Backend(Protocol):
-    """A text-generation server; TGIBackend is the real one."""
-
-    async def generate(
-        self, prompt: str, params: Parameters, timeout: float | None
-    ) -> BackendResult: ...
-
-    def generate_stream(
-        self, prompt: str, params: Parameters, timeout: float | None
-    ) -> AsyncIterator[BackendToken | BackendResult]: ...
-
-    async def health(self, timeout: float = 2.0) -> bool: ...
-
-    async def info(self, timeout: float = 2.0) -> BackendInfo: ...
-
-    async def close(self) -> None: ...
-
-
 class AdapterCore:
     def __init__(
         self,
@@ -64,8 +46,10 @@ class AdapterCore:
         *,
         max_concurrency: int = 128,
         default_timeout: float | None = 600.0,
+        load: Callable[[], EngineLoad | None] | None = None,
     ) -> None:
         self.spec = spec
+        self._load = load
         self._backend = backend
         self._template = template
         self._metrics = metrics
@@ -106,6 +90,7 @@ class AdapterCore:
             ready=self.ready,
             replicas=1,
             ready_replicas=int(self.ready),
+            load=self._load() if self._load is not None else None,
         )
 
     async def refresh(self) -> bool:
@@ -184,7 +169,7 @@ class AdapterCore:
                 metadata={"model_id": clip(model_id), "known_models": self.spec.id},
             )
 
-    def _prepare(self, request: GenerationRequest) -> tuple[str, Parameters]:
+    def _prepare(self, request: GenerationRequest) -> tuple[Prompt, Parameters]:
         self._check_model(request.model_id)
         require(
             request.scenario in SCENARIOS,
@@ -197,6 +182,8 @@ class AdapterCore:
         if request.scenario == "raw" and not request.messages:
             return request.inputs, params
         messages = request.messages or (Message("user", request.inputs),)
+        if self._backend.applies_template:
+            return messages, params
         return self._template.render(messages), params
 
     def _deadline(self, timeout: float | None) -> float | None:

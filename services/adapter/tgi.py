@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -22,6 +21,7 @@ from text_generation.types import GrammarType as TGIGrammarType
 from text_generation.types import Parameters as TGIParameters
 from text_generation.types import Request as TGIRequest
 
+from services.adapter.backend import BackendInfo, BackendResult, BackendToken, Prompt
 from services.common.errors import FieldViolation, MeshError, Reason, invalid
 from services.common.types import FinishReason, Grammar, Parameters
 
@@ -46,31 +46,6 @@ _FINISH = {
     "eos_token": FinishReason.EOS_TOKEN,
     "stop_sequence": FinishReason.STOP_SEQUENCE,
 }
-
-
-@dataclass(frozen=True)
-class BackendToken:
-    """One or more tokens that arrived together; `text` leaves out special tokens."""
-
-    text: str
-    count: int = 1
-
-
-@dataclass(frozen=True)
-class BackendResult:
-    text: str
-    generated_tokens: int
-    input_tokens: int
-    finish_reason: FinishReason
-
-
-@dataclass(frozen=True)
-class BackendInfo:
-    model_id: str
-    max_input_tokens: int
-    max_total_tokens: int
-    max_stop_sequences: int
-    max_concurrent_requests: int
 
 
 def error_from_tgi(status: int, payload: Any) -> MeshError:
@@ -117,6 +92,10 @@ class TGIBackend:
             )
         return self._session
 
+    @property
+    def applies_template(self) -> bool:
+        return False  # TGI's /generate applies no template: the adapter renders it
+
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
@@ -145,15 +124,17 @@ class TGIBackend:
             body["parameters"]["frequency_penalty"] = params.frequency_penalty
         return body
 
-    def body(self, prompt: str, params: Parameters, stream: bool) -> dict[str, Any]:
+    def body(self, prompt: Prompt, params: Parameters, stream: bool) -> dict[str, Any]:
         """The JSON body the `text-generation` client would send."""
+        if not isinstance(prompt, str):
+            raise TypeError("TGI takes a rendered prompt, not a conversation")
         try:
             return self._body(prompt, params, stream)
         except ValueError as exc:  # the client's own checks (pydantic)
             raise MeshError(Reason.INVALID_ARGUMENT, f"invalid parameters: {exc}") from exc
 
     async def generate(
-        self, prompt: str, params: Parameters, timeout: float | None
+        self, prompt: Prompt, params: Parameters, timeout: float | None
     ) -> BackendResult:
         body = self.body(prompt, params, stream=False)
         try:
@@ -185,7 +166,7 @@ class TGIBackend:
             raise _transport_error(exc, self.base_url) from exc
 
     async def generate_stream(
-        self, prompt: str, params: Parameters, timeout: float | None
+        self, prompt: Prompt, params: Parameters, timeout: float | None
     ) -> AsyncIterator[BackendToken | BackendResult]:
         """Yield each token, then the final result.
 

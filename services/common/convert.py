@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from google.protobuf import json_format, struct_pb2
 from llmmesh.v1 import generate_pb2 as pb
 
-from services.common.errors import MeshError
+from services.common.errors import MeshError, Reason
 from services.common.types import (
     Chunk,
+    EngineLoad,
     FinishReason,
     Generation,
     GenerationRequest,
     Grammar,
+    Limits,
     Message,
     ModelInfo,
     Parameters,
@@ -157,12 +160,18 @@ def failure_to_pb(error: MeshError, tokens: int) -> pb.GenerateStreamResponse:
     )
 
 
-def stream_event_from_pb(m: pb.GenerateStreamResponse) -> Chunk | Generation | pb.StreamError:
+def stream_error_from_pb(e: pb.StreamError) -> MeshError:
+    """An in-band stream error as the MeshError it was raised as."""
+    reason = Reason(e.reason) if e.reason in Reason.__members__ else Reason.INTERNAL
+    return MeshError(reason, e.message)
+
+
+def stream_event_from_pb(m: pb.GenerateStreamResponse) -> Chunk | Generation | MeshError:
     """Decode one stream message: a chunk, the final result, or an in-band error."""
     if m.finish_reason == pb.FINISH_REASON_UNSPECIFIED:
         return Chunk(text=m.text, tokens=m.tokens)
     if m.finish_reason == pb.FINISH_REASON_ERROR:
-        return m.error
+        return stream_error_from_pb(m.error)
     return Generation(
         text=m.generated_text,
         model=m.model,
@@ -170,6 +179,21 @@ def stream_event_from_pb(m: pb.GenerateStreamResponse) -> Chunk | Generation | p
         tokens=m.tokens,
         input_tokens=m.input_tokens,
         finish_reason=_FINISH_FROM_PB[m.finish_reason],
+    )
+
+
+def load_to_pb(load: EngineLoad) -> pb.EngineLoad:
+    out = pb.EngineLoad(waiting=load.waiting, running=load.running)
+    if load.kv_cache_usage is not None:
+        out.kv_cache_usage = load.kv_cache_usage
+    return out
+
+
+def load_from_pb(m: pb.EngineLoad) -> EngineLoad:
+    return EngineLoad(
+        waiting=m.waiting,
+        running=m.running,
+        kv_cache_usage=m.kv_cache_usage if m.HasField("kv_cache_usage") else None,
     )
 
 
@@ -186,4 +210,26 @@ def model_to_pb(m: ModelInfo) -> pb.Model:
         ready=m.ready,
         replicas=m.replicas,
         ready_replicas=m.ready_replicas,
+        load=load_to_pb(m.load) if m.load is not None else None,
+    )
+
+
+def model_from_pb(m: pb.Model, static: Limits) -> ModelInfo:
+    """A peer's model description; `static` fills the limits the message lacks."""
+    return ModelInfo(
+        id=m.id,
+        name=m.name,
+        aliases=tuple(m.aliases),
+        backend_model=m.backend_model,
+        limits=replace(
+            static,
+            max_new_tokens=m.max_new_tokens,
+            max_stop_sequences=m.max_stop_sequences,
+            max_input_tokens=m.max_input_tokens,
+            max_total_tokens=m.max_total_tokens,
+        ),
+        ready=m.ready,
+        replicas=m.replicas,
+        ready_replicas=m.ready_replicas,
+        load=load_from_pb(m.load) if m.HasField("load") else None,
     )

@@ -23,6 +23,27 @@ _D = TypeVar("_D", Limits, Parameters)
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
+# The engines an adapter can drive: TGI's own API, or an OpenAI-compatible
+# server of one of these kinds (services/adapter/openai_engine.py: DIALECTS).
+ENGINE_KINDS = ("tgi", "openai", "vllm", "sglang", "llamacpp", "ollama")
+CHAT_APIS = ("adapter", "engine")
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """The engine behind a model's adapters; adapter flags override each field."""
+
+    # One of ENGINE_KINDS.
+    kind: str = "tgi"
+    # The engine's base URL (TGI: http://HOST:PORT; OpenAI kinds: .../v1).
+    url: str = ""
+    # The `model` an OpenAI-compatible engine serves ("" = its first listed).
+    served_model: str = ""
+    # Who renders the chat template: the adapter (prompts go to
+    # /v1/completions) or the engine (conversations go to /v1/chat/completions).
+    chat_api: str = "adapter"
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     id: str
@@ -32,6 +53,7 @@ class ModelSpec:
     chat_template: Path | None = None
     limits: Limits = field(default_factory=Limits)
     defaults: Parameters = field(default_factory=Parameters)
+    engine: EngineSpec = field(default_factory=EngineSpec)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -107,7 +129,33 @@ def _model(entry: Any, base: Path) -> ModelSpec:
         chat_template=(base / template) if template else None,
         limits=_build(Limits, entry.get("limits"), entry["id"]),
         defaults=_build(Parameters, entry.get("defaults"), entry["id"]),
+        engine=_engine(entry.get("engine"), entry["id"]),
     )
+
+
+def _engine(values: Any, model: str) -> EngineSpec:
+    values = dict(values or {})
+    unknown = set(values) - {f.name for f in fields(EngineSpec)}
+    if unknown:
+        raise SystemExit(f"registry: model {model}: unknown engine keys {sorted(unknown)}")
+    spec = EngineSpec(
+        kind=str(values.get("kind") or "tgi"),
+        url=str(values.get("url") or ""),
+        served_model=str(values.get("served_model") or ""),
+        chat_api=str(values.get("chat_api") or "adapter"),
+    )
+    if spec.kind not in ENGINE_KINDS:
+        raise SystemExit(
+            f"registry: model {model}: engine kind {spec.kind!r} is not one of "
+            f"{', '.join(ENGINE_KINDS)}"
+        )
+    if spec.chat_api not in CHAT_APIS:
+        raise SystemExit(
+            f"registry: model {model}: chat_api must be one of {', '.join(CHAT_APIS)}"
+        )
+    if spec.kind == "tgi" and spec.chat_api != "adapter":
+        raise SystemExit(f"registry: model {model}: TGI's API takes rendered prompts only")
+    return spec
 
 
 def _build(cls: type[_D], values: Any, model: str) -> _D:

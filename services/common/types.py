@@ -144,6 +144,20 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class EngineLoad:
+    """An engine's load, read from its own metrics: requests queued and
+    running, and the fraction of its KV cache in use (None: not reported)."""
+
+    waiting: int = 0
+    running: int = 0
+    kv_cache_usage: float | None = None
+
+    @property
+    def requests(self) -> int:
+        return self.waiting + self.running
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     id: str
     name: str
@@ -153,3 +167,6 @@ class ModelInfo:
     ready: bool = False
     replicas: int = 1
     ready_replicas: int = 0
+    # The engine's load (an adapter's), or the sum over replicas (the
+    # router's); None when no engine reports one.
+    load: EngineLoad | None = None

@@ -1,6 +1,6 @@
 """`make up`: start the whole local mesh and keep it in the foreground.
 
-    python -m services.launcher [--backends "qwen2=http://HOST:PORT llama3=..."]
+    python -m services.launcher [--backends "qwen2=vllm+http://HOST:PORT/v1 llama3=http://HOST:PORT"]
         [--api-keys-file FILE] [--tls]
 
 Without --backends every model gets a CPU backend (TGI's HTTP API over
@@ -36,7 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--backends", default="",
-        help='existing TGI servers, e.g. "qwen2=http://gpu:8080 llama3=http://gpu:8081"',
+        help='existing engines, e.g. "qwen2=openai+http://gpu:8000/v1 llama3=http://gpu:8081": '
+             "a URL without a KIND+ prefix is TGI; KIND is openai, vllm, sglang, llamacpp "
+             "or ollama",
     )
     p.add_argument("--run-dir", type=Path, default=ROOT / ".run", help="logs and rendered configs")
     p.add_argument("--host", default="127.0.0.1", help="address every service binds to")

@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.common.registry import Registry, load_registry
+from services.common.registry import ENGINE_KINDS, Registry, load_registry
 from services.cpu_backend.settings import default_model_path
 
 
@@ -122,14 +122,29 @@ def default_gguf() -> Path:
 
 
 def parse_backends(text: str) -> dict[str, str]:
-    """`qwen2=http://h:p llama3=http://h:p` (spaces or commas) -> {model: url}."""
+    """`qwen2=openai+http://h:p/v1 llama3=http://h:p` (spaces or commas) ->
+    {model: url}; a URL may carry its engine kind as a prefix (KIND+), and
+    one without a prefix is TGI."""
     out: dict[str, str] = {}
     for item in text.replace(",", " ").split():
         model, sep, url = item.partition("=")
-        if not sep or not url.startswith(("http://", "https://")):
-            raise LaunchError(f"BACKENDS: expected MODEL=http://HOST:PORT, got {item!r}")
+        kind, _url = engine_of(url)
+        if not sep or not _url.startswith(("http://", "https://")) or kind not in ENGINE_KINDS:
+            raise LaunchError(
+                f"BACKENDS: expected MODEL=http://HOST:PORT (TGI) or "
+                f"MODEL=KIND+http://HOST:PORT/v1 (KIND one of {', '.join(ENGINE_KINDS[1:])}), "
+                f"got {item!r}"
+            )
         out[model] = url.rstrip("/")
     return out
+
+
+def engine_of(url: str) -> tuple[str, str]:
+    """`vllm+http://h:p/v1` -> ("vllm", "http://h:p/v1"); no prefix: TGI."""
+    kind, plus, rest = url.partition("+")
+    if plus and "://" not in kind:
+        return kind, rest
+    return "tgi", url
 
 
 def adapters_env(registry: Registry, addresses: dict[str, str]) -> dict[str, str]:
@@ -171,8 +186,8 @@ def build_plan(
     procs: list[Proc] = []
     addresses: dict[str, str] = {}
     for i, model in enumerate(ids):
-        url = backends.get(model)
-        if url is None:
+        kind, url = engine_of(backends.get(model, ""))
+        if not url:
             assert gguf is not None
             port = ports.backend + i
             url = f"http://{host}:{port}"
@@ -186,7 +201,8 @@ def build_plan(
             ))
         adapter_port = ports.adapter + i
         metrics_port = ports.metrics + 1 + i
-        argv = [py, "-m", "services.adapter", "--model", model, "--tgi-url", url,
+        argv = [py, "-m", "services.adapter", "--model", model,
+                "--engine", kind, "--engine-url", url,
                 "--host", host, "--port", str(adapter_port),
                 "--metrics-port", str(metrics_port),
                 "--max-concurrency",

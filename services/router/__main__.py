@@ -25,6 +25,7 @@ from services.common.service import (
     server_settings,
     start_server,
 )
+from services.router.choice import POLICIES
 from services.router.core import RouterCore
 from services.router.pool import ReplicaPool
 from services.router.scenarios import DEFAULT_FILE, Scenarios, load_scenarios
@@ -41,6 +42,7 @@ class RouterSettings:
     default_timeout: float
     max_in_flight: int
     health_interval: float
+    replica_choice: str = "load"
 
 
 def parse_args(argv: list[str] | None = None) -> RouterSettings:
@@ -59,6 +61,11 @@ def parse_args(argv: list[str] | None = None) -> RouterSettings:
     )
     p.add_argument("--health-interval", type=float, default=1.0,
                    help="seconds between health checks of each adapter replica")
+    p.add_argument(
+        "--replica-choice", choices=POLICIES, default="load",
+        help="load: rank replicas by their engines' reported load and the router's own "
+             "requests; in-flight: by the router's own requests alone",
+    )
     envflags.apply(p, env)
     args = p.parse_args(argv)
     logs.setup("router", args.log_level)
@@ -74,6 +81,7 @@ def parse_args(argv: list[str] | None = None) -> RouterSettings:
         default_timeout=args.timeout,
         max_in_flight=args.max_in_flight,
         health_interval=args.health_interval,
+        replica_choice=args.replica_choice,
     )
 
 
@@ -83,7 +91,9 @@ async def run(settings: RouterSettings) -> None:
     # With TLS the router calls its adapters with the same identity it serves with.
     credentials = server_tls.channel_credentials() if server_tls is not None else None
     pools = {
-        spec.id: ReplicaPool(spec.id, spec.adapters, spec.limits, credentials)
+        spec.id: ReplicaPool(
+            spec.id, spec.adapters, spec.limits, credentials, policy=settings.replica_choice
+        )
         for spec in settings.registry.models
     }
     core = RouterCore(

@@ -12,17 +12,13 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 
-import grpc
-from llmmesh.v1 import generate_pb2 as pb
-
-from services.common import convert
 from services.common.errors import FieldViolation, MeshError, Reason, clip, invalid
 from services.common.metrics import UNKNOWN_MODEL, Metrics
 from services.common.registry import ModelSpec, Registry
-from services.common.rpc import from_rpc_error
 from services.common.types import Chunk, Generation, GenerationRequest, ModelInfo
 from services.common.validation import validate
-from services.router.pool import Replica, ReplicaPool
+from services.router.pool import ReplicaPool
+from services.router.replica import Replica
 from services.router.scenarios import DEFAULT_SCENARIO, Scenarios
 
 log = logging.getLogger("llmmesh.router")
@@ -72,7 +68,6 @@ class RouterCore:
 
     async def generate(self, request: GenerationRequest, timeout: float | None) -> Generation:
         spec, forward = self._prepare(request)
-        message = convert.request_to_pb(forward, pb.GenerateRequest)
         tried: set[Replica] = set()
         last: MeshError | None = None
         with self._admit(spec):
@@ -80,15 +75,12 @@ class RouterCore:
                 replica = await self._pick(spec, tried, last)
                 try:
                     with replica.track():
-                        reply = await replica.stub.Generate(
-                            message, timeout=self._deadline(timeout)
-                        )
-                except grpc.aio.AioRpcError as exc:
-                    last = from_rpc_error(exc)
+                        result = await replica.generate(forward, self._deadline(timeout))
+                except MeshError as exc:
+                    last = exc
                     if not self._failover(spec, replica, last, tried):
-                        raise last from None
+                        raise
                     continue
-                result = convert.generation_from_pb(reply)
                 self._metrics.record_tokens(spec.id, result.input_tokens, result.tokens)
                 return result
 
@@ -96,37 +88,33 @@ class RouterCore:
         self, request: GenerationRequest, timeout: float | None
     ) -> AsyncIterator[Chunk | Generation]:
         spec, forward = self._prepare(request)
-        message = convert.request_to_pb(forward, pb.GenerateStreamRequest)
         with self._admit(spec):
-            async for event in self._relay(spec, message, timeout):
+            async for event in self._relay(spec, forward, timeout):
                 yield event
 
     async def _relay(
-        self, spec: ModelSpec, message: pb.GenerateStreamRequest, timeout: float | None
+        self, spec: ModelSpec, forward: GenerationRequest, timeout: float | None
     ) -> AsyncIterator[Chunk | Generation]:
         tried: set[Replica] = set()
         last: MeshError | None = None
         while True:
             replica = await self._pick(spec, tried, last)
-            call = replica.stub.GenerateStream(message, timeout=self._deadline(timeout))
+            events = replica.generate_stream(forward, self._deadline(timeout))
             sent = False
             try:
                 with replica.track():
-                    async for reply in call:
-                        event = convert.stream_event_from_pb(reply)
-                        if isinstance(event, pb.StreamError):
-                            raise _stream_error(event)
+                    async for event in events:
                         if isinstance(event, Generation):
                             self._metrics.record_tokens(spec.id, event.input_tokens, event.tokens)
                         sent = True
                         yield event
                 return
-            except grpc.aio.AioRpcError as exc:
-                last = from_rpc_error(exc)
+            except MeshError as exc:
+                last = exc
                 if sent or not self._failover(spec, replica, last, tried):
-                    raise last from None
+                    raise
             finally:
-                call.cancel()  # no-op when done; stops the adapter when the client left
+                await events.aclose()  # type: ignore[attr-defined]
 
     # -- health -------------------------------------------------------------------
 
@@ -255,9 +243,6 @@ class RouterCore:
             ready=pool.ready_count > 0,
             replicas=len(pool.replicas) or len(spec.adapters),
             ready_replicas=pool.ready_count,
+            load=pool.load,
         )
 
-
-def _stream_error(error: pb.StreamError) -> MeshError:
-    reason = Reason(error.reason) if error.reason in Reason.__members__ else Reason.INTERNAL
-    return MeshError(reason, error.message)

@@ -3,78 +3,26 @@
 Each replica keeps one long-lived gRPC channel. A background loop checks
 every replica's grpc.health.v1 status, resolves `dns:///` entries again (so
 scaling a Deployment behind a headless Service adds replicas without a config
-change), and asks a serving replica for the model's details. Requests go to
-the serving replica with the fewest requests in flight.
+change), and asks every serving replica for the model's details, which carry
+its engine's load. Requests go to the serving replica services.router.choice
+ranks first.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import socket
-from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from llmmesh.v1 import generate_pb2 as pb
-from llmmesh.v1 import generate_pb2_grpc as pb_grpc
 
-from services.common.types import Limits, ModelInfo
+from services.common.errors import MeshError
+from services.common.types import EngineLoad, Limits, ModelInfo
+from services.router.choice import choose
+from services.router.replica import Replica
 
 log = logging.getLogger("llmmesh.router")
-
-CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 4 * 1024 * 1024),
-    ("grpc.max_send_message_length", 4 * 1024 * 1024),
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.enable_retries", 0),  # the router chooses where to retry
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 2_000),
-]
-
-
-@dataclass(eq=False)
-class Replica:
-    address: str
-    channel: grpc.aio.Channel
-    stub: pb_grpc.GenerateServiceStub
-    health: health_pb2_grpc.HealthStub
-    serving: bool = False
-    in_flight: int = 0
-    _serial: int = field(default_factory=itertools.count().__next__)
-
-    @classmethod
-    def connect(
-        cls, address: str, credentials: grpc.ChannelCredentials | None = None
-    ) -> Replica:
-        if credentials is None:
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-        else:
-            channel = grpc.aio.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
-        return cls(
-            address, channel, pb_grpc.GenerateServiceStub(channel),
-            health_pb2_grpc.HealthStub(channel),
-        )
-
-    @contextlib.contextmanager
-    def track(self) -> Iterator[None]:
-        self.in_flight += 1
-        try:
-            yield
-        finally:
-            self.in_flight -= 1
-
-    async def check(self, timeout: float) -> bool:
-        try:
-            reply = await self.health.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
-        except grpc.aio.AioRpcError:
-            return False
-        return reply.status == health_pb2.HealthCheckResponse.SERVING
-
 
 class ReplicaPool:
     def __init__(
@@ -83,8 +31,10 @@ class ReplicaPool:
         targets: tuple[str, ...],
         limits: Limits,
         credentials: grpc.ChannelCredentials | None = None,
+        policy: str = "load",
     ) -> None:
         self._credentials = credentials
+        self.policy = policy
         self.model_id = model_id
         self.targets = targets
         self.replicas: dict[str, Replica] = {}
@@ -104,14 +54,23 @@ class ReplicaPool:
         """The adapters' limits once known (they include the backend's)."""
         return self.details.limits if self.details is not None else self._static_limits
 
-    def pick(self, exclude: set[Replica]) -> Replica | None:
-        """The serving replica with the fewest requests in flight; ties take turns."""
-        candidates = [r for r in self.replicas.values() if r.serving and r not in exclude]
-        if not candidates:
+    @property
+    def load(self) -> EngineLoad | None:
+        """The engine load summed over serving replicas that report one."""
+        loads = [r.load for r in self.replicas.values() if r.serving and r.load is not None]
+        if not loads:
             return None
-        least = min(r.in_flight for r in candidates)
-        tied = [r for r in candidates if r.in_flight == least]
-        return tied[next(self._turn) % len(tied)]
+        kv = [x.kv_cache_usage for x in loads if x.kv_cache_usage is not None]
+        return EngineLoad(
+            waiting=sum(x.waiting for x in loads),
+            running=sum(x.running for x in loads),
+            kv_cache_usage=max(kv) if kv else None,
+        )
+
+    def pick(self, exclude: set[Replica]) -> Replica | None:
+        """The serving replica the pool's policy ranks first; ties take turns."""
+        candidates = [r for r in self.replicas.values() if r.serving and r not in exclude]
+        return choose(candidates, self.policy, next(self._turn))
 
     def mark_down(self, replica: Replica) -> None:
         if replica.serving:
@@ -125,7 +84,7 @@ class ReplicaPool:
         addresses = await _resolve(self.targets)
         for address in set(self.replicas) - addresses:
             replica = self.replicas.pop(address)
-            await replica.channel.close(grace=30)
+            await replica.close(grace=30)
         for address in addresses - set(self.replicas):
             self.replicas[address] = Replica.connect(address, self._credentials)
         replicas = list(self.replicas.values())
@@ -138,17 +97,24 @@ class ReplicaPool:
                 )
             replica.serving = serving
         self.checked.set()
-        serving_replica = next((r for r in replicas if r.serving), None)
-        if serving_replica is not None:
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                reply = await serving_replica.stub.GetModel(
-                    pb.GetModelRequest(model_id=self.model_id), timeout=timeout
-                )
-                self.details = _model_from_pb(reply.model, self._static_limits)
+        up = [r for r in replicas if r.serving]
+        infos = await asyncio.gather(
+            *(r.model_info(self.model_id, self._static_limits, timeout) for r in up),
+            return_exceptions=True,
+        )
+        for replica, info in zip(up, infos, strict=True):
+            if isinstance(info, MeshError):
+                replica.report(None)
+            elif isinstance(info, BaseException):
+                raise info
+            else:
+                replica.report(info.load)
+                if self.details is None or replica is up[0]:
+                    self.details = info
 
     async def close(self) -> None:
         for replica in self.replicas.values():
-            await replica.channel.close(grace=None)
+            await replica.close()
 
 
 async def _resolve(targets: tuple[str, ...]) -> set[str]:
@@ -168,20 +134,3 @@ async def _resolve(targets: tuple[str, ...]) -> set[str]:
             ip, port_number = str(sockaddr[0]), int(sockaddr[1])
             out.add(f"[{ip}]:{port_number}" if family == socket.AF_INET6 else f"{ip}:{port_number}")
     return out
-
-
-def _model_from_pb(m: pb.Model, static: Limits) -> ModelInfo:
-    return ModelInfo(
-        id=m.id,
-        name=m.name,
-        aliases=tuple(m.aliases),
-        backend_model=m.backend_model,
-        limits=replace(
-            static,
-            max_new_tokens=m.max_new_tokens,
-            max_stop_sequences=m.max_stop_sequences,
-            max_input_tokens=m.max_input_tokens,
-            max_total_tokens=m.max_total_tokens,
-        ),
-        ready=m.ready,
-    )

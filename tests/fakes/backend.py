@@ -10,7 +10,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from services.adapter.tgi import BackendInfo, BackendResult, BackendToken
+from services.adapter.backend import BackendInfo, BackendResult, BackendToken, Prompt
 from services.common.errors import MeshError
 from services.common.types import FinishReason, Parameters
 
@@ -26,16 +26,17 @@ class FakeBackend:
     info_reply: BackendInfo = field(
         default_factory=lambda: BackendInfo("fake/model", 1000, 2048, 4, 128)
     )
-    prompts: list[str] = field(default_factory=list)
+    prompts: list[Prompt] = field(default_factory=list)
     params: list[Parameters] = field(default_factory=list)
     cancelled: int = 0
     closed: bool = False
+    applies_template: bool = False
 
     def _words(self, params: Parameters) -> list[str]:
         return self.words[: params.max_new_tokens or len(self.words)]
 
     async def generate(
-        self, prompt: str, params: Parameters, timeout: float | None
+        self, prompt: Prompt, params: Parameters, timeout: float | None
     ) -> BackendResult:
         self.prompts.append(prompt)
         self.params.append(params)
@@ -47,7 +48,7 @@ class FakeBackend:
         return BackendResult("".join(words), len(words), self.input_tokens, _finish(words, self))
 
     async def generate_stream(
-        self, prompt: str, params: Parameters, timeout: float | None
+        self, prompt: Prompt, params: Parameters, timeout: float | None
     ) -> AsyncIterator[BackendToken | BackendResult]:
         self.prompts.append(prompt)
         self.params.append(params)

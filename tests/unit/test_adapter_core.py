@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
+from services.adapter.backend import BackendInfo
 from services.adapter.chat_template import ChatTemplate
 from services.adapter.core import AdapterCore
-from services.adapter.tgi import BackendInfo
 from services.common.errors import MeshError, Reason
 from services.common.metrics import Metrics
 from services.common.registry import load_registry

@@ -49,7 +49,11 @@ DATA = Path(__file__).resolve().parents[1] / "data"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 K8S = ROOT / "deploy" / "k8s"
-KUSTOMIZATIONS = {"base": K8S / "base", "cpu": K8S / "overlays" / "cpu"}
+KUSTOMIZATIONS = {
+    "base": K8S / "base",
+    "cpu": K8S / "overlays" / "cpu",
+    "vllm-qwen2": K8S / "overlays" / "vllm-qwen2",
+}
 PROFILES = ("gpu", "cpu")
 BIN = Path(sys.executable).parent
 K8S_VERSION = "1.37.0"
@@ -170,7 +174,7 @@ def process_env(env: Mapping[str, str]) -> Iterator[None]:
     saved_handlers, saved_level = root.handlers[:], root.level
     try:
         for key in list(os.environ):
-            if key.startswith(("LLMMESH_", "TGI_")) or key.endswith("_ADAPTERS"):
+            if key.startswith(("LLMMESH_", "TGI_", "ENGINE_")) or key.endswith("_ADAPTERS"):
                 del os.environ[key]
         os.environ.update(env)
         yield
@@ -199,12 +203,18 @@ def is_tgi(svc: Mapping[str, Any]) -> bool:
     return str(svc.get("image", "")).startswith("ghcr.io/huggingface/text-generation-inference:")
 
 
+def is_vllm(svc: Mapping[str, Any]) -> bool:
+    return str(svc.get("image", "")).startswith("vllm/vllm-openai:")
+
+
 def listening_ports(svc: Mapping[str, Any]) -> set[int]:
     """The ports a compose service listens on, from its real configuration."""
     command = svc.get("command") or []
     image = str(svc.get("image", ""))
     if is_tgi(svc):
         return {int(flags(command).get("port", 80))}
+    if is_vllm(svc):
+        return {int(flags(command[1:]).get("port", 8000))}
     if is_cpu_backend(command):
         return {cpu_backend_main.parse_args(command[3:]).port}
     if image.startswith("envoyproxy/envoy:"):
@@ -1100,6 +1110,11 @@ def test_kustomize_output_is_valid_and_consistent(name: str) -> None:
         for container in gpus:
             assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
             check_tgi_args(container["name"], container["args"])
+    elif name == "vllm-qwen2":
+        assert sorted(c["name"] for c in gpus) == ["tgi", "vllm"]
+        for container in gpus:
+            assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert "tgi-qwen2" not in by_kind(docs, "Deployment")
     else:
         assert not gpus
         assert not [d for d in docs if "text-generation-inference" in json.dumps(d)]
@@ -1112,6 +1127,12 @@ def check_k8s_adapter(docs: tuple[dict[str, Any], ...], where: str, env: dict[st
     (container,) = by_kind(docs, "Deployment")[backend]["spec"]["template"]["spec"]["containers"]
     if container["image"].startswith("ghcr.io/huggingface/text-generation-inference:"):
         limit = flags(container["args"])["max-concurrent-requests"]
+        assert settings.chat_template.is_file()
+    elif container["image"].startswith("vllm/vllm-openai:"):
+        f = check_vllm_args(where, container["args"])
+        limit = f["max-num-seqs"]
+        assert settings.engine.kind == "vllm" and settings.engine.url.endswith("/v1"), where
+        assert settings.engine.served_model == f.get("served-model-name", container["args"][0])
         assert settings.chat_template.is_file()
     else:
         args = cpu_backend_main.parse_args(container["command"][3:])
@@ -1164,3 +1185,114 @@ def check_k8s_envoy(docs: tuple[dict[str, Any], ...]) -> None:
     service_port(docs, address["address"], address["port_value"])
     listener = config["static_resources"]["listeners"][0]["address"]["socket_address"]
     service_port(docs, "envoy", listener["port_value"])
+
+
+# ---------------------------------------------------------------------------
+# The vllm profile and overlay: Qwen2 on vLLM's OpenAI server beside TGI
+# ---------------------------------------------------------------------------
+
+# `vllm serve` flags used here: EngineArgs fields of vLLM 0.11
+# (vllm/engine/arg_utils.py) and the server's own (vllm/entrypoints/openai/
+# cli_args.py), each spelled --kebab-case.
+VLLM_FLAGS = {
+    "served-model-name", "quantization", "max-model-len", "max-num-seqs",
+    "max-num-batched-tokens", "gpu-memory-utilization", "enforce-eager", "kv-cache-dtype",
+    "host", "port", "download-dir",
+}
+VLLM_QUANTIZATIONS = {"gptq", "gptq_marlin"}
+
+
+def check_vllm_args(name: str, argv: list[str]) -> dict[str, str | bool]:
+    model, *rest = argv
+    assert not model.startswith("--"), f"{name}: the image runs `vllm serve MODEL ...`"
+    f = flags(rest)
+    unknown = set(f) - VLLM_FLAGS
+    assert not unknown, f"{name}: flags not checked against vLLM: {sorted(unknown)}"
+    assert f["quantization"] in VLLM_QUANTIZATIONS, name
+    utilization = float(f["gpu-memory-utilization"])
+    assert 0 < utilization <= 1, name
+    return f
+
+
+def test_vllm_profile_config_and_references(tmp_path: Path) -> None:
+    profile = "vllm"
+    names = names_in(profile)
+    assert "tgi-qwen2" not in names and {"vllm-qwen2", "tgi-llama3"} <= set(names)
+    for name, svc in enabled(profile).items():
+        for dep, cond in (svc.get("depends_on") or {}).items():
+            assert cond["condition"] == "service_healthy", f"{name} -> {dep}"
+            assert dep in enabled(profile) or cond.get("required") is False, (name, dep)
+    # TGI sizes its KV cache from what vLLM left: it starts after vLLM.
+    assert "vllm-qwen2" in services()["tgi-llama3"]["depends_on"]
+    compose_cmd = docker_compose()
+    if compose_cmd is not None:
+        done = subprocess.run(
+            [*compose_cmd, "-f", str(COMPOSE_FILE), "--project-directory", str(ROOT),
+             "--profile", profile, "config", "--quiet"],
+            capture_output=True, text=True, timeout=120, check=False,
+            env={"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path)},
+        )
+        assert done.returncode == 0, done.stderr
+
+
+def test_vllm_adapter_drives_the_vllm_server() -> None:
+    profile = "vllm"
+    vllm = services()["vllm-qwen2"]
+    f = check_vllm_args("vllm-qwen2", vllm["command"])
+    model = vllm["command"][0]
+    assert model.removeprefix("/models/") in download_folders()
+    assert bind_mounts(vllm)["/models"] == ROOT / "models"
+    adapters = [s for n, s in enabled(profile).items() if env_of(s).get("LLMMESH_MODEL")]
+    assert len(adapters) == 2
+    for svc in adapters:
+        settings = adapter_settings(env_of(svc))
+        backend = assert_reaches(profile, settings.engine.url, what="adapter engine URL")
+        if settings.model.id == "qwen2":
+            assert backend == "vllm-qwen2"
+            assert settings.engine.kind == "vllm" and settings.engine.url.endswith("/v1")
+            assert settings.engine.served_model == f["served-model-name"]
+            assert settings.max_concurrency == int(f["max-num-seqs"])
+            assert settings.chat_template == ROOT / "models" / "templates" / "qwen2.jinja"
+        else:
+            assert backend == "tgi-llama3" and settings.engine.kind == "tgi"
+    router = router_settings(env_of(enabled(profile)["router"]))
+    for spec in router.registry.models:
+        target = assert_reaches(profile, spec.adapters[0], what=f"router {spec.id}")
+        assert env_of(enabled(profile)[target])["LLMMESH_MODEL"] == spec.id
+
+
+def vllm_plan() -> dict[str, float]:
+    """vLLM takes gpu_memory_utilization x card for itself (weights,
+    activations, CUDA context and the KV cache, which gets the rest); then
+    tgi-llama3 warms up as in gpu_plan(), on what vLLM left."""
+    f = flags(services()["vllm-qwen2"]["command"][1:])
+    budget = float(f["gpu-memory-utilization"]) * CARD_MIB
+    batched = int(f["max-num-batched-tokens"])
+    fixed = (CUDA_CONTEXT_MIB + QWEN2_7B.weight_bytes / MiB
+             + batched * QWEN2_7B.prefill_bytes_per_token / MiB)
+    plan = {
+        "vllm-qwen2.kv_tokens": (budget - fixed) * MiB / QWEN2_7B.kv_bytes_per_token,
+        "vllm-qwen2.needs_tokens": int(f["max-model-len"]),
+    }
+    svc = services()["tgi-llama3"]
+    t = flags(svc["command"])
+    ceiling = float(t["cuda-memory-fraction"]) * float(env_of(svc)["TGI_WIGGLE_ROOM"]) * CARD_MIB
+    prefill = int(t["max-batch-prefill-tokens"])
+    fixed_llama = (CUDA_CONTEXT_MIB + FLASHINFER_WORKSPACE_MIB + LLAMA31_8B.weight_bytes / MiB
+                   + prefill * LLAMA31_8B.prefill_bytes_per_token / MiB)
+    kv = ceiling - budget - fixed_llama
+    plan["tgi-llama3.kv_tokens"] = kv * MiB / LLAMA31_8B.kv_bytes_per_token
+    plan["tgi-llama3.needs_tokens"] = max(int(t["max-total-tokens"]), prefill)
+    plan["headroom_mib"] = CARD_MIB - ceiling - CUDA_GRAPHS_MIB
+    return plan
+
+
+def test_vllm_profile_fits_one_12gb_card_on_paper() -> None:
+    plan = vllm_plan()
+    for name in ("vllm-qwen2", "tgi-llama3"):
+        # vLLM refuses to start when its KV cache cannot hold max-model-len.
+        assert plan[f"{name}.kv_tokens"] >= plan[f"{name}.needs_tokens"], plan
+    assert plan["headroom_mib"] > 0, plan
+    # The figures docs/engines.md gives.
+    assert round(plan["vllm-qwen2.kv_tokens"], -2) == 2_500
+    assert round(plan["tgi-llama3.kv_tokens"], -2) == 1_900

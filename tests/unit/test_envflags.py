@@ -82,7 +82,8 @@ def test_every_flag_of_every_program_shows_its_variable(module: str) -> None:
     options = [" ".join(b.split()) for b in blocks if not b.startswith("-h, --help")]
     assert len(options) >= 9, out
     for option in options:
-        assert re.search(r"\[env (LLMMESH_[A-Z_]+|TGI_URL|BACKENDS)\b", option), option
+        variables = r"LLMMESH_[A-Z_]+|TGI_URL|ENGINE_URL|ENGINE_API_KEY_FILE|BACKENDS"
+        assert re.search(rf"\[env ({variables})\b", option), option
 
 
 @pytest.fixture

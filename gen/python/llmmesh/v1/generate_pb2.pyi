@@ -162,7 +162,7 @@ class GetModelResponse(_message.Message):
     def __init__(self, model: _Optional[_Union[Model, _Mapping]] = ...) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("id", "aliases", "name", "backend_model", "max_input_tokens", "max_total_tokens", "max_new_tokens", "max_stop_sequences", "ready", "replicas", "ready_replicas")
+    __slots__ = ("id", "aliases", "name", "backend_model", "max_input_tokens", "max_total_tokens", "max_new_tokens", "max_stop_sequences", "ready", "replicas", "ready_replicas", "load")
     ID_FIELD_NUMBER: _ClassVar[int]
     ALIASES_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -174,6 +174,7 @@ class Model(_message.Message):
     READY_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     READY_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
     id: str
     aliases: _containers.RepeatedScalarFieldContainer[str]
     name: str
@@ -185,4 +186,15 @@ class Model(_message.Message):
     ready: bool
     replicas: int
     ready_replicas: int
-    def __init__(self, id: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., name: _Optional[str] = ..., backend_model: _Optional[str] = ..., max_input_tokens: _Optional[int] = ..., max_total_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ..., ready: _Optional[bool] = ..., replicas: _Optional[int] = ..., ready_replicas: _Optional[int] = ...) -> None: ...
+    load: EngineLoad
+    def __init__(self, id: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., name: _Optional[str] = ..., backend_model: _Optional[str] = ..., max_input_tokens: _Optional[int] = ..., max_total_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ..., ready: _Optional[bool] = ..., replicas: _Optional[int] = ..., ready_replicas: _Optional[int] = ..., load: _Optional[_Union[EngineLoad, _Mapping]] = ...) -> None: ...
+
+class EngineLoad(_message.Message):
+    __slots__ = ("waiting", "running", "kv_cache_usage")
+    WAITING_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_USAGE_FIELD_NUMBER: _ClassVar[int]
+    waiting: int
+    running: int
+    kv_cache_usage: float
+    def __init__(self, waiting: _Optional[int] = ..., running: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ...) -> None: ...

@@ -1,0 +1,73 @@
+"""What the adapter needs from an engine: the `Backend` protocol and the
+engine-facing domain types it speaks.
+
+Each engine driver (TGI's HTTP API in `services.adapter.tgi`, ...) implements
+the protocol and maps its engine's replies and errors onto these types and
+`MeshError`; the adapter's core depends on nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from services.common.types import FinishReason, Message, Parameters
+
+# What a backend generates from: a prompt the adapter rendered with the
+# model's chat template (or a raw one), or, for an engine that applies the
+# template itself, the conversation.
+Prompt = str | tuple[Message, ...]
+
+
+@dataclass(frozen=True)
+class BackendToken:
+    """One or more tokens that arrived together; `text` leaves out special tokens."""
+
+    text: str
+    count: int = 1
+
+
+@dataclass(frozen=True)
+class BackendResult:
+    """A whole generation, or the last event of a stream."""
+
+    text: str
+    generated_tokens: int
+    input_tokens: int
+    finish_reason: FinishReason
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """What the engine says about itself: the model it serves and its limits."""
+
+    model_id: str
+    max_input_tokens: int
+    max_total_tokens: int
+    max_stop_sequences: int
+    max_concurrent_requests: int
+
+
+class Backend(Protocol):
+    """A text-generation engine behind the adapter."""
+
+    @property
+    def applies_template(self) -> bool:
+        """True when the engine renders the chat template: it is then given
+        the conversation instead of a rendered prompt."""
+        ...
+
+    async def generate(
+        self, prompt: Prompt, params: Parameters, timeout: float | None
+    ) -> BackendResult: ...
+
+    def generate_stream(
+        self, prompt: Prompt, params: Parameters, timeout: float | None
+    ) -> AsyncIterator[BackendToken | BackendResult]: ...
+
+    async def health(self, timeout: float = 2.0) -> bool: ...
+
+    async def info(self, timeout: float = 2.0) -> BackendInfo: ...
+
+    async def close(self) -> None: ...

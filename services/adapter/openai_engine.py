@@ -1,0 +1,557 @@
+"""The OpenAI-compatible engine driver: vLLM, SGLang, llama.cpp's servers,
+Ollama, or anything else that serves `/v1/completions`, `/v1/chat/completions`
+and `/v1/models`.
+
+A prompt the adapter has rendered with the model's chat template goes to
+`/v1/completions`, so scenarios and templates stay the mesh's and every
+engine sees the same text. A model configured with `chat_api: engine` sends
+the conversation itself to `/v1/chat/completions` instead, and the engine
+applies its own template (the one shipped with the weights); `raw` requests
+still go to `/v1/completions`.
+
+Engines differ in what they accept beyond OpenAI's fields; `DIALECTS` says,
+per engine kind, how top_k, the repetition penalty and structured output are
+spelled, and a parameter an engine cannot honour is refused with a field
+violation instead of being dropped silently. Errors, whatever the engine,
+go through `error_from_engine` into the one error table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from services.adapter.backend import BackendInfo, BackendResult, BackendToken, Prompt
+from services.common.errors import FieldViolation, MeshError, Reason, invalid
+from services.common.types import FinishReason, Parameters
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """How one kind of engine spells what OpenAI's API leaves out."""
+
+    kind: str
+    # The request field for top_k, or None when the engine has none.
+    top_k: str | None
+    # The request field for a multiplicative repetition penalty, or None.
+    repetition_penalty: str | None
+    # How a JSON-schema grammar is sent: "response_format" (OpenAI's
+    # json_schema response format), "gbnf" (converted to a llama.cpp GBNF
+    # grammar, sent as `grammar`), or None when the engine cannot.
+    json_grammar: str | None
+    # How a regex grammar is sent: "structured_outputs" (vLLM), "regex"
+    # (SGLang), or None when the engine cannot constrain to a regex.
+    regex_grammar: str | None
+    # Whether the engine serves Prometheus metrics at /metrics.
+    metrics: bool
+
+
+DIALECTS: Mapping[str, Dialect] = {
+    # Only OpenAI's own fields: any server that implements the API.
+    "openai": Dialect("openai", None, None, "response_format", None, metrics=True),
+    # vLLM's extra sampling parameters and structured outputs
+    # (vllm/entrypoints/openai/protocol.py: CompletionRequest).
+    "vllm": Dialect("vllm", "top_k", "repetition_penalty", "response_format",
+                    "structured_outputs", metrics=True),
+    # SGLang (python/sglang/srt/entrypoints/openai/protocol.py).
+    "sglang": Dialect("sglang", "top_k", "repetition_penalty", "response_format", "regex",
+                      metrics=True),
+    # llama.cpp's llama-server and llama-cpp-python's server: `repeat_penalty`,
+    # a GBNF `grammar` on both routes (llama-cpp-python's /v1/completions has
+    # no other way to constrain output), no regex; /metrics only from a
+    # llama-server started with --metrics.
+    "llamacpp": Dialect("llamacpp", "top_k", "repeat_penalty", "gbnf", None, metrics=True),
+    # Ollama's OpenAI compatibility layer: OpenAI's fields only, and no
+    # structured output on /v1/completions.
+    "ollama": Dialect("ollama", None, None, None, None, metrics=False),
+}
+ENGINE_KINDS = ("tgi", *DIALECTS)
+
+_FINISH = {
+    "length": FinishReason.LENGTH,
+    "stop": FinishReason.EOS_TOKEN,
+    "eos": FinishReason.EOS_TOKEN,
+}
+
+# HTTP status of an engine's error -> the mesh's reason (and so, through
+# services.common.errors.TABLE, the gRPC code and the client's HTTP status).
+ENGINE_ERRORS: Mapping[int, Reason] = {
+    400: Reason.INVALID_ARGUMENT,  # bad parameters, a prompt over the context
+    401: Reason.BACKEND_UNAVAILABLE,  # the engine wants another API key
+    403: Reason.BACKEND_UNAVAILABLE,
+    404: Reason.BACKEND_UNAVAILABLE,  # no such model or route at that URL
+    408: Reason.TIMEOUT,
+    413: Reason.INVALID_ARGUMENT,
+    422: Reason.INVALID_ARGUMENT,  # FastAPI's request validation
+    429: Reason.OVERLOADED,
+    500: Reason.MODEL_ERROR,
+    502: Reason.BACKEND_UNAVAILABLE,
+    503: Reason.BACKEND_UNAVAILABLE,  # engine starting, or its engine core died
+    504: Reason.TIMEOUT,
+}
+
+
+def error_from_engine(
+    status: int, payload: Any, retry_after: str | None = None
+) -> MeshError:
+    """An engine's error reply (or in-band stream error) as a MeshError.
+
+    OpenAI's shape is `{"error": {"message", "type", "param", "code"}}`; vLLM
+    puts the HTTP status in `code`, FastAPI answers `{"detail": ...}`, and a
+    proxy may answer plain text.
+    """
+    message = ""
+    error_type = ""
+    if isinstance(payload, dict):
+        error = payload.get("error", payload)
+        if isinstance(error, dict):
+            message = str(error.get("message") or error.get("detail") or "")
+            error_type = str(error.get("type") or "")
+            code = error.get("code")
+            if status == 200 and isinstance(code, int):
+                status = code  # an in-band error that carries its status
+        elif isinstance(error, str):
+            message = error
+    # llama-cpp-python appends the server's stack frame to some messages.
+    message = message.split("\n\n  File ", 1)[0].strip()
+    if not message:
+        message = f"the engine replied {status}: {str(payload)[:200]}"
+    reason = ENGINE_ERRORS.get(status, Reason.MODEL_ERROR)
+    metadata = {"backend_status": str(status)}
+    if error_type:
+        metadata["backend_error_type"] = error_type
+    delay: float | None = None
+    if reason is Reason.OVERLOADED:
+        try:
+            delay = float(retry_after) if retry_after else 1.0
+        except ValueError:
+            delay = 1.0
+    return MeshError(reason, message, metadata=metadata, retry_after=delay)
+
+
+def _timeout(seconds: float | None, connect: float) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=seconds, sock_connect=connect)
+
+
+def root_of(base_url: str) -> str:
+    """The server's root for /health and /metrics: the base URL without /v1."""
+    base = base_url.rstrip("/")
+    return base.removesuffix("/v1")
+
+
+class OpenAIEngineBackend:
+    """One OpenAI-compatible engine, reached over one pooled HTTP session.
+
+    `base_url` ends in `/v1` as OpenAI clients expect (it is added when
+    missing). `served_model` is the `model` field the engine expects; without
+    it, the first model the engine lists on /v1/models.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        dialect: Dialect = DIALECTS["openai"],
+        served_model: str | None = None,
+        chat_api: bool = False,
+        api_key: str | None = None,
+        connect_timeout: float = 2.0,
+        max_connections: int = 256,
+    ) -> None:
+        base = base_url.rstrip("/")
+        self.base_url = base if base.endswith("/v1") else f"{base}/v1"
+        self.root_url = root_of(self.base_url)
+        self.dialect = dialect
+        self.served_model = served_model
+        self.chat_api = chat_api
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._connect_timeout = connect_timeout
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+        self._health_route: bool | None = None  # whether GET /health is served
+        self._active = 0  # generations in progress through this backend
+
+    @property
+    def applies_template(self) -> bool:
+        """Whether the engine, not the adapter, renders the chat template."""
+        return self.chat_api
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=self._max_connections, keepalive_timeout=60)
+            self._session = aiohttp.ClientSession(
+                connector=connector, json_serialize=json.dumps, headers=self._headers
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # -- requests -----------------------------------------------------------------
+
+    def body(
+        self, prompt: Prompt, params: Parameters, stream: bool
+    ) -> tuple[str, dict[str, Any]]:
+        """The route and JSON body for a generation: completions for a text
+        prompt, chat completions for a conversation."""
+        d = self.dialect
+        refused: list[FieldViolation] = []
+
+        def refuse(name: str) -> None:
+            refused.append(FieldViolation(
+                f"parameters.{name}", f"not supported by this model's engine ({d.kind})"))
+
+        body: dict[str, Any] = {"model": self.served_model or "", "stream": stream}
+        if isinstance(prompt, str):
+            route = "/completions"
+            body["prompt"] = prompt
+        else:
+            route = "/chat/completions"
+            body["messages"] = [{"role": m.role, "content": m.content} for m in prompt]
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        body["max_tokens"] = params.max_new_tokens or 20
+        if params.sampling:
+            for name in ("temperature", "top_p", "seed"):
+                value = getattr(params, name)
+                if value is not None:
+                    body[name] = value
+        else:
+            body["temperature"] = 0.0  # greedy, as TGI's do_sample=false
+            if params.seed is not None:
+                body["seed"] = params.seed
+        if params.top_k is not None and params.sampling:
+            if d.top_k is None:
+                refuse("top_k")
+            else:
+                body[d.top_k] = params.top_k
+        if params.repetition_penalty is not None and params.repetition_penalty != 1.0:
+            if d.repetition_penalty is None:
+                refuse("repetition_penalty")
+            else:
+                body[d.repetition_penalty] = params.repetition_penalty
+        if params.stop:
+            body["stop"] = list(params.stop)
+        if params.frequency_penalty:
+            body["frequency_penalty"] = params.frequency_penalty
+        if params.presence_penalty:
+            body["presence_penalty"] = params.presence_penalty
+        grammar = params.grammar
+        if grammar is not None and grammar.kind == "json":
+            if d.json_grammar is None:
+                refuse("grammar.json_schema")
+            elif d.json_grammar == "gbnf":
+                body["grammar"] = _gbnf(grammar.value)
+            else:
+                body["response_format"] = {
+                    "type": "json_schema",
+                    "json_schema": {"name": "output", "schema": grammar.schema()},
+                }
+        elif grammar is not None:
+            if d.regex_grammar is None:
+                refuse("grammar.regex")
+            elif d.regex_grammar == "structured_outputs":
+                body["structured_outputs"] = {"regex": grammar.value}
+                body["guided_regex"] = grammar.value  # vLLM before 0.10.2
+            else:
+                body[d.regex_grammar] = grammar.value
+        if refused:
+            raise invalid(refused)
+        return route, body
+
+    async def _model_for(self, body: dict[str, Any]) -> None:
+        if not body["model"]:
+            body["model"] = await self.model_name()
+
+    async def generate(
+        self, prompt: Prompt, params: Parameters, timeout: float | None
+    ) -> BackendResult:
+        route, body = self.body(prompt, params, stream=False)
+        self._active += 1
+        try:
+            await self._model_for(body)
+            async with self.session.post(
+                f"{self.base_url}{route}", json=body,
+                timeout=_timeout(timeout, self._connect_timeout),
+            ) as resp:
+                payload = await _json_or_text(resp)
+                if resp.status != 200:
+                    raise error_from_engine(
+                        resp.status, payload, resp.headers.get("Retry-After"))
+                if not isinstance(payload, dict) or not payload.get("choices"):
+                    raise ValueError("no choices")
+                choice = payload["choices"][0]
+                usage = payload.get("usage") or {}
+                text = _choice_text(choice)
+                return BackendResult(
+                    text=text,
+                    generated_tokens=int(usage.get("completion_tokens") or 0),
+                    input_tokens=int(usage.get("prompt_tokens") or 0),
+                    finish_reason=_finish(choice),
+                )
+        except (MeshError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            raise _transport_error(exc, self.base_url) from exc
+        finally:
+            self._active -= 1
+
+    async def generate_stream(
+        self, prompt: Prompt, params: Parameters, timeout: float | None
+    ) -> AsyncIterator[BackendToken | BackendResult]:
+        """Yield text as it arrives, then the final result.
+
+        Token counts come from the usage chunk that `include_usage` asks for;
+        an engine that sends none is counted one token per content chunk. On
+        cancellation the response is closed unread, which closes the
+        connection, and the engine aborts the request.
+        """
+        route, body = self.body(prompt, params, stream=True)
+        resp: aiohttp.ClientResponse | None = None
+        finished = False
+        self._active += 1
+        try:
+            await self._model_for(body)
+            resp = await self.session.post(
+                f"{self.base_url}{route}", json=body,
+                timeout=_timeout(timeout, self._connect_timeout),
+            )
+            if resp.status != 200:
+                payload = await _json_or_text(resp)
+                raise error_from_engine(resp.status, payload, resp.headers.get("Retry-After"))
+            events = _SSEParser()
+            parts: list[str] = []
+            chunks = 0
+            finish: FinishReason | None = None
+            usage: dict[str, Any] | None = None
+            done = False
+            while not done:
+                data = await resp.content.readany()
+                if not data:
+                    break
+                texts: list[str] = []
+                for event in events.feed(data):
+                    if event is None:  # [DONE]
+                        done = True
+                        break
+                    if "error" in event:
+                        if texts:
+                            yield BackendToken("".join(texts), len(texts))
+                        raise error_from_engine(200, event)
+                    if event.get("usage"):
+                        usage = event["usage"]
+                    for choice in event.get("choices") or ():
+                        text = _choice_text(choice, delta=True)
+                        if text:
+                            texts.append(text)
+                        if choice.get("finish_reason"):
+                            finish = _finish(choice)
+                if texts:
+                    chunks += len(texts)
+                    parts.extend(texts)
+                    yield BackendToken("".join(texts), len(texts))
+            if finish is None:
+                raise MeshError(
+                    Reason.INCOMPLETE_GENERATION,
+                    "the engine closed the stream before its final event",
+                    metadata={"backend": self.base_url},
+                )
+            finished = True
+            yield BackendResult(
+                text="".join(parts),
+                generated_tokens=int((usage or {}).get("completion_tokens") or chunks),
+                input_tokens=int((usage or {}).get("prompt_tokens") or 0),
+                finish_reason=finish,
+            )
+        except (MeshError, asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as exc:
+            raise _transport_error(exc, self.base_url) from exc
+        finally:
+            self._active -= 1
+            if resp is not None:
+                if finished:
+                    resp.release()
+                else:
+                    resp.close()  # drop the connection: the engine aborts the request
+
+    # -- health and limits ---------------------------------------------------------
+
+    async def health(self, timeout: float = 2.0) -> bool:
+        """GET /health where the engine serves it (vLLM, SGLang, llama-server),
+        else GET /v1/models.
+
+        llama-cpp-python's server serves no /health and answers /v1/models
+        only between generations (one lock guards its model); a probe that
+        gives up waiting for that lock breaks the generation in progress. So
+        where /v1/models is the probe, it is not sent while this backend has
+        generations in progress: the engine is serving them, and if it dies
+        their errors say so (and the router marks the replica down).
+        """
+        if self._health_route is False and self._active > 0:
+            return True
+        try:
+            if self._health_route is not False:
+                async with self.session.get(
+                    f"{self.root_url}/health", timeout=_timeout(timeout, self._connect_timeout)
+                ) as resp:
+                    await resp.read()
+                    if resp.status != 404:
+                        self._health_route = True
+                        return resp.status == 200
+                    self._health_route = False
+            async with self.session.get(
+                f"{self.base_url}/models", timeout=_timeout(timeout, self._connect_timeout)
+            ) as resp:
+                await resp.read()
+                return resp.status == 200
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return False
+
+    async def models(self, timeout: float = 2.0) -> list[dict[str, Any]]:
+        """The engine's /v1/models entries."""
+        try:
+            async with self.session.get(
+                f"{self.base_url}/models", timeout=_timeout(timeout, self._connect_timeout)
+            ) as resp:
+                payload = await _json_or_text(resp)
+                if resp.status != 200:
+                    raise error_from_engine(resp.status, payload)
+        except MeshError:
+            raise
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise _transport_error(exc, self.base_url) from exc
+        data = payload.get("data") if isinstance(payload, dict) else None
+        if not isinstance(data, list):
+            raise MeshError(
+                Reason.BACKEND_UNAVAILABLE,
+                f"{self.base_url}/models is not an OpenAI model list",
+                metadata={"backend": self.base_url},
+            )
+        return [m for m in data if isinstance(m, dict) and m.get("id")]
+
+    async def model_name(self, timeout: float = 2.0) -> str:
+        """The configured served model name, else the engine's first model."""
+        if self.served_model:
+            return self.served_model
+        listed = await self.models(timeout)
+        if not listed:
+            raise MeshError(
+                Reason.BACKEND_UNAVAILABLE, f"the engine at {self.base_url} lists no model",
+                metadata={"backend": self.base_url},
+            )
+        self.served_model = str(listed[0]["id"])
+        return self.served_model
+
+    async def info(self, timeout: float = 2.0) -> BackendInfo:
+        listed = await self.models(timeout)
+        name = self.served_model or (str(listed[0]["id"]) if listed else "")
+        if not name:
+            raise MeshError(
+                Reason.BACKEND_UNAVAILABLE, f"the engine at {self.base_url} lists no model",
+                metadata={"backend": self.base_url},
+            )
+        self.served_model = name
+        card = next((m for m in listed if m.get("id") == name), {})
+        # vLLM reports its context as max_model_len; others report nothing.
+        context = card.get("max_model_len")
+        total = int(context) if isinstance(context, int) and context > 1 else 0
+        return BackendInfo(
+            model_id=name,
+            max_input_tokens=total - 1 if total else 0,
+            max_total_tokens=total,
+            max_stop_sequences=4,  # OpenAI's limit
+            max_concurrent_requests=128,
+        )
+
+
+def _gbnf(schema: str) -> str:
+    """A JSON schema as a llama.cpp GBNF grammar, with llama.cpp's own converter."""
+    try:
+        from llama_cpp.llama_grammar import json_schema_to_gbnf
+    except ImportError as exc:  # an adapter image without llama-cpp-python
+        raise invalid([FieldViolation(
+            "parameters.grammar.json_schema",
+            "this adapter cannot convert JSON schemas for llama.cpp (llama-cpp-python missing)",
+        )]) from exc
+    try:
+        return str(json_schema_to_gbnf(schema))
+    except Exception as exc:
+        raise invalid([FieldViolation(
+            "parameters.grammar.json_schema", f"llama.cpp cannot use this schema: {exc}"[:160],
+        )]) from exc
+
+
+def _choice_text(choice: dict[str, Any], delta: bool = False) -> str:
+    if "text" in choice:  # /v1/completions
+        return str(choice.get("text") or "")
+    message = choice.get("delta" if delta else "message") or {}
+    return str(message.get("content") or "")
+
+
+def _finish(choice: dict[str, Any]) -> FinishReason:
+    reason = str(choice.get("finish_reason") or "")
+    # vLLM and SGLang say which stop string or token ended it: a string is a
+    # stop sequence, a token id (or nothing) the end of sequence.
+    if reason == "stop" and isinstance(choice.get("stop_reason") or choice.get("matched_stop"),
+                                       str):
+        return FinishReason.STOP_SEQUENCE
+    return _FINISH.get(reason, FinishReason.UNSPECIFIED)
+
+
+class _SSEParser:
+    """OpenAI's Server-Sent Events: `data: {json}` lines, `data: [DONE]` at
+    the end (yielded as None); comments and other fields are framing."""
+
+    def __init__(self) -> None:
+        self._partial = b""
+
+    def feed(self, data: bytes) -> list[dict[str, Any] | None]:
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        out: list[dict[str, Any] | None] = []
+        for line in lines:
+            if not line.startswith(b"data:"):
+                continue
+            value = line[5:].strip()
+            if value == b"[DONE]":
+                out.append(None)
+            elif value:
+                out.append(json.loads(value))
+        return out
+
+
+async def _json_or_text(resp: aiohttp.ClientResponse) -> Any:
+    raw = await resp.read()
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw.decode("utf-8", errors="replace")
+
+
+def _transport_error(exc: BaseException, url: str) -> MeshError:
+    meta = {"backend": url}
+    if isinstance(exc, TimeoutError):
+        return MeshError(Reason.TIMEOUT, f"the engine at {url} did not answer in time",
+                         metadata=meta)
+    if isinstance(exc, aiohttp.ClientConnectorError | ConnectionRefusedError):
+        return MeshError(Reason.BACKEND_UNAVAILABLE, f"cannot connect to the engine at {url}",
+                         metadata=meta)
+    if isinstance(
+        exc, aiohttp.ClientPayloadError | aiohttp.ServerDisconnectedError | ConnectionError
+    ):
+        return MeshError(Reason.INCOMPLETE_GENERATION,
+                         f"the engine at {url} dropped the connection", metadata=meta)
+    if isinstance(exc, ValueError | KeyError | TypeError):
+        return MeshError(Reason.MODEL_ERROR,
+                         f"the engine at {url} sent a reply that is not OpenAI's", metadata=meta)
+    return MeshError(Reason.BACKEND_UNAVAILABLE,
+                     f"the engine at {url} failed: {exc.__class__.__name__}", metadata=meta)

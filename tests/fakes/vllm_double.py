@@ -1,0 +1,309 @@
+"""A vLLM test double: vLLM's OpenAI-compatible HTTP server over a scripted engine.
+
+The shapes are vLLM's own, read from its source (vllm-project/vllm):
+- `vllm/entrypoints/openai/protocol.py` (engine/protocol.py in later
+  releases): `ErrorResponse` `{"error": {"message", "type", "param", "code"}}`
+  with the HTTP status as an integer `code`; `ModelCard` with `owned_by:
+  "vllm"`, `root` and `max_model_len`; `CompletionResponse` and its stream
+  chunks (`text_completion`, `finish_reason`, `stop_reason`: the stop string
+  that matched, or None at EOS); `UsageInfo`; `stream_options.include_usage`
+  adds a last chunk with empty `choices` and the usage.
+- `serving_engine.py` (`create_error_response`, `_validate_input`): a prompt
+  plus max_tokens over max_model_len is a 400 `BadRequestError` "This
+  model's maximum context length is N tokens. However, you requested M
+  tokens (P in the messages, T in the completion). Please reduce the length
+  of the messages or completion."; an unknown model a 404 `NotFoundError`
+  "The model `X` does not exist.".
+- `serving_completion.py` / `serving_chat.py`: an error after a stream has
+  started is sent as `data: {"error": ...}`, then `data: [DONE]`.
+- `api_server.py`: `GET /health` is 200 while the engine lives, 503 once it
+  is dead; `GET /metrics` is Prometheus text.
+- `vllm/v1/metrics/loggers.py`: the gauges `vllm:num_requests_running`,
+  `vllm:num_requests_waiting` and `vllm:kv_cache_usage_perc` (1 = full),
+  labelled `model_name` and `engine`.
+
+The engine is scripted: it echoes the last user turn (or the prompt), one
+token per word, `--token-delay` seconds per token; at most `--max-num-seqs`
+requests run at once and the rest wait, so the metrics count real requests.
+KV-cache usage is the running requests' share of `--max-num-seqs`.
+
+Run as a process:
+    python -m tests.fakes.vllm_double --port 8000 [--model NAME]
+        [--max-model-len N] [--max-num-seqs K] [--token-delay SECONDS]
+
+Control (double only):
+    POST /_control {"mode": "ok"|"dead"|"error_midstream"|"die_midstream"|"hang",
+                    "after_tokens": 0, "token_delay": null, "status": null}
+        dead: /health 503 and every generation a 503 (vLLM's EngineDeadError);
+        error_midstream: after `after_tokens` tokens an in-band error event;
+        die_midstream: after `after_tokens` tokens the connection is closed;
+        hang: after `after_tokens` tokens nothing more is sent.
+        `status`: every generation is refused with this HTTP status in
+        vLLM's error shape (429, 500, 503 ... as a proxy or an overloaded
+        server would send). `{}` resets.
+    GET /_stats {"requests", "cancelled", "last_body"}
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from tests.fakes.tgi_double import scripted_reply
+
+_WORD = re.compile(r"\s*\S+")
+
+
+@dataclass
+class State:
+    model: str
+    max_model_len: int
+    max_num_seqs: int
+    token_delay: float
+    mode: str = "ok"
+    after_tokens: int = 0
+    status: int | None = None
+    running: int = 0
+    waiting: int = 0
+    requests: int = 0
+    cancelled: int = 0
+    last_body: Any = None
+    slots: asyncio.Semaphore = field(init=False)
+    base_delay: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.slots = asyncio.Semaphore(self.max_num_seqs)
+        self.base_delay = self.token_delay
+
+
+STATE = web.AppKey("vllm_double.state", State)
+
+
+def error(status: int, message: str, kind: str, param: str | None = None) -> web.Response:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    return web.json_response(body, status=status)
+
+
+def _prompt_of(body: dict[str, Any], chat: bool) -> str:
+    if chat:
+        turns = [m for m in body.get("messages") or [] if m.get("role") == "user"]
+        return str(turns[-1].get("content", "")) if turns else ""
+    return scripted_reply(str(body.get("prompt") or ""))
+
+
+async def models(request: web.Request) -> web.Response:
+    s = request.app[STATE]
+    card = {"id": s.model, "object": "model", "created": int(time.time()), "owned_by": "vllm",
+            "root": s.model, "parent": None, "max_model_len": s.max_model_len,
+            "permission": []}
+    return web.json_response({"object": "list", "data": [card]})
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.Response(status=503 if request.app[STATE].mode == "dead" else 200)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    s = request.app[STATE]
+    labels = f'{{engine="0",model_name="{s.model}"}}'
+    lines = [
+        "# HELP vllm:num_requests_running Number of requests in model execution batches.",
+        "# TYPE vllm:num_requests_running gauge",
+        f"vllm:num_requests_running{labels} {float(s.running)}",
+        "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.",
+        "# TYPE vllm:num_requests_waiting gauge",
+        f"vllm:num_requests_waiting{labels} {float(s.waiting)}",
+        "# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.",
+        "# TYPE vllm:kv_cache_usage_perc gauge",
+        f"vllm:kv_cache_usage_perc{labels} {s.running / s.max_num_seqs}",
+    ]
+    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+
+async def generate(request: web.Request) -> web.StreamResponse:
+    s = request.app[STATE]
+    chat = request.path.endswith("/chat/completions")
+    try:
+        body = await request.json()
+    except ValueError:
+        return error(400, "Expecting value: line 1 column 1 (char 0)", "BadRequestError")
+    s.requests += 1
+    s.last_body = body
+    if s.mode == "dead":
+        return error(503, "The engine is dead.", "EngineDeadError")
+    if s.status is not None:
+        return error(s.status, f"scripted error {s.status}", "ServiceUnavailableError"
+                     if s.status == 503 else "BadRequestError")
+    if body.get("model") != s.model:
+        return error(404, f"The model `{body.get('model')}` does not exist.", "NotFoundError",
+                     "model")
+    temperature = body.get("temperature")
+    if isinstance(temperature, int | float) and temperature < 0:
+        return error(400, f"temperature must be non-negative, got {temperature}.",
+                     "BadRequestError")
+    prompt = _prompt_of(body, chat)
+    prompt_tokens = len(_WORD.findall(str(body.get("prompt") or body.get("messages") or "")))
+    max_tokens = int(body.get("max_tokens") or 16)
+    if prompt_tokens + max_tokens > s.max_model_len:
+        return error(
+            400,
+            f"This model's maximum context length is {s.max_model_len} tokens. However, you "
+            f"requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, "
+            f"{max_tokens} in the completion). Please reduce the length of the messages or "
+            "completion.", "BadRequestError")
+    words = [w for w in _WORD.findall(prompt)]
+    if words:
+        words[0] = words[0].lstrip()
+    stops = body.get("stop") or []
+    stops = [stops] if isinstance(stops, str) else list(stops)
+    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    kind = "chat.completion" if chat else "text_completion"
+    stream = bool(body.get("stream"))
+    s.waiting += 1
+    try:
+        await s.slots.acquire()
+    except asyncio.CancelledError:
+        s.waiting -= 1
+        s.cancelled += 1
+        raise
+    s.waiting -= 1
+    s.running += 1
+    try:
+        return await _run(request, s, chat, stream, rid, kind, words, stops, max_tokens,
+                          prompt_tokens, body)
+    except asyncio.CancelledError:
+        s.cancelled += 1
+        raise
+    finally:
+        s.running -= 1
+        s.slots.release()
+
+
+def _choice(chat: bool, text: str, finish: str | None, stop: str | None, stream: bool) -> dict:
+    out: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish,
+                           "stop_reason": stop}
+    if chat:
+        out["delta" if stream else "message"] = {"role": "assistant", "content": text}
+    else:
+        out["text"] = text
+    return out
+
+
+async def _run(request: web.Request, s: State, chat: bool, stream: bool, rid: str, kind: str,
+               words: list[str], stops: list[str], max_tokens: int, prompt_tokens: int,
+               body: dict[str, Any]) -> web.StreamResponse:
+    resp: web.StreamResponse | None = None
+    if stream:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+    text, finish, stop_reason, n = "", "length", None, 0
+    for i in range(max_tokens):
+        if s.mode in ("error_midstream", "die_midstream", "hang") and i == s.after_tokens \
+                and resp is not None:
+            if s.mode == "error_midstream":
+                event = {"error": {"message": "scripted engine failure", "type":
+                                   "InternalServerError", "param": None, "code": 500}}
+                await resp.write(f"data: {json.dumps(event)}\n\ndata: [DONE]\n\n".encode())
+                return resp
+            if s.mode == "die_midstream":
+                await asyncio.sleep(0.05)
+                if request.transport is not None:
+                    request.transport.close()
+                return resp
+            await asyncio.Event().wait()
+        if s.token_delay:
+            await asyncio.sleep(s.token_delay)
+        if i >= len(words):
+            finish = "stop"
+            break
+        piece = words[i]
+        hit = next((x for x in stops if x in text + piece), None)
+        if hit is not None:
+            finish, stop_reason = "stop", hit
+            break
+        text += piece
+        n += 1
+        if resp is not None:
+            chunk = {"id": rid, "object": f"{kind}.chunk" if chat else kind,
+                     "created": int(time.time()), "model": s.model,
+                     "choices": [_choice(chat, piece, None, None, True)]}
+            await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+    usage = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + n,
+             "completion_tokens": n}
+    if resp is None:
+        return web.json_response({
+            "id": rid, "object": kind, "created": int(time.time()), "model": s.model,
+            "choices": [_choice(chat, text, finish, stop_reason, False)], "usage": usage})
+    last = {"id": rid, "object": f"{kind}.chunk" if chat else kind, "created": int(time.time()),
+            "model": s.model, "choices": [_choice(chat, "", finish, stop_reason, True)]}
+    await resp.write(f"data: {json.dumps(last)}\n\n".encode())
+    if (body.get("stream_options") or {}).get("include_usage"):
+        tail = {"id": rid, "object": last["object"], "created": last["created"],
+                "model": s.model, "choices": [], "usage": usage}
+        await resp.write(f"data: {json.dumps(tail)}\n\n".encode())
+    await resp.write(b"data: [DONE]\n\n")
+    await resp.write_eof()
+    return resp
+
+
+async def control(request: web.Request) -> web.Response:
+    s = request.app[STATE]
+    data = await request.json()
+    s.mode = str(data.get("mode", "ok"))
+    s.after_tokens = int(data.get("after_tokens", 0))
+    delay = data.get("token_delay")
+    s.token_delay = float(delay) if delay is not None else s.base_delay
+    status = data.get("status")
+    s.status = int(status) if status is not None else None
+    return web.json_response({"mode": s.mode})
+
+
+async def stats(request: web.Request) -> web.Response:
+    s = request.app[STATE]
+    return web.json_response({"requests": s.requests, "cancelled": s.cancelled,
+                              "running": s.running, "waiting": s.waiting,
+                              "last_body": s.last_body})
+
+
+def create_app(state: State) -> web.Application:
+    app = web.Application()
+    app[STATE] = state
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/completions", generate)
+    app.router.add_post("/v1/chat/completions", generate)
+    app.router.add_post("/_control", control)
+    app.router.add_get("/_stats", stats)
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m tests.fakes.vllm_double", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--model", default="Qwen/Qwen2-7B-Instruct-GPTQ-Int4")
+    p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--max-num-seqs", type=int, default=8)
+    p.add_argument("--token-delay", type=float, default=0.0)
+    args = p.parse_args(argv)
+
+    async def app() -> web.Application:
+        return create_app(State(args.model, args.max_model_len, args.max_num_seqs,
+                                args.token_delay))
+
+    web.run_app(app(), host=args.host, port=args.port, handler_cancellation=True,
+                access_log=None, print=None, shutdown_timeout=1.0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""The router's choice of replica, the engine load it reads, and the
+simulation that compares the policies (tests/bench/replica_bench.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import aiohttp
+
+from services.adapter.load import LoadSampler, parse_load
+from services.common.types import EngineLoad
+from services.router.choice import choose, estimated_requests
+from tests.bench import replica_bench
+from tests.fakes.tgi_double import Control, serve
+
+
+@dataclass(eq=False)
+class R:
+    in_flight: int = 0
+    load: EngineLoad | None = None
+    in_flight_at_report: int = 0
+
+
+def test_least_in_flight_ignores_engine_load():
+    busy, idle = R(1, EngineLoad(waiting=9, running=4)), R(2)
+    assert choose([busy, idle], "in-flight", 0) is busy
+
+
+def test_engine_load_outweighs_the_routers_own_count():
+    busy, idle = R(1, EngineLoad(waiting=9, running=4), 1), R(2, EngineLoad(running=2), 2)
+    assert choose([busy, idle], "load", 0) is idle
+
+
+def test_requests_since_the_report_count_on_top_of_it():
+    r = R(in_flight=5, load=EngineLoad(waiting=1, running=3), in_flight_at_report=2)
+    assert estimated_requests(r) == 4 + 3
+    # Requests that ended since the report never take it below the router's own.
+    r = R(in_flight=1, load=EngineLoad(running=1), in_flight_at_report=4)
+    assert estimated_requests(r) == 1
+
+
+def test_a_full_kv_cache_ranks_last():
+    full = R(0, EngineLoad(running=1, kv_cache_usage=0.95))
+    busy = R(0, EngineLoad(waiting=3, running=4, kv_cache_usage=0.5))
+    assert choose([full, busy], "load", 0) is busy
+
+
+def test_replicas_without_reports_fall_back_to_the_routers_count():
+    silent, reporting = R(1), R(0, EngineLoad(waiting=2, running=2))
+    assert choose([silent, reporting], "load", 0) is silent
+    a, b = R(0), R(0)
+    assert {choose([a, b], "load", turn) for turn in (0, 1)} == {a, b}  # ties take turns
+    assert choose([], "load", 0) is None
+
+
+def test_parse_load_of_each_engine():
+    tgi = "# TYPE tgi_queue_size gauge\ntgi_queue_size 3\ntgi_batch_current_size 2\n"
+    assert parse_load(tgi) == EngineLoad(waiting=3, running=2)
+    vllm = (
+        'vllm:num_requests_running{engine="0",model_name="m"} 4.0\n'
+        'vllm:num_requests_running{engine="1",model_name="m"} 1.0\n'
+        'vllm:num_requests_waiting{engine="0",model_name="m"} 2.0\n'
+        'vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25\n'
+        'vllm:kv_cache_usage_perc{engine="1",model_name="m"} 0.75\n'
+        'vllm:num_requests_waiting_by_reason{reason="x"} 9\n'
+    )
+    assert parse_load(vllm) == EngineLoad(waiting=2, running=5, kv_cache_usage=0.75)
+    assert parse_load("process_cpu_seconds_total 1.5\n") is None
+    assert parse_load("") is None
+
+
+def test_simulation_load_aware_beats_least_in_flight_under_outside_load():
+    aware = replica_bench.simulate("load", seed=1, seconds=600)
+    blind = replica_bench.simulate("in-flight", seed=1, seconds=600)
+    assert len(aware) == len(blind) > 1000
+    p95 = replica_bench.percentile
+    assert p95(aware, 0.95) < p95(blind, 0.95)
+    # Without reports the policy is least-in-flight, request for request.
+    assert replica_bench.simulate("load", seed=1, seconds=600, reports=False) == blind
+
+
+async def test_tgis_gauges_count_the_requests_in_the_engine():
+    """TGI's tgi_queue_size and tgi_batch_current_size, as the CPU backend's
+    HTTP layer (which the TGI double serves) exports them."""
+    async with serve() as double:
+        double.engine.control = Control(token_delay=0.1)
+        sampler = LoadSampler(f"{double.url}/metrics", 0.1)
+        async with aiohttp.ClientSession() as session:
+
+            async def generate() -> None:
+                body = {"inputs": "a b c d e f g h", "parameters": {"max_new_tokens": 8}}
+                async with session.post(f"{double.url}/generate", json=body) as resp:
+                    assert resp.status == 200
+                    await resp.read()
+
+            held = [asyncio.create_task(generate()) for _ in range(3)]
+            try:
+                for _ in range(50):
+                    load = await sampler.sample()
+                    if load is not None and load.requests == 3:
+                        break
+                    await asyncio.sleep(0.02)
+                assert load is not None and load.requests == 3
+                assert sampler.current == load
+            finally:
+                await asyncio.gather(*held)
+            after = await sampler.sample()
+            assert after is not None and after.requests == 0
+        await sampler.close()
