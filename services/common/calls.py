@@ -38,6 +38,7 @@ class CallRecord:
         self._fields = fields
         self._start = time.perf_counter()
         self._first: float | None = None
+        self.finished = False
         self._m.in_flight.labels(self._m.service, self._model, method).inc()
 
     def first_token(self) -> None:
@@ -53,6 +54,7 @@ class CallRecord:
         tokens: int | None = None,
     ) -> None:
         m = self._m
+        self.finished = True
         elapsed = time.perf_counter() - self._start
         m.in_flight.labels(m.service, self._model, self._method).dec()
         m.requests.labels(m.service, self._model, self._scenario, self._method, code).inc()
