@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from services.common.errors import FieldViolation, MeshError, clip, invalid
+from services.common.errors import FieldViolation, MeshError, Reason, clip, invalid
 from services.common.types import GenerationRequest, Grammar, Message, Parameters
 
 Kind = Literal["chat", "completion"]
@@ -25,6 +25,10 @@ MAX_SEED = 2**64 - 1
 RAW_SCENARIO = "raw"
 # OpenAI's `developer` role is the newer name of `system`.
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+# `json_object`: any JSON object. TGI refuses a schema without `properties`;
+# `additionalProperties` lets the object hold any keys.
+ANY_OBJECT: Mapping[str, Any] = {"type": "object", "properties": {}, "additionalProperties": True}
 
 # Fields that cannot change the generated text: accepted and left aside.
 IGNORED = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls"})
@@ -204,14 +208,14 @@ def _grammar(r: _Reader) -> Grammar | None:
     if kind == "text":
         return None
     if kind == "json_object":
-        return Grammar.json_schema({"type": "object"})
+        return Grammar.json_schema(dict(ANY_OBJECT))
     if kind == "json_schema":
         spec = fmt.get("json_schema")
         if not isinstance(spec, dict):
             r.fail("response_format.json_schema",
                    "must be an object with a `schema` (and a `name`)")
             return None
-        schema = spec.get("schema", {"type": "object"})
+        schema = spec.get("schema", dict(ANY_OBJECT))
         if not isinstance(schema, dict):
             r.fail("response_format.json_schema.schema", "must be a JSON schema object")
             return None
@@ -373,6 +377,10 @@ def parse_completion(body: Any) -> OpenAIRequest:
 def openai_error(error: MeshError, request: OpenAIRequest | None) -> tuple[str, str | None]:
     """The message and `param` of an error, in OpenAI's names."""
     if not error.violations:
+        # The engine's own refusal of a grammar (TGI's 422) names no field.
+        grammar = request is not None and request.generation.parameters.grammar is not None
+        if grammar and error.reason is Reason.INVALID_ARGUMENT and "grammar" in error.message:
+            return error.message, "response_format"
         return error.message, None
 
     def name(field: str) -> str:

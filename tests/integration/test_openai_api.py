@@ -183,7 +183,8 @@ def test_json_schema_reaches_tgi_as_its_grammar(clean: Mesh, client: openai.Open
     except openai.BadRequestError as err:
         assert "grammar" in str(err.body["message"])
     body = clean.doubles["llama3"].stats()["last_request"]["body"]
-    assert body["parameters"]["grammar"] == {"type": "json", "value": {"type": "object"}}
+    assert body["parameters"]["grammar"] == {"type": "json", "value": {
+        "type": "object", "properties": {}, "additionalProperties": True}}
 
 
 # -- errors --------------------------------------------------------------------

@@ -83,7 +83,9 @@ def test_stop_list():
 @pytest.mark.parametrize(
     ("fmt", "schema"),
     [
-        ({"type": "json_object"}, {"type": "object"}),
+        # TGI wants `properties`; any keys are allowed.
+        ({"type": "json_object"},
+         {"type": "object", "properties": {}, "additionalProperties": True}),
         ({"type": "json_schema", "json_schema": {"name": "p", "strict": True, "schema": {
             "type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}}},
          {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}),
@@ -232,3 +234,12 @@ def test_the_error_message_speaks_openai():
 def test_hostile_values_are_cut_in_messages():
     problems = refused(chat(messages=[{"role": "x" * 10_000, "content": "hi"}]))
     assert len(json.dumps(problems)) < 400
+
+
+def test_an_engine_refusing_the_grammar_names_response_format():
+    parsed = parse_chat(chat(response_format={"type": "json_schema",
+                                              "json_schema": {"schema": {"type": "array"}}}))
+    error = MeshError(Reason.INVALID_ARGUMENT,
+                      "Input validation error: grammar is not valid: no properties")
+    assert openai_error(error, parsed)[1] == "response_format"
+    assert openai_error(error, parse_chat(chat()))[1] is None
