@@ -185,3 +185,15 @@ async def test_bodies_that_are_not_json_or_routes_that_do_not_exist(face):
         async with http.get(f"{base}/v1/chat/completions") as resp:
             assert resp.status == 404
             assert "POST /v1/chat/completions" in (await resp.json())["error"]["message"]
+
+
+async def test_stop_lets_open_streams_finish_and_refuses_new_connections(face):
+    backend = FakeBackend(words=["w "] * 10, delay=0.05)
+    client, _, _, listener = await face(backend)
+    stream = await client.chat.completions.create(model="qwen2", messages=USER, stream=True)
+    stopping = asyncio.create_task(listener.stop())
+    text = "".join([c.choices[0].delta.content or "" async for c in stream])
+    assert text == "w " * 10
+    await stopping
+    with pytest.raises(openai.APIConnectionError):
+        await client.models.list()
