@@ -208,10 +208,56 @@ def _default_body(indent: int = 20) -> str:
     return "\n".join(_reply_body(default, " " * indent))
 
 
+# The OpenAI-compatible routes (the router's OpenAI listener): Envoy's own
+# replies there are OpenAI's error JSON, which OpenAI's SDKs read, with the
+# same rows of the error table.
+OPENAI_PATHS = r"^/v1/(chat/completions|completions|models(/.*)?)([?].*)?$"
+
+
+def _openai_mappers(indent: int = 20) -> str:
+    rows, default = _edge_errors()  # puts the checkout on sys.path
+    from services.openai.errors import error_type
+
+    pad = " " * indent
+    path = [
+        f"{pad}      - header_filter:",
+        f"{pad}          header:",
+        f'{pad}            name: ":path"',
+        f"{pad}            string_match: {{ safe_regex: {{ regex: '{OPENAI_PATHS}' }} }}",
+    ]
+    out = []
+    for status, error in [*sorted(rows.items()), (0, default)]:
+        status_filter = [
+            f"{pad}      - status_code_filter:",
+            f"{pad}          comparison:",
+            f"{pad}            op: EQ",
+            f"{pad}            value: {{ default_value: {status}, "
+            f"runtime_key: local_reply_openai_{status} }}",
+        ] if status else [
+            # Any other status: a filter that always holds.
+            f"{pad}      - not_health_check_filter: {{}}",
+        ]
+        out += [
+            f"{pad}- filter:",
+            f"{pad}    and_filter:",
+            f"{pad}      filters:",
+            *path,
+            *status_filter,
+            f"{pad}  body_format_override:",
+            f"{pad}    json_format:",
+            f"{pad}      error:",
+            f"{pad}        message: {_json_str(error.message)}",
+            f"{pad}        type: {error_type(status or 500)}",
+            f"{pad}        code: {error.reason.label}",
+            f"{pad}    content_type: application/json",
+        ]
+    return "\n".join(out)
+
+
 def render(**values: str | int) -> str:
     """The template with `values` over the local profile's."""
     merged = {**PROFILES["local"], **{k: str(v) for k, v in values.items()}}
-    merged["LOCAL_REPLY_MAPPERS"] = _mappers()
+    merged["LOCAL_REPLY_MAPPERS"] = _openai_mappers() + "\n" + _mappers()
     merged["PLAYGROUND_ROUTES"] = _playground_routes()
     merged["PLAYGROUND_REPLY_MAPPER"] = _playground_mapper()
     merged["PLAYGROUND_MAX_BYTES"] = str(PLAYGROUND_MAX_BYTES)

@@ -21,9 +21,16 @@ TYPES = {
     401: "authentication_error",
     403: "permission_error",
     404: "invalid_request_error",
+    413: "invalid_request_error",
     429: "rate_limit_error",
+    431: "invalid_request_error",
     499: "request_cancelled",
 }
+
+
+def error_type(status: int) -> str:
+    """OpenAI's `type` for an HTTP status."""
+    return TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
 
 
 @dataclass(frozen=True)
@@ -41,7 +48,7 @@ def error_object(error: MeshError, request: OpenAIRequest | None = None) -> dict
         param = "model"
     return {
         "message": message,
-        "type": TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
+        "type": error_type(status),
         "param": param,
         "code": error.reason.label,
     }

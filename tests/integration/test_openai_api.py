@@ -289,10 +289,12 @@ def test_bodies_over_1_mib_are_refused_at_the_edge(clean: Mesh) -> None:
     big = json.dumps({"model": "qwen2", "messages": [
         {"role": "user", "content": "x" * (1024 * 1024 + 1)}]}).encode()
     started = time.monotonic()
-    status, _, _ = http_json("POST", f"{clean.http}/v1/chat/completions", big,
-                             {"Authorization": f"Bearer {KEY}",
-                              "Content-Type": "application/json"})
-    assert status == 413
+    status, kind, body = http_json("POST", f"{clean.http}/v1/chat/completions", big,
+                                   {"Authorization": f"Bearer {KEY}",
+                                    "Content-Type": "application/json"})
+    assert status == 413 and kind == "application/json"
+    # Envoy's own reply, in OpenAI's shape on OpenAI's routes.
+    assert json.loads(body)["error"]["type"] == "invalid_request_error"
     assert time.monotonic() - started < 10
     assert clean.doubles["qwen2"].stats()["requests"] == {}
 

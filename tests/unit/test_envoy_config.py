@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -162,3 +163,32 @@ def test_openai_routes_go_to_the_openai_listener_untranscoded():
     assert "http_protocol_options" in options["explicit_http_config"]  # HTTP/1.1
     address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
     assert address["address"]["socket_address"]["port_value"] == 50052
+
+
+
+def test_envoys_own_replies_on_openai_routes_are_openai_errors():
+    config = yaml.safe_load(render.render())
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    mappers = hcm["typed_config"]["local_reply_config"]["mappers"]
+    openai = [m for m in mappers
+              if "error" in m.get("body_format_override", {}).get("json_format", {})]
+    statuses = set()
+    for mapper in openai:
+        path, *status = mapper["filter"]["and_filter"]["filters"]
+        regex = path["header_filter"]["header"]["string_match"]["safe_regex"]["regex"]
+        for url in ("/v1/chat/completions", "/v1/completions", "/v1/models",
+                    "/v1/models/qwen2", "/v1/models?x=1"):
+            assert re.match(regex, url), url
+        for url in ("/v1/generate", "/v1/mesh/models", "/v1/completionsx"):
+            assert not re.match(regex, url), url
+        if "status_code_filter" in status[0]:
+            statuses.add(status[0]["status_code_filter"]["comparison"]["value"]["default_value"])
+        error = mapper["body_format_override"]["json_format"]["error"]
+        assert set(error) == {"message", "type", "code"}
+    rows, _ = render._edge_errors()
+    assert statuses == set(rows)  # every row of the error table's EDGE_ERRORS
+    assert len(openai) == len(statuses) + 1  # and one for any other status
+    # Before the native mappers, which match on status alone.
+    native = [i for i, m in enumerate(mappers) if "code" in m.get(
+        "body_format_override", {}).get("json_format", {})]
+    assert max(mappers.index(m) for m in openai) < min(native)
