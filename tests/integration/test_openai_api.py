@@ -149,6 +149,18 @@ async def test_chat_async_with_and_without_streaming(clean: Mesh,
     assert chunks[-1].usage is None  # not asked for
 
 
+def test_events_pass_envoy_as_they_are_made(clean: Mesh, client: openai.OpenAI) -> None:
+    clean.doubles["qwen2"].control(token_delay=0.3, reply="a b c d e")
+    stream = client.chat.completions.create(model="qwen2", messages=USER, stream=True)
+    arrivals = []
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            arrivals.append(time.monotonic())
+    assert len(arrivals) == 5
+    # Nothing buffers the stream: the words arrive spread over the generation.
+    assert arrivals[-1] - arrivals[0] > 0.8
+
+
 def test_completions(clean: Mesh, client: openai.OpenAI) -> None:
     reply = client.completions.create(model="qwen2", prompt="one two three four", max_tokens=2)
     assert reply.object == "text_completion"
@@ -175,6 +187,7 @@ def test_json_schema_reaches_tgi_as_its_grammar(clean: Mesh, client: openai.Open
         client.chat.completions.create(model="qwen2", messages=USER, response_format=fmt)
     except openai.BadRequestError as err:  # an engine without grammar support says so
         assert "grammar" in str(err.body["message"])
+        assert err.body["param"] == "response_format"
     body = clean.doubles["qwen2"].stats()["last_request"]["body"]
     assert body["parameters"]["grammar"] == {"type": "json", "value": SCHEMA}
     try:
