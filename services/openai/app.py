@@ -209,6 +209,10 @@ class OpenAIFace:
             if not call.finished:  # a stream that had started kept its own books
                 call.finish("CANCELLED", reason=Reason.CANCELLED)
             raise
+        except ConnectionResetError:  # the client left as the stream's headers went out
+            if not call.finished:
+                call.finish("CANCELLED", reason=Reason.CANCELLED)
+            return web.Response(status=499)
         except Exception as exc:
             return self._unexpected(call, exc)
         call.finish("OK", tokens=result.tokens)
