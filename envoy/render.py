@@ -269,8 +269,9 @@ def with_tls(text: str, cert: str, key: str, ca: str) -> str:
     """A rendered config with TLS at the edge and mutual TLS to the router.
 
     Clients connect over TLS (HTTP/1.1 or h2 by ALPN; no client certificate
-    asked at the edge). Envoy presents `cert` to the router, and accepts
-    only a router certificate that `ca` signed and that names `router`.
+    asked at the edge). Envoy presents `cert` to the router (both its gRPC
+    and its OpenAI listener), and accepts only a router certificate that `ca`
+    signed and that names `router`.
     """
     import yaml
 
@@ -288,15 +289,26 @@ def with_tls(text: str, cert: str, key: str, ca: str) -> str:
             },
         },
     }
-    cluster = next(c for c in config["static_resources"]["clusters"] if c["name"] == "router")
-    cluster["transport_socket"] = {
+    for cluster in config["static_resources"]["clusters"]:
+        if cluster["name"] in UPSTREAM_ALPN:
+            cluster["transport_socket"] = _upstream_tls(
+                identity, ca, UPSTREAM_ALPN[cluster["name"]])
+    return str(yaml.safe_dump(config, sort_keys=False))
+
+
+# The router's two listeners: gRPC over h2, the OpenAI API over HTTP/1.1.
+UPSTREAM_ALPN = {"router": "h2", "openai": "http/1.1"}
+
+
+def _upstream_tls(identity: dict[str, Any], ca: str, alpn: str) -> dict[str, Any]:
+    return {
         "name": "envoy.transport_sockets.tls",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3"
                      ".UpstreamTlsContext",
             "sni": "router",
             "common_tls_context": {
-                "alpn_protocols": ["h2"],
+                "alpn_protocols": [alpn],
                 "tls_certificates": [identity],
                 "validation_context": {
                     "trusted_ca": {"filename": ca},
@@ -307,7 +319,6 @@ def with_tls(text: str, cert: str, key: str, ca: str) -> str:
             },
         },
     }
-    return str(yaml.safe_dump(config, sort_keys=False))
 
 
 def main() -> int:

@@ -52,6 +52,10 @@ class OpenAISettings:
     request_timeout: float | None = 600.0
     grace_seconds: float = 10.0
     max_body_bytes: int = MAX_BODY_BYTES
+    # The router's --tls-* files: HTTPS, mutual with a CA, as its gRPC port.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
 
 
 def _dumps(value: Any) -> str:

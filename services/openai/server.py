@@ -3,6 +3,7 @@ the same process and event loop, stopped with it."""
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -20,6 +21,19 @@ class OpenAIListener:
         await self.runner.cleanup()
 
 
+def ssl_context(settings: OpenAISettings) -> ssl.SSLContext | None:
+    """HTTPS with the router's certificate; with a CA, clients (Envoy) must
+    present a certificate it signed, as on the router's gRPC port."""
+    if not (settings.tls_cert and settings.tls_key):
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    if settings.tls_ca:
+        context.load_verify_locations(settings.tls_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
 async def start_listener(face: OpenAIFace, settings: OpenAISettings) -> OpenAIListener:
     # handler_cancellation: a client that disconnects cancels its handler,
     # and with it the generation behind it.
@@ -28,7 +42,7 @@ async def start_listener(face: OpenAIFace, settings: OpenAISettings) -> OpenAILi
         shutdown_timeout=settings.grace_seconds,
     )
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port)
+    site = web.TCPSite(runner, settings.host, settings.port, ssl_context=ssl_context(settings))
     try:
         await site.start()
     except OSError as exc:

@@ -94,7 +94,8 @@ def parse_args(argv: list[str] | None = None) -> RouterSettings:
         replica_choice=args.replica_choice,
         openai=OpenAISettings(
             host=args.host, port=args.openai_port, request_timeout=args.timeout,
-            grace_seconds=args.grace,
+            grace_seconds=args.grace, tls_cert=args.tls_cert, tls_key=args.tls_key,
+            tls_ca=args.tls_ca,
         ) if args.openai_port is not None else None,
     )
 
