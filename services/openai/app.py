@@ -122,13 +122,11 @@ class OpenAIFace:
 
     async def unknown(self, request: web.Request) -> web.StreamResponse:
         error = MeshError(
-            Reason.MODEL_NOT_FOUND,
+            Reason.ROUTE_NOT_FOUND,
             f"unknown route {request.method} {request.path}; this server serves "
             + ", ".join(f"{m} {p}" for m, p in ROUTES),
         )
-        reply = error_reply(error)
-        reply.body["error"]["param"] = None
-        return _json(reply.body, reply.status, reply.headers)
+        return self._error(error)
 
     # -- helpers ---------------------------------------------------------------
 
@@ -179,8 +177,11 @@ class OpenAIFace:
         try:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            return None, invalid([FieldViolation(
-                "body", f"at most {self._settings.max_body_bytes} bytes")])
+            limit = self._settings.max_body_bytes
+            return None, MeshError(
+                Reason.REQUEST_TOO_LARGE, f"request body larger than {limit} bytes",
+                metadata={"limit_bytes": str(limit)},
+            )
         try:
             return json.loads(raw), None
         except ValueError as exc:

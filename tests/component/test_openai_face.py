@@ -180,11 +180,13 @@ async def test_bodies_that_are_not_json_or_routes_that_do_not_exist(face):
             assert resp.status == 400
             assert (await resp.json())["error"]["type"] == "invalid_request_error"
         async with http.post(f"{base}/v1/chat/completions", data=b"x" * (1024 * 1024 + 10)) as r:
-            assert r.status == 400
-            assert "bytes" in (await r.json())["error"]["message"]
+            assert r.status == 413
+            assert (await r.json())["error"]["code"] == "request_too_large"
         async with http.get(f"{base}/v1/chat/completions") as resp:
             assert resp.status == 404
-            assert "POST /v1/chat/completions" in (await resp.json())["error"]["message"]
+            error = (await resp.json())["error"]
+            assert "POST /v1/chat/completions" in error["message"]
+            assert error["code"] == "route_not_found" and error["param"] is None
 
 
 async def test_stop_lets_open_streams_finish_and_refuses_new_connections(face):

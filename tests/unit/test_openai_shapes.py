@@ -6,7 +6,15 @@ import json
 
 import pytest
 
-from services.common.errors import HTTP_STATUS, TABLE, FieldViolation, MeshError, Reason, invalid
+from services.common.errors import (
+    HTTP_STATUS,
+    HTTP_STATUS_OF_REASON,
+    TABLE,
+    FieldViolation,
+    MeshError,
+    Reason,
+    invalid,
+)
 from services.common.types import FinishReason, Generation, Limits, ModelInfo
 from services.openai import responses
 from services.openai.errors import error_reply
@@ -90,7 +98,8 @@ def test_sse_framing():
 def test_every_reason_has_an_http_status_and_an_openai_error(reason):
     error = MeshError(reason, "something")
     reply = error_reply(error)
-    assert reply.status == HTTP_STATUS[TABLE[reason].code]
+    assert reply.status == error.http_status
+    assert reply.status == HTTP_STATUS_OF_REASON.get(reason, HTTP_STATUS[TABLE[reason].code])
     assert set(reply.body["error"]) == {"message", "type", "param", "code"}
     assert reply.body["error"]["code"] == reason.label
     assert reply.headers["x-should-retry"] == ("true" if TABLE[reason].retryable else "false")
@@ -109,6 +118,9 @@ def test_every_reason_has_an_http_status_and_an_openai_error(reason):
         (Reason.BACKEND_UNAVAILABLE, 503, "server_error"),
         (Reason.INCOMPLETE_GENERATION, 503, "server_error"),
         (Reason.TIMEOUT, 504, "server_error"),
+        (Reason.ROUTE_NOT_FOUND, 404, "invalid_request_error"),
+        (Reason.REQUEST_TOO_LARGE, 413, "invalid_request_error"),
+        (Reason.ROUTER_UNAVAILABLE, 503, "server_error"),
     ],
 )
 def test_the_sdk_classes_follow_the_status(reason, status, kind):
