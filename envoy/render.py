@@ -30,6 +30,7 @@ PROFILES: dict[str, dict[str, str]] = {
         "LISTEN_PORT": "8000",
         "ROUTER_HOST": "127.0.0.1",
         "ROUTER_PORT": "50051",
+        "OPENAI_PORT": "50052",
         "ROUTER_DISCOVERY": "STATIC",
         "DESCRIPTOR": "gen/llmmesh.binpb",
     },
@@ -40,6 +41,7 @@ PROFILES: dict[str, dict[str, str]] = {
         "LISTEN_PORT": "8000",
         "ROUTER_HOST": "router",
         "ROUTER_PORT": "50051",
+        "OPENAI_PORT": "50052",
         "ROUTER_DISCOVERY": "STRICT_DNS",
         "DESCRIPTOR": "/etc/envoy/llmmesh.binpb",
     },
@@ -206,10 +208,56 @@ def _default_body(indent: int = 20) -> str:
     return "\n".join(_reply_body(default, " " * indent))
 
 
+# The OpenAI-compatible routes (the router's OpenAI listener): Envoy's own
+# replies there are OpenAI's error JSON, which OpenAI's SDKs read, with the
+# same rows of the error table.
+OPENAI_PATHS = r"^/v1/(chat/completions|completions|models(/.*)?)([?].*)?$"
+
+
+def _openai_mappers(indent: int = 20) -> str:
+    rows, default = _edge_errors()  # puts the checkout on sys.path
+    from services.openai.errors import error_type
+
+    pad = " " * indent
+    path = [
+        f"{pad}      - header_filter:",
+        f"{pad}          header:",
+        f'{pad}            name: ":path"',
+        f"{pad}            string_match: {{ safe_regex: {{ regex: '{OPENAI_PATHS}' }} }}",
+    ]
+    out = []
+    for status, error in [*sorted(rows.items()), (0, default)]:
+        status_filter = [
+            f"{pad}      - status_code_filter:",
+            f"{pad}          comparison:",
+            f"{pad}            op: EQ",
+            f"{pad}            value: {{ default_value: {status}, "
+            f"runtime_key: local_reply_openai_{status} }}",
+        ] if status else [
+            # Any other status: a filter that always holds.
+            f"{pad}      - not_health_check_filter: {{}}",
+        ]
+        out += [
+            f"{pad}- filter:",
+            f"{pad}    and_filter:",
+            f"{pad}      filters:",
+            *path,
+            *status_filter,
+            f"{pad}  body_format_override:",
+            f"{pad}    json_format:",
+            f"{pad}      error:",
+            f"{pad}        message: {_json_str(error.message)}",
+            f"{pad}        type: {error_type(status or 500)}",
+            f"{pad}        code: {error.reason.label}",
+            f"{pad}    content_type: application/json",
+        ]
+    return "\n".join(out)
+
+
 def render(**values: str | int) -> str:
     """The template with `values` over the local profile's."""
     merged = {**PROFILES["local"], **{k: str(v) for k, v in values.items()}}
-    merged["LOCAL_REPLY_MAPPERS"] = _mappers()
+    merged["LOCAL_REPLY_MAPPERS"] = _openai_mappers() + "\n" + _mappers()
     merged["PLAYGROUND_ROUTES"] = _playground_routes()
     merged["PLAYGROUND_REPLY_MAPPER"] = _playground_mapper()
     merged["PLAYGROUND_MAX_BYTES"] = str(PLAYGROUND_MAX_BYTES)
@@ -221,8 +269,9 @@ def with_tls(text: str, cert: str, key: str, ca: str) -> str:
     """A rendered config with TLS at the edge and mutual TLS to the router.
 
     Clients connect over TLS (HTTP/1.1 or h2 by ALPN; no client certificate
-    asked at the edge). Envoy presents `cert` to the router, and accepts
-    only a router certificate that `ca` signed and that names `router`.
+    asked at the edge). Envoy presents `cert` to the router (both its gRPC
+    and its OpenAI listener), and accepts only a router certificate that `ca`
+    signed and that names `router`.
     """
     import yaml
 
@@ -240,15 +289,26 @@ def with_tls(text: str, cert: str, key: str, ca: str) -> str:
             },
         },
     }
-    cluster = next(c for c in config["static_resources"]["clusters"] if c["name"] == "router")
-    cluster["transport_socket"] = {
+    for cluster in config["static_resources"]["clusters"]:
+        if cluster["name"] in UPSTREAM_ALPN:
+            cluster["transport_socket"] = _upstream_tls(
+                identity, ca, UPSTREAM_ALPN[cluster["name"]])
+    return str(yaml.safe_dump(config, sort_keys=False))
+
+
+# The router's two listeners: gRPC over h2, the OpenAI API over HTTP/1.1.
+UPSTREAM_ALPN = {"router": "h2", "openai": "http/1.1"}
+
+
+def _upstream_tls(identity: dict[str, Any], ca: str, alpn: str) -> dict[str, Any]:
+    return {
         "name": "envoy.transport_sockets.tls",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3"
                      ".UpstreamTlsContext",
             "sni": "router",
             "common_tls_context": {
-                "alpn_protocols": ["h2"],
+                "alpn_protocols": [alpn],
                 "tls_certificates": [identity],
                 "validation_context": {
                     "trusted_ca": {"filename": ca},
@@ -259,7 +319,6 @@ def with_tls(text: str, cert: str, key: str, ca: str) -> str:
             },
         },
     }
-    return str(yaml.safe_dump(config, sort_keys=False))
 
 
 def main() -> int:

@@ -109,6 +109,25 @@ EDGE_ERRORS: Mapping[int, EdgeError] = {
 # Any other status Envoy makes itself.
 EDGE_DEFAULT = EdgeError(Reason.INTERNAL, "the edge proxy failed: %LOCAL_REPLY_BODY%")
 
+# The HTTP status each gRPC code stands for: the mapping Envoy's transcoder
+# applies to the native API, and the one the OpenAI-compatible face answers
+# with itself, so an error has one status whichever API it leaves by.
+HTTP_STATUS: Mapping[str, int] = {
+    "INVALID_ARGUMENT": 400,
+    "OUT_OF_RANGE": 400,
+    "UNAUTHENTICATED": 401,
+    "PERMISSION_DENIED": 403,
+    "NOT_FOUND": 404,
+    "RESOURCE_EXHAUSTED": 429,
+    "CANCELLED": 499,
+    "INTERNAL": 500,
+    "UNKNOWN": 500,
+    "UNAVAILABLE": 503,
+    "DEADLINE_EXCEEDED": 504,
+}
+# Reasons whose HTTP status is not their gRPC code's (413 has no gRPC code).
+HTTP_STATUS_OF_REASON: Mapping[Reason, int] = {Reason.REQUEST_TOO_LARGE: 413}
+
 # The reverse direction, for a status that arrives without an ErrorInfo
 # (from a peer that is not part of the mesh, or from gRPC itself).
 CODE_FALLBACK: Mapping[str, Reason] = {
@@ -168,6 +187,11 @@ class MeshError(Exception):
     @property
     def retryable(self) -> bool:
         return TABLE[self.reason].retryable
+
+    @property
+    def http_status(self) -> int:
+        """The HTTP status for this error (through its gRPC code)."""
+        return HTTP_STATUS_OF_REASON.get(self.reason) or HTTP_STATUS[self.code]
 
     def __repr__(self) -> str:
         return f"MeshError({self.reason.value}, {self.message!r})"

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import logging
 import signal
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -26,6 +25,7 @@ from prometheus_client import start_http_server
 
 from services.common import convert, tls
 from services.common.auth import ApiKeys
+from services.common.calls import CallRecord
 from services.common.errors import MeshError, Reason
 from services.common.metrics import Metrics
 from services.common.registry import DEFAULT_REGISTRY
@@ -201,8 +201,8 @@ class MeshInterceptor(grpc.aio.ServerInterceptor):
         return stream
 
 
-class _Rpc:
-    """Bookkeeping of one call: timing, in-flight gauge, outcome, log line."""
+class _Rpc(CallRecord):
+    """The books of one RPC (services.common.calls), and its failure as a status."""
 
     def __init__(
         self,
@@ -211,20 +211,11 @@ class _Rpc:
         request: Any,
         context: grpc.aio.ServicerContext,
     ) -> None:
-        self._owner = owner
-        self._m = owner._metrics
-        self._method = method
-        self._context = context
-        self._model, self._scenario = owner._core.labels(
+        model, scenario = owner._core.labels(
             getattr(request, "model_id", ""), getattr(request, "scenario", "")
         )
-        self._start = time.perf_counter()
-        self._first: float | None = None
-        self._m.in_flight.labels(self._m.service, self._model, method).inc()
-
-    def first_token(self) -> None:
-        self._first = time.perf_counter()
-        self._m.ttft.labels(self._m.service, self._model).observe(self._first - self._start)
+        super().__init__(owner._metrics, method, model, scenario, peer=context.peer)
+        self._context = context
 
     async def fail(self, exc: BaseException) -> None:
         if isinstance(exc, MeshError):
@@ -248,39 +239,6 @@ class _Rpc:
             error = MeshError(Reason.INTERNAL, "internal error; see the service log")
             self.finish(error.code, reason=error.reason, message=str(exc))
             await self._context.abort_with_status(to_status(error))
-
-    def finish(
-        self,
-        code: str,
-        *,
-        reason: Reason | None = None,
-        message: str = "",
-        tokens: int | None = None,
-    ) -> None:
-        m = self._m
-        elapsed = time.perf_counter() - self._start
-        m.in_flight.labels(m.service, self._model, self._method).dec()
-        m.requests.labels(m.service, self._model, self._scenario, self._method, code).inc()
-        m.duration.labels(m.service, self._model, self._method).observe(elapsed)
-        if reason is not None:
-            m.errors.labels(m.service, self._model, reason.label).inc()
-        if self._first is not None and tokens and tokens > 1:
-            per_token = (time.perf_counter() - self._first) / (tokens - 1)
-            m.tpot.labels(m.service, self._model).observe(per_token)
-        fields: dict[str, object] = {
-            "method": self._method,
-            "model": self._model,
-            "scenario": self._scenario,
-            "code": code,
-            "duration_ms": round(elapsed * 1000, 2),
-            "peer": self._context.peer(),
-        }
-        if reason is not None:
-            fields["reason"] = reason.value
-            fields["error"] = message
-        if tokens is not None:
-            fields["tokens"] = tokens
-        log.info("rpc", extra=fields)
 
 
 @dataclass(frozen=True)

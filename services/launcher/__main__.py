@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--envoy-port", type=int, default=8000, help="HTTP/JSON and gRPC")
     p.add_argument("--admin-port", type=int, default=9901, help="Envoy's admin")
     p.add_argument("--router-port", type=int, default=50051)
+    p.add_argument("--openai-port", type=int, default=None,
+                   help="router's OpenAI-compatible HTTP listener (default: router port + 1)")
     p.add_argument("--adapter-port", type=int, default=50061, help="first adapter's port")
     p.add_argument("--backend-port", type=int, default=8081, help="first CPU backend's port")
     p.add_argument("--metrics-port", type=int, default=9464, help="router's; adapters follow")
@@ -97,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             host=args.host,
             ports=Ports(
                 envoy=args.envoy_port, admin=args.admin_port, router=args.router_port,
+                openai=args.openai_port if args.openai_port is not None
+                else args.router_port + 1,
                 adapter=args.adapter_port, backend=args.backend_port,
                 metrics=args.metrics_port, prometheus=args.prometheus_port,
             ),

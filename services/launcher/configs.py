@@ -38,7 +38,7 @@ def envoy_config(plan: Plan) -> str:
     text = str(render.render(
         ADMIN_ADDRESS=plan.host, ADMIN_PORT=plan.ports.admin,
         LISTEN_ADDRESS=plan.host, LISTEN_PORT=plan.ports.envoy,
-        ROUTER_HOST=plan.host, ROUTER_PORT=plan.ports.router,
+        ROUTER_HOST=plan.host, ROUTER_PORT=plan.ports.router, OPENAI_PORT=plan.ports.openai,
         ROUTER_DISCOVERY="STATIC", DESCRIPTOR=DESCRIPTOR,
     ))
     if plan.tls is None:
@@ -101,6 +101,7 @@ def banner(plan: Plan) -> str:
         f"  HTTP/JSON and gRPC  {base}   (Envoy; admin http://{host}:{ports.admin})",
         f"  router (gRPC)       {host}:{ports.router}   metrics http://{host}:{ports.metrics}/metrics",
         f"  playground          {base}/   (open it in a browser)",
+        f"  OpenAI API          {base}/v1   (router's listener {host}:{ports.openai})",
     ]
     for i, model in enumerate(plan.models):
         backend = plan.backends.get(model) or (

@@ -22,6 +22,7 @@ class Ports:
     envoy: int = 8000
     admin: int = 9901
     router: int = 50051
+    openai: int = 50052
     adapter: int = 50061
     backend: int = 8081
     metrics: int = 9464
@@ -219,9 +220,9 @@ def build_plan(
         ))
         addresses[model] = f"{host}:{adapter_port}"
     procs.append(Proc(
-        name="router", stage=2, ports=(ports.router, ports.metrics),
+        name="router", stage=2, ports=(ports.router, ports.metrics, ports.openai),
         argv=(py, "-m", "services.router", "--host", host, "--port", str(ports.router),
-              "--metrics-port", str(ports.metrics),
+              "--metrics-port", str(ports.metrics), "--openai-port", str(ports.openai),
               # The router's own bound stays above what the adapters admit.
               "--max-in-flight", str(max(512, max_concurrent_requests or 0)),
               *(("--api-keys-file", str(api_keys_file)) if api_keys_file else ()),

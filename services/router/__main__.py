@@ -6,6 +6,7 @@ Every flag can also come from the environment (LLMMESH_PORT, ...), as shown belo
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 from dataclasses import dataclass
@@ -19,12 +20,15 @@ from services.common.registry import Registry, load_registry
 from services.common.service import (
     SERVICE_NAME,
     HealthBoard,
+    RunningServer,
     ServerSettings,
     add_server_arguments,
     serve_until_signalled,
     server_settings,
     start_server,
 )
+from services.openai.app import OpenAIFace, OpenAISettings
+from services.openai.server import OpenAIListener, start_listener
 from services.router.choice import POLICIES
 from services.router.core import RouterCore
 from services.router.pool import ReplicaPool
@@ -43,6 +47,7 @@ class RouterSettings:
     max_in_flight: int
     health_interval: float
     replica_choice: str = "load"
+    openai: OpenAISettings | None = None
 
 
 def parse_args(argv: list[str] | None = None) -> RouterSettings:
@@ -66,6 +71,11 @@ def parse_args(argv: list[str] | None = None) -> RouterSettings:
         help="load: rank replicas by their engines' reported load and the router's own "
              "requests; in-flight: by the router's own requests alone",
     )
+    p.add_argument(
+        "--openai-port", type=int, default=None,
+        help="serve the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, "
+             "/v1/models) on this port of --host; off when unset",
+    )
     envflags.apply(p, env)
     args = p.parse_args(argv)
     logs.setup("router", args.log_level)
@@ -82,6 +92,11 @@ def parse_args(argv: list[str] | None = None) -> RouterSettings:
         max_in_flight=args.max_in_flight,
         health_interval=args.health_interval,
         replica_choice=args.replica_choice,
+        openai=OpenAISettings(
+            host=args.host, port=args.openai_port, request_timeout=args.timeout,
+            grace_seconds=args.grace, tls_cert=args.tls_cert, tls_key=args.tls_key,
+            tls_ca=args.tls_ca,
+        ) if args.openai_port is not None else None,
     )
 
 
@@ -112,12 +127,28 @@ async def run(settings: RouterSettings) -> None:
 
     await on_change({spec.id: False for spec in settings.registry.models})
     running = await start_server(core, metrics, health, settings.server, settings.api_keys)
+    if settings.openai is not None:
+        face = OpenAIFace(core, metrics, settings.openai, settings.api_keys)
+        listener = await start_listener(face, settings.openai)
+        running = _WithOpenAI(**vars(running), openai=listener)
+        log.info("serving the OpenAI-compatible API", extra={"openai_port": listener.port})
     if settings.api_keys is not None:
         log.info("API keys required", extra={"keys": len(settings.api_keys)})
     await serve_until_signalled(
         running, settings.server.grace_seconds,
         watch=core.watch(settings.health_interval, on_change), on_stop=core.close,
     )
+
+
+@dataclass
+class _WithOpenAI(RunningServer):
+    """The gRPC server and the OpenAI listener, stopped together."""
+
+    openai: OpenAIListener | None = None
+
+    async def stop(self, grace: float) -> None:
+        assert self.openai is not None
+        await asyncio.gather(super().stop(grace), self.openai.stop())
 
 
 def main() -> None:

@@ -72,7 +72,8 @@ def main() -> dict[str, Any]:
             "services.launcher", "--run-dir", f"{tmp}/run", "--envoy-port", str(envoy),
             "--admin-port", str(free_port()), "--router-port", str(free_port()),
             "--adapter-port", str(free_run(2)), "--backend-port", str(free_run(2)),
-            "--metrics-port", str(free_run(3)), "--no-prometheus",
+            "--metrics-port", str(free_run(3)), "--openai-port", str(free_port()),
+            "--no-prometheus",
             "--threads", str(args.threads)), log_path=Path(tmp) / "launcher.log")
         try:
             wait_launcher(Path(tmp) / "launcher.log", launcher, 180)

@@ -80,7 +80,7 @@ def start_doubles(tmp: Path, **flags: str) -> dict[str, Double]:
 
 
 def start_mesh(tmp: Path, doubles: dict[str, Double], *extra: str) -> Mesh:
-    ports = {name: free_port() for name in ("envoy", "admin", "router", "metrics")}
+    ports = {name: free_port() for name in ("envoy", "admin", "router", "openai", "metrics")}
     adapter_base = free_run(len(MODELS))
     metrics_base = free_run(1 + len(MODELS))
     backends = " ".join(f"{m}={d.url}" for m, d in doubles.items())
@@ -89,7 +89,8 @@ def start_mesh(tmp: Path, doubles: dict[str, Double], *extra: str) -> Mesh:
         python_module(
             "services.launcher", "--backends", backends, "--run-dir", str(run_dir),
             "--envoy-port", str(ports["envoy"]), "--admin-port", str(ports["admin"]),
-            "--router-port", str(ports["router"]), "--adapter-port", str(adapter_base),
+            "--router-port", str(ports["router"]), "--openai-port", str(ports["openai"]),
+            "--adapter-port", str(adapter_base),
             "--metrics-port", str(metrics_base), "--no-prometheus", *extra,
         ),
         log_path=tmp / "launcher.log",

@@ -67,11 +67,12 @@ def test_bad_backends_value_is_refused(tmp_path: Path) -> None:
 def test_a_process_dying_at_start_is_reported_with_its_log(tmp_path: Path) -> None:
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(b"not a model")
-    ports = [free_port() for _ in range(6)]
+    ports = [free_port() for _ in range(3)]
+    # Adapters, backends and metrics take runs of consecutive ports.
     result = launch(tmp_path, "--model-path", str(broken), "--envoy-port", str(ports[0]),
                     "--admin-port", str(ports[1]), "--router-port", str(ports[2]),
-                    "--adapter-port", str(ports[3]), "--backend-port", str(ports[4]),
-                    "--metrics-port", str(ports[5]))
+                    "--adapter-port", str(free_run(2)), "--backend-port", str(free_run(2)),
+                    "--metrics-port", str(free_run(3)), "--openai-port", str(free_port()))
     assert result.returncode == 1, result.stdout + result.stderr
     assert "exited with code" in result.stderr and "last lines of" in result.stderr
     assert "restarting" not in result.stdout  # a death while starting is not retried
@@ -197,6 +198,7 @@ def mixed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mixed]:
             "--envoy-port", str(ports["envoy"]), "--admin-port", str(ports["admin"]),
             "--router-port", str(ports["router"]), "--adapter-port", str(adapters),
             "--backend-port", str(backends), "--metrics-port", str(metrics),
+            "--openai-port", str(free_port()),
         ), log_path=log)
         mesh = Mixed(launcher, log, f"127.0.0.1:{ports['envoy']}",
                      f"127.0.0.1:{ports['router']}",

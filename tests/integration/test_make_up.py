@@ -65,7 +65,7 @@ def test_make_up_serves_real_text_and_stops_cleanly(tmp_path: Path) -> None:
             "--envoy-port", str(envoy_port), "--admin-port", str(free_port()),
             "--router-port", str(free_port()), "--adapter-port", str(adapters),
             "--backend-port", str(backends), "--metrics-port", str(metrics),
-            "--no-prometheus",
+            "--openai-port", str(free_port()), "--no-prometheus",
         ),
         cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
     )

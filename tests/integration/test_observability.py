@@ -162,6 +162,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 "--envoy-port", str(ports["envoy"]), "--admin-port", str(ports["admin"]),
                 "--router-port", str(ports["router"]), "--adapter-port", str(adapters),
                 "--metrics-port", str(metrics), "--prometheus-port", str(ports["prometheus"]),
+                "--openai-port", str(free_port()),
             ),
             # As on a terminal: the banner is in the log as soon as it is printed.
             env={"PYTHONUNBUFFERED": "1"},

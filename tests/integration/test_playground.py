@@ -421,7 +421,7 @@ def cpu_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "--envoy-port", str(envoy_port), "--admin-port", str(free_port()),
         "--router-port", str(free_port()), "--adapter-port", str(free_run(2)),
         "--backend-port", str(free_run(2)), "--metrics-port", str(free_run(3)),
-        "--no-prometheus",
+        "--openai-port", str(free_port()), "--no-prometheus",
     ), log_path=tmp / "launcher.log")
     try:
         wait_launcher(tmp / "launcher.log", launcher, 300)

@@ -34,6 +34,7 @@ class SecureMesh:
     envoy: str
     router: str
     adapter: str
+    openai: str  # the router's OpenAI listener
 
     def pem(self, name: str) -> bytes:
         return (self.certs / name).read_bytes()
@@ -52,7 +53,7 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureMesh]:
     certs = tmp / "certs"
     subprocess.run(["bash", str(ROOT / "scripts" / "dev_ca.sh"), str(certs)], check=True,
                    capture_output=True, timeout=60)
-    ports = {n: free_port() for n in ("double", "adapter", "router", "envoy", "admin")}
+    ports = {n: free_port() for n in ("double", "adapter", "router", "openai", "envoy", "admin")}
 
     def tls_flags(name: str) -> list[str]:
         return ["--tls-cert", str(certs / f"{name}.pem"),
@@ -69,13 +70,14 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureMesh]:
             "--tgi-url", f"http://127.0.0.1:{ports['double']}", *tls_flags("adapter")),
             log_path=tmp / "adapter.log"))
         procs.append(start(python_module(
-            "services.router", "--port", str(ports["router"]), *tls_flags("router")),
+            "services.router", "--port", str(ports["router"]),
+            "--openai-port", str(ports["openai"]), *tls_flags("router")),
             env={"QWEN2_ADAPTERS": f"127.0.0.1:{ports['adapter']}"},
             log_path=tmp / "router.log"))
         config = tmp / "envoy.yaml"
         config.write_text(render.with_tls(
             render.render(LISTEN_PORT=ports["envoy"], ADMIN_PORT=ports["admin"],
-                          ROUTER_PORT=ports["router"],
+                          ROUTER_PORT=ports["router"], OPENAI_PORT=ports["openai"],
                           DESCRIPTOR=ROOT / "gen" / "llmmesh.binpb"),
             cert=str(certs / "envoy.pem"), key=str(certs / "envoy-key.pem"),
             ca=str(certs / "ca.pem")))
@@ -84,7 +86,7 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureMesh]:
                            log_path=tmp / "envoy.log"))
         mesh = SecureMesh(certs, f"https://localhost:{ports['envoy']}",
                           f"localhost:{ports['envoy']}", f"localhost:{ports['router']}",
-                          f"localhost:{ports['adapter']}")
+                          f"localhost:{ports['adapter']}", f"localhost:{ports['openai']}")
         _wait_ready(mesh)
         yield mesh
     finally:
@@ -162,3 +164,22 @@ def test_grpcurl_without_a_certificate_fails_to_dial(secure: SecureMesh, flags: 
     assert f'Failed to dial target host "{secure.router}"' in run.stderr
     assert re.search(r"broken pipe|use of closed network connection|context deadline exceeded",
                      run.stderr), run.stderr
+
+
+def test_openai_api_over_tls_and_mutual_tls_behind(secure: SecureMesh) -> None:
+    import openai
+
+    ca = _context(secure)
+    client = openai.OpenAI(base_url=f"{secure.https}/v1", api_key="x", max_retries=0,
+                           http_client=openai.DefaultHttpxClient(verify=ca, timeout=10))
+    reply = client.chat.completions.create(
+        model="qwen2", messages=[{"role": "user", "content": "private words"}])
+    assert reply.choices[0].message.content == "private words"
+    # The router's OpenAI listener itself takes only clients with a certificate.
+    with pytest.raises((ssl.SSLError, OSError)):
+        urllib.request.urlopen(f"https://{secure.openai}/health", timeout=5, context=ca)
+    with_cert = _context(secure)
+    with_cert.load_cert_chain(secure.certs / "client.pem", secure.certs / "client-key.pem")
+    with urllib.request.urlopen(f"https://{secure.openai}/health", timeout=5,
+                                context=with_cert) as resp:
+        assert resp.status == 200

@@ -233,7 +233,11 @@ def listening_ports(svc: Mapping[str, Any]) -> set[int]:
     if "LLMMESH_MODEL" in env:
         server = adapter_settings(env).server
     else:
-        server = router_settings(env).server
+        router = router_settings(env)
+        server = router.server
+        if router.openai is not None:
+            return {server.port, router.openai.port,
+                    *([server.metrics_port] if server.metrics_port else [])}
     return {server.port, *([server.metrics_port] if server.metrics_port else [])}
 
 
@@ -680,11 +684,15 @@ def test_envoy_reaches_the_router_and_finds_its_descriptor() -> None:
     for profile in PROFILES:
         svc = enabled(profile)["envoy"]
         config = envoy_config_of(svc)
-        (cluster,) = config["static_resources"]["clusters"]
-        endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
-        address = endpoint["endpoint"]["address"]["socket_address"]
-        assert cluster["type"] == "STRICT_DNS"
-        assert_reaches(profile, f"{address['address']}:{address['port_value']}", what="envoy")
+        clusters = config["static_resources"]["clusters"]
+        # gRPC (and transcoded HTTP/JSON), and the router's OpenAI-compatible listener.
+        assert {c["name"] for c in clusters} == {"router", "openai"}
+        for cluster in clusters:
+            endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
+            address = endpoint["endpoint"]["address"]["socket_address"]
+            assert cluster["type"] == "STRICT_DNS"
+            assert_reaches(profile, f"{address['address']}:{address['port_value']}",
+                           what=f"envoy's {cluster['name']} cluster")
         text = json.dumps(config)
         # The transcoder's, and the stream route's own copy of its settings.
         descriptors = set(re.findall(r'"proto_descriptor": "([^"]+)"', text))
@@ -1178,11 +1186,10 @@ def check_k8s_envoy(docs: tuple[dict[str, Any], ...]) -> None:
     assert config_path == f"{mount['mountPath']}/envoy.yaml"
     descriptor = f"{mount['mountPath']}/llmmesh.binpb"
     assert f'"proto_descriptor": "{descriptor}"' in json.dumps(config)
-    (cluster,) = config["static_resources"]["clusters"]
-    address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"][
-        "socket_address"
-    ]
-    service_port(docs, address["address"], address["port_value"])
+    for cluster in config["static_resources"]["clusters"]:
+        address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"][
+            "address"]["socket_address"]
+        service_port(docs, address["address"], address["port_value"])
     listener = config["static_resources"]["listeners"][0]["address"]["socket_address"]
     service_port(docs, "envoy", listener["port_value"])
 

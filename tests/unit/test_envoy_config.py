@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +29,9 @@ def test_profiles_differ_only_in_addresses():
     local = render.render(**render.PROFILES["local"]).splitlines()
     compose = render.render(**render.PROFILES["compose"]).splitlines()
     changed = [(a, b) for a, b in zip(local, compose, strict=True) if a != b]
-    assert len(changed) == 6  # the descriptor twice: the stream route has its own transcoder
+    # The descriptor twice (the stream route has its own transcoder); the
+    # address and discovery type of each of the two clusters.
+    assert len(changed) == 8
     for a, _ in changed:
         assert any(k in a for k in ("address", "port_value", "type:", "proto_descriptor"))
 
@@ -54,7 +57,7 @@ def test_transcoder_settings():
     assert transcoder["print_options"]["preserve_proto_field_names"] is True
     assert transcoder["print_options"]["stream_sse_style_delimited"] is True
     routes = hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
-    stream = routes[0]["route"]
+    stream = next(r["route"] for r in routes if r["match"].get("prefix") == "/v1/generate_stream")
     assert stream["timeout"] == "0s" and stream["idle_timeout"] == "60s"
     proxied = [r for r in routes if "route" in r]  # not the playground's direct response
     for route in proxied:
@@ -63,7 +66,8 @@ def test_transcoder_settings():
         assert retry_on <= {"connect-failure", "refused-stream", "reset-before-request"}
     # The body limit is on for HTTP/JSON routes only (gRPC has its own).
     assert filters["envoy.filters.http.buffer"]["disabled"] is True
-    limited = [r["match"]["prefix"] for r in proxied if "typed_per_filter_config" in r]
+    limited = [r["match"]["prefix"] for r in proxied
+               if "typed_per_filter_config" in r and r["route"]["cluster"] == "router"]
     assert limited == ["/v1/generate_stream", "/v1/"]
 
 
@@ -132,3 +136,59 @@ def test_the_413_message_names_envoys_real_limit():
     assert per_route == {limit}
     assert EDGE_ERRORS[413].metadata == {"limit_bytes": str(limit)}
     assert f"({limit} bytes)" in EDGE_ERRORS[413].message
+
+
+OPENAI_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/models/"}
+
+
+def test_openai_routes_go_to_the_openai_listener_untranscoded():
+    config = yaml.safe_load(render.render())
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    routes = hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
+    routes = [r for r in routes if "route" in r]  # not the playground's direct responses
+    openai = [r for r in routes if r["route"]["cluster"] == "openai"]
+    assert {r["match"].get("path") or r["match"].get("prefix") for r in openai} == OPENAI_PATHS
+    # They come before the transcoded /v1/ routes, which would take them.
+    first_router = next(i for i, r in enumerate(routes) if r["route"]["cluster"] == "router")
+    assert all(routes.index(r) < first_router for r in openai)
+    for route in openai:
+        filters = route["typed_per_filter_config"]
+        assert filters["envoy.filters.http.grpc_json_transcoder"]["disabled"] is True
+        assert filters["envoy.filters.http.buffer"]["buffer"]["max_request_bytes"] == 1048576
+        # Streaming or not is in the body: the router bounds the time, not Envoy.
+        assert route["route"]["timeout"] == "0s"
+    (cluster,) = [c for c in config["static_resources"]["clusters"] if c["name"] == "openai"]
+    options = cluster["typed_extension_protocol_options"][
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    assert "http_protocol_options" in options["explicit_http_config"]  # HTTP/1.1
+    address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    assert address["address"]["socket_address"]["port_value"] == 50052
+
+
+
+def test_envoys_own_replies_on_openai_routes_are_openai_errors():
+    config = yaml.safe_load(render.render())
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    mappers = hcm["typed_config"]["local_reply_config"]["mappers"]
+    openai = [m for m in mappers
+              if "error" in m.get("body_format_override", {}).get("json_format", {})]
+    statuses = set()
+    for mapper in openai:
+        path, *status = mapper["filter"]["and_filter"]["filters"]
+        regex = path["header_filter"]["header"]["string_match"]["safe_regex"]["regex"]
+        for url in ("/v1/chat/completions", "/v1/completions", "/v1/models",
+                    "/v1/models/qwen2", "/v1/models?x=1"):
+            assert re.match(regex, url), url
+        for url in ("/v1/generate", "/v1/mesh/models", "/v1/completionsx"):
+            assert not re.match(regex, url), url
+        if "status_code_filter" in status[0]:
+            statuses.add(status[0]["status_code_filter"]["comparison"]["value"]["default_value"])
+        error = mapper["body_format_override"]["json_format"]["error"]
+        assert set(error) == {"message", "type", "code"}
+    rows, _ = render._edge_errors()
+    assert statuses == set(rows)  # every row of the error table's EDGE_ERRORS
+    assert len(openai) == len(statuses) + 1  # and one for any other status
+    # Before the native mappers, which match on status alone.
+    native = [i for i, m in enumerate(mappers) if "code" in m.get(
+        "body_format_override", {}).get("json_format", {})]
+    assert max(mappers.index(m) for m in openai) < min(native)

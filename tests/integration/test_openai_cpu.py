@@ -1,0 +1,104 @@
+"""The official `openai` SDK against `make up`'s entry point with the real CPU
+backends (llama.cpp + SmolLM2), on free ports: real text, real token counts,
+and structured output that parses and validates."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import jsonschema
+import openai
+import pytest
+
+from tests.integration.conftest import free_run, stop_launcher, wait_launcher
+from tests.procs import free_port, python_module, start
+
+pytestmark = pytest.mark.integration
+
+QUESTION = [{"role": "user", "content": "Name three colors."}]
+SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+}
+
+
+@pytest.fixture(scope="module")
+def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    pytest.importorskip("llama_cpp", reason="make test installs llama-cpp-python")
+    tmp: Path = tmp_path_factory.mktemp("openai-cpu")
+    envoy = free_port()
+    launcher = start(
+        python_module(
+            "services.launcher", "--run-dir", str(tmp / "run"),
+            "--envoy-port", str(envoy), "--admin-port", str(free_port()),
+            "--router-port", str(free_port()), "--openai-port", str(free_port()),
+            "--adapter-port", str(free_run(2)), "--backend-port", str(free_run(2)),
+            "--metrics-port", str(free_run(3)), "--no-prometheus",
+        ),
+        log_path=tmp / "launcher.log",
+    )
+    try:
+        wait_launcher(tmp / "launcher.log", launcher, 240)
+        yield f"http://127.0.0.1:{envoy}/v1"
+    finally:
+        stop_launcher(launcher)
+
+
+@pytest.fixture
+def client(base_url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=120)
+
+
+def test_models_tell_the_backend(client: openai.OpenAI) -> None:
+    models = client.models.list().data
+    assert [m.id for m in models] == ["qwen2", "llama3"]
+    assert {m.model_extra["backend_model"] for m in models} == {"SmolLM2-135M-Instruct"}
+    assert client.models.retrieve("qwen2").model_extra["max_total_tokens"] > 0
+
+
+async def test_chat_streamed_and_not_give_the_same_greedy_text(base_url: str) -> None:
+    aclient = openai.AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=120)
+    whole = await aclient.chat.completions.create(
+        model="llama3", messages=QUESTION, temperature=0, max_tokens=24)
+    text = whole.choices[0].message.content or ""
+    assert len(text.split()) >= 3, text  # SmolLM2 answers in words
+    assert whole.choices[0].finish_reason in ("stop", "length")
+    usage = whole.usage
+    assert usage is not None and usage.prompt_tokens > 5 and 0 < usage.completion_tokens <= 24
+    stream = await aclient.chat.completions.create(
+        model="llama3", messages=QUESTION, temperature=0, max_tokens=24, stream=True,
+        stream_options={"include_usage": True})
+    chunks = [c async for c in stream]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == usage.completion_tokens
+
+
+def test_completion_of_a_raw_prompt(client: openai.OpenAI) -> None:
+    reply = client.completions.create(model="qwen2", prompt="The capital of France is",
+                                      max_tokens=8, temperature=0)
+    assert reply.choices[0].text.strip()
+    assert reply.usage is not None and reply.usage.completion_tokens <= 8
+
+
+@pytest.mark.xfail(
+    raises=openai.BadRequestError, strict=True,
+    reason="the CPU backend refuses TGI's `grammar` parameter ('grammar is not supported') "
+           "until llama.cpp grammars land in services/cpu_backend; remove this mark then",
+)
+def test_json_schema_answer_parses_and_validates(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model="qwen2", temperature=0, max_tokens=64,
+        messages=[{"role": "user", "content": "Invent a person: a name and an age."}],
+        response_format={"type": "json_schema",
+                         "json_schema": {"name": "person", "schema": SCHEMA, "strict": True}},
+    )
+    answer = json.loads(reply.choices[0].message.content or "")
+    jsonschema.validate(answer, SCHEMA)
+    reply = client.chat.completions.create(
+        model="llama3", temperature=0, max_tokens=48, messages=QUESTION,
+        response_format={"type": "json_object"})
+    assert isinstance(json.loads(reply.choices[0].message.content or ""), dict)
