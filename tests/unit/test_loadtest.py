@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import random
@@ -14,6 +15,7 @@ from tools.loadtest import __main__ as cli
 from tools.loadtest.arrivals import Step, gaps, parse_steps
 from tools.loadtest.clients import Record
 from tools.loadtest.report import table
+from tools.loadtest.runner import Bounds, Progress
 from tools.loadtest.stats import SLO, by_model, nearest_rank, summarize
 from tools.loadtest.workload import SYNTHETIC, Distribution, Workload, load_dataset
 
@@ -169,3 +171,19 @@ def test_the_table_shows_429s_and_goodput() -> None:
     text = table(results)
     assert "| rate 2/s | m | 1/2 | 1 | http 429 OVERLOADED x1 |" in text
     assert "TTFT <= 500 ms" in text
+
+
+def test_the_progress_bar_draws_on_the_stream_it_is_given() -> None:
+    out = io.StringIO()
+    bounds = Bounds(requests=4, duration=60, request_timeout=10)
+    progress = Progress(out, "concurrency 2", bounds)
+    progress.sent = 2
+    progress.update(record(), force=True)
+    progress.update(record(error="timeout"), force=True)
+    progress.close()
+    lines = out.getvalue()
+    assert "2/4 done, 0 in flight, 1 failed" in lines
+    assert lines.endswith("\n")
+    quiet = Progress(None, "x", bounds)
+    quiet.update(record(), force=True)  # nowhere to draw: only counts
+    assert quiet.done == 1
