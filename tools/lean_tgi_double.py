@@ -23,7 +23,7 @@ The reply is `max_new_tokens` tokens (` w0 w1 w2 ...`, finish reason
 `length`), or fewer then an EOS token when `/_control` set `reply_tokens`.
 The prompt counts one token per word. `POST /_control {"token_delay": s,
 "reply_tokens": n}` slows every token down (held-stream benchmarks); `{}`
-goes back to zero delay.
+or `POST /_reset` goes back to zero delay.
 """
 
 from __future__ import annotations
@@ -37,6 +37,10 @@ from dataclasses import dataclass
 from typing import Any
 
 MAX_TOTAL_TOKENS = 4096
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
 _REASONS = {200: "OK", 404: "Not Found", 411: "Length Required", 413: "Payload Too Large",
             422: "Unprocessable Entity"}
 
@@ -63,7 +67,7 @@ def _response(status: int, body: bytes, content_type: str = "application/json",
 
 
 def _validation(message: str) -> bytes:
-    body = json.dumps({"error": f"Input validation error: {message}",
+    body = _dumps({"error": f"Input validation error: {message}",
                        "error_type": "validation"}).encode()
     return _response(422, body)
 
@@ -78,6 +82,7 @@ class Generation:
     def __init__(self, body: dict[str, Any], control: Control) -> None:
         params = body.get("parameters") or {}
         self.max_new = int(params.get("max_new_tokens") or 20)
+        self.with_details = bool(params.get("details"))
         self.input_tokens = len(str(body["inputs"]).split())
         words = self.max_new if control.reply_tokens is None else control.reply_tokens
         self.words = min(words, self.max_new)
@@ -95,6 +100,8 @@ class Generation:
                 "input_length": self.input_tokens}
 
     def reply(self) -> dict[str, Any]:
+        if not self.with_details:
+            return {"generated_text": self.text}
         details = self.details()
         details["prefill"] = []
         details["tokens"] = [_token(i) for i in range(self.words)]
@@ -111,7 +118,7 @@ class Generation:
             event = {"index": i + 1, "token": token, "top_tokens": None,
                      "generated_text": self.text if last else None,
                      "details": self.details() if last else None}
-            out.append(b"data:" + json.dumps(event, separators=(",", ":")).encode() + b"\n\n")
+            out.append(b"data:" + _dumps(event).encode() + b"\n\n")
         return out
 
 
@@ -126,8 +133,7 @@ class HTTPProtocol(asyncio.Protocol):
         self.busy = False  # a slow stream is being written; later requests wait in buffer
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -170,15 +176,15 @@ class HTTPProtocol(asyncio.Protocol):
         if method == "GET" and path == "/health":
             self.transport.write(_response(200, b""))
         elif method == "GET" and path == "/info":
-            self.transport.write(_response(200, json.dumps(self._info()).encode()))
-        elif method == "POST" and path == "/_control":
+            self.transport.write(_response(200, _dumps(self._info()).encode()))
+        elif method == "POST" and path in ("/_control", "/_reset"):
             try:
-                data = json.loads(raw or b"{}")
+                data = json.loads(raw or b"{}") if path == "/_control" else {}
                 self.control.token_delay = float(data.get("token_delay", 0.0))
                 reply = data.get("reply_tokens")
                 self.control.reply_tokens = None if reply is None else int(reply)
             except (ValueError, TypeError, AttributeError) as exc:
-                self.transport.write(_response(400, json.dumps({"error": str(exc)}).encode()))
+                self.transport.write(_response(400, _dumps({"error": str(exc)}).encode()))
                 return
             self.transport.write(_response(200, b'{"ok":true}'))
         elif method == "POST" and path in ("/", "/generate", "/generate_stream"):
@@ -213,7 +219,7 @@ class HTTPProtocol(asyncio.Protocol):
     def _unary(self, gen: Generation, as_array: bool) -> None:
         assert self.transport is not None
         reply: Any = [gen.reply()] if as_array else gen.reply()
-        self.transport.write(_response(200, json.dumps(reply).encode(), extra=gen.headers()))
+        self.transport.write(_response(200, _dumps(reply).encode(), extra=gen.headers()))
 
     async def _slow_unary(self, gen: Generation, as_array: bool) -> None:
         await asyncio.sleep(gen.delay * gen.tokens)
