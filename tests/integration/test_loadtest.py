@@ -147,6 +147,7 @@ def test_openai_streams_against_llama_cpp_server(llama_cpp_openai: str, tmp_path
         "--temperature", "0", "--concurrency", "1", "--requests", "3")
     s = results["steps"][0]["models"]["smollm2"]
     assert (s["requests"], s["successes"]) == (3, 3), s["errors"]
-    assert 1 <= s["mean_output_tokens"] <= 8  # from `usage`, as the server counted
-    assert s["mean_input_tokens"] > 16  # the prompt and the chat template
+    # llama.cpp's server ignores include_usage: tokens are its content chunks, one each.
+    assert 1 <= s["mean_output_tokens"] <= 8
+    assert s["itl_ms"] is not None
     assert 0 < s["ttft_ms"]["p50"] <= s["e2e_ms"]["p50"]
