@@ -151,3 +151,20 @@ def test_openai_streams_against_llama_cpp_server(llama_cpp_openai: str, tmp_path
     assert 1 <= s["mean_output_tokens"] <= 8
     assert s["itl_ms"] is not None
     assert 0 < s["ttft_ms"]["p50"] <= s["e2e_ms"]["p50"]
+
+
+def test_an_error_after_the_stream_started_is_a_failure_with_its_reason(
+    paced_mesh: Mesh, tmp_path: Path
+) -> None:
+    paced_mesh.doubles["qwen2"].control(mode="generation_error", after_tokens=2)
+    try:
+        results = loadtest(
+            tmp_path, "--url", paced_mesh.http, "--model", "qwen2", "--dataset", "none",
+            "--input-tokens", "fixed:8", "--output-tokens", "fixed:6",
+            "--concurrency", "2", "--requests", "4")
+    finally:
+        paced_mesh.doubles["qwen2"].reset()
+    s = results["steps"][0]["models"]["qwen2"]
+    assert (s["successes"], s["rate_limited"]) == (0, 0)
+    assert s["errors"] == {"in-band INTERNAL MODEL_ERROR": 4}
+    assert s["request_throughput"] == 0  # failures are not served requests
