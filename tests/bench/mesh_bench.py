@@ -476,8 +476,13 @@ def start_lean_doubles(tmp: Path) -> dict[str, Double]:
                                    "--model-id", f"lean/{model}"),
                      log_path=tmp / f"double-{model}.log")
         doubles[model] = Double(f"http://127.0.0.1:{port}", proc)
-    for double in doubles.values():
-        wait_http(f"{double.url}/health", 30, double.proc)
+    try:
+        for double in doubles.values():
+            wait_http(f"{double.url}/health", 30, double.proc)
+    except Exception:
+        for double in doubles.values():
+            stop(double.proc)
+        raise
     return doubles
 
 
