@@ -131,6 +131,7 @@ class HTTPProtocol(asyncio.Protocol):
         self.buffer = b""
         self.transport: asyncio.Transport | None = None
         self.busy = False  # a slow stream is being written; later requests wait in buffer
+        self.close_after = False  # the client sent Connection: close
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
@@ -167,9 +168,20 @@ class HTTPProtocol(asyncio.Protocol):
                 return
             body = self.buffer[end + 4 : end + 4 + length]
             self.buffer = self.buffer[end + 4 + length :]
+            self.close_after = headers.get("connection", "").lower() == "close"
             self._handle(method, path.split("?", 1)[0], body)
-            if headers.get("connection", "").lower() == "close" and self.transport is not None:
+            if not self.busy and self.close_after and self.transport is not None:
                 self.transport.close()
+
+    def _done(self) -> None:
+        """A slow response is complete: close if the client asked to, else serve the next."""
+        self.busy = False
+        if self.transport is None:
+            return
+        if self.close_after:
+            self.transport.close()
+        else:
+            self._serve()
 
     def _handle(self, method: str, path: str, raw: bytes) -> None:
         assert self.transport is not None
@@ -223,10 +235,9 @@ class HTTPProtocol(asyncio.Protocol):
 
     async def _slow_unary(self, gen: Generation, as_array: bool) -> None:
         await asyncio.sleep(gen.delay * gen.tokens)
-        self.busy = False
         if self.transport is not None:
             self._unary(gen, as_array)
-            self._serve()
+        self._done()
 
     def _stream(self, gen: Generation) -> None:
         assert self.transport is not None
@@ -249,8 +260,7 @@ class HTTPProtocol(asyncio.Protocol):
             self.transport.write(_chunk(event))
         if self.transport is not None:
             self.transport.write(b"0\r\n\r\n")
-            self.busy = False
-            self._serve()
+        self._done()
 
 
 def _chunk(data: bytes) -> bytes:
