@@ -60,7 +60,7 @@ def test_measured_figures_match_the_pace_the_doubles_set(
     results = loadtest(
         tmp_path, "--url", paced_mesh.http, "--model", "qwen2,llama3", "--dataset", "none",
         "--input-tokens", "fixed:8", "--output-tokens", f"fixed:{OUT}",
-        "--concurrency", "1,4", "--requests", "12",
+        "--concurrency", "1,4", "--requests", "12", "--warmup", "2",
         "--slo-ttft-ms", "2000", "--slo-tpot-ms", "500", "--plot", str(plot))
     d, e2e = TOKEN_DELAY, OUT * TOKEN_DELAY
     assert [s["label"] for s in results["steps"]] == ["concurrency 1", "concurrency 4"]
@@ -80,9 +80,10 @@ def test_measured_figures_match_the_pace_the_doubles_set(
         assert expected * 0.4 <= total["request_throughput"] <= expected * 1.05, total
         assert total["output_token_throughput"] == pytest.approx(
             total["request_throughput"] * OUT, rel=0.01)
-    # What the doubles received is what the tool says it sent.
+    # What the doubles received is what the tool says it sent, warm-up included.
+    assert results["warmup"] == {"requests": 2, "failures": 0}
     for double in paced_mesh.doubles.values():
-        assert double.stats()["requests"]["POST /"] == 12
+        assert double.stats()["requests"]["POST /"] == 12 + 1
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plot.stat().st_size > 20_000
 

@@ -56,6 +56,7 @@ class Settings:
     input_tokens: Distribution
     output_tokens: Distribution
     steps: tuple[Step, ...]
+    warmup: int
     burstiness: float
     bounds: Bounds
     slo: SLO
@@ -76,6 +77,7 @@ class Settings:
             "input_tokens": None if self.dataset else str(self.input_tokens),
             "output_tokens": None if self.dataset else str(self.output_tokens),
             "steps": [{"mode": s.mode, "value": s.json_value} for s in self.steps],
+            "warmup": self.warmup,
             "burstiness": self.burstiness,
             "bounds": asdict(self.bounds), "slo": self.slo.describe(), "seed": self.seed,
             "temperature": self.temperature,
@@ -141,6 +143,9 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--max-concurrency", type=int, default=_env_int("MAX_CONCURRENCY"),
                    help="at a rate, at most this many requests in flight "
                         "[LOADTEST_MAX_CONCURRENCY]")
+    a.add_argument("--warmup", type=int, default=int(_env("WARMUP", "0") or 0),
+                   help="requests sent one at a time before the first step and left out of "
+                        "the figures [LOADTEST_WARMUP]")
     b = p.add_argument_group("bounds, per step of the sweep")
     b.add_argument("--requests", type=int, default=int(_env("REQUESTS", "50") or 50),
                    help="requests sent per step [LOADTEST_REQUESTS]")
@@ -179,6 +184,8 @@ def settings_from(argv: Sequence[str] | None = None) -> Settings:
             raise ValueError("--model: at least one model id")
         if args.requests < 1 or args.duration <= 0 or args.request_timeout <= 0:
             raise ValueError("--requests, --duration and --request-timeout must be > 0")
+        if args.warmup < 0:
+            raise ValueError("--warmup must be >= 0")
         if args.burstiness <= 0:
             raise ValueError("--burstiness must be > 0")
         if args.max_concurrency is not None and args.max_concurrency < 1:
@@ -196,7 +203,7 @@ def settings_from(argv: Sequence[str] | None = None) -> Settings:
             models=models, scenario=args.scenario, dataset=dataset,
             input_tokens=Distribution.parse(args.input_tokens),
             output_tokens=Distribution.parse(args.output_tokens),
-            steps=tuple(steps), burstiness=args.burstiness,
+            steps=tuple(steps), warmup=args.warmup, burstiness=args.burstiness,
             bounds=Bounds(args.requests, args.duration, args.request_timeout,
                           args.max_concurrency),
             slo=SLO(args.slo_ttft_ms, args.slo_tpot_ms, args.slo_e2e_ms), seed=args.seed,
@@ -224,6 +231,14 @@ async def run(settings: Settings) -> dict[str, Any]:
         "steps": [],
     }
     try:
+        if settings.warmup:
+            warm = await run_step(
+                client, workload.items(), Step("concurrency", 1),
+                Bounds(settings.warmup, settings.bounds.request_timeout * settings.warmup,
+                       settings.bounds.request_timeout),
+                progress_out=sys.stderr if settings.progress else None, label="warm-up")
+            results["warmup"] = {"requests": len(warm),
+                                 "failures": sum(1 for r in warm if not r.ok)}
         for i, step in enumerate(settings.steps):
             items = workload.items()  # every step sends the same requests
             records = await run_step(

@@ -88,9 +88,10 @@ async def _one(client: Client, item: Item, timeout: float, progress: Progress) -
 async def run_step(
     client: Client, items: Iterator[Item], step: Step, bounds: Bounds, *,
     seed: int = 0, burstiness: float = 1.0, progress_out: TextIO | None = sys.stderr,
+    label: str | None = None,
 ) -> list[Record]:
     """Every request of one step, in the order they were sent."""
-    progress = Progress(progress_out, step.label, bounds)
+    progress = Progress(progress_out, label or step.label, bounds)
     started = time.perf_counter()
     deadline = started + bounds.duration
     try:
