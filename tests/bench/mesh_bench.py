@@ -30,6 +30,7 @@ import http.client
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -64,24 +65,35 @@ class HTTPPath:
     name: str
     path: str
     body: dict[str, Any]
-    # Every one of these must be in a 200 reply's body (finish reason, token count).
-    markers: tuple[str, ...]
+    # (key, JSON value) pairs that a 200 reply must hold: finish reason, token count.
+    # Matched as `"key": value` with any spacing, so any JSON encoder passes.
+    fields: tuple[tuple[str, str], ...]
 
     def ok(self, status: int, body: bytes) -> bool:
-        return status == 200 and all(m.encode() in body for m in self.markers)
+        return status == 200 and all(
+            re.search(rf'"{k}"\s*:\s*{re.escape(v)}(?![0-9])'.encode(), body)
+            for k, v in self.fields)
+
+    def lua_patterns(self) -> str:
+        """The same checks as Lua patterns, for wrk's script."""
+        def lua(text: str) -> str:
+            return re.sub(r"([^\w\s])", r"%\1", text)
+        return ", ".join(
+            f'[==["{lua(k)}"%s*:%s*{lua(v)}{"%f[^%d]" if v.isdigit() else ""}]==]'
+            for k, v in self.fields)
 
 
 PATHS = (
     HTTPPath(
         "native /v1/generate", "/v1/generate",
         {"model_id": "qwen2", "inputs": PROMPT, "parameters": {"max_new_tokens": TOKENS}},
-        ('"finish_reason":"FINISH_REASON_LENGTH"', f'"tokens":{TOKENS},'),
+        (("finish_reason", '"FINISH_REASON_LENGTH"'), ("tokens", str(TOKENS))),
     ),
     HTTPPath(
         "OpenAI /v1/chat/completions", "/v1/chat/completions",
         {"model": "qwen2", "messages": [{"role": "user", "content": PROMPT}],
          "max_tokens": TOKENS},
-        ('"finish_reason":"length"', f'"completion_tokens":{TOKENS}'),
+        (("finish_reason", '"length"'), ("completion_tokens", str(TOKENS))),
     ),
 )
 # The backend itself, for reference: what the hops are added to.
@@ -89,7 +101,7 @@ BACKEND = HTTPPath(
     "backend directly (TGI HTTP)", "/generate",
     {"inputs": f"<|im_start|>user\n{PROMPT}<|im_end|>\n",
      "parameters": {"max_new_tokens": TOKENS, "details": True}},
-    ('"finish_reason":"length"', f'"generated_tokens":{TOKENS}'),
+    (("finish_reason", '"length"'), ("generated_tokens", str(TOKENS))),
 )
 
 
@@ -185,13 +197,13 @@ wrk.method = "POST"
 wrk.body = [==[{body}]==]
 wrk.headers["Content-Type"] = "application/json"
 good, bad = 0, 0
-local markers = {{ {markers} }}
+local patterns = {{ {patterns} }}
 local threads = {{}}
 function setup(thread) table.insert(threads, thread) end
 function response(status, headers, body)
   local ok = status == 200
-  for _, m in ipairs(markers) do
-    if ok and not string.find(body, m, 1, true) then ok = false end
+  for _, p in ipairs(patterns) do
+    if ok and not string.find(body, p) then ok = false end
   end
   if ok then good = good + 1 else bad = bad + 1 end
 end
@@ -220,8 +232,7 @@ class Load:
 def wrk(url: str, path: HTTPPath, concurrency: int, seconds: float, pids: dict[str, int],
         script_dir: Path) -> Load:
     script = script_dir / f"{abs(hash((path.path, json.dumps(path.body))))}.lua"
-    markers = ", ".join(f"[==[{m}]==]" for m in path.markers)
-    script.write_text(LUA.format(body=json.dumps(path.body), markers=markers))
+    script.write_text(LUA.format(body=json.dumps(path.body), patterns=path.lua_patterns()))
     threads = min(2, concurrency)
     cmd = ["wrk", "-t", str(threads), "-c", str(concurrency), "-d", f"{seconds:g}s",
            "--timeout", "10s", "-s", str(script), f"{url}{path.path}"]
