@@ -169,3 +169,16 @@ def test_an_error_after_the_stream_started_is_a_failure_with_its_reason(
     assert (s["successes"], s["rate_limited"]) == (0, 0)
     assert s["errors"] == {"in-band INTERNAL MODEL_ERROR": 4}
     assert s["request_throughput"] == 0  # failures are not served requests
+
+
+def test_a_jsonl_dataset_sets_lengths_and_models(paced_mesh: Mesh, tmp_path: Path) -> None:
+    dataset = tmp_path / "prompts.jsonl"
+    dataset.write_text(
+        json.dumps({"prompt": "Say five words.", "output_tokens": 5}) + "\n"
+        + json.dumps({"prompt": "Say three.", "output_tokens": 3, "model": "llama3"}) + "\n")
+    results = loadtest(tmp_path, "--url", paced_mesh.http, "--model", "qwen2",
+                       "--dataset", str(dataset), "--concurrency", "2", "--requests", "4")
+    figures = results["steps"][0]["models"]
+    assert (figures["qwen2"]["successes"], figures["qwen2"]["mean_output_tokens"]) == (2, 5)
+    assert (figures["llama3"]["successes"], figures["llama3"]["mean_output_tokens"]) == (2, 3)
+    assert results["settings"]["dataset"] == str(dataset)
