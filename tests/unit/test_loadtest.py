@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import itertools
 import json
 import random
 import statistics
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,9 +18,9 @@ from tools.loadtest import __main__ as cli
 from tools.loadtest.arrivals import Step, gaps, parse_steps
 from tools.loadtest.clients import Record
 from tools.loadtest.report import table
-from tools.loadtest.runner import Bounds, Progress
+from tools.loadtest.runner import Bounds, Progress, run_step
 from tools.loadtest.stats import SLO, by_model, nearest_rank, summarize
-from tools.loadtest.workload import SYNTHETIC, Distribution, Workload, load_dataset
+from tools.loadtest.workload import SYNTHETIC, Distribution, Item, Workload, load_dataset
 
 
 def record(model: str = "m", start: float = 0.0, ttft: float = 0.1, tokens: int = 11,
@@ -187,3 +190,79 @@ def test_the_progress_bar_draws_on_the_stream_it_is_given() -> None:
     quiet = Progress(None, "x", bounds)
     quiet.update(record(), force=True)  # nowhere to draw: only counts
     assert quiet.done == 1
+
+
+class SleepyClient:
+    """A client whose every request takes `seconds` and yields `tokens` tokens."""
+
+    name = "fake"
+
+    def __init__(self, seconds: float, tokens: int = 4) -> None:
+        self.seconds = seconds
+        self.tokens = tokens
+        self.in_flight = self.peak = 0
+
+    async def run(self, item: Item, record: Record) -> None:
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        try:
+            for _ in range(self.tokens):
+                await asyncio.sleep(self.seconds / self.tokens)
+                record.chunk(1)
+            record.output_tokens = self.tokens
+            record.finish_reason = "FINISH_REASON_LENGTH"
+            record.end = time.perf_counter()
+        finally:
+            self.in_flight -= 1
+
+    async def close(self) -> None:
+        return None
+
+
+def items() -> Iterator[Item]:
+    return Workload(["m"], input_tokens=Distribution(4, 4),
+                    output_tokens=Distribution(4, 4)).items()
+
+
+async def test_a_closed_loop_keeps_its_concurrency_and_stops_at_the_request_bound() -> None:
+    client = SleepyClient(0.05)
+    records = await run_step(client, items(), Step("concurrency", 3),
+                             Bounds(requests=7, duration=60, request_timeout=5),
+                             progress_out=None)
+    assert len(records) == 7 and all(r.ok for r in records)
+    assert client.peak == 3
+
+
+async def test_the_time_bound_stops_sending_and_lets_requests_in_flight_finish() -> None:
+    client = SleepyClient(0.2)
+    started = time.perf_counter()
+    records = await run_step(client, items(), Step("concurrency", 2),
+                             Bounds(requests=1000, duration=0.5, request_timeout=5),
+                             progress_out=None)
+    elapsed = time.perf_counter() - started
+    assert 2 <= len(records) <= 8  # 2 clients x about 0.5 s / 0.2 s, far from 1,000
+    assert all(r.ok for r in records)  # none cut off
+    assert elapsed < 5
+
+
+async def test_a_rate_sends_on_schedule_and_a_cap_bounds_requests_in_flight() -> None:
+    client = SleepyClient(0.2)
+    records = await run_step(client, items(), Step("rate", float("inf")),
+                             Bounds(requests=6, duration=60, request_timeout=5,
+                                    max_concurrency=2), progress_out=None)
+    assert len(records) == 6 and client.peak == 2
+    client = SleepyClient(0.01)
+    started = time.perf_counter()
+    records = await run_step(client, items(), Step("rate", 20.0),
+                             Bounds(requests=10, duration=60, request_timeout=5),
+                             progress_out=None, seed=3)
+    # 10 arrivals at 20/s: about half a second, not all at once (wide bounds).
+    assert 0.1 < time.perf_counter() - started < 5
+    assert len(records) == 10
+
+
+async def test_a_request_over_its_timeout_is_a_timeout() -> None:
+    records = await run_step(SleepyClient(1.0), items(), Step("concurrency", 1),
+                             Bounds(requests=1, duration=60, request_timeout=0.1),
+                             progress_out=None)
+    assert records[0].error == "timeout" and not records[0].ok
