@@ -92,8 +92,16 @@ def plot(results: dict[str, Any], path: Path, title: str | None = None) -> None:
                         ys.append(s[key][q])
                 if xs:
                     ax.plot(xs, ys, style, marker="o", markersize=3,
-                            color=colors[i % len(colors)], label=f"{model} {q}")
+                            color=colors[i % len(colors)])
         _axis(ax, label, xlabel)
+    # One key for the three latency panels: a color per model, a line per percentile.
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=colors[i % len(colors)], lw=3, label=model)
+               for i, model in enumerate(models)]
+    handles += [Line2D([], [], color="black", ls=style, label=q) for q, style in styles.items()]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8,
+               frameon=False)
     ax = axes[1][1]
     slo = results["settings"].get("slo") or {}
     for i, model in enumerate(models):
@@ -113,7 +121,7 @@ def plot(results: dict[str, Any], path: Path, title: str | None = None) -> None:
     settings = results["settings"]
     fig.suptitle(title or f"llmmesh load test: {settings['api']} API, {settings['url']}",
                  fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
