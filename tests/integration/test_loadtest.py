@@ -177,8 +177,14 @@ def test_a_jsonl_dataset_sets_lengths_and_models(paced_mesh: Mesh, tmp_path: Pat
         json.dumps({"prompt": "Say five words.", "output_tokens": 5}) + "\n"
         + json.dumps({"prompt": "Say three.", "output_tokens": 3, "model": "llama3"}) + "\n")
     results = loadtest(tmp_path, "--url", paced_mesh.http, "--model", "qwen2",
-                       "--dataset", str(dataset), "--concurrency", "2", "--requests", "4")
+                       "--dataset", str(dataset), "--concurrency", "2", "--requests", "4",
+                       "--save-requests")
     figures = results["steps"][0]["models"]
     assert (figures["qwen2"]["successes"], figures["qwen2"]["mean_output_tokens"]) == (2, 5)
     assert (figures["llama3"]["successes"], figures["llama3"]["mean_output_tokens"]) == (2, 3)
     assert results["settings"]["dataset"] == str(dataset)
+    each = results["steps"][0]["requests"]
+    assert sorted((r["model"], r["output_tokens"]) for r in each) == [
+        ("llama3", 3), ("llama3", 3), ("qwen2", 5), ("qwen2", 5)]
+    assert all(r["ok"] and 0 < r["ttft_ms"] <= r["e2e_ms"] for r in each)
+    assert each[0]["sent_ms"] == 0

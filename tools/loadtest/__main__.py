@@ -39,7 +39,7 @@ from tools.loadtest import report
 from tools.loadtest.arrivals import Step, parse_steps
 from tools.loadtest.clients import APIS, Target, make_client
 from tools.loadtest.runner import Bounds, run_step
-from tools.loadtest.stats import SLO, by_model
+from tools.loadtest.stats import SLO, by_model, per_request
 from tools.loadtest.workload import SYNTHETIC, Distribution, Workload, load_dataset
 
 DEFAULT_CONCURRENCY = "1,2,4,8"
@@ -64,6 +64,7 @@ class Settings:
     temperature: float | None
     api_key: str | None
     json_path: Path | None
+    save_requests: bool
     plot_path: Path | None
     title: str | None
     progress: bool
@@ -162,6 +163,9 @@ def parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("output")
     o.add_argument("--json", type=Path, default=_env("JSON"),
                    help="write every figure here [LOADTEST_JSON]")
+    o.add_argument("--save-requests", action="store_true",
+                   default=_env("SAVE_REQUESTS", "0") == "1",
+                   help="also put every request's figures in the JSON [LOADTEST_SAVE_REQUESTS=1]")
     o.add_argument("--plot", type=Path, default=_env("PLOT"),
                    help="write the plots here (PNG) [LOADTEST_PLOT]")
     o.add_argument("--title", default=_env("TITLE"), help="plot title [LOADTEST_TITLE]")
@@ -208,6 +212,7 @@ def settings_from(argv: Sequence[str] | None = None) -> Settings:
                           args.max_concurrency),
             slo=SLO(args.slo_ttft_ms, args.slo_tpot_ms, args.slo_e2e_ms), seed=args.seed,
             temperature=args.temperature, api_key=args.api_key, json_path=args.json,
+            save_requests=args.save_requests,
             plot_path=args.plot, title=args.title, progress=args.progress,
         )
     except ValueError as exc:
@@ -245,9 +250,12 @@ async def run(settings: Settings) -> dict[str, Any]:
                 client, items, step, settings.bounds, seed=settings.seed + i,
                 burstiness=settings.burstiness,
                 progress_out=sys.stderr if settings.progress else None)
-            results["steps"].append({"mode": step.mode, "value": step.json_value,
-                                     "label": step.label,
-                                     "models": by_model(records, settings.slo)})
+            figures: dict[str, Any] = {"mode": step.mode, "value": step.json_value,
+                                       "label": step.label,
+                                       "models": by_model(records, settings.slo)}
+            if settings.save_requests:
+                figures["requests"] = [per_request(r, records[0].start) for r in records]
+            results["steps"].append(figures)
     finally:
         await client.close()
     return results

@@ -120,3 +120,14 @@ def by_model(records: Sequence[Record], slo: SLO) -> dict[str, dict[str, Any]]:
     if len(models) > 1:
         out["all"] = summarize(records, slo, duration)
     return out
+
+
+def per_request(record: Record, t0: float) -> dict[str, Any]:
+    """One request's figures for the JSON; times in ms, `sent_ms` from the step's start."""
+    def ms(value: float | None) -> float | None:
+        return None if value is None else round(value * 1000, 3)
+
+    return {"model": record.model, "sent_ms": ms(record.start - t0), "ok": record.ok,
+            "error": record.error, "ttft_ms": ms(record.ttft), "tpot_ms": ms(record.tpot),
+            "e2e_ms": ms(record.e2e), "output_tokens": record.output_tokens,
+            "input_tokens": record.input_tokens, "chunks": len(record.chunks)}
