@@ -266,3 +266,14 @@ async def test_a_request_over_its_timeout_is_a_timeout() -> None:
                              Bounds(requests=1, duration=60, request_timeout=0.1),
                              progress_out=None)
     assert records[0].error == "timeout" and not records[0].ok
+
+
+async def test_a_reply_the_client_cannot_read_is_one_failure_not_the_end_of_the_run() -> None:
+    class Garbled(SleepyClient):
+        async def run(self, item: Item, record: Record) -> None:
+            raise KeyError("usage")
+
+    records = await run_step(Garbled(0), items(), Step("concurrency", 2),
+                             Bounds(requests=3, duration=60, request_timeout=5),
+                             progress_out=None)
+    assert [r.error for r in records] == ["bad reply KeyError"] * 3

@@ -77,7 +77,7 @@ async def _one(client: Client, item: Item, timeout: float, progress: Progress) -
         record.fail("timeout")
     except (aiohttp.ClientError, grpc.RpcError, OSError) as exc:
         record.fail(f"connection {exc.__class__.__name__}")
-    except ValueError as exc:  # a reply that is not what the API promises
+    except Exception as exc:  # a reply that is not what the API promises: one failure
         record.fail(f"bad reply {exc.__class__.__name__}")
     if not record.end:
         record.end = time.perf_counter()
