@@ -274,7 +274,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         report.write_json(results, settings.json_path)
         print(f"figures: {settings.json_path}")
     if settings.plot_path:
-        report.plot(results, settings.plot_path, settings.title)
+        try:
+            report.plot(results, settings.plot_path, settings.title)
+        except ImportError:
+            print("no plots: they need matplotlib (pip install 'llmmesh[loadtest]')",
+                  file=sys.stderr)
+            return 1
         print(f"plots: {settings.plot_path}")
     return 0
 
