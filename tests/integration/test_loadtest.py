@@ -169,6 +169,12 @@ def test_an_error_after_the_stream_started_is_a_failure_with_its_reason(
     assert (s["successes"], s["rate_limited"]) == (0, 0)
     assert s["errors"] == {"in-band INTERNAL MODEL_ERROR": 4}
     assert s["request_throughput"] == 0  # failures are not served requests
+    # Streams that ended in-band, two at a time, leave the adapter serving.
+    assert paced_mesh.launcher.poll() is None, paced_mesh.log("adapter-qwen2")[-2000:]
+    again = loadtest(tmp_path, "--url", paced_mesh.http, "--model", "qwen2",
+                     "--dataset", "none", "--input-tokens", "fixed:8",
+                     "--output-tokens", "fixed:2", "--concurrency", "1", "--requests", "2")
+    assert again["steps"][0]["models"]["qwen2"]["successes"] == 2
 
 
 def test_a_jsonl_dataset_sets_lengths_and_models(paced_mesh: Mesh, tmp_path: Path) -> None:
