@@ -194,3 +194,24 @@ def test_a_jsonl_dataset_sets_lengths_and_models(paced_mesh: Mesh, tmp_path: Pat
         ("llama3", 3), ("llama3", 3), ("qwen2", 5), ("qwen2", 5)]
     assert all(r["ok"] and 0 < r["ttft_ms"] <= r["e2e_ms"] for r in each)
     assert each[0]["sent_ms"] == 0
+
+
+def test_https_and_grpc_over_tls_at_the_edge(tmp_path_factory: pytest.TempPathFactory) -> None:
+    tmp = tmp_path_factory.mktemp("loadtest-tls")
+    with running_mesh(tmp, "--tls") as mesh:
+        ca = mesh.run_dir / "tls" / "ca.pem"
+        url = f"https://localhost:{mesh.envoy.rsplit(':', 1)[1]}"
+        for api in ("http", "grpc"):
+            results = loadtest(
+                tmp, "--url", url, "--ca-file", str(ca), "--api", api, "--model", "qwen2",
+                "--dataset", "none", "--input-tokens", "fixed:4", "--output-tokens", "fixed:3",
+                "--concurrency", "1", "--requests", "2")
+            s = results["steps"][0]["models"]["qwen2"]
+            assert s["successes"] == 2, (api, s["errors"])
+        # Without the deployment's CA the certificate is refused: failures, not a crash.
+        results = loadtest(
+            tmp, "--url", url, "--model", "qwen2", "--dataset", "none",
+            "--input-tokens", "fixed:4", "--output-tokens", "fixed:3",
+            "--concurrency", "1", "--requests", "1")
+        errors = results["steps"][0]["models"]["qwen2"]["errors"]
+        assert list(errors) == ["connection ClientConnectorCertificateError"], errors

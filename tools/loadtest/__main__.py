@@ -63,6 +63,7 @@ class Settings:
     seed: int
     temperature: float | None
     api_key: str | None
+    ca_file: str | None
     json_path: Path | None
     save_requests: bool
     plot_path: Path | None
@@ -115,6 +116,9 @@ def parser() -> argparse.ArgumentParser:
                         "[LOADTEST_MODEL]")
     g.add_argument("--api-key", default=os.environ.get("LLMMESH_API_KEY"),
                    help="sent as Authorization: Bearer [LLMMESH_API_KEY]")
+    g.add_argument("--ca-file", default=_env("CA_FILE"),
+                   help="CA certificate (PEM) of an https:// deployment, for HTTP and gRPC; "
+                        "default: the system's [LOADTEST_CA_FILE]")
     w = p.add_argument_group("workload")
     w.add_argument("--dataset", default=_env("DATASET", "synthetic"),
                    help="JSONL of {prompt, output_tokens[, model, scenario]}; 'synthetic' is "
@@ -188,6 +192,8 @@ def settings_from(argv: Sequence[str] | None = None) -> Settings:
             raise ValueError("--model: at least one model id")
         if args.requests < 1 or args.duration <= 0 or args.request_timeout <= 0:
             raise ValueError("--requests, --duration and --request-timeout must be > 0")
+        if args.ca_file and not Path(args.ca_file).is_file():
+            raise ValueError(f"--ca-file: no file {args.ca_file}")
         if args.warmup < 0:
             raise ValueError("--warmup must be >= 0")
         if args.burstiness <= 0:
@@ -211,7 +217,8 @@ def settings_from(argv: Sequence[str] | None = None) -> Settings:
             bounds=Bounds(args.requests, args.duration, args.request_timeout,
                           args.max_concurrency),
             slo=SLO(args.slo_ttft_ms, args.slo_tpot_ms, args.slo_e2e_ms), seed=args.seed,
-            temperature=args.temperature, api_key=args.api_key, json_path=args.json,
+            temperature=args.temperature, api_key=args.api_key, ca_file=args.ca_file,
+            json_path=args.json,
             save_requests=args.save_requests,
             plot_path=args.plot, title=args.title, progress=args.progress,
         )
@@ -225,7 +232,8 @@ async def run(settings: Settings) -> dict[str, Any]:
     workload = Workload(settings.models, dataset=dataset, input_tokens=settings.input_tokens,
                         output_tokens=settings.output_tokens, scenario=settings.scenario,
                         seed=settings.seed)
-    target = Target(settings.url, settings.grpc_target, settings.api_key, settings.temperature)
+    target = Target(settings.url, settings.grpc_target, settings.api_key, settings.temperature,
+                    settings.ca_file)
     hint = max(int(s.value) if s.mode == "concurrency" else 256 for s in settings.steps)
     client = make_client(settings.api, target, hint)
     results: dict[str, Any] = {

@@ -10,6 +10,8 @@ counts as a success only when it ended with a finish reason and no error.
 - `http`: llmmesh's `POST /v1/generate_stream` (Server-Sent Events through
   Envoy); the events carry the running token count.
 - `grpc`: llmmesh.v1 `GenerateService/GenerateStream`, same fields.
+An `https://` URL means TLS for every API (gRPC too), checked against
+`--ca-file` or the system's CAs.
 - `openai`: `POST /v1/chat/completions` with `stream: true` and
   `stream_options: {include_usage: true}`; token counts from `usage`.
 """
@@ -18,8 +20,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import ssl
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
@@ -97,10 +101,18 @@ class Client(Protocol):
 class Target:
     """Where and how to connect."""
 
-    url: str  # http://host:8000
+    url: str  # http://host:8000, or https://
     grpc_target: str  # host:8000
     api_key: str | None = None
     temperature: float | None = None
+    ca_file: str | None = None  # the CA of a TLS deployment (default: the system's)
+
+    @property
+    def tls(self) -> bool:
+        return self.url.startswith("https://")
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        return ssl.create_default_context(cafile=self.ca_file) if self.tls else None
 
 
 def _headers(target: Target) -> dict[str, str]:
@@ -110,8 +122,9 @@ def _headers(target: Target) -> dict[str, str]:
     return headers
 
 
-def _session(concurrency_hint: int) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(limit=max(16, concurrency_hint), keepalive_timeout=60)
+def _session(target: Target, concurrency_hint: int) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(limit=max(16, concurrency_hint), keepalive_timeout=60,
+                                     ssl=target.ssl_context() or True)
     return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
 
 
@@ -141,7 +154,7 @@ class NativeHTTPClient:
         self.target = target
         self.url = f"{target.url.rstrip('/')}/v1/generate_stream"
         self.headers = _headers(target)
-        self.session = _session(concurrency_hint)
+        self.session = _session(target, concurrency_hint)
 
     def body(self, item: Item) -> dict[str, Any]:
         params: dict[str, Any] = {"max_new_tokens": item.max_tokens}
@@ -209,8 +222,14 @@ class GRPCClient:
 
     def __init__(self, target: Target) -> None:
         self.target = target
-        self.channel = grpc.aio.insecure_channel(
-            target.grpc_target, options=[("grpc.max_concurrent_streams", 10_000)])
+        options = [("grpc.max_concurrent_streams", 10_000)]
+        if target.tls:
+            roots = Path(target.ca_file).read_bytes() if target.ca_file else None
+            self.channel = grpc.aio.secure_channel(
+                target.grpc_target, grpc.ssl_channel_credentials(root_certificates=roots),
+                options=options)
+        else:
+            self.channel = grpc.aio.insecure_channel(target.grpc_target, options=options)
         self.stub = pb_grpc.GenerateServiceStub(self.channel)
         self.metadata = (("authorization", f"Bearer {target.api_key}"),) if target.api_key else ()
 
@@ -269,7 +288,7 @@ class OpenAIClient:
         base = target.url.rstrip("/")
         self.url = f"{base if base.endswith('/v1') else base + '/v1'}/chat/completions"
         self.headers = _headers(target)
-        self.session = _session(concurrency_hint)
+        self.session = _session(target, concurrency_hint)
 
     def body(self, item: Item) -> dict[str, Any]:
         body: dict[str, Any] = {
