@@ -215,3 +215,21 @@ def test_https_and_grpc_over_tls_at_the_edge(tmp_path_factory: pytest.TempPathFa
             "--concurrency", "1", "--requests", "1")
         errors = results["steps"][0]["models"]["qwen2"]["errors"]
         assert list(errors) == ["connection ClientConnectorCertificateError"], errors
+
+
+def test_the_mesh_openai_api_at_the_doubles_pace(paced_mesh: Mesh, tmp_path: Path) -> None:
+    for double in paced_mesh.doubles.values():
+        double.reset()
+    results = loadtest(
+        tmp_path, "--url", paced_mesh.http, "--api", "openai", "--model", "qwen2,llama3",
+        "--dataset", "none", "--input-tokens", "fixed:8", "--output-tokens", f"fixed:{OUT}",
+        "--concurrency", "2", "--requests", "6")
+    d, e2e = TOKEN_DELAY, OUT * TOKEN_DELAY
+    for model in ("qwen2", "llama3"):
+        s = results["steps"][0]["models"][model]
+        assert (s["requests"], s["successes"]) == (3, 3), s["errors"]
+        assert s["mean_output_tokens"] == OUT  # the mesh's usage chunk
+        assert s["mean_input_tokens"] is not None
+        assert d * 0.9 <= s["ttft_ms"]["p50"] / 1000 <= d + 0.3, s["ttft_ms"]
+        assert d * 0.9 <= s["tpot_ms"]["p50"] / 1000 <= d * 1.8, s["tpot_ms"]
+        assert e2e * 0.95 <= s["e2e_ms"]["p50"] / 1000 <= e2e * 1.8 + 0.3, s["e2e_ms"]
