@@ -9,7 +9,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: help venv gen check-gen lint fmt test test-fast up bench prometheus chromium clean
+.PHONY: help venv gen check-gen lint fmt test test-fast up bench loadtest prometheus chromium wrk clean
 
 help:
 	@echo "make up        start the local mesh (CPU backends, adapters, router, Envoy)"
@@ -19,6 +19,7 @@ help:
 	@echo "make gen       regenerate gen/ from protos/"
 	@echo "make lint      ruff and mypy"
 	@echo "make bench     benchmarks; prints figures"
+	@echo "make loadtest URL=http://host:8000 [ARGS=...]  load-test a deployment"
 
 $(STAMP): pyproject.toml gen/python/pyproject.toml scripts/install_llama_cpp.sh
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,11 +50,11 @@ check-gen: $(STAMP)
 	else echo "buf breaking: no main branch here, skipped"; fi
 
 lint: $(STAMP)
-	ruff check services tests scripts envoy observability
+	ruff check services tests scripts envoy observability tools
 	mypy
 
 fmt: $(STAMP)
-	ruff check --fix services tests scripts envoy observability
+	ruff check --fix services tests scripts envoy observability tools
 
 # Prometheus is a Debian package; the observability tests use the real
 # server (prometheus) and its rule checker (promtool): both must be there.
@@ -70,7 +71,14 @@ chromium:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; }
 
-test: $(STAMP) check-gen lint prometheus chromium
+# wrk is a Debian package: the load generator of `make bench` (costs little CPU).
+wrk:
+	@command -v wrk >/dev/null || { \
+		echo "installing wrk (Debian package)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends wrk >/dev/null; }
+
+test: $(STAMP) check-gen lint prometheus chromium wrk
 	$(PY) -m pytest -q -p no:cacheprovider -p tests.strict_skips
 
 test-fast: $(STAMP)
@@ -82,8 +90,15 @@ up: $(STAMP)
 		$(if $(API_KEYS_FILE),--api-keys-file "$(API_KEYS_FILE)") \
 		$(if $(filter 1 yes true on,$(TLS)),--tls)
 
-bench: $(STAMP)
+bench: $(STAMP) wrk
 	$(PY) -m tests.bench
+
+# Any deployment: make loadtest URL=http://gpu-host:8000 ARGS="--concurrency 1,4,8"
+# (python -m tools.loadtest --help lists every option).
+LOADTEST_OUT := .run/loadtest
+loadtest: $(STAMP)
+	$(PY) -m tools.loadtest --url "$(or $(URL),http://127.0.0.1:8000)" \
+		--json $(LOADTEST_OUT)/results.json --plot $(LOADTEST_OUT)/results.png $(ARGS)
 
 clean:
 	rm -rf .run .mypy_cache .ruff_cache .pytest_cache

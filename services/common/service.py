@@ -187,18 +187,33 @@ class MeshInterceptor(grpc.aio.ServerInterceptor):
                         rpc.first_token()
                     last = message
                     yield message
+            except GeneratorExit:
+                # gRPC closed the stream while it waited at a yield: the peer
+                # went away, often right after the last message. The call is
+                # over: nothing can be sent, nothing may be awaited, and its
+                # context must not be touched (that crashed with SIGSEGV).
+                if last is not None and last.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+                    self._finish_stream(rpc, last)
+                else:
+                    rpc.finish("CANCELLED", reason=Reason.CANCELLED)
+                raise
             except BaseException as exc:
                 await rpc.fail(exc)
                 raise
-            if last is not None and last.finish_reason == pb.FINISH_REASON_ERROR:
-                reason = Reason(last.error.reason) if last.error.reason in Reason.__members__ else (
-                    Reason.INTERNAL
-                )
-                rpc.finish(last.error.code, reason=reason, tokens=last.tokens)
-            else:
-                rpc.finish("OK", tokens=last.tokens if last is not None else None)
+            self._finish_stream(rpc, last)
 
         return stream
+
+    @staticmethod
+    def _finish_stream(rpc: _Rpc, last: Any) -> None:
+        """Account a stream by its last message: an in-band error, or OK."""
+        if last is not None and last.finish_reason == pb.FINISH_REASON_ERROR:
+            reason = Reason(last.error.reason) if last.error.reason in Reason.__members__ else (
+                Reason.INTERNAL
+            )
+            rpc.finish(last.error.code, reason=reason, tokens=last.tokens)
+        else:
+            rpc.finish("OK", tokens=last.tokens if last is not None else None)
 
 
 class _Rpc(CallRecord):
@@ -214,7 +229,9 @@ class _Rpc(CallRecord):
         model, scenario = owner._core.labels(
             getattr(request, "model_id", ""), getattr(request, "scenario", "")
         )
-        super().__init__(owner._metrics, method, model, scenario, peer=context.peer)
+        # Read now: once gRPC has closed the call, its context must not be used.
+        peer = context.peer()
+        super().__init__(owner._metrics, method, model, scenario, peer=lambda: peer)
         self._context = context
 
     async def fail(self, exc: BaseException) -> None:

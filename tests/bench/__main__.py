@@ -2,10 +2,13 @@
 
     python -m tests.bench [--quick]
 
-Runs the mesh benchmark (its cost hop by hop against a zero-delay TGI
-double), SmolLM2 through the mesh versus llama.cpp in-process, and the CPU
-backend's own prompt and generation tokens/s, then writes every figure, with the machine, to
-.run/bench/results.json and the tables to .run/bench/results.md.
+Runs the mesh benchmark (its cost hop by hop against a lean zero-delay TGI
+double, load from wrk), SmolLM2 through the mesh versus llama.cpp
+in-process, and the CPU backend's own prompt and generation tokens/s, then
+writes every figure to .run/bench/results.json (keys `mesh`, `cpu_mesh`,
+`cpu_backend` when that bench returns figures, and `machine`: the machine
+and its load average when the run began) and the tables to
+.run/bench/results.md.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import io
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from tests.bench import cpu_backend_bench, cpu_mesh_bench, mesh_bench
 
@@ -24,18 +28,20 @@ OUT = Path(__file__).resolve().parents[2] / ".run" / "bench"
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     quick = "--quick" in sys.argv
-    sys.argv = [sys.argv[0], *(["--quick"] if quick else []), "--json", str(OUT / "mesh.json")]
+    sys.argv = [sys.argv[0], *(["--quick"] if quick else [])]
     text = io.StringIO()
+    results: dict[str, Any] = {}
     with contextlib.redirect_stdout(_Tee(sys.stdout, text)):
-        mesh_bench.main()
+        results["mesh"] = mesh_bench.main()
         print()
         sys.argv = [sys.argv[0], *(["--requests", "2"] if quick else [])]
-        cpu = cpu_mesh_bench.main()
+        results["cpu_mesh"] = cpu_mesh_bench.main()
         print()
         # The CPU backend alone: prompt and generation tokens/s over HTTP.
-        cpu_backend_bench.main()
-    results = json.loads((OUT / "mesh.json").read_text())
-    results["cpu_backend"] = cpu
+        backend = cpu_backend_bench.main()
+        if isinstance(backend, dict):
+            results["cpu_backend"] = backend
+    results["machine"] = results["mesh"].pop("machine")
     (OUT / "results.json").write_text(json.dumps(results, indent=2))
     (OUT / "results.md").write_text(text.getvalue())
     print(f"\nfigures: {OUT / 'results.json'}, tables: {OUT / 'results.md'}")

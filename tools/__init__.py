@@ -1,0 +1,1 @@
+"""Runnable tools that are not services: the load test and the lean TGI double."""

@@ -1,0 +1,153 @@
+"""What to send: prompts and output lengths from a distribution or a JSONL file.
+
+A distribution is `fixed:N` or `uniform:LOW:HIGH` (inclusive). Generated
+prompts are common English words, about one token each for the BPE
+tokenizers of Qwen2, Llama 3 and SmolLM2, so `--input-tokens fixed:256`
+sends a prompt of roughly 256 tokens (the server's own count is reported).
+
+A dataset is a JSONL file, one request per line:
+    {"prompt": "...", "output_tokens": 128, "model": "qwen2", "scenario": "qa"}
+`output_tokens` is the `max_new_tokens` / `max_tokens` sent; `model` and
+`scenario` are optional and override the command line's.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+SYNTHETIC = Path(__file__).resolve().parent / "data" / "synthetic.jsonl"
+
+WORDS = (
+    "the of and to in is was for on that with as by at from this be are it an or "
+    "which have not has but all were when there can been one more their new also "
+    "time first would about other into after many year people may only most over "
+    "such some these work city water system world state part use how each between "
+    "number day made where later under while during because high small long large "
+    "early life group through school house family light power music river game "
+    "history market country company science story model plan change place point"
+).split()
+
+
+@dataclass(frozen=True)
+class Item:
+    """One request to send."""
+
+    prompt: str
+    max_tokens: int
+    model: str | None = None
+    scenario: str | None = None
+
+
+@dataclass(frozen=True)
+class Distribution:
+    low: int
+    high: int
+
+    @classmethod
+    def parse(cls, text: str) -> Distribution:
+        """`fixed:N` or `uniform:LOW:HIGH`; a bare number means fixed."""
+        kind, _, rest = text.partition(":")
+        try:
+            if not rest:
+                n = int(kind)
+                low = high = n
+            elif kind == "fixed":
+                low = high = int(rest)
+            elif kind == "uniform":
+                a, _, b = rest.partition(":")
+                low, high = int(a), int(b)
+            else:
+                raise ValueError(kind)
+        except ValueError:
+            raise ValueError(
+                f"{text!r}: expected fixed:N, uniform:LOW:HIGH or a number") from None
+        if low < 1 or high < low:
+            raise ValueError(f"{text!r}: need 1 <= LOW <= HIGH")
+        return cls(low, high)
+
+    def sample(self, rng: random.Random) -> int:
+        return self.low if self.low == self.high else rng.randint(self.low, self.high)
+
+    def __str__(self) -> str:
+        return f"fixed:{self.low}" if self.low == self.high else f"uniform:{self.low}:{self.high}"
+
+
+def synthetic_prompt(tokens: int, rng: random.Random) -> str:
+    """About `tokens` tokens of text, asking for a long answer."""
+    head = "Continue this text for as long as you can:"
+    body = " ".join(rng.choice(WORDS) for _ in range(max(1, tokens - 9)))
+    return f"{head} {body}"
+
+
+def load_dataset(path: Path) -> list[Item]:
+    """The requests of a JSONL dataset; a clear error names the bad line."""
+    items = []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                prompt = row["prompt"]
+                out = int(row["output_tokens"])
+                if not isinstance(prompt, str) or not prompt.strip() or out < 1:
+                    raise ValueError("needs a non-empty prompt and output_tokens >= 1")
+                items.append(Item(prompt, out, row.get("model"), row.get("scenario")))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"{path}:{number}: {exc}") from None
+    if not items:
+        raise ValueError(f"{path}: no requests")
+    return items
+
+
+class Workload:
+    """An endless, seeded sequence of requests, spread over the models in turn."""
+
+    def __init__(
+        self,
+        models: Sequence[str],
+        *,
+        dataset: Sequence[Item] | None = None,
+        input_tokens: Distribution = Distribution(128, 128),
+        output_tokens: Distribution = Distribution(128, 128),
+        scenario: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        if not models:
+            raise ValueError("at least one model")
+        self.models = list(models)
+        self.dataset = list(dataset) if dataset else None
+        self.input_tokens = input_tokens
+        self.output_tokens = output_tokens
+        self.scenario = scenario
+        self.seed = seed
+
+    def items(self) -> Iterator[Item]:
+        rng = random.Random(self.seed)
+        order: list[Item] = []
+        i = 0
+        while True:
+            model = self.models[i % len(self.models)]
+            if self.dataset is not None:
+                if not order:
+                    order = list(self.dataset)
+                    rng.shuffle(order)
+                item = order.pop()
+                yield Item(item.prompt, item.max_tokens, item.model or model,
+                           item.scenario or self.scenario)
+            else:
+                prompt = synthetic_prompt(self.input_tokens.sample(rng), rng)
+                yield Item(prompt, self.output_tokens.sample(rng), model, self.scenario)
+            i += 1
+
+    def describe(self) -> dict[str, object]:
+        if self.dataset is not None:
+            return {"models": self.models, "dataset_requests": len(self.dataset),
+                    "scenario": self.scenario, "seed": self.seed}
+        return {"models": self.models, "input_tokens": str(self.input_tokens),
+                "output_tokens": str(self.output_tokens), "scenario": self.scenario,
+                "seed": self.seed}
