@@ -111,7 +111,7 @@ class OtlpReceiver:
         receiver = self
 
         class Service(trace_service_pb2_grpc.TraceServiceServicer):
-            def Export(  # noqa: N802 - the proto's name
+            def Export(
                 self, request: trace_service_pb2.ExportTraceServiceRequest, context: Any
             ) -> trace_service_pb2.ExportTraceServiceResponse:
                 receiver.add(request)
@@ -124,11 +124,11 @@ class OtlpReceiver:
         self._grpc = server
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            def do_POST(self) -> None:
                 if self.path != "/v1/traces":
                     self._reply(404, b"")
                     return
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = self._body()
                 if self.headers.get("Content-Encoding") == "gzip":
                     body = gzip.decompress(body)
                 try:
@@ -138,6 +138,18 @@ class OtlpReceiver:
                     return
                 receiver.add(request)
                 self._reply(200, trace_service_pb2.ExportTraceServiceResponse().SerializeToString())
+
+            def _body(self) -> bytes:
+                if "chunked" not in self.headers.get("Transfer-Encoding", "").lower():
+                    return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                chunks = []  # Envoy's http_service streams the body in chunks
+                while True:
+                    size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                    if size == 0:
+                        self.rfile.readline()
+                        return b"".join(chunks)
+                    chunks.append(self.rfile.read(size))
+                    self.rfile.readline()
 
             def _reply(self, status: int, body: bytes) -> None:
                 self.send_response(status)

@@ -76,6 +76,10 @@ def request_attributes(request: Any) -> dict[str, Any]:
         attrs["gen_ai.request.top_p"] = params.top_p
     if params.HasField("top_k"):
         attrs["gen_ai.request.top_k"] = params.top_k
+    if params.HasField("frequency_penalty"):
+        attrs["gen_ai.request.frequency_penalty"] = params.frequency_penalty
+    if params.HasField("presence_penalty"):
+        attrs["gen_ai.request.presence_penalty"] = params.presence_penalty
     if params.HasField("seed"):
         attrs["gen_ai.request.seed"] = params.seed
     if params.stop:

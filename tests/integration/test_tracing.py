@@ -1,0 +1,296 @@
+"""Distributed tracing through the real processes: Envoy, the router, an
+adapter and a TGI double, each exporting its spans over OTLP to a receiver
+started here (scripts/otlp_receiver.py, opentelemetry-proto's
+collector.trace.v1 service and OTLP/HTTP). The router and the double export
+over gRPC, the adapter and Envoy over http/protobuf, so both protocols run.
+
+A request is one trace, parented Envoy -> router -> adapter -> engine, with
+the GenAI attributes of the request and of its reply.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from llmmesh.v1 import generate_pb2 as pb
+
+from scripts.otlp_receiver import OtlpReceiver
+from tests.integration.meshparts import (
+    ROOT,
+    AdapterPart,
+    DoublePart,
+    EnvoyPart,
+    RouterPart,
+    http_json,
+    sse_events,
+    start_all,
+    stop_all,
+    stub,
+)
+
+pytestmark = pytest.mark.integration
+
+REPLY = "alpha beta gamma delta epsilon zeta eta theta iota kappa"
+
+
+@dataclass
+class Traced:
+    receiver: OtlpReceiver
+    double: DoublePart
+    adapter: AdapterPart
+    router: RouterPart
+    envoy: EnvoyPart
+
+
+def otel_env(receiver: OtlpReceiver, protocol: str) -> dict[str, str]:
+    port = receiver.grpc_port if protocol == "grpc" else receiver.http_port
+    return {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": protocol,
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+    }
+
+
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traced]:
+    tmp = tmp_path_factory.mktemp("tracing")
+    receiver = OtlpReceiver()
+    receiver.start()
+    double = DoublePart("qwen2", tmp)
+    double.env = otel_env(receiver, "grpc")
+    adapter = AdapterPart("adapter-qwen2", tmp, "qwen2", double)
+    adapter.env = otel_env(receiver, "http/protobuf")
+    router = RouterPart(tmp, {"qwen2": [adapter.address]})
+    router.env.update(otel_env(receiver, "grpc"))
+    envoy = EnvoyPart(tmp, router.port)
+    sys.path.insert(0, str(ROOT / "envoy"))
+    import render  # envoy/render.py
+
+    (tmp / "envoy.yaml").write_text(render.render(
+        otel=otel_env(receiver, "http/protobuf"),
+        LISTEN_PORT=envoy.port, ADMIN_PORT=envoy.admin, ROUTER_PORT=router.port,
+        DESCRIPTOR=ROOT / "gen" / "llmmesh.binpb"))
+    parts = [double, adapter, router, envoy]
+    try:
+        start_all(parts)
+        yield Traced(receiver, double, adapter, router, envoy)
+    finally:
+        stop_all(parts)
+        receiver.stop()
+
+
+def by_id(spans: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {s["span_id"]: s for s in spans}
+
+
+def chain(spans: list[dict[str, Any]], leaf: dict[str, Any]) -> list[dict[str, Any]]:
+    """`leaf` and its ancestors, leaf first, as far as the trace holds them."""
+    ids = by_id(spans)
+    out = [leaf]
+    while out[-1]["parent_span_id"] in ids:
+        out.append(ids[out[-1]["parent_span_id"]])
+    return out
+
+
+def one(spans: list[dict[str, Any]], service: str, kind: str) -> dict[str, Any]:
+    found = [s for s in spans if s["service"] == service and s["kind"] == kind]
+    assert len(found) == 1, f"{service} {kind}: {[(s['name'], s['kind']) for s in found]}"
+    return found[0]
+
+
+def complete(trace_id: str, services: set[str]) -> Any:
+    def check(spans: list[dict[str, Any]]) -> bool:
+        return services <= {s["service"] for s in spans if s["trace_id"] == trace_id}
+
+    return check
+
+
+def traceparent() -> tuple[str, str, str]:
+    trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
+    return f"00-{trace_id}-{span_id}-01", trace_id, span_id
+
+
+def log_lines(path: Path) -> list[dict[str, Any]]:
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            out.append(json.loads(line))
+    return out
+
+
+def test_an_http_request_is_one_trace_from_envoy_to_the_engine(traced: Traced) -> None:
+    traced.double.reset()
+    body = {"model_id": "qwen", "inputs": "one two three four",
+            "parameters": {"max_new_tokens": 16, "temperature": 0.5}}
+    status, _, raw = http_json("POST", f"{traced.envoy.http}/v1/generate",
+                               json.dumps(body).encode())
+    assert status == 200, raw
+    reply = json.loads(raw)
+    # The engine got a traceparent, and the trace it names holds every hop.
+    sent = traced.double.stats()["last_request"]["traceparent"]
+    assert sent and re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-01", sent), sent
+    _, trace_id, parent_id, _ = sent.split("-")
+    everyone = {"envoy", "router", "adapter-qwen2", "tgi-double"}
+    traced.receiver.wait_for(complete(trace_id, everyone))
+    spans = traced.receiver.trace(trace_id)
+
+    engine = one(spans, "tgi-double", "SERVER")
+    assert engine["parent_span_id"] == parent_id
+    hops = chain(spans, engine)
+    path = [(s["service"], s["kind"]) for s in hops]
+    assert path[:5] == [
+        ("tgi-double", "SERVER"),
+        ("adapter-qwen2", "CLIENT"),
+        ("adapter-qwen2", "SERVER"),
+        ("router", "CLIENT"),
+        ("router", "SERVER"),
+    ], path
+    assert {s for s, _ in path[5:]} == {"envoy"}, path
+    assert hops[-1]["parent_span_id"] == "", "Envoy's span is the root"
+    assert len(spans) == len(hops), [(s["service"], s["name"]) for s in spans]
+
+    router = one(spans, "router", "SERVER")
+    adapter = one(spans, "adapter-qwen2", "SERVER")
+    for span in (router, adapter):
+        attrs = span["attributes"]
+        assert span["name"] == "chat qwen2"
+        assert attrs["gen_ai.operation.name"] == "chat"
+        assert attrs["gen_ai.request.max_tokens"] == 16
+        assert attrs["gen_ai.request.temperature"] == 0.5
+        assert attrs["gen_ai.usage.output_tokens"] == reply["tokens"]
+        assert attrs["gen_ai.usage.input_tokens"] == reply["input_tokens"]
+        assert attrs["gen_ai.response.model"] == reply["model"]
+        assert attrs["gen_ai.response.finish_reasons"] == ["eos_token"]
+        assert span["status"]["code"] == "UNSET"
+    assert router["attributes"]["gen_ai.request.model"] == "qwen"  # as the client named it
+    assert adapter["attributes"]["gen_ai.request.model"] == "qwen2"
+    assert router["attributes"]["llmmesh.replica"] == traced.adapter.address
+    assert router["attributes"]["llmmesh.retries"] == 0
+    attempt = one(spans, "router", "CLIENT")
+    assert attempt["attributes"]["llmmesh.attempt"] == 1
+    assert attempt["attributes"]["llmmesh.replica"] == traced.adapter.address
+    http = one(spans, "adapter-qwen2", "CLIENT")
+    assert http["attributes"]["http.response.status_code"] == 200
+    assert http["attributes"]["url.full"] == f"{traced.double.url}/"
+
+    # Every log line of the request carries its trace.
+    for part, service in ((traced.router, "router"), (traced.adapter, "adapter-qwen2")):
+        lines = [x for x in log_lines(part.log) if x.get("trace_id") == trace_id]
+        assert any(x["msg"] == "rpc" and x["method"] == "Generate" for x in lines), service
+        span_ids = {s["span_id"] for s in spans if s["service"] == service}
+        assert {x["span_id"] for x in lines} <= span_ids
+
+
+def test_a_stream_span_ends_when_the_stream_does(traced: Traced) -> None:
+    traced.double.control(reply=REPLY, token_delay=0.05)
+    header, trace_id, _ = traceparent()
+    try:
+        events = []
+        for event in sse_events(f"{traced.envoy.http}/v1/generate_stream",
+                                {"model_id": "qwen2", "inputs": "x"},
+                                headers={"traceparent": header}):
+            events.append((time.time_ns(), event))
+    finally:
+        traced.double.reset()
+    last = events[-1][1]
+    assert last["finish_reason"] == "FINISH_REASON_EOS_TOKEN"
+    traced.receiver.wait_for(complete(trace_id, {"envoy", "router", "adapter-qwen2"}))
+    spans = traced.receiver.trace(trace_id)
+    for service in ("router", "adapter-qwen2"):
+        span = one(spans, service, "SERVER")
+        attrs = span["attributes"]
+        assert attrs["gen_ai.usage.output_tokens"] == last["tokens"]
+        assert attrs["gen_ai.usage.input_tokens"] == last["input_tokens"]
+        # Ten tokens 50 ms apart: the span lasts the whole stream, not its start.
+        assert span["end"] - span["start"] >= 9 * 0.05 * 1e9 * 0.9, service
+        assert span["end"] >= events[1][0] - 50_000_000, service
+        (first,) = [e for e in span["events"] if e["name"] == "first_token"]
+        assert span["start"] < first["time"] < span["end"]
+        assert first["attributes"]["gen_ai.server.time_to_first_token"] > 0
+    # The client's traceparent was honoured: its span is Envoy's parent.
+    roots = [s for s in spans if s["parent_span_id"] == header.split("-")[2]]
+    assert [s["service"] for s in roots] == ["envoy"]
+
+
+def test_an_invalid_request_span_carries_the_error_reason(traced: Traced) -> None:
+    header, trace_id, _ = traceparent()
+    body = {"model_id": "qwen2", "inputs": "x", "parameters": {"top_p": 1.0}}
+    status, _, raw = http_json("POST", f"{traced.envoy.http}/v1/generate",
+                               json.dumps(body).encode(), headers={"traceparent": header})
+    assert status == 400, raw
+    traced.receiver.wait_for(complete(trace_id, {"envoy", "router"}))
+    spans = traced.receiver.trace(trace_id)
+    router = one(spans, "router", "SERVER")
+    assert router["status"]["code"] == "ERROR"
+    assert router["status"]["message"].startswith("INVALID_ARGUMENT: ")
+    assert router["attributes"]["error.type"] == "INVALID_ARGUMENT"
+    assert router["attributes"]["rpc.grpc.status_code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    # Refused at the router: no adapter was called.
+    assert not [s for s in spans if s["service"] == "adapter-qwen2"]
+
+
+def test_a_grpc_clients_traceparent_is_the_root(traced: Traced) -> None:
+    traced.double.reset()
+    header, trace_id, client_span = traceparent()
+    reply = stub(traced.envoy.address).Generate(
+        pb.GenerateRequest(model_id="qwen2", inputs="red green blue"),
+        metadata=[("traceparent", header)], timeout=30)
+    sent = traced.double.stats()["last_request"]["traceparent"]
+    assert sent.split("-")[1] == trace_id
+    traced.receiver.wait_for(complete(trace_id, {"envoy", "router", "adapter-qwen2",
+                                                 "tgi-double"}))
+    spans = traced.receiver.trace(trace_id)
+    hops = chain(spans, one(spans, "tgi-double", "SERVER"))
+    assert hops[-1]["service"] == "envoy"
+    assert hops[-1]["parent_span_id"] == client_span
+    router = one(spans, "router", "SERVER")
+    assert router["attributes"]["gen_ai.usage.output_tokens"] == reply.tokens > 0
+
+
+def test_a_grpc_stream_to_the_router_joins_the_clients_trace(traced: Traced) -> None:
+    traced.double.reset()
+    header, trace_id, client_span = traceparent()
+    messages = list(stub(traced.router.address).GenerateStream(
+        pb.GenerateStreamRequest(model_id="qwen2", inputs="one two"),
+        metadata=[("traceparent", header)], timeout=30))
+    traced.receiver.wait_for(complete(trace_id, {"router", "adapter-qwen2", "tgi-double"}))
+    spans = traced.receiver.trace(trace_id)
+    router = one(spans, "router", "SERVER")
+    assert router["parent_span_id"] == client_span
+    assert router["attributes"]["rpc.method"] == "GenerateStream"
+    assert router["attributes"]["gen_ai.usage.output_tokens"] == messages[-1].tokens
+    hops = chain(spans, one(spans, "tgi-double", "SERVER"))
+    assert hops[-1] is router
+
+
+def test_an_error_from_the_engine_is_recorded_on_every_hop(traced: Traced) -> None:
+    traced.double.control(mode="generation_error")
+    header, trace_id, _ = traceparent()
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            stub(traced.router.address).Generate(
+                pb.GenerateRequest(model_id="qwen2", inputs="x"),
+                metadata=[("traceparent", header)], timeout=30)
+    finally:
+        traced.double.reset()
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    traced.receiver.wait_for(complete(trace_id, {"router", "adapter-qwen2", "tgi-double"}))
+    spans = traced.receiver.trace(trace_id)
+    for service in ("router", "adapter-qwen2"):
+        span = one(spans, service, "SERVER")
+        assert span["attributes"]["error.type"] == "MODEL_ERROR", service
+        assert span["status"]["code"] == "ERROR"
+    http = one(spans, "adapter-qwen2", "CLIENT")
+    assert http["attributes"]["http.response.status_code"] == 424
+    attempt = one(spans, "router", "CLIENT")
+    assert attempt["status"]["code"] == "ERROR"
