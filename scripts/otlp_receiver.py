@@ -142,7 +142,7 @@ class OtlpReceiver:
             def _body(self) -> bytes:
                 if "chunked" not in self.headers.get("Transfer-Encoding", "").lower():
                     return self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                chunks = []  # Envoy's http_service streams the body in chunks
+                chunks: list[bytes] = []  # Envoy's http_service streams the body in chunks
                 while True:
                     size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
                     if size == 0:
