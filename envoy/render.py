@@ -1,6 +1,7 @@
 """Render Envoy's configs from envoy.template.yaml.
 
-`python envoy/render.py` writes envoy.local.yaml and envoy.compose.yaml;
+`python envoy/render.py` writes envoy.local.yaml, envoy.compose.yaml and
+envoy.k8s.yaml (compose's, without the tracer: deploy/k8s takes a copy);
 `--check` fails when they differ from what the template gives. Tests and the
 launcher call `render()` with their own ports, and with the OTEL_* variables
 of their environment (`otel=`) to turn on Envoy's OpenTelemetry tracer.
@@ -45,6 +46,16 @@ PROFILES: dict[str, dict[str, str]] = {
         "ROUTER_HOST": "router",
         "ROUTER_PORT": "50051",
         "OPENAI_PORT": "50052",
+        "ROUTER_DISCOVERY": "STRICT_DNS",
+        "DESCRIPTOR": "/etc/envoy/llmmesh.binpb",
+    },
+    "k8s": {
+        "ADMIN_ADDRESS": "0.0.0.0",
+        "ADMIN_PORT": "9901",
+        "LISTEN_ADDRESS": "0.0.0.0",
+        "LISTEN_PORT": "8000",
+        "ROUTER_HOST": "router",
+        "ROUTER_PORT": "50051",
         "ROUTER_DISCOVERY": "STRICT_DNS",
         "DESCRIPTOR": "/etc/envoy/llmmesh.binpb",
     },
@@ -280,6 +291,7 @@ def render(otel: Mapping[str, str] | None = None, **values: str | int) -> str:
 # continues a client's `traceparent` and sends its own span's to the router.
 
 # docker compose: every process exports to the collector (docker-compose.yml).
+# Kubernetes (deploy/k8s, a copy of envoy.k8s.yaml) runs no collector: no tracer.
 OTEL_PROFILES: dict[str, dict[str, str]] = {
     "compose": {
         "OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel-collector:4317",
