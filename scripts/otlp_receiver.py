@@ -88,6 +88,9 @@ class OtlpReceiver:
 
     def __init__(self, on_span: Callable[[dict[str, Any]], None] | None = None) -> None:
         self._lock = threading.Lock()
+        # Export requests as they came; flattened only when read, so that
+        # receiving costs little next to what is being measured.
+        self._requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
         self._spans: list[dict[str, Any]] = []
         self._on_span = on_span
         self.exports = 0
@@ -99,12 +102,11 @@ class OtlpReceiver:
     # -- receiving -------------------------------------------------------------------
 
     def add(self, request: trace_service_pb2.ExportTraceServiceRequest) -> None:
-        spans = spans_of(request)
         with self._lock:
-            self._spans.extend(spans)
+            self._requests.append(request)
             self.exports += 1
         if self._on_span is not None:
-            for span in spans:
+            for span in spans_of(request):
                 self._on_span(span)
 
     def start(self, host: str = "127.0.0.1", grpc_port: int = 0, http_port: int = 0) -> None:
@@ -177,10 +179,15 @@ class OtlpReceiver:
     @property
     def spans(self) -> list[dict[str, Any]]:
         with self._lock:
+            requests, self._requests = self._requests, []
+        flat = [span for request in requests for span in spans_of(request)]
+        with self._lock:
+            self._spans.extend(flat)
             return list(self._spans)
 
     def clear(self) -> None:
         with self._lock:
+            self._requests.clear()
             self._spans.clear()
 
     def trace(self, trace_id: str) -> list[dict[str, Any]]:
