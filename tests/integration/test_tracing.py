@@ -294,3 +294,23 @@ def test_an_error_from_the_engine_is_recorded_on_every_hop(traced: Traced) -> No
     assert http["attributes"]["http.response.status_code"] == 424
     attempt = one(spans, "router", "CLIENT")
     assert attempt["status"]["code"] == "ERROR"
+
+
+def test_a_stream_the_client_leaves_ends_as_cancelled(traced: Traced) -> None:
+    traced.double.control(reply=REPLY, token_delay=0.2)
+    header, trace_id, _ = traceparent()
+    try:
+        call = stub(traced.router.address).GenerateStream(
+            pb.GenerateStreamRequest(model_id="qwen2", inputs="x"),
+            metadata=[("traceparent", header)], timeout=30)
+        assert next(call).text
+        call.cancel()
+        traced.receiver.wait_for(complete(trace_id, {"router", "adapter-qwen2"}))
+    finally:
+        traced.double.reset()
+    spans = traced.receiver.trace(trace_id)
+    for service in ("router", "adapter-qwen2"):
+        span = one(spans, service, "SERVER")
+        assert span["attributes"]["error.type"] == "CANCELLED", service
+        assert span["status"]["code"] == "ERROR"
+        assert [e["name"] for e in span["events"]] == ["first_token"]
