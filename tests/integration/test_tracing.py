@@ -25,6 +25,7 @@ import pytest
 from llmmesh.v1 import generate_pb2 as pb
 
 from scripts.otlp_receiver import OtlpReceiver
+from tests.integration.conftest import running_mesh
 from tests.integration.meshparts import (
     ROOT,
     AdapterPart,
@@ -314,3 +315,31 @@ def test_a_stream_the_client_leaves_ends_as_cancelled(traced: Traced) -> None:
         assert span["attributes"]["error.type"] == "CANCELLED", service
         assert span["status"]["code"] == "ERROR"
         assert [e["name"] for e in span["events"]] == ["first_token"]
+
+
+def test_make_up_passes_the_otel_variables_to_every_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The launcher (make up) with OTEL_* in its environment: its children
+    inherit them, and Envoy's tracer is rendered from them."""
+    receiver = OtlpReceiver()
+    receiver.start()
+    try:
+        for key, value in otel_env(receiver, "grpc").items():
+            monkeypatch.setenv(key, value)
+        header, trace_id, client_span = traceparent()
+        with running_mesh(tmp_path) as mesh:
+            body = {"model_id": "llama3", "inputs": "hello there"}
+            status, _, raw = http_json("POST", f"{mesh.http}/v1/generate",
+                                       json.dumps(body).encode(),
+                                       headers={"traceparent": header})
+            assert status == 200, raw
+            receiver.wait_for(complete(trace_id, {"envoy", "router", "adapter-llama3",
+                                                  "tgi-double"}))
+        spans = receiver.trace(trace_id)
+        hops = chain(spans, one(spans, "tgi-double", "SERVER"))
+        assert [s["service"] for s in hops] == [
+            "tgi-double", "adapter-llama3", "adapter-llama3", "router", "router", "envoy"]
+        assert hops[-1]["parent_span_id"] == client_span
+    finally:
+        receiver.stop()
