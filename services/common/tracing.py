@@ -132,10 +132,16 @@ def setup(service: str, env: Mapping[str, str] | None = None) -> TracingSettings
         exporter = HttpSpanExporter()
     provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
+    install(provider)
+    return settings
+
+
+def install(provider: Any) -> None:
+    """Trace with `provider` (an SDK TracerProvider): what `setup` does once
+    it has built one; tests pass their own, with an in-memory exporter."""
     _state.provider = provider
     _state.tracer = provider.get_tracer("llmmesh")
     logs.context_fields = log_fields
-    return settings
 
 
 def shutdown() -> None:
@@ -208,6 +214,7 @@ __all__ = [
     "enabled",
     "http_client_tracing",
     "http_server_middlewares",
+    "install",
     "log_fields",
     "server_interceptors",
     "setup",
