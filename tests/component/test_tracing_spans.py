@@ -4,6 +4,7 @@ of a failover, and an error in the middle of a stream."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import Any
 
@@ -48,7 +49,12 @@ async def test_a_failover_is_two_attempts_under_one_request(
     router = await start_router({"qwen2": [a.address, b.address]})
     for _ in range(2):  # the first pick alternates: one of the two lands on a
         await router.stub.Generate(ask(), timeout=5)
-    finished = spans.get_finished_spans()
+    # Attempt spans end from the calls' done callbacks: wait for all three.
+    for _ in range(200):
+        finished = spans.get_finished_spans()
+        if sum("llmmesh.attempt" in attrs(s) for s in finished) >= 3:
+            break
+        await asyncio.sleep(0.01)
     servers = [s for s in finished if s.kind == SpanKind.SERVER and "llmmesh.retries" in attrs(s)]
     routed = [s for s in servers if attrs(s)["llmmesh.retries"] == 1]
     assert len(routed) == 1, [attrs(s) for s in servers]

@@ -32,6 +32,7 @@ from tests.integration.meshparts import (
     DoublePart,
     EnvoyPart,
     RouterPart,
+    eventually,
     http_json,
     sse_events,
     start_all,
@@ -67,7 +68,7 @@ def traced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traced]:
     tmp = tmp_path_factory.mktemp("tracing")
     receiver = OtlpReceiver()
     receiver.start()
-    double = DoublePart("qwen2", tmp)
+    double = DoublePart("qwen2", tmp, "--log-level", "INFO")
     double.env = otel_env(receiver, "grpc")
     adapter = AdapterPart("adapter-qwen2", tmp, "qwen2", double)
     adapter.env = otel_env(receiver, "http/protobuf")
@@ -109,9 +110,16 @@ def one(spans: list[dict[str, Any]], service: str, kind: str) -> dict[str, Any]:
     return found[0]
 
 
-def complete(trace_id: str, services: set[str]) -> Any:
+def complete(trace_id: str, services: set[str], clients: set[str] | None = None) -> Any:
+    """Whether the trace holds a SERVER span of each of `services`, and a CLIENT
+    span of each of `clients` (by default: those of them that call on)."""
+    if clients is None:
+        clients = services & {"router", "adapter-qwen2", "adapter-llama3"}
+
     def check(spans: list[dict[str, Any]]) -> bool:
-        return services <= {s["service"] for s in spans if s["trace_id"] == trace_id}
+        mine = [s for s in spans if s["trace_id"] == trace_id]
+        return services <= {s["service"] for s in mine if s["kind"] == "SERVER"} and (
+            clients <= {s["service"] for s in mine if s["kind"] == "CLIENT"})
 
     return check
 
@@ -184,7 +192,15 @@ def test_an_http_request_is_one_trace_from_envoy_to_the_engine(traced: Traced) -
     assert http["attributes"]["http.response.status_code"] == 200
     assert http["attributes"]["url.full"] == f"{traced.double.url}/"
 
-    # Every log line of the request carries its trace.
+    # Every log line of the request carries its trace: Envoy's access log,
+    # the router's and the adapter's lines, the engine's access log.
+    def envoy_lines() -> list[str]:  # Envoy writes its access log within a second
+        return [x["path"] for x in log_lines(traced.envoy.log) if x.get("trace_id") == trace_id]
+
+    eventually(envoy_lines, timeout=10)
+    assert envoy_lines() == ["/v1/generate"]
+    engine_lines = [x for x in log_lines(traced.double.log) if x.get("trace_id") == trace_id]
+    assert engine_lines, "the engine's log lines of the request carry its trace"
     for part, service in ((traced.router, "router"), (traced.adapter, "adapter-qwen2")):
         lines = [x for x in log_lines(part.log) if x.get("trace_id") == trace_id]
         assert any(x["msg"] == "rpc" and x["method"] == "Generate" for x in lines), service
@@ -229,7 +245,7 @@ def test_an_invalid_request_span_carries_the_error_reason(traced: Traced) -> Non
     status, _, raw = http_json("POST", f"{traced.envoy.http}/v1/generate",
                                json.dumps(body).encode(), headers={"traceparent": header})
     assert status == 400, raw
-    traced.receiver.wait_for(complete(trace_id, {"envoy", "router"}))
+    traced.receiver.wait_for(complete(trace_id, {"envoy", "router"}, clients=set()))
     spans = traced.receiver.trace(trace_id)
     router = one(spans, "router", "SERVER")
     assert router["status"]["code"] == "ERROR"
