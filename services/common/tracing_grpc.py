@@ -31,6 +31,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from services.common.errors import MeshError, Reason
+from services.common.service import DEADLINE_SLACK_SECONDS
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GenerateService"].full_name
 _PREFIX = f"/{SERVICE}/"
@@ -238,7 +239,7 @@ def _fail(span: Any, exc: BaseException, context: grpc.aio.ServicerContext) -> N
         _set_error(span, exc.code, exc.reason.value, exc.message)
     elif isinstance(exc, asyncio.CancelledError | GeneratorExit):
         remaining = context.time_remaining()
-        if remaining is not None and remaining < 0.05:
+        if remaining is not None and remaining < DEADLINE_SLACK_SECONDS:
             _set_error(span, "DEADLINE_EXCEEDED", Reason.TIMEOUT.value, "the deadline passed")
         else:
             _set_error(span, "CANCELLED", Reason.CANCELLED.value, "the client went away")
