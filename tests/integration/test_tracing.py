@@ -15,6 +15,7 @@ import re
 import secrets
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from tests.integration.meshparts import (
     AdapterPart,
     DoublePart,
     EnvoyPart,
+    Part,
     RouterPart,
     eventually,
     http_json,
@@ -39,6 +41,7 @@ from tests.integration.meshparts import (
     stop_all,
     stub,
 )
+from tests.procs import free_port, python_module, wait_http
 
 pytestmark = pytest.mark.integration
 
@@ -359,3 +362,37 @@ def test_make_up_passes_the_otel_variables_to_every_process(
         assert hops[-1]["parent_span_id"] == client_span
     finally:
         receiver.stop()
+
+
+def test_an_openai_compatible_engine_gets_the_traceparent(
+    tmp_path: Path, traced: Traced
+) -> None:
+    """The adapter over vLLM's OpenAI server (its double) sends the trace on."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    vllm = Part("vllm", python_module("tests.fakes.vllm_double", "--port", str(port)),
+                tmp_path / "vllm.log", lambda part: wait_http(f"{url}/health", 0.5))
+    adapter = AdapterPart("adapter-vllm", tmp_path, "qwen2", traced.double,
+                          "--engine", "vllm", "--engine-url", f"{url}/v1")
+    adapter.env = otel_env(traced.receiver, "grpc")
+    try:
+        start_all([vllm, adapter])
+        header, trace_id, client_span = traceparent()
+        replies = list(stub(adapter.address).GenerateStream(
+            pb.GenerateStreamRequest(model_id="qwen2", inputs="one two three"),
+            metadata=[("traceparent", header)], timeout=30))
+        assert replies[-1].tokens > 0
+        with urllib.request.urlopen(f"{url}/_stats", timeout=5) as resp:
+            sent = json.loads(resp.read())["last_traceparent"]
+        assert sent.split("-")[1] == trace_id
+        traced.receiver.wait_for(complete(trace_id, {"adapter-qwen2"}))
+        spans = traced.receiver.trace(trace_id)
+        server = one(spans, "adapter-qwen2", "SERVER")
+        http = one(spans, "adapter-qwen2", "CLIENT")
+        assert server["parent_span_id"] == client_span
+        assert http["parent_span_id"] == server["span_id"]
+        assert sent.split("-")[2] == http["span_id"]
+        assert http["attributes"]["url.full"].endswith("/v1/completions")
+        assert server["attributes"]["gen_ai.usage.output_tokens"] == replies[-1].tokens
+    finally:
+        stop_all([vllm, adapter])
