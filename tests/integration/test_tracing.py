@@ -396,3 +396,36 @@ def test_an_openai_compatible_engine_gets_the_traceparent(
         assert server["attributes"]["gen_ai.usage.output_tokens"] == replies[-1].tokens
     finally:
         stop_all([vllm, adapter])
+
+
+def test_the_openai_face_joins_the_trace(tmp_path: Path, traced: Traced) -> None:
+    """POST /v1/chat/completions on the router's OpenAI listener: a server span
+    under the client's traceparent, and the same hops below it."""
+    openai_port = free_port()
+    router = RouterPart(tmp_path, {"qwen2": [traced.adapter.address]},
+                        "--openai-port", str(openai_port))
+    router.env.update(otel_env(traced.receiver, "grpc"))
+    try:
+        start_all([router])
+        header, trace_id, client_span = traceparent()
+        body = {"model": "qwen2", "messages": [{"role": "user", "content": "one two"}],
+                "max_tokens": 8}
+        status, _, raw = http_json(
+            "POST", f"http://127.0.0.1:{openai_port}/v1/chat/completions",
+            json.dumps(body).encode(),
+            headers={"traceparent": header, "Content-Type": "application/json"})
+        assert status == 200, raw
+        traced.receiver.wait_for(complete(trace_id, {"router", "adapter-qwen2", "tgi-double"}))
+        spans = traced.receiver.trace(trace_id)
+        hops = chain(spans, one(spans, "tgi-double", "SERVER"))
+        assert [(s["service"], s["kind"]) for s in hops][-2:] == [
+            ("router", "CLIENT"), ("router", "SERVER")]
+        face = hops[-1]
+        assert face["name"] == "POST /v1/chat/completions"
+        assert face["parent_span_id"] == client_span
+        assert face["attributes"]["http.response.status_code"] == 200
+        usage = json.loads(raw)["usage"]
+        adapter = one(spans, "adapter-qwen2", "SERVER")
+        assert adapter["attributes"]["gen_ai.usage.output_tokens"] == usage["completion_tokens"]
+    finally:
+        stop_all([router])
