@@ -35,7 +35,7 @@ gen: $(STAMP)
 	$(PY) envoy/render.py
 	$(PY) observability/render.py
 	# kustomize reads only files below its folder: the Envoy ConfigMap takes copies.
-	cp envoy/envoy.compose.yaml deploy/k8s/base/envoy/envoy.yaml
+	cp envoy/envoy.k8s.yaml deploy/k8s/base/envoy/envoy.yaml
 	cp gen/llmmesh.binpb deploy/k8s/base/envoy/llmmesh.binpb
 
 # Generated code must match protos/; the contract must lint and must not

@@ -1,8 +1,10 @@
 """Render Envoy's configs from envoy.template.yaml.
 
-`python envoy/render.py` writes envoy.local.yaml and envoy.compose.yaml;
+`python envoy/render.py` writes envoy.local.yaml, envoy.compose.yaml and
+envoy.k8s.yaml (compose's, without the tracer: deploy/k8s takes a copy);
 `--check` fails when they differ from what the template gives. Tests and the
-launcher call `render()` with their own ports.
+launcher call `render()` with their own ports, and with the OTEL_* variables
+of their environment (`otel=`) to turn on Envoy's OpenTelemetry tracer.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import hashlib
 import json
 import string
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 HERE = Path(__file__).resolve().parent
 TEMPLATE = HERE / "envoy.template.yaml"
@@ -42,6 +46,16 @@ PROFILES: dict[str, dict[str, str]] = {
         "ROUTER_HOST": "router",
         "ROUTER_PORT": "50051",
         "OPENAI_PORT": "50052",
+        "ROUTER_DISCOVERY": "STRICT_DNS",
+        "DESCRIPTOR": "/etc/envoy/llmmesh.binpb",
+    },
+    "k8s": {
+        "ADMIN_ADDRESS": "0.0.0.0",
+        "ADMIN_PORT": "9901",
+        "LISTEN_ADDRESS": "0.0.0.0",
+        "LISTEN_PORT": "8000",
+        "ROUTER_HOST": "router",
+        "ROUTER_PORT": "50051",
         "ROUTER_DISCOVERY": "STRICT_DNS",
         "DESCRIPTOR": "/etc/envoy/llmmesh.binpb",
     },
@@ -254,15 +268,150 @@ def _openai_mappers(indent: int = 20) -> str:
     return "\n".join(out)
 
 
-def render(**values: str | int) -> str:
-    """The template with `values` over the local profile's."""
+def render(otel: Mapping[str, str] | None = None, **values: str | int) -> str:
+    """The template with `values` over the local profile's; Envoy's tracer
+    exports to the OTLP endpoint of `otel` (OTEL_* variables) when it has one."""
     merged = {**PROFILES["local"], **{k: str(v) for k, v in values.items()}}
     merged["LOCAL_REPLY_MAPPERS"] = _openai_mappers() + "\n" + _mappers()
     merged["PLAYGROUND_ROUTES"] = _playground_routes()
     merged["PLAYGROUND_REPLY_MAPPER"] = _playground_mapper()
     merged["PLAYGROUND_MAX_BYTES"] = str(PLAYGROUND_MAX_BYTES)
     merged["LOCAL_REPLY_DEFAULT"] = _default_body()
+    merged.update(tracing_blocks(otel or {}))
     return string.Template(TEMPLATE.read_text(encoding="utf-8")).substitute(merged)
+
+
+# -- tracing ---------------------------------------------------------------------------
+#
+# Envoy's OpenTelemetry tracer, set from the same OTEL_* variables the Python
+# services read: OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT, _PROTOCOL (grpc or
+# http/protobuf), _HEADERS, _TIMEOUT; OTEL_BSP_SCHEDULE_DELAY and
+# OTEL_BSP_MAX_EXPORT_BATCH_SIZE become its flush interval and batch (runtime
+# keys tracing.opentelemetry.*); OTEL_TRACES_SAMPLER(_ARG) its sampling. It
+# continues a client's `traceparent` and sends its own span's to the router.
+
+# docker compose: every process exports to the collector (docker-compose.yml).
+# Kubernetes (deploy/k8s, a copy of envoy.k8s.yaml) runs no collector: no tracer.
+OTEL_PROFILES: dict[str, dict[str, str]] = {
+    "compose": {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel-collector:4317",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+    },
+}
+OTLP_CLUSTER = "otlp_collector"
+
+
+def _otlp_headers(text: str) -> list[tuple[str, str]]:
+    pairs = []
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if sep and key.strip():
+            pairs.append((unquote(key.strip()).lower(), unquote(value.strip())))
+    return pairs
+
+
+def _block(data: Any, indent: int) -> str:
+    import yaml
+
+    text = yaml.safe_dump(data, sort_keys=False, default_flow_style=False, width=200)
+    return "\n".join(" " * indent + line for line in text.rstrip("\n").splitlines())
+
+
+def tracing_blocks(env: Mapping[str, str]) -> dict[str, str]:
+    """The TRACING, TRACING_CLUSTER and TRACING_RUNTIME placeholders for `env`:
+    empty (no tracer) unless an OTLP endpoint is set."""
+    blocks = {"TRACING": "", "TRACING_CLUSTER": "", "TRACING_RUNTIME": ""}
+    signal = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    endpoint = signal or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    if not endpoint or env.get("OTEL_SDK_DISABLED", "").lower() == "true" or (
+        env.get("OTEL_TRACES_EXPORTER", "otlp").lower() == "none"
+    ):
+        return blocks
+    protocol = (env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+                or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf")
+    if protocol not in ("grpc", "http/protobuf"):
+        raise ValueError(f"OTEL_EXPORTER_OTLP_PROTOCOL {protocol!r}: grpc or http/protobuf")
+    url = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
+    if url.hostname is None:
+        raise ValueError(f"no host in the OTLP endpoint {endpoint!r}")
+    tls = url.scheme == "https"
+    port = url.port or (443 if tls else 4317 if protocol == "grpc" else 4318)
+    headers = _otlp_headers(
+        env.get("OTEL_EXPORTER_OTLP_TRACES_HEADERS") or env.get("OTEL_EXPORTER_OTLP_HEADERS") or ""
+    )
+    timeout_ms = int(env.get("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT")
+                     or env.get("OTEL_EXPORTER_OTLP_TIMEOUT") or 10_000)
+    timeout = f"{timeout_ms / 1000:g}s"
+    config: dict[str, Any] = {
+        "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
+    }
+    if protocol == "grpc":
+        service: dict[str, Any] = {"envoy_grpc": {"cluster_name": OTLP_CLUSTER},
+                                   "timeout": timeout}
+        if headers:
+            service["initial_metadata"] = [{"key": k, "value": v} for k, v in headers]
+        config["grpc_service"] = service
+    else:
+        # A signal-specific endpoint is the whole URL; the generic one a base.
+        path = url.path if signal else url.path.rstrip("/") + "/v1/traces"
+        http: dict[str, Any] = {
+            "http_uri": {"uri": f"{url.scheme}://{url.hostname}:{port}{path or '/'}",
+                         "cluster": OTLP_CLUSTER, "timeout": timeout},
+        }
+        if headers:
+            http["request_headers_to_add"] = [
+                {"header": {"key": k, "value": v}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+                for k, v in headers
+            ]
+        config["http_service"] = http
+    config["service_name"] = "envoy"
+    sampler = env.get("OTEL_TRACES_SAMPLER", "parentbased_always_on")
+    percent = 100.0
+    if sampler in ("always_off", "parentbased_always_off"):
+        percent = 0.0
+    elif sampler in ("traceidratio", "parentbased_traceidratio"):
+        percent = 100.0 * float(env.get("OTEL_TRACES_SAMPLER_ARG") or 1.0)
+    tracing = {"tracing": {
+        "provider": {"name": "envoy.tracers.opentelemetry", "typed_config": config},
+        "random_sampling": {"value": percent},
+    }}
+    cluster: dict[str, Any] = {
+        "name": OTLP_CLUSTER,
+        "type": "STRICT_DNS",
+        "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": OTLP_CLUSTER, "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {
+                "address": url.hostname, "port_value": port}}}},
+        ]}]},
+    }
+    if protocol == "grpc":
+        cluster["typed_extension_protocol_options"] = {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3"
+                         ".HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            },
+        }
+    if tls:
+        cluster["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3"
+                         ".UpstreamTlsContext",
+                "sni": url.hostname,
+            },
+        }
+    runtime = {"tracing.opentelemetry.flush_interval_ms":
+               int(env.get("OTEL_BSP_SCHEDULE_DELAY") or 5000)}
+    if env.get("OTEL_BSP_MAX_EXPORT_BATCH_SIZE"):
+        runtime["tracing.opentelemetry.min_flush_spans"] = int(
+            env["OTEL_BSP_MAX_EXPORT_BATCH_SIZE"])
+    blocks["TRACING"] = _block(tracing, 16)
+    blocks["TRACING_CLUSTER"] = _block([cluster], 4)
+    blocks["TRACING_RUNTIME"] = _block({"layered_runtime": {"layers": [
+        {"name": "tracing", "static_layer": runtime},
+    ]}}, 0)
+    return blocks
 
 
 def with_tls(text: str, cert: str, key: str, ca: str) -> str:
@@ -328,7 +477,7 @@ def main() -> int:
     stale = []
     for name, values in PROFILES.items():
         path = HERE / f"envoy.{name}.yaml"
-        text = render(**values)
+        text = render(otel=OTEL_PROFILES.get(name), **values)
         if args.check:
             if not path.is_file() or path.read_text(encoding="utf-8") != text:
                 stale.append(path.name)

@@ -25,7 +25,7 @@ from services.adapter.core import AdapterCore
 from services.adapter.load import LoadSampler
 from services.adapter.openai_engine import DIALECTS, OpenAIEngineBackend, root_of
 from services.adapter.tgi import TGIBackend
-from services.common import envflags, logs
+from services.common import envflags, logs, tracing
 from services.common.metrics import Metrics
 from services.common.registry import CHAT_APIS, ENGINE_KINDS, EngineSpec, ModelSpec, load_registry
 from services.common.service import (
@@ -213,6 +213,7 @@ async def run(settings: AdapterSettings) -> None:
 
 def main() -> None:
     settings = parse_args()
+    tracing.setup(f"adapter-{settings.model.id}")
     uvloop.run(run(settings))
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import aiohttp
 
 from services.adapter.backend import BackendInfo, BackendResult, BackendToken, Prompt
+from services.common import tracing
 from services.common.errors import FieldViolation, MeshError, Reason, invalid
 from services.common.types import FinishReason, Parameters
 
@@ -186,7 +187,9 @@ class OpenAIEngineBackend:
         if self._session is None:
             connector = aiohttp.TCPConnector(limit=self._max_connections, keepalive_timeout=60)
             self._session = aiohttp.ClientSession(
-                connector=connector, json_serialize=json.dumps, headers=self._headers
+                connector=connector, json_serialize=json.dumps, headers=self._headers,
+                # Sends `traceparent` to the engine while tracing is on.
+                trace_configs=tracing.http_client_tracing(),
             )
         return self._session
 

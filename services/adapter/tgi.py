@@ -22,6 +22,7 @@ from text_generation.types import Parameters as TGIParameters
 from text_generation.types import Request as TGIRequest
 
 from services.adapter.backend import BackendInfo, BackendResult, BackendToken, Prompt
+from services.common import tracing
 from services.common.errors import FieldViolation, MeshError, Reason, invalid
 from services.common.types import FinishReason, Grammar, Parameters
 
@@ -89,6 +90,8 @@ class TGIBackend:
                 connector=connector,
                 json_serialize=json.dumps,
                 auto_decompress=False,
+                # Sends `traceparent` to the engine while tracing is on.
+                trace_configs=tracing.http_client_tracing(),
             )
         return self._session
 

@@ -6,9 +6,15 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 
 # Attributes every LogRecord has; anything else came in through `extra=`.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+
+
+# Fields of the request being served (trace_id, span_id), added to every line;
+# set by services.common.tracing while tracing is on.
+context_fields: Callable[[], dict[str, str]] | None = None
 
 
 class JsonFormatter(logging.Formatter):
@@ -30,6 +36,8 @@ class JsonFormatter(logging.Formatter):
                 entry.update(value)  # extra={"fields": {...}}, for keys chosen at run time
             elif key not in _STANDARD and not key.startswith("_"):
                 entry[key] = value
+        if context_fields is not None:
+            entry.update(context_fields())
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str, ensure_ascii=False)

@@ -23,7 +23,7 @@ from llmmesh.v1 import generate_pb2 as pb
 from llmmesh.v1 import generate_pb2_grpc as pb_grpc
 from prometheus_client import start_http_server
 
-from services.common import convert, tls
+from services.common import convert, tls, tracing
 from services.common.auth import ApiKeys
 from services.common.calls import CallRecord
 from services.common.errors import MeshError, Reason
@@ -285,6 +285,7 @@ def add_server_arguments(parser: argparse.ArgumentParser, default_port: int) -> 
                    help="seconds open streams get to finish on SIGTERM")
     p.add_argument("--log-level", default="info", help="debug, info, warning or error")
     tls.add_arguments(p)
+    p.epilog = tracing.HELP
 
 
 def server_settings(args: argparse.Namespace) -> ServerSettings:
@@ -347,7 +348,12 @@ async def start_server(
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ]
     server = grpc.aio.server(
-        interceptors=[MeshInterceptor(core, metrics, api_keys)], options=options
+        interceptors=[
+            MeshInterceptor(core, metrics, api_keys),
+            # Inside the error interceptor: sees the core's own errors.
+            *tracing.server_interceptors(core.labels),
+        ],
+        options=options,
     )
     pb_grpc.add_GenerateServiceServicer_to_server(GenerateServicer(core), server)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from services.common import envflags, logs
+from services.common import envflags, logs, tracing
 from services.cpu_backend.engine import LlamaCppEngine
 from services.cpu_backend.server import CORE, create_app
 from services.cpu_backend.settings import (
@@ -43,6 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m services.cpu_backend",
         description=__doc__,
+        epilog=tracing.HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--host", default="127.0.0.1")
@@ -115,6 +116,7 @@ async def serve(
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logs.setup("cpu-backend", args.log_level)
+    tracing.setup("cpu-backend")
     model_path = args.model_path or default_model_path()
     if model_path is None or not model_path.is_file():
         where = model_path or f"pip package {DEFAULT_MODEL_PACKAGE} (not installed)"

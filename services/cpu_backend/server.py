@@ -33,6 +33,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from services.common import tracing
 from services.cpu_backend.engine import Engine, EngineError, Token
 from services.cpu_backend.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from services.cpu_backend.metrics import Metrics
@@ -594,7 +595,10 @@ def create_app(engine: Engine, settings: ServerSettings) -> web.Application:
         )
     core = TgiCore(engine, settings)
     routes = _Routes(core)
-    app = web.Application(client_max_size=settings.payload_limit, middlewares=[access_log])
+    app = web.Application(
+        client_max_size=settings.payload_limit,
+        middlewares=[*tracing.http_server_middlewares(), access_log],
+    )
     app[CORE] = core
     app.router.add_post("/", routes.compat)
     app.router.add_post("/generate", routes.generate)

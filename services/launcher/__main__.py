@@ -33,6 +33,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m services.launcher", description=__doc__,
+                                epilog="tracing: the OTEL_* variables of this environment "
+                                       "reach every process, Envoy's tracer included "
+                                       "(docs/tracing.md)",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--backends", default="",

@@ -5,6 +5,7 @@ banner `make up` prints once everything is ready."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -40,6 +41,8 @@ def envoy_config(plan: Plan) -> str:
         LISTEN_ADDRESS=plan.host, LISTEN_PORT=plan.ports.envoy,
         ROUTER_HOST=plan.host, ROUTER_PORT=plan.ports.router, OPENAI_PORT=plan.ports.openai,
         ROUTER_DISCOVERY="STATIC", DESCRIPTOR=DESCRIPTOR,
+        # The OTEL_* variables that the other processes inherit turn on Envoy's tracer too.
+        otel=os.environ,
     ))
     if plan.tls is None:
         return text

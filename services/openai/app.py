@@ -20,6 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
+from services.common import tracing
 from services.common.auth import ApiKeys
 from services.common.calls import CallRecord
 from services.common.errors import FieldViolation, MeshError, Reason, invalid
@@ -86,7 +87,11 @@ class OpenAIFace:
     def app(self) -> web.Application:
         # Bodies a little over the limit still reach the handler, which refuses
         # them in OpenAI's shape; Envoy's own limit answers first anyway.
-        app = web.Application(client_max_size=self._settings.max_body_bytes + 1)
+        app = web.Application(
+            client_max_size=self._settings.max_body_bytes + 1,
+            # A span per generation, joined to the caller's traceparent, while tracing is on.
+            middlewares=tracing.http_server_middlewares(),
+        )
         app.router.add_get("/health", self.health)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import uvloop
 
-from services.common import envflags, logs
+from services.common import envflags, logs, tracing
 from services.common.auth import ApiKeys
 from services.common.metrics import Metrics
 from services.common.registry import Registry, load_registry
@@ -153,6 +153,7 @@ class _WithOpenAI(RunningServer):
 
 def main() -> None:
     settings = parse_args()
+    tracing.setup("router")
     uvloop.run(run(settings))
 
 

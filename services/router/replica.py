@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmmesh.v1 import generate_pb2 as pb
 from llmmesh.v1 import generate_pb2_grpc as pb_grpc
 
-from services.common import convert
+from services.common import convert, tracing
 from services.common.errors import MeshError
 from services.common.rpc import from_rpc_error
 from services.common.types import (
@@ -63,10 +63,13 @@ class Replica:
     def connect(
         cls, address: str, credentials: grpc.ChannelCredentials | None = None
     ) -> Replica:
+        traced = tracing.client_interceptors(address)  # none while tracing is off
         if credentials is None:
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            channel = grpc.aio.insecure_channel(
+                address, options=CHANNEL_OPTIONS, interceptors=traced)
         else:
-            channel = grpc.aio.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
+            channel = grpc.aio.secure_channel(
+                address, credentials, options=CHANNEL_OPTIONS, interceptors=traced)
         return cls(
             address, channel, pb_grpc.GenerateServiceStub(channel),
             health_pb2_grpc.HealthStub(channel),

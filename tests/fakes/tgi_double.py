@@ -42,7 +42,8 @@ Control endpoints (double only, never on the real backend):
                      "generations_started", "generations_active",
                      "generations_completed", "generations_closed_early" (stop seq.),
                      "generations_cancelled" (client went away), "generations_faulted",
-                     "last_request": {"path", "body"}, "in_flight" (permits held),
+                     "last_request": {"path", "body", "traceparent"},
+                     "in_flight" (permits held),
                      "dropped", "failures": {err: n}, "request_count", "success_count"}
     POST /_reset    fault state and counters back to their initial values
 """
@@ -64,7 +65,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from services.common import logs
+from services.common import logs, tracing
 from services.cpu_backend.engine import EngineError, SamplingParams, Token
 from services.cpu_backend.server import CORE, create_app
 from services.cpu_backend.settings import ServerSettings
@@ -341,7 +342,12 @@ def create_double_app(
                 body = json.loads(raw)
             except ValueError:
                 body = raw.decode("utf-8", errors="replace")
-            engine.stats.last_request = {"path": request.path, "body": body}
+            engine.stats.last_request = {
+                "path": request.path,
+                "body": body,
+                # W3C trace context as the caller sent it (TGI joins that trace).
+                "traceparent": request.headers.get("traceparent"),
+            }
             if request.path == "/" and isinstance(body, dict) and body.get("stream") is True:
                 is_stream = True
         token = _CURRENT.set((request, is_stream))
@@ -440,6 +446,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
     logs.setup("tgi-double", args.log_level)
+    tracing.setup("tgi-double")
     engine = ScriptedEngine(model_id=args.model_id, context_length=args.max_total_tokens)
     settings = ServerSettings(
         model_id=args.model_id,

@@ -41,7 +41,7 @@ Control (double only):
         `status`: every generation is refused with this HTTP status in
         vLLM's error shape (429, 500, 503 ... as a proxy or an overloaded
         server would send). `{}` resets.
-    GET /_stats {"requests", "cancelled", "last_body"}
+    GET /_stats {"requests", "cancelled", "last_body", "last_traceparent"}
 """
 
 from __future__ import annotations
@@ -76,6 +76,8 @@ class State:
     requests: int = 0
     cancelled: int = 0
     last_body: Any = None
+    # The W3C `traceparent` of the last generation request (vLLM joins that trace).
+    last_traceparent: str | None = None
     slots: asyncio.Semaphore = field(init=False)
     base_delay: float = 0.0
 
@@ -137,6 +139,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
         return error(400, "Expecting value: line 1 column 1 (char 0)", "BadRequestError")
     s.requests += 1
     s.last_body = body
+    s.last_traceparent = request.headers.get("traceparent")
     if s.mode == "dead":
         return error(503, "The engine is dead.", "EngineDeadError")
     if s.status is not None:
@@ -270,7 +273,8 @@ async def stats(request: web.Request) -> web.Response:
     s = request.app[STATE]
     return web.json_response({"requests": s.requests, "cancelled": s.cancelled,
                               "running": s.running, "waiting": s.waiting,
-                              "last_body": s.last_body})
+                              "last_body": s.last_body,
+                              "last_traceparent": s.last_traceparent})
 
 
 def create_app(state: State) -> web.Application:

@@ -71,6 +71,8 @@ MESH_NAMES = (
     "envoy",
     "prometheus",
     "grafana",
+    "otel-collector",
+    "tempo",
 )
 
 
@@ -229,6 +231,8 @@ def listening_ports(svc: Mapping[str, Any]) -> set[int]:
         return {9090}
     if image.startswith("grafana/grafana:"):
         return {3000}
+    if image.startswith(("otel/opentelemetry-collector", "grafana/tempo:")):
+        return otel_ports(svc)
     env = env_of(svc)
     if "LLMMESH_MODEL" in env:
         server = adapter_settings(env).server
@@ -239,6 +243,24 @@ def listening_ports(svc: Mapping[str, Any]) -> set[int]:
             return {server.port, router.openai.port,
                     *([server.metrics_port] if server.metrics_port else [])}
     return {server.port, *([server.metrics_port] if server.metrics_port else [])}
+
+
+def otel_ports(svc: Mapping[str, Any]) -> set[int]:
+    """Ports of the collector's or Tempo's OTLP receivers and HTTP server, from
+    the config file the service mounts and runs with."""
+    command = svc["command"]
+    flag = next(a for a in command if a.startswith(("--config=", "-config.file=")))
+    config = yaml.safe_load(bind_mounts(svc)[flag.split("=", 1)[1]].read_text(encoding="utf-8"))
+    receivers = config.get("receivers") or config["distributor"]["receivers"]
+    endpoints = [
+        protocol["endpoint"]
+        for protocol in receivers["otlp"]["protocols"].values()
+    ]
+    endpoints += [e["endpoint"] for e in (config.get("extensions") or {}).values()]
+    ports = {int(e.rsplit(":", 1)[1]) for e in endpoints}
+    if "server" in config:
+        ports.add(int(config["server"]["http_listen_port"]))
+    return ports
 
 
 def bind_mounts(svc: Mapping[str, Any]) -> dict[str, Path]:
@@ -685,8 +707,9 @@ def test_envoy_reaches_the_router_and_finds_its_descriptor() -> None:
         svc = enabled(profile)["envoy"]
         config = envoy_config_of(svc)
         clusters = config["static_resources"]["clusters"]
-        # gRPC (and transcoded HTTP/JSON), and the router's OpenAI-compatible listener.
-        assert {c["name"] for c in clusters} == {"router", "openai"}
+        # gRPC (and transcoded HTTP/JSON), the router's OpenAI-compatible
+        # listener, and the trace collector.
+        assert {c["name"] for c in clusters} == {"router", "openai", "otlp_collector"}
         for cluster in clusters:
             endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
             address = endpoint["endpoint"]["address"]["socket_address"]
@@ -1001,7 +1024,7 @@ def test_kubernetes_validate_does_reject_a_bad_manifest() -> None:
 
 def test_envoy_configmap_sources_are_current_copies() -> None:
     for copy, source in (
-        ("envoy.yaml", "envoy/envoy.compose.yaml"),
+        ("envoy.yaml", "envoy/envoy.k8s.yaml"),
         ("llmmesh.binpb", "gen/llmmesh.binpb"),
     ):
         assert (K8S / "base" / "envoy" / copy).read_bytes() == (ROOT / source).read_bytes(), (
@@ -1169,7 +1192,7 @@ def check_k8s_router(docs: tuple[dict[str, Any], ...], env: dict[str, str]) -> N
 def check_k8s_envoy(docs: tuple[dict[str, Any], ...]) -> None:
     (configmap,) = [c for c in by_kind(docs, "ConfigMap") if c.startswith("envoy-config")]
     data = by_kind(docs, "ConfigMap")[configmap]
-    assert data["data"]["envoy.yaml"] == (ROOT / "envoy" / "envoy.compose.yaml").read_text(
+    assert data["data"]["envoy.yaml"] == (ROOT / "envoy" / "envoy.k8s.yaml").read_text(
         encoding="utf-8"
     )
     assert (
