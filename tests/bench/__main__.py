@@ -6,7 +6,9 @@ Runs the mesh benchmark (its cost hop by hop against a lean zero-delay TGI
 double, load from wrk), SmolLM2 through the mesh versus llama.cpp
 in-process, and the CPU backend's own prompt and generation tokens/s, then
 writes every figure to .run/bench/results.json (keys `mesh`, `cpu_mesh`,
-`cpu_backend` when that bench returns figures, and `machine`: the machine
+`cpu_backend` when that bench returns figures, `replica_choice` (load-aware
+against least-in-flight, simulated), `tracing` (off against on), and
+`machine`: the machine
 and its load average when the run began) and the tables to
 .run/bench/results.md.
 """
@@ -20,7 +22,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tests.bench import cpu_backend_bench, cpu_mesh_bench, mesh_bench
+from tests.bench import (
+    cpu_backend_bench,
+    cpu_mesh_bench,
+    mesh_bench,
+    replica_bench,
+    tracing_bench,
+)
 
 OUT = Path(__file__).resolve().parents[2] / ".run" / "bench"
 
@@ -41,6 +49,14 @@ def main() -> None:
         backend = cpu_backend_bench.main()
         if isinstance(backend, dict):
             results["cpu_backend"] = backend
+        print()
+        # Replica choice: load-aware against least-in-flight, simulated.
+        sys.argv = [sys.argv[0]]
+        results["replica_choice"] = replica_bench.main()
+        print()
+        # Tracing off against on (exporting to a local OTLP receiver).
+        sys.argv = [sys.argv[0], *(["--quick", "--runs", "1"] if quick else [])]
+        results["tracing"] = tracing_bench.main()
     results["machine"] = results["mesh"].pop("machine")
     (OUT / "results.json").write_text(json.dumps(results, indent=2))
     (OUT / "results.md").write_text(text.getvalue())

@@ -48,6 +48,7 @@ from llmmesh.v1 import generate_pb2_grpc as pb_grpc
 
 from tests.integration.conftest import MODELS, Double, Mesh, start_mesh, stop_mesh
 from tests.procs import free_port, python_module, start, stop, wait_http
+from tools.loadtest.stats import nearest_rank
 
 TOKENS = 16  # new tokens per reply; the lean double answers exactly this many
 PROMPT = "one two three four five six seven eight"
@@ -106,13 +107,6 @@ BACKEND = HTTPPath(
 
 
 # -- measuring -------------------------------------------------------------------------
-
-
-def nearest_rank(samples: list[float], q: float) -> float:
-    """The q-th percentile by nearest rank: a measured value, never one rank high."""
-    ordered = sorted(samples)
-    rank = max(1, -(-len(ordered) * q // 100))  # ceil(n * q / 100)
-    return ordered[int(rank) - 1]
 
 
 def percentiles_ms(samples: list[float]) -> dict[str, float]:

@@ -30,6 +30,7 @@ from typing import Any
 
 from services.common.types import EngineLoad
 from services.router.choice import POLICIES, choose
+from tools.loadtest.stats import nearest_rank
 
 SPEEDS = (1.0, 1.0, 0.6)
 SLOTS = 4
@@ -121,11 +122,6 @@ def simulate(policy: str, seed: int, seconds: float, *, reports: bool = True) ->
     return latencies
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def run(seconds: float, seeds: int) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     cases = [(p, True) for p in POLICIES] + [("load", False)]
@@ -136,7 +132,7 @@ def run(seconds: float, seeds: int) -> dict[str, dict[str, float]]:
         name = policy if reports else "load, engines report nothing"
         out[name] = {
             "p50_s": round(statistics.median(latencies), 2),
-            "p95_s": round(percentile(latencies, 0.95), 2),
+            "p95_s": round(nearest_rank(latencies, 95), 2),
             "requests": len(latencies),
         }
     return out

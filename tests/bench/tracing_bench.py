@@ -36,6 +36,7 @@ from llmmesh.v1 import generate_pb2_grpc as pb_grpc
 from scripts.otlp_receiver import OtlpReceiver
 from tests.integration.conftest import Mesh, start_doubles, start_mesh, stop_mesh
 from tests.procs import ROOT, stop
+from tools.loadtest.stats import nearest_rank
 
 PROMPT = "one two three four five six seven eight"  # the double echoes it: 8 tokens
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -62,9 +63,7 @@ def processes(mesh: Mesh) -> dict[str, int]:
 
 
 def ms_percentiles(samples: list[float]) -> dict[str, float]:
-    ordered = sorted(samples)
-    return {f"p{q}": ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))] * 1000
-            for q in (50, 99)}
+    return {f"p{q}": nearest_rank(samples, q) * 1000 for q in (50, 99)}
 
 
 async def latency(call: Callable[[], Awaitable[bool]], n: int) -> dict[str, float]:
