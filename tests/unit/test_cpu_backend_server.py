@@ -118,7 +118,7 @@ async def test_info_has_tgi_v3_fields(client: TestClient) -> None:
         "model_sha": None,
         "model_pipeline_tag": "text-generation",
         "max_concurrent_requests": 2,
-        "max_best_of": 1,
+        "max_best_of": 2,
         "max_stop_sequences": 4,
         "max_input_tokens": 32,
         "max_total_tokens": 160,
@@ -434,16 +434,33 @@ VALIDATION_CASES = [
         "Given: 10 `inputs` tokens and 151 `max_new_tokens`",
     ),
     (
-        {"inputs": "a", "parameters": {"top_n_tokens": 2}},
-        "`top_n_tokens` must be >= 0 and <= 0. Given: 2",
+        {"inputs": "a", "parameters": {"top_n_tokens": 6}},
+        "`top_n_tokens` must be >= 0 and <= 5. Given: 6",
     ),
     (
         {"inputs": "a", "parameters": {"truncate": 0}},
         "`truncate` must be strictly positive and less than 32. Given: 0",
     ),
     (
-        {"inputs": "a", "parameters": {"grammar": {"type": "regex", "value": "a+"}}},
+        {"inputs": "a", "parameters": {"grammar": {"type": "regex", "value": "(a)\\1"}}},
+        "grammar is not valid: regex: backreferences are not supported",
+    ),
+    (
+        {"inputs": "a", "parameters": {"grammar": {"type": "json", "value": 3}}},
         "grammar is not supported",
+    ),
+    (
+        {"inputs": "a", "parameters": {"grammar": {"type": "json", "value": {"type": "object"}}}},
+        "grammar is not valid: Grammar must have a 'properties' field",
+    ),
+    (
+        {"inputs": "a", "parameters": {"grammar": {"type": "json", "value": "{not json"}}},
+        "grammar is not valid: Expecting property name enclosed in double quotes: "
+        "line 1 column 2 (char 1)",
+    ),
+    (
+        {"inputs": "a", "parameters": {"best_of": 2}},
+        "you must use sampling when `best_of` is > 1",
     ),
 ]
 
@@ -480,7 +497,7 @@ async def test_validation_errors_on_streams_are_in_band(
 @pytest.mark.parametrize(
     ("route", "parameters", "message"),
     [
-        ("/generate", {"best_of": 2}, "`best_of` != 1 is not allowed for this endpoint"),
+        ("/generate", {"best_of": 3}, "`best_of` must be > 0 and <= 2. Given: 3"),
         (
             "/generate_stream",
             {"best_of": 2},
