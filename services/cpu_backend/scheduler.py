@@ -213,9 +213,11 @@ class BatchScheduler:
 
     def _flush(self, sequences: Sequence[_Sequence]) -> None:
         """Hand every sequence's pending items to the event loop in one call."""
-        batch = [(s.deliver, s.outbox) for s in sequences if s.outbox]
+        batch = []
         for s in sequences:
-            s.outbox = []
+            if s.outbox:  # a sequence touched twice in a step has one outbox
+                batch.append((s.deliver, s.outbox))
+                s.outbox = []
         if not batch or self._loop is None:
             return
 
