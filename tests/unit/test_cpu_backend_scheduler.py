@@ -262,7 +262,10 @@ async def test_on_start_marks_joining_the_batch(model: RecordingModel) -> None:
     try:
 
         async def run(name: str) -> None:
-            async for _ in sched.generate_tokens([1], params(2), on_start=lambda: started.append(name)):
+            def on_start() -> None:
+                started.append(name)
+
+            async for _ in sched.generate_tokens([1], params(2), on_start=on_start):
                 pass
 
         a = asyncio.create_task(run("a"))
