@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from services.cpu_backend.engine import Engine, EngineError, Token
@@ -303,3 +303,35 @@ class TgiCore:
             # await; the engine then stops at its next token.
             producer.cancel()
             await asyncio.wait({producer}, timeout=1.0)
+
+    async def drive_best_of(
+        self,
+        valid: ValidRequest,
+        n: int,
+        clock: Clock,
+        client_gone: Callable[[], bool],
+    ) -> list[tuple[ValidRequest, Generation]]:
+        """TGI's generate_best_of: n sampled sequences side by side, best first.
+
+        Each sequence has its own random seed; the best is the one with the
+        highest mean token log-probability (router/src/infer/mod.rs).
+        """
+        valids = [valid]
+        for _ in range(n - 1):
+            seed = self.validator.random_seed()
+            valids.append(
+                replace(valid, sampling=replace(valid.sampling, seed=seed), reported_seed=seed)
+            )
+
+        async def ignore(_t: Token, _i: int, _f: Generation | None) -> None:
+            return None
+
+        tasks = [asyncio.ensure_future(self.drive(v, clock, ignore, client_gone)) for v in valids]
+        try:
+            gens = await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+        results = list(zip(valids, gens, strict=True))
+        best = max(range(n), key=lambda i: results[i][1].mean_logprob())
+        return [results[best], *(r for i, r in enumerate(results) if i != best)]

@@ -1,10 +1,11 @@
 """llama.cpp as a `scheduler.BatchModel`: several sequences per `llama_decode`.
 
 Uses llama-cpp-python's low-level bindings, not its `Llama` class (which
-decodes one sequence at a time): one context whose KV cache is shared by up
-to `n_seq_max` sequences (`kv_unified`: a sequence may use any free cell, so
-one long request does not need a fixed 1/n share), one `llama_batch` per
-step holding tokens of every sequence (seq_id = slot), and one sampler chain
+decodes one sequence at a time): one context whose KV cache holds up to
+`n_seq_max` sequences, each in a stream of its own (llama.cpp's non-unified
+cache: attention of one sequence never scans another's cells, which is
+faster when prompts share no prefix), one `llama_batch` per step holding
+tokens of every sequence (seq_id = slot), and one sampler chain
 per sequence (penalties, grammar, TGI's warpers, then greedy or a seeded
 `dist`), so a request's sampling does not depend on its neighbours.
 
@@ -72,7 +73,7 @@ class LlamaBatchModel:
         params.n_seq_max = settings.n_seq_max
         params.n_threads = settings.n_threads
         params.n_threads_batch = settings.n_threads
-        params.kv_unified = True
+        params.kv_unified = False
         params.no_perf = True
         ctx = lib.llama_init_from_model(model, params)
         if not ctx:
@@ -82,7 +83,8 @@ class LlamaBatchModel:
         self._mem = lib.llama_get_memory(ctx)
         self._vocab = lib.llama_model_get_vocab(model)
         self._n_vocab = int(lib.llama_vocab_n_tokens(self._vocab))
-        self._n_ctx = int(lib.llama_n_ctx(ctx))
+        # Cells per sequence: each has its own stream of n_ctx / n_seq_max.
+        self._n_ctx = int(lib.llama_n_ctx_seq(ctx))
         self._batch = lib.llama_batch_init(settings.n_batch, 0, 1)
         self._batch_capacity = settings.n_batch
         self._slots: dict[int, _Slot] = {}

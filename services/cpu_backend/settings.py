@@ -74,7 +74,6 @@ class BatchSettings:
     max_batch_size: int = 8
     # TGI --max-batch-total-tokens: sum over the running batch of each
     # request's prompt plus max_new_tokens; a request joins only if it fits.
-    # Here it is also the size of llama.cpp's KV cache.
     max_batch_total_tokens: int = 16384
     # TGI --max-batch-prefill-tokens: prompt tokens evaluated in one step.
     # Longer prompts are prefilled in chunks, so running streams stall for
@@ -112,7 +111,8 @@ class LlamaSettings:
     """How to load the GGUF model into llama.cpp."""
 
     model_path: Path
-    # KV cache cells shared by all sequences (max_batch_total_tokens).
+    # KV cache cells of all sequences together: n_seq_max * max_total_tokens,
+    # each sequence gets an equal stream of them.
     n_ctx: int = 16384
     # Sequences that can decode together (max_batch_size).
     n_seq_max: int = 8

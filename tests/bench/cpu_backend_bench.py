@@ -115,7 +115,9 @@ async def bench_http(url: str, texts: list[str], max_new: int) -> list[Sample]:
     return samples[1:]
 
 
-def raw_decode_loop(model: Path, n_seqs: int, steps: int, threads: int) -> float:
+def raw_decode_loop(
+    model: Path, n_seqs: int, steps: int, threads: int, unified: bool = False
+) -> float:
     """Tokens/s of N greedy sequences stepping together in bare llama.cpp."""
     import llama_cpp as lib
     import llama_cpp._logger
@@ -125,11 +127,11 @@ def raw_decode_loop(model: Path, n_seqs: int, steps: int, threads: int) -> float
     lib.llama_backend_init()
     m = lib.llama_model_load_from_file(str(model).encode(), lib.llama_model_default_params())
     params = lib.llama_context_default_params()
-    params.n_ctx = 4096
+    params.n_ctx = 2048 * n_seqs
     params.n_batch = params.n_ubatch = 512
-    params.n_seq_max = max(n_seqs, 1)
+    params.n_seq_max = n_seqs
     params.n_threads = params.n_threads_batch = threads
-    params.kv_unified = True
+    params.kv_unified = unified
     ctx = lib.llama_init_from_model(m, params)
     vocab = lib.llama_model_get_vocab(m)
     n_vocab = lib.llama_vocab_n_tokens(vocab)

@@ -864,3 +864,36 @@ def test_backend_without_a_model_file_fails_clearly(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert f"model file not found: {missing}" in result.stderr
+
+
+# -- best_of and top_n_tokens ------------------------------------------------------
+
+
+async def test_best_of_runs_sequences_side_by_side_and_lists_the_others(
+    client: TestClient,
+) -> None:
+    payload = {
+        "inputs": CHATML,
+        "parameters": {"best_of": 2, "do_sample": True, "details": True, "max_new_tokens": 10},
+    }
+    resp = await client.post("/generate", json=payload)
+    assert resp.status == 200, await resp.text()
+    body = await resp.json()
+    assert body["generated_text"] == "Hello big world"
+    details = body["details"]
+    (other,) = details["best_of_sequences"]
+    assert list(other) == [
+        "generated_text", "finish_reason", "generated_tokens", "seed", "prefill", "tokens",
+    ]  # fmt: skip
+    assert other["seed"] != details["seed"]
+    s = await stats(client)
+    assert s["generations_started"] == 2
+    assert s["in_flight"] == 0
+
+
+async def test_best_of_takes_one_permit_per_sequence(client: TestClient) -> None:
+    payload = {"inputs": CHATML, "parameters": {"best_of": 2, "do_sample": True}}
+    client.app[CORE].limiter.capacity = 1
+    resp = await client.post("/generate", json=payload)
+    assert resp.status == 429
+    assert (await stats(client))["in_flight"] == 0
