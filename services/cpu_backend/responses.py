@@ -81,7 +81,7 @@ def generate_response(
         if others:
             sequences = []
             for other_valid, other in others:
-                seq = {"generated_text": _full_text(other_valid, other)}
+                seq: dict[str, Any] = {"generated_text": _full_text(other_valid, other)}
                 seq.update(_details(other_valid, other, prefill))
                 if other_valid.sampling.top_n_tokens:
                     seq["top_tokens"] = [_top_tokens_json(t) for t in other.tokens]

@@ -175,6 +175,64 @@ def raw_decode_loop(
         lib.llama_model_free(m)
 
 
+QUESTIONS = [
+    "Write a short story about a lighthouse keeper.", "Explain how rain forms.",
+    "List five fruits and their colours.", "Describe a busy market in the morning.",
+    "What is the capital of France?", "Give three tips for learning to cook.",
+    "Why is the sky blue?", "Write a poem about autumn leaves.",
+]  # fmt: skip
+
+
+def greedy_divergence(model: Path, threads: int, max_new: int = 64) -> dict[str, Any]:
+    """How often, and how early, greedy output in a batch differs from alone.
+
+    Each prompt runs alone, then all of them together (a batch of len(QUESTIONS)),
+    through the backend's own scheduler and llama.cpp model, no HTTP.
+    """
+    from services.cpu_backend.engine import SamplingParams
+    from services.cpu_backend.llama_model import LlamaBatchModel
+    from services.cpu_backend.scheduler import BatchScheduler
+    from services.cpu_backend.settings import BatchSettings, LlamaSettings
+
+    size = len(QUESTIONS)
+    llama = LlamaBatchModel(
+        LlamaSettings(model_path=model, n_ctx=size * 512, n_seq_max=size, n_threads=threads)
+    )
+    params = SamplingParams(max_new_tokens=max_new, do_sample=False)
+
+    async def run() -> tuple[list[list[int]], list[list[int]]]:
+        sched = BatchScheduler(llama, BatchSettings(max_batch_size=size))
+        try:
+            prompts = [
+                await sched.tokenize(f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n")
+                for q in QUESTIONS
+            ]
+
+            async def one(ids: list[int]) -> list[int]:
+                return [t.id async for t in sched.generate_tokens(ids, params)]
+
+            alone = [await one(ids) for ids in prompts]
+            together = await asyncio.gather(*(one(ids) for ids in prompts))
+            return alone, list(together)
+        finally:
+            await sched.close()
+
+    alone, together = asyncio.run(run())
+    firsts = []
+    for a, b in zip(alone, together, strict=True):
+        first = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
+        if first is None and len(a) != len(b):
+            first = min(len(a), len(b))
+        firsts.append(first)
+    differing = [f for f in firsts if f is not None]
+    return {
+        "prompts": size,
+        "tokens_each": max_new,
+        "differing": len(differing),
+        "first_difference_at": sorted(differing),
+    }
+
+
 @dataclass
 class Stream:
     start: float
@@ -281,6 +339,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     texts = prompts(args.requests, args.prompt_words)
 
     local = bench_in_process(model, texts, args.max_new_tokens, args.threads)
+    divergence = greedy_divergence(model, args.threads)
     raw = {n: raw_decode_loop(model, n, 64, args.threads) for n in (1, 4, 8)}
     proc = None
     url = args.url
@@ -311,6 +370,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "raw_decode_loop_tokens_per_s": {str(n): round(v, 1) for n, v in raw.items()},
         "backend_aggregate_tokens_per_s": {str(n): round(v, 1) for n, v in served.items()},
         "backend_vs_raw": {str(n): round(served[n] / raw[n], 3) for n in raw},
+        "greedy_alone_vs_batch": divergence,
         "ttft_idle_ms": round(idle_ttft * 1000, 1),
         "ttft_beside_4_streams_ms": round(busy_ttft * 1000, 1),
     }
@@ -331,6 +391,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(
         f"\ntime to first token: {idle_ttft * 1000:.0f} ms idle, "
         f"{busy_ttft * 1000:.0f} ms beside 4 streams (x{result['ttft_ratio']})"
+    )
+    print(
+        f"greedy alone vs in a batch of {divergence['prompts']}: "
+        f"{divergence['differing']} of {divergence['prompts']} differ within "
+        f"{divergence['tokens_each']} tokens, first differences at "
+        f"{divergence['first_difference_at'] or 'none'}"
     )
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2))

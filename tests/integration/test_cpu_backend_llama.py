@@ -74,7 +74,9 @@ def _backend_cmd(port: int, *extra: str) -> list[str]:
         "--max-batch-size", "1",
         "--max-input-tokens", "1536",
         "--max-total-tokens", "2048",
-        "--threads", "2",
+        # One thread: on a shared machine two threads wait on each other at
+        # every barrier, and a step can then take seconds.
+        "--threads", "1",
         *extra,
     )  # fmt: skip
 
