@@ -85,6 +85,17 @@ class LlamaBatchModel:
         self._n_vocab = int(lib.llama_vocab_n_tokens(self._vocab))
         # Cells per sequence: each has its own stream of n_ctx / n_seq_max.
         self._n_ctx = int(lib.llama_n_ctx_seq(ctx))
+        # The vocabulary is static: read every token's text and kind once, so
+        # a step makes no per-token foreign calls beyond decode and sampling
+        # (each foreign call releases the GIL, and re-taking it can wait
+        # behind the event loop).
+        self._pieces = [self._piece(t) for t in range(self._n_vocab)]
+        self._eog = [bool(lib.llama_vocab_is_eog(self._vocab, t)) for t in range(self._n_vocab)]
+        control = lib.LLAMA_TOKEN_ATTR_CONTROL
+        self._special = [
+            self._eog[t] or bool(lib.llama_vocab_get_attr(self._vocab, t) & control)
+            for t in range(self._n_vocab)
+        ]
         self._batch = lib.llama_batch_init(settings.n_batch, 0, 1)
         self._batch_capacity = settings.n_batch
         self._slots: dict[int, _Slot] = {}
@@ -118,7 +129,8 @@ class LlamaBatchModel:
         return list(buf[:n])
 
     def token_texts(self, ids: Sequence[int]) -> list[str]:
-        return [self._piece(int(i)).decode("utf-8", errors="replace") for i in ids]
+        pieces = self._pieces
+        return [pieces[int(i)].decode("utf-8", errors="replace") for i in ids]
 
     def _piece(self, token: int) -> bytes:
         """Bytes of one token (control tokens included), growing the buffer if needed."""
@@ -247,12 +259,9 @@ class LlamaBatchModel:
         last: bool = True,
         top: tuple[Token, ...] = (),
     ) -> Token:
-        lib = self._lib
-        eos = bool(lib.llama_vocab_is_eog(self._vocab, token))
-        special = eos or bool(
-            lib.llama_vocab_get_attr(self._vocab, token) & lib.LLAMA_TOKEN_ATTR_CONTROL
-        )
-        piece = self._piece(token)
+        eos = self._eog[token]
+        special = self._special[token]
+        piece = self._pieces[token]
         if special or decoder is None:
             text = piece.decode("utf-8", errors="replace")
         else:
