@@ -13,7 +13,8 @@ stops it at the end. Four measurements, in one run on the same machine:
 2. the raw ceiling: a bare `llama_decode` loop with N greedy sequences
    stepping together (no server, no sampling chain, argmax in numpy);
 3. the backend with N concurrent streams: aggregate generation tokens/s,
-   against the raw loop at the same N;
+   against the raw loop at the same N, and the backend's own scheduler and
+   llama.cpp model driven in-process (no HTTP) to tell the two costs apart;
 4. time to first token of a new request while 4 streams run, against idle.
 
 prompt tok/s = prompt tokens / time to first token
@@ -233,6 +234,40 @@ def greedy_divergence(model: Path, threads: int, max_new: int = 64) -> dict[str,
     }
 
 
+def scheduler_in_process(model: Path, threads: int, sizes: tuple[int, ...], max_new: int) -> dict:
+    """Aggregate tokens/s of the backend's scheduler and llama.cpp model, no HTTP."""
+    from services.cpu_backend.engine import SamplingParams
+    from services.cpu_backend.llama_model import LlamaBatchModel
+    from services.cpu_backend.scheduler import BatchScheduler
+    from services.cpu_backend.settings import BatchSettings, LlamaSettings
+
+    batch = max(sizes)
+    llama = LlamaBatchModel(
+        LlamaSettings(model_path=model, n_ctx=batch * 1024, n_seq_max=batch, n_threads=threads)
+    )
+    params = SamplingParams(max_new_tokens=max_new, do_sample=False)
+
+    async def run() -> dict[int, float]:
+        sched = BatchScheduler(llama, BatchSettings(max_batch_size=batch))
+
+        async def one(text: str) -> int:
+            ids = await sched.tokenize(text)
+            return sum([1 async for _ in sched.generate_tokens(ids, params)])
+
+        try:
+            await one(_story(999))
+            out = {}
+            for n in sizes:
+                t0 = time.perf_counter()
+                tokens = await asyncio.gather(*(one(_story(i)) for i in range(n)))
+                out[n] = sum(tokens) / (time.perf_counter() - t0)
+            return out
+        finally:
+            await sched.close()
+
+    return asyncio.run(run())
+
+
 @dataclass
 class Stream:
     start: float
@@ -341,6 +376,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     local = bench_in_process(model, texts, args.max_new_tokens, args.threads)
     divergence = greedy_divergence(model, args.threads)
     raw = {n: raw_decode_loop(model, n, 64, args.threads) for n in (1, 4, 8)}
+    in_process = scheduler_in_process(model, args.threads, (1, 4, 8), args.batch_tokens)
     proc = None
     url = args.url
     if url is None:
@@ -370,6 +406,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "raw_decode_loop_tokens_per_s": {str(n): round(v, 1) for n, v in raw.items()},
         "backend_aggregate_tokens_per_s": {str(n): round(v, 1) for n, v in served.items()},
         "backend_vs_raw": {str(n): round(served[n] / raw[n], 3) for n in raw},
+        "scheduler_in_process_tokens_per_s": {str(n): round(v, 1) for n, v in in_process.items()},
         "greedy_alone_vs_batch": divergence,
         "ttft_idle_ms": round(idle_ttft * 1000, 1),
         "ttft_beside_4_streams_ms": round(busy_ttft * 1000, 1),
@@ -385,9 +422,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(report("llama.cpp in-process", local))
     print(report("cpu_backend over HTTP", remote))
     print(f"one stream alone: backend/in-process = {single['ratio']}")
-    print(f"\n{'streams':<10}{'raw loop tok/s':>16}{'backend tok/s':>16}{'backend/raw':>13}")
+    print(
+        f"\n{'streams':<10}{'raw loop tok/s':>16}{'scheduler, no HTTP':>20}"
+        f"{'backend tok/s':>16}{'backend/raw':>13}"
+    )
     for n in raw:
-        print(f"{n:<10}{raw[n]:>16.1f}{served[n]:>16.1f}{served[n] / raw[n]:>13.2f}")
+        print(
+            f"{n:<10}{raw[n]:>16.1f}{in_process[n]:>20.1f}{served[n]:>16.1f}"
+            f"{served[n] / raw[n]:>13.2f}"
+        )
     print(
         f"\ntime to first token: {idle_ttft * 1000:.0f} ms idle, "
         f"{busy_ttft * 1000:.0f} ms beside 4 streams (x{result['ttft_ratio']})"
