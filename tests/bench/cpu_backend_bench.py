@@ -19,7 +19,8 @@ stops it at the end. Four measurements, in one run on the same machine:
 
 prompt tok/s = prompt tokens / time to first token
 gen tok/s    = (generated tokens - 1) / (time of last token - time of first)
-aggregate    = sum over streams of (tokens - 1) / (last token of all - first token of all)
+aggregate    = tokens of all streams / time, while every stream is running
+               (from the last first token to the first last token)
 """
 
 from __future__ import annotations
@@ -250,17 +251,16 @@ def scheduler_in_process(model: Path, threads: int, sizes: tuple[int, ...], max_
     async def run() -> dict[int, float]:
         sched = BatchScheduler(llama, BatchSettings(max_batch_size=batch))
 
-        async def one(text: str) -> int:
+        async def one(text: str) -> list[float]:
             ids = await sched.tokenize(text)
-            return sum([1 async for _ in sched.generate_tokens(ids, params)])
+            return [time.perf_counter() async for _ in sched.generate_tokens(ids, params)]
 
         try:
             await one(_story(999))
             out = {}
             for n in sizes:
-                t0 = time.perf_counter()
-                tokens = await asyncio.gather(*(one(_story(i)) for i in range(n)))
-                out[n] = sum(tokens) / (time.perf_counter() - t0)
+                times = await asyncio.gather(*(one(_story(i)) for i in range(n)))
+                out[n] = steady_rate(list(times))
             return out
         finally:
             await sched.close()
@@ -274,6 +274,19 @@ class Stream:
     first: float
     last: float
     tokens: int
+    # Arrival time of every token.
+    times: list[float]
+
+
+def steady_rate(times: list[list[float]]) -> float:
+    """Tokens/s while every stream is running: from the last first token to the
+    first last token (prefill and early EOS left out, like the raw loop)."""
+    begin = max(t[0] for t in times)
+    end = min(t[-1] for t in times)
+    if end <= begin:
+        return sum(len(t) - 1 for t in times) / (max(t[-1] for t in times) - begin)
+    inside = sum(1 for t in times for x in t if begin < x <= end)
+    return inside / (end - begin)
 
 
 async def _stream(
@@ -281,8 +294,7 @@ async def _stream(
 ) -> Stream:
     payload = {"inputs": text, "parameters": {"max_new_tokens": max_new}}
     t0 = time.perf_counter()
-    first = last = t0
-    n = 0
+    times: list[float] = []
     async with session.post(url + "/generate_stream", json=payload) as resp:
         resp.raise_for_status()
         while block := await resp.content.readuntil(b"\n\n"):
@@ -291,11 +303,8 @@ async def _stream(
             event = json.loads(block[5:])
             if "error" in event:
                 raise RuntimeError(event)
-            last = time.perf_counter()
-            if n == 0:
-                first = last
-            n += 1
-    return Stream(t0, first, last, n)
+            times.append(time.perf_counter())
+    return Stream(t0, times[0], times[-1], len(times), times)
 
 
 def _story(i: int) -> str:
@@ -306,15 +315,13 @@ def _story(i: int) -> str:
 
 
 async def bench_concurrent(url: str, n: int, max_new: int) -> float:
-    """Aggregate generation tokens/s of n streams started together."""
+    """Aggregate generation tokens/s of n streams started together (steady state)."""
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
         await _stream(session, url, _story(999), 4)  # warm-up
         streams = await asyncio.gather(
             *(_stream(session, url, _story(i), max_new) for i in range(n))
         )
-    begin = min(s.first for s in streams)
-    end = max(s.last for s in streams)
-    return sum(s.tokens - 1 for s in streams) / (end - begin)
+    return steady_rate([s.times for s in streams])
 
 
 async def bench_ttft_under_load(url: str, running: int, max_new: int) -> tuple[float, float]:
