@@ -41,6 +41,9 @@ class _Slot:
     decoder: Any
     max_new_tokens: int
     top_n_tokens: int
+    # Greedy with nothing to apply first (no penalty, no grammar): the
+    # argmax of the raw logits, taken for the whole batch at once.
+    plain_greedy: bool = False
     generated: int = 0
 
 
@@ -158,6 +161,10 @@ class LlamaBatchModel:
             decoder=codecs.getincrementaldecoder("utf-8")(errors="replace"),
             max_new_tokens=params.max_new_tokens,
             top_n_tokens=params.top_n_tokens,
+            plain_greedy=not params.do_sample
+            and params.grammar is None
+            and params.repetition_penalty == 1.0
+            and params.frequency_penalty == 0.0,
         )
 
     def _build_chain(self, chain: Any, prompt_ids: Sequence[int], params: SamplingParams) -> None:
@@ -221,30 +228,41 @@ class LlamaBatchModel:
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
         out: dict[int, Token | Exception] = {}
-        for slot, index in sample_at.items():
+        if not sample_at:
+            return out
+        # Every sampled row at once: the outputs are contiguous, in batch
+        # order. One vectorised log-softmax and one argmax for the whole
+        # batch keep the step's Python part (and its GIL hand-offs) short.
+        np = self._np
+        rows = np.ctypeslib.as_array(
+            lib.llama_get_logits(self._ctx), shape=(len(sample_at), self._n_vocab)
+        )
+        peaks = rows.max(axis=1)
+        log_norms = peaks + np.log(np.exp(rows - peaks[:, None]).sum(axis=1))
+        argmax = rows.argmax(axis=1)
+        for row, (slot, index) in enumerate(sample_at.items()):
             try:
-                out[slot] = self._sample(slot, index)
+                out[slot] = self._sample(
+                    slot, index, rows[row], float(log_norms[row]), int(argmax[row])
+                )
             except Exception as exc:
                 out[slot] = exc
         return out
 
-    def _sample(self, slot: int, index: int) -> Token:
-        lib = self._lib
+    def _sample(self, slot: int, index: int, logits: Any, log_norm: float, argmax: int) -> Token:
         np = self._np
         state = self._slots[slot]
-        # Raw logits first: the sampler chain works on a copy, but read them
-        # before it runs so nothing can disturb them.
-        logits = np.ctypeslib.as_array(
-            lib.llama_get_logits_ith(self._ctx, index), shape=(self._n_vocab,)
-        )
-        peak = float(logits.max())
-        log_norm = peak + math.log(float(np.exp(logits - peak).sum()))
         top: tuple[Token, ...] = ()
         if state.top_n_tokens:
             best = np.argpartition(-logits, state.top_n_tokens)[: state.top_n_tokens]
             best = best[np.argsort(-logits[best], kind="stable")]
             top = tuple(self._token(int(t), float(logits[t]) - log_norm, None) for t in best)
-        token = int(lib.llama_sampler_sample(state.chain, self._ctx, index))
+        if state.plain_greedy:
+            # What the greedy sampler picks too: the first highest logit.
+            token = argmax
+        else:
+            # The chain works on a copy of the logits: `logits` stay raw.
+            token = int(self._lib.llama_sampler_sample(state.chain, self._ctx, index))
         state.generated += 1
         last = state.generated >= state.max_new_tokens
         value = float(logits[token]) - log_norm
