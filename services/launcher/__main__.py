@@ -60,8 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
                    help="llama.cpp threads per CPU backend")
     p.add_argument("--max-concurrent-requests", type=int, default=None,
-                   help="per model: CPU backends and their adapters take 4 by default, "
-                        "adapters in front of TGI 128 (TGI's own default)")
+                   help="per model: backends (CPU or TGI) and their adapters take 128 by "
+                        "default, TGI's own default; the CPU backend queues what it cannot "
+                        "batch yet")
     p.add_argument("--api-keys-file", type=Path, default=None,
                    help="require one of these API keys at the router (one per line)")
     p.add_argument("--tls", action="store_true",

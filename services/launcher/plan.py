@@ -196,7 +196,7 @@ def build_plan(
                 name=f"backend-{model}", stage=0, ports=(port,),
                 argv=(py, "-m", "services.cpu_backend", "--host", host, "--port", str(port),
                       "--model-path", str(gguf), "--served-model-id", _served_name(gguf),
-                      "--max-concurrent-requests", str(max_concurrent_requests or 4),
+                      "--max-concurrent-requests", str(max_concurrent_requests or 128),
                       "--threads", str(threads)),
                 ready=Ready("http", f"{url}/health"),
             ))
@@ -207,7 +207,8 @@ def build_plan(
                 "--host", host, "--port", str(adapter_port),
                 "--metrics-port", str(metrics_port),
                 "--max-concurrency",
-                str(max_concurrent_requests or (4 if model in cpu_models else 128))]
+                # TGI's default, as the CPU backend's: it queues what it cannot batch yet.
+                str(max_concurrent_requests or 128)]
         if model in cpu_models:
             # SmolLM2 stands in for the model: its own chat template, from the GGUF.
             argv += ["--chat-template", str(gguf)]

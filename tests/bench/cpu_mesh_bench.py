@@ -6,6 +6,8 @@ Starts the local mesh with CPU backends (SmolLM2, the same threads as the
 in-process run), streams the same prompts through Envoy with the `raw`
 scenario and greedy decoding, and compares generation tokens/s with
 llama.cpp called directly. The ratio is what the mesh costs on a real model.
+Then 40 requests for one model at once: every one must be answered, none
+refused, with `make up`'s default limits.
 """
 
 from __future__ import annotations
@@ -55,6 +57,30 @@ async def bench_mesh(url: str, texts: list[str], max_new: int) -> list[Sample]:
     return samples[1:]
 
 
+async def crowd(url: str, n: int, max_new: int) -> dict[str, Any]:
+    """n requests for one model at once: how many answered, refused, and how fast."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+
+        async def one(i: int) -> int:
+            body = {"model_id": "qwen2", "inputs": f"Tell me fact number {i} about the sea.",
+                    "parameters": {"max_new_tokens": max_new}}
+            async with session.post(f"{url}/v1/generate", json=body) as resp:
+                await resp.read()
+                return resp.status
+
+        t0 = time.perf_counter()
+        statuses = await asyncio.gather(*(one(i) for i in range(n)))
+        wall = time.perf_counter() - t0
+    return {
+        "requests": n,
+        "max_new_tokens": max_new,
+        "answered": sum(1 for s in statuses if s == 200),
+        "refused_429": sum(1 for s in statuses if s == 429),
+        "other": sum(1 for s in statuses if s not in (200, 429)),
+        "seconds": round(wall, 2),
+    }
+
+
 def main() -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--requests", type=int, default=3)
@@ -79,6 +105,7 @@ def main() -> dict[str, Any]:
             wait_launcher(Path(tmp) / "launcher.log", launcher, 180)
             meshed = asyncio.run(bench_mesh(f"http://127.0.0.1:{envoy}", texts,
                                             args.max_new_tokens))
+            crowded = asyncio.run(crowd(f"http://127.0.0.1:{envoy}", 40, 16))
         finally:
             stop_launcher(launcher)
 
@@ -96,12 +123,16 @@ def main() -> dict[str, Any]:
         "mesh_ttft_ms": round(statistics.median(s.ttft for s in meshed) * 1000),
     }
     result["ratio"] = round(result["mesh_tokens_per_s"] / result["llama_cpp_tokens_per_s"], 3)
+    result["crowd"] = crowded
     print(f"CPU backend through Envoy vs llama.cpp in-process ({model.name}, "
           f"{args.threads} threads, greedy, {args.max_new_tokens} new tokens):")
     print(f"- llama.cpp {result['llama_cpp_tokens_per_s']} tokens/s, "
           f"through the mesh {result['mesh_tokens_per_s']} tokens/s: ratio {result['ratio']}")
     print(f"- time to first token: {result['llama_cpp_ttft_ms']} ms in-process, "
           f"{result['mesh_ttft_ms']} ms through the mesh")
+    print(f"- {crowded['requests']} concurrent requests for one model ({crowded['max_new_tokens']} "
+          f"tokens each): {crowded['answered']} answered, {crowded['refused_429']} refused (429), "
+          f"{crowded['other']} other errors, in {crowded['seconds']} s")
     return result
 
 

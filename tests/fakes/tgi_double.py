@@ -3,8 +3,12 @@
 The HTTP side is `services.cpu_backend.server.create_app`, the very code the
 CPU backend serves, so validation messages, status codes, SSE framing,
 headers and metrics are TGI's. Only the engine is fake: `ScriptedEngine`
-tokenizes on whitespace and answers deterministically, and faults can be
-switched on at run time.
+implements `services.cpu_backend.engine.Engine`, the seam the real backend's
+batching scheduler (`services.cpu_backend.scheduler.BatchScheduler`)
+implements too: one async stream of tokens per request. Each request's
+tokens come on its own clock (`token_delay`), so concurrent requests
+interleave as they do in a batch; it tokenizes on whitespace, answers
+deterministically, and faults can be switched on at run time.
 
 Reply: the content of the last user turn of a ChatML or Llama 3 prompt
 (or the whole prompt when it has no such turn), one token per word, then an

@@ -69,9 +69,14 @@ def _backend_cmd(port: int, *extra: str) -> list[str]:
         "--port", str(port),
         "--served-model-id", "smollm2-test",
         "--max-concurrent-requests", str(MAX_CONCURRENT),
+        # One sequence at a time, so a second request visibly waits in the
+        # queue (batching has its own tests: test_cpu_backend_batching.py).
+        "--max-batch-size", "1",
         "--max-input-tokens", "1536",
         "--max-total-tokens", "2048",
-        "--threads", "2",
+        # One thread: on a shared machine two threads wait on each other at
+        # every barrier, and a step can then take seconds.
+        "--threads", "1",
         *extra,
     )  # fmt: skip
 
@@ -218,7 +223,7 @@ async def test_overload_429_and_disconnect_stops_generation(backend: Backend) ->
         dropped_before = await _metric(session, url, 'tgi_request_failure{err="dropped"}')
         streams = [await session.post(url + "/generate_stream", json=long_story) for _ in range(2)]
         await streams[0].content.readuntil(b"\n\n")  # first one is generating
-        # The second waits for the single llama.cpp worker: admitted, queued.
+        # The second waits for the batch's only slot: admitted, queued.
         deadline = time.monotonic() + 10
         while await _metric(session, url, "tgi_queue_size") < 1:
             assert time.monotonic() < deadline, "second stream never queued"

@@ -84,11 +84,6 @@ def test_completion_of_a_raw_prompt(client: openai.OpenAI) -> None:
     assert reply.usage is not None and reply.usage.completion_tokens <= 8
 
 
-@pytest.mark.xfail(
-    raises=openai.BadRequestError, strict=True,
-    reason="the CPU backend refuses TGI's `grammar` parameter ('grammar is not supported') "
-           "until llama.cpp grammars land in services/cpu_backend; remove this mark then",
-)
 def test_json_schema_answer_parses_and_validates(client: openai.OpenAI) -> None:
     reply = client.chat.completions.create(
         model="qwen2", temperature=0, max_tokens=64,

@@ -118,7 +118,7 @@ async def test_info_has_tgi_v3_fields(client: TestClient) -> None:
         "model_sha": None,
         "model_pipeline_tag": "text-generation",
         "max_concurrent_requests": 2,
-        "max_best_of": 1,
+        "max_best_of": 2,
         "max_stop_sequences": 4,
         "max_input_tokens": 32,
         "max_total_tokens": 160,
@@ -434,16 +434,33 @@ VALIDATION_CASES = [
         "Given: 10 `inputs` tokens and 151 `max_new_tokens`",
     ),
     (
-        {"inputs": "a", "parameters": {"top_n_tokens": 2}},
-        "`top_n_tokens` must be >= 0 and <= 0. Given: 2",
+        {"inputs": "a", "parameters": {"top_n_tokens": 6}},
+        "`top_n_tokens` must be >= 0 and <= 5. Given: 6",
     ),
     (
         {"inputs": "a", "parameters": {"truncate": 0}},
         "`truncate` must be strictly positive and less than 32. Given: 0",
     ),
     (
-        {"inputs": "a", "parameters": {"grammar": {"type": "regex", "value": "a+"}}},
+        {"inputs": "a", "parameters": {"grammar": {"type": "regex", "value": "(a)\\1"}}},
+        "grammar is not valid: regex: backreferences are not supported",
+    ),
+    (
+        {"inputs": "a", "parameters": {"grammar": {"type": "json", "value": 3}}},
         "grammar is not supported",
+    ),
+    (
+        {"inputs": "a", "parameters": {"grammar": {"type": "json", "value": {"type": "object"}}}},
+        "grammar is not valid: Grammar must have a 'properties' field",
+    ),
+    (
+        {"inputs": "a", "parameters": {"grammar": {"type": "json", "value": "{not json"}}},
+        "grammar is not valid: Expecting property name enclosed in double quotes: "
+        "line 1 column 2 (char 1)",
+    ),
+    (
+        {"inputs": "a", "parameters": {"best_of": 2}},
+        "you must use sampling when `best_of` is > 1",
     ),
 ]
 
@@ -480,7 +497,7 @@ async def test_validation_errors_on_streams_are_in_band(
 @pytest.mark.parametrize(
     ("route", "parameters", "message"),
     [
-        ("/generate", {"best_of": 2}, "`best_of` != 1 is not allowed for this endpoint"),
+        ("/generate", {"best_of": 3}, "`best_of` must be > 0 and <= 2. Given: 3"),
         (
             "/generate_stream",
             {"best_of": 2},
@@ -847,3 +864,36 @@ def test_backend_without_a_model_file_fails_clearly(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert f"model file not found: {missing}" in result.stderr
+
+
+# -- best_of and top_n_tokens ------------------------------------------------------
+
+
+async def test_best_of_runs_sequences_side_by_side_and_lists_the_others(
+    client: TestClient,
+) -> None:
+    payload = {
+        "inputs": CHATML,
+        "parameters": {"best_of": 2, "do_sample": True, "details": True, "max_new_tokens": 10},
+    }
+    resp = await client.post("/generate", json=payload)
+    assert resp.status == 200, await resp.text()
+    body = await resp.json()
+    assert body["generated_text"] == "Hello big world"
+    details = body["details"]
+    (other,) = details["best_of_sequences"]
+    assert list(other) == [
+        "generated_text", "finish_reason", "generated_tokens", "seed", "prefill", "tokens",
+    ]  # fmt: skip
+    assert other["seed"] != details["seed"]
+    s = await stats(client)
+    assert s["generations_started"] == 2
+    assert s["in_flight"] == 0
+
+
+async def test_best_of_takes_one_permit_per_sequence(client: TestClient) -> None:
+    payload = {"inputs": CHATML, "parameters": {"best_of": 2, "do_sample": True}}
+    client.app[CORE].limiter.capacity = 1
+    resp = await client.post("/generate", json=payload)
+    assert resp.status == 429
+    assert (await stats(client))["in_flight"] == 0
