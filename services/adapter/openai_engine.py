@@ -27,6 +27,7 @@ from typing import Any
 import aiohttp
 
 from services.adapter.backend import BackendInfo, BackendResult, BackendToken, Prompt
+from services.adapter.http_engine import json_or_text, transport_error
 from services.common import tracing
 from services.common.errors import FieldViolation, MeshError, Reason, invalid
 from services.common.types import FinishReason, Parameters
@@ -285,7 +286,7 @@ class OpenAIEngineBackend:
                 f"{self.base_url}{route}", json=body,
                 timeout=_timeout(timeout, self._connect_timeout),
             ) as resp:
-                payload = await _json_or_text(resp)
+                payload = await json_or_text(resp)
                 if resp.status != 200:
                     raise error_from_engine(
                         resp.status, payload, resp.headers.get("Retry-After"))
@@ -303,7 +304,7 @@ class OpenAIEngineBackend:
         except (MeshError, asyncio.CancelledError):
             raise
         except Exception as exc:
-            raise _transport_error(exc, self.base_url) from exc
+            raise transport_error(exc, self.base_url, "OpenAI") from exc
         finally:
             self._active -= 1
 
@@ -328,7 +329,7 @@ class OpenAIEngineBackend:
                 timeout=_timeout(timeout, self._connect_timeout),
             )
             if resp.status != 200:
-                payload = await _json_or_text(resp)
+                payload = await json_or_text(resp)
                 raise error_from_engine(resp.status, payload, resp.headers.get("Retry-After"))
             events = _SSEParser()
             parts: list[str] = []
@@ -377,7 +378,7 @@ class OpenAIEngineBackend:
         except (MeshError, asyncio.CancelledError, GeneratorExit):
             raise
         except Exception as exc:
-            raise _transport_error(exc, self.base_url) from exc
+            raise transport_error(exc, self.base_url, "OpenAI") from exc
         finally:
             self._active -= 1
             if resp is not None:
@@ -425,13 +426,13 @@ class OpenAIEngineBackend:
             async with self.session.get(
                 f"{self.base_url}/models", timeout=_timeout(timeout, self._connect_timeout)
             ) as resp:
-                payload = await _json_or_text(resp)
+                payload = await json_or_text(resp)
                 if resp.status != 200:
                     raise error_from_engine(resp.status, payload)
         except MeshError:
             raise
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise _transport_error(exc, self.base_url) from exc
+            raise transport_error(exc, self.base_url, "OpenAI") from exc
         data = payload.get("data") if isinstance(payload, dict) else None
         if not isinstance(data, list):
             raise MeshError(
@@ -532,29 +533,4 @@ class _SSEParser:
         return out
 
 
-async def _json_or_text(resp: aiohttp.ClientResponse) -> Any:
-    raw = await resp.read()
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return raw.decode("utf-8", errors="replace")
 
-
-def _transport_error(exc: BaseException, url: str) -> MeshError:
-    meta = {"backend": url}
-    if isinstance(exc, TimeoutError):
-        return MeshError(Reason.TIMEOUT, f"the engine at {url} did not answer in time",
-                         metadata=meta)
-    if isinstance(exc, aiohttp.ClientConnectorError | ConnectionRefusedError):
-        return MeshError(Reason.BACKEND_UNAVAILABLE, f"cannot connect to the engine at {url}",
-                         metadata=meta)
-    if isinstance(
-        exc, aiohttp.ClientPayloadError | aiohttp.ServerDisconnectedError | ConnectionError
-    ):
-        return MeshError(Reason.INCOMPLETE_GENERATION,
-                         f"the engine at {url} dropped the connection", metadata=meta)
-    if isinstance(exc, ValueError | KeyError | TypeError):
-        return MeshError(Reason.MODEL_ERROR,
-                         f"the engine at {url} sent a reply that is not OpenAI's", metadata=meta)
-    return MeshError(Reason.BACKEND_UNAVAILABLE,
-                     f"the engine at {url} failed: {exc.__class__.__name__}", metadata=meta)

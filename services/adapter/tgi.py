@@ -22,6 +22,7 @@ from text_generation.types import Parameters as TGIParameters
 from text_generation.types import Request as TGIRequest
 
 from services.adapter.backend import BackendInfo, BackendResult, BackendToken, Prompt
+from services.adapter.http_engine import json_or_text, transport_error
 from services.common import tracing
 from services.common.errors import FieldViolation, MeshError, Reason, invalid
 from services.common.types import FinishReason, Grammar, Parameters
@@ -166,7 +167,7 @@ class TGIBackend:
         except (MeshError, asyncio.CancelledError):
             raise
         except Exception as exc:
-            raise _transport_error(exc, self.base_url) from exc
+            raise transport_error(exc, self.base_url, "TGI") from exc
 
     async def generate_stream(
         self, prompt: Prompt, params: Parameters, timeout: float | None
@@ -186,7 +187,7 @@ class TGIBackend:
                 timeout=_timeout(timeout, self._connect_timeout),
             )
             if resp.status != 200:
-                payload = await _json_or_text(resp)
+                payload = await json_or_text(resp)
                 raise error_from_tgi(resp.status, payload)
             events = _SSEParser()
             while not finished:
@@ -228,7 +229,7 @@ class TGIBackend:
         except (MeshError, asyncio.CancelledError, GeneratorExit):
             raise
         except Exception as exc:
-            raise _transport_error(exc, self.base_url) from exc
+            raise transport_error(exc, self.base_url, "TGI") from exc
         finally:
             if resp is not None:
                 if finished:
@@ -253,7 +254,7 @@ class TGIBackend:
             ) as resp:
                 data = await resp.json(content_type=None)
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
-            raise _transport_error(exc, self.base_url) from exc
+            raise transport_error(exc, self.base_url, "TGI") from exc
         return BackendInfo(
             model_id=str(data.get("model_id", "")),
             # Releases before v2 called it max_input_length.
@@ -287,38 +288,4 @@ class _SSEParser:
         return [json.loads(line[5:]) for line in lines if line.startswith(b"data:")]
 
 
-async def _json_or_text(resp: aiohttp.ClientResponse) -> Any:
-    raw = await resp.read()
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return raw.decode("utf-8", errors="replace")
 
-
-def _transport_error(exc: BaseException, url: str) -> MeshError:
-    if isinstance(exc, TimeoutError):
-        return MeshError(
-            Reason.TIMEOUT, f"the backend at {url} did not answer in time",
-            metadata={"backend": url},
-        )
-    if isinstance(exc, aiohttp.ClientConnectorError | ConnectionRefusedError):
-        return MeshError(
-            Reason.BACKEND_UNAVAILABLE, f"cannot connect to the backend at {url}",
-            metadata={"backend": url},
-        )
-    if isinstance(
-        exc, aiohttp.ClientPayloadError | aiohttp.ServerDisconnectedError | ConnectionError
-    ):
-        return MeshError(
-            Reason.INCOMPLETE_GENERATION, f"the backend at {url} dropped the connection",
-            metadata={"backend": url},
-        )
-    if isinstance(exc, ValueError):
-        return MeshError(
-            Reason.MODEL_ERROR, f"the backend at {url} sent a reply that is not TGI's",
-            metadata={"backend": url},
-        )
-    return MeshError(
-        Reason.BACKEND_UNAVAILABLE, f"the backend at {url} failed: {exc.__class__.__name__}",
-        metadata={"backend": url},
-    )

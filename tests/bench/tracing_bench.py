@@ -34,32 +34,13 @@ from llmmesh.v1 import generate_pb2 as pb
 from llmmesh.v1 import generate_pb2_grpc as pb_grpc
 
 from scripts.otlp_receiver import OtlpReceiver
+from tests.bench.mesh_bench import cpu_seconds, processes
 from tests.integration.conftest import Mesh, start_doubles, start_mesh, stop_mesh
 from tests.procs import ROOT, stop
 from tools.loadtest.stats import nearest_rank
 
 PROMPT = "one two three four five six seven eight"  # the double echoes it: 8 tokens
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def processes(mesh: Mesh) -> dict[str, int]:
-    out = {f"double-{m}": d.proc.pid for m, d in mesh.doubles.items()}
-    children = Path(f"/proc/{mesh.launcher.pid}/task/{mesh.launcher.pid}/children")
-    for pid in map(int, children.read_text().split()):
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        text = " ".join(c.decode() for c in cmd)
-        if "services.router" in text:
-            out["router"] = pid
-        elif "services.adapter" in text:
-            out[f"adapter-{cmd[cmd.index(b'--model') + 1].decode()}"] = pid
-        elif "envoy" in cmd[0].decode():
-            out["envoy"] = pid
-    return out
 
 
 def ms_percentiles(samples: list[float]) -> dict[str, float]:
