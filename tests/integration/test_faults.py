@@ -85,9 +85,14 @@ def fault_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultMesh]:
         name: AdapterPart(f"adapter-{name}", tmp, "qwen2", doubles[name], "--grace", str(GRACE))
         for name in "ab"
     }
+    # These tests place requests by the router's own count (two streams on
+    # two replicas): an engine's load report, sampled twice a second, could
+    # still show the previous test's generations. The load-aware policy has
+    # tests of its own (tests/unit/test_replica_choice.py).
     router = RouterPart(
         tmp, {"qwen2": [a.address for a in adapters.values()]},
         "--timeout", str(ROUTER_TIMEOUT), "--grace", str(GRACE),
+        "--replica-choice", "in-flight",
     )
     mesh = FaultMesh(doubles, adapters, router, EnvoyPart(tmp, router.port))
     try:
