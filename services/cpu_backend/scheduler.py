@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import heapq
 import logging
 import threading
 import time
@@ -110,6 +111,10 @@ class _Sequence:
     outbox: list[object] = field(default_factory=list)
 
 
+def _slot_of(work: SlotWork) -> int:
+    return work.slot
+
+
 class BatchScheduler:
     """An `Engine` that batches every request onto one `BatchModel`."""
 
@@ -120,7 +125,9 @@ class BatchScheduler:
         self._incoming: list[_Sequence] = []
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._running: list[_Sequence] = []
-        self._free_slots = list(range(settings.max_batch_size - 1, -1, -1))
+        # A min-heap: the lowest free slot first, so the slots in use stay
+        # contiguous from 0 (see _step).
+        self._free_slots = list(range(settings.max_batch_size))
         self._closed = False
         self._healthy = True
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -235,7 +242,7 @@ class BatchScheduler:
         seq.outbox.append(item)
         if seq.slot >= 0:
             self._model.end(seq.slot)
-            self._free_slots.append(seq.slot)
+            heapq.heappush(self._free_slots, seq.slot)
             seq.slot = -1
 
     def _run(self) -> None:
@@ -290,7 +297,7 @@ class BatchScheduler:
             if used + seq.budget > s.max_batch_total_tokens:
                 break  # oldest first: later ones wait their turn too
             self._waiting.popleft()
-            seq.slot = self._free_slots.pop()
+            seq.slot = heapq.heappop(self._free_slots)
             try:
                 self._model.begin(seq.slot, seq.prompt, seq.params)
             except Exception as exc:  # e.g. a grammar llama.cpp cannot parse
@@ -313,6 +320,11 @@ class BatchScheduler:
                 pos = len(seq.prompt) + seq.generated - 1
                 work.append(SlotWork(seq.slot, (seq.last_token,), pos, True))
                 by_slot[seq.slot] = seq
+        # Decode tokens in ascending slot order: llama.cpp splits a batch over
+        # per-sequence KV streams into one compute pass per run of
+        # consecutive sequence ids (llama_batch_allocr::split_equal), so
+        # slots 3,1,0,2 would cost several passes where 0,1,2,3 costs one.
+        work.sort(key=_slot_of)
         budget = self._s.max_batch_prefill_tokens
         for seq in self._running:
             if budget <= 0:
