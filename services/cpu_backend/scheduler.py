@@ -93,13 +93,35 @@ _STARTED: Final = object()
 _DONE: Final = object()
 
 
+class _Inbox:
+    """One request's items from the engine thread, on the event loop's side.
+
+    Filled on the event loop only (from the one callback per step that
+    `_flush` schedules): all of a step's items at once, and the waiting
+    request wakes once for them.
+    """
+
+    __slots__ = ("items", "waiter")
+
+    def __init__(self) -> None:
+        self.items: collections.deque[object] = collections.deque()
+        self.waiter: asyncio.Future[None] | None = None
+
+    def put_all(self, items: list[object]) -> None:
+        self.items.extend(items)
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
 @dataclass(eq=False)
 class _Sequence:
     """One request, from the waiting queue to the end of its generation."""
 
     prompt: list[int]
     params: SamplingParams
-    deliver: Callable[[object], None]
+    # Where the event loop puts this request's items (see _flush).
+    inbox: _Inbox
     # prompt + max_new_tokens: what it reserves of max_batch_total_tokens.
     budget: int
     slot: int = -1
@@ -178,11 +200,12 @@ class BatchScheduler:
             raise EngineError("empty prompt")
         loop = asyncio.get_running_loop()
         self._loop = loop
-        queue: asyncio.Queue[object] = asyncio.Queue()
+        inbox = _Inbox()
+        items = inbox.items
         seq = _Sequence(
             prompt=list(prompt_ids),
             params=params,
-            deliver=queue.put_nowait,
+            inbox=inbox,
             budget=len(prompt_ids) + params.max_new_tokens,
         )
         with self._cond:
@@ -190,7 +213,13 @@ class BatchScheduler:
             self._cond.notify()
         try:
             while True:
-                item = await queue.get()
+                if not items:
+                    inbox.waiter = loop.create_future()
+                    try:
+                        await inbox.waiter
+                    finally:
+                        inbox.waiter = None
+                item = items.popleft()
                 if item is _STARTED:
                     if on_start is not None:
                         on_start()
@@ -223,15 +252,14 @@ class BatchScheduler:
         batch = []
         for s in sequences:
             if s.outbox:  # a sequence touched twice in a step has one outbox
-                batch.append((s.deliver, s.outbox))
+                batch.append((s.inbox, s.outbox))
                 s.outbox = []
         if not batch or self._loop is None:
             return
 
         def deliver_all() -> None:
-            for deliver, items in batch:
-                for item in items:
-                    deliver(item)
+            for inbox, items in batch:
+                inbox.put_all(items)
 
         try:
             self._loop.call_soon_threadsafe(deliver_all)
@@ -368,4 +396,3 @@ class BatchScheduler:
                 finished.add(id(seq))
         if finished:
             self._running = [q for q in self._running if id(q) not in finished]
-
