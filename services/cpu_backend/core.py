@@ -11,9 +11,10 @@ to emit events and to ask whether the client is still there.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -91,6 +92,79 @@ def _stop_hit(text: str, added: int, stops: tuple[str, ...]) -> bool:
         if added and stop in text[-(added + len(stop) - 1) :]:
             return True
     return False
+
+
+async def _close_cancelled(events: AsyncIterator[Any]) -> None:
+    """End a dropped generation: the engine sees a cancellation, not a normal close."""
+    athrow = getattr(events, "athrow", None)
+    if athrow is not None:
+        with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration, RuntimeError):
+            await athrow(asyncio.CancelledError())
+
+
+class _Watch:
+    """Watches one request's client from a timer on the event loop.
+
+    Every `poll` seconds: when the client is gone, the task driving the
+    request is cancelled (`drive` turns that into ClientGone); when no token
+    came since the last look and nothing is being written, `on_idle` runs
+    (SSE keep-alives) in a task of its own.
+    """
+
+    def __init__(
+        self,
+        task: asyncio.Task[Any] | None,
+        client_gone: Callable[[], bool],
+        on_idle: Callable[[], Awaitable[None]] | None,
+        poll: float,
+    ) -> None:
+        self._task = task
+        self._client_gone = client_gone
+        self._on_idle = on_idle
+        self._poll = poll
+        self._idle_task: asyncio.Task[None] | None = None
+        self._loop = asyncio.get_running_loop()
+        self._handle: asyncio.TimerHandle | None = self._loop.call_later(poll, self._tick)
+        # True once the client was found gone and the task cancelled for it.
+        self.gone = False
+        # Set by `drive` while it writes an event, and after each token.
+        self.writing = False
+        self.active = False
+
+    def _tick(self) -> None:
+        self._handle = None
+        if self._task is None or self._task.done():
+            return
+        if self._client_gone():
+            self._cancel()
+            return
+        idle = not self.active and not self.writing
+        self.active = False
+        if idle and self._on_idle is not None and self._idle_task is None:
+            self._idle_task = self._loop.create_task(self._idle(self._on_idle))
+        self._handle = self._loop.call_later(self._poll, self._tick)
+
+    def _cancel(self) -> None:
+        if self._task is not None and not self.gone:
+            self.gone = True
+            self._task.cancel()
+
+    async def _idle(self, on_idle: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await on_idle()
+        except ConnectionError:
+            self._cancel()
+        except Exception:
+            logger.exception("idle callback failed")
+        finally:
+            self._idle_task = None
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        if self._idle_task is not None:
+            self._idle_task.cancel()
 
 
 class TgiCore:
@@ -186,18 +260,21 @@ class TgiCore:
 
     async def _events(
         self, valid: ValidRequest, clock: Clock
-    ) -> AsyncIterator[tuple[Token, int, Generation | None]]:
+    ) -> AsyncGenerator[tuple[Token, int, Generation | None], None]:
         """Engine tokens with TGI's stopping criteria: (token, index, final-or-None)."""
         gen = Generation()
         m = self.metrics
         budget = valid.input_length + valid.sampling.max_new_tokens
+        max_new_tokens = valid.sampling.max_new_tokens
+        stops = valid.stop
         m.queue_size.inc()
-        state = {"queued": True}
+        queued = True
 
         def on_start() -> None:
+            nonlocal queued
             clock.mark_started()
-            if state["queued"]:
-                state["queued"] = False
+            if queued:
+                queued = False
                 m.queue_size.dec()
                 m.batch_current_size.inc()
                 self._running_tokens += budget
@@ -206,7 +283,8 @@ class TgiCore:
         tokens = self.engine.generate_tokens(valid.input_ids, valid.sampling, on_start=on_start)
         try:
             async for token in tokens:
-                on_start()  # for engines that never call it
+                if queued:
+                    on_start()  # for engines that never call it
                 gen.tokens.append(token)
                 index = len(gen.tokens)
                 added = 0
@@ -214,24 +292,33 @@ class TgiCore:
                     gen.text += token.text
                     added = len(token.text)
                 # TGI's StoppingCriteria order: length, then EOS, then stop.
-                if index >= valid.sampling.max_new_tokens:
+                if index >= max_new_tokens:
                     gen.finish_reason = "length"
                 elif token.eos:
                     gen.finish_reason = "eos_token"
-                elif valid.stop and _stop_hit(gen.text, added, valid.stop):
+                elif stops and _stop_hit(gen.text, added, stops):
                     gen.finish_reason = "stop_sequence"
                 else:
                     yield token, index, None
                     continue
                 yield token, index, gen
                 return
+        except asyncio.CancelledError:
+            # The request was dropped while the engine's iterator sat at a
+            # token it had yielded: the engine sees a cancellation, exactly
+            # as when the task awaiting it is cancelled.
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                athrow = getattr(tokens, "athrow", None)
+                if athrow is not None:
+                    await athrow(asyncio.CancelledError())
+            raise
         finally:
             # Closing the engine's iterator is what stops the model: on a stop
             # sequence here, on cancellation when the client went away.
             aclose = getattr(tokens, "aclose", None)
             if aclose is not None:
                 await aclose()
-            if state["queued"]:
+            if queued:
                 m.queue_size.dec()
             else:
                 m.batch_current_size.dec()
@@ -239,18 +326,6 @@ class TgiCore:
                 m.batch_current_max_tokens.set(self._running_tokens)
         # The engine stopped without EOS, stop sequence or length.
         raise InferError.incomplete(stream=False)
-
-    async def _produce(self, valid: ValidRequest, clock: Clock, queue: asyncio.Queue) -> None:
-        try:
-            async for item in self._events(valid, clock):
-                queue.put_nowait(item)
-        except InferError as exc:
-            queue.put_nowait(exc)
-        except EngineError as exc:
-            queue.put_nowait(InferError.generation(str(exc)))
-        except Exception as exc:
-            logger.exception("engine failed")
-            queue.put_nowait(InferError.generation(f"{type(exc).__name__}: {exc}"))
 
     async def drive(
         self,
@@ -264,45 +339,57 @@ class TgiCore:
 
         Raises InferError for generation/incomplete errors (already counted)
         and ClientGone (or CancelledError) when the client left (counted as
-        dropped). In every case the generation task is cancelled on exit.
+        dropped). In every case the generation is cancelled on exit.
+
+        The calling task iterates the engine itself: a token wakes this one
+        task, which applies the stopping criteria and calls `on_event` at
+        once. The client is watched from a timer on the event loop, not per
+        token: when it is gone the task is cancelled, wherever it waits.
         """
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        producer = asyncio.create_task(self._produce(valid, clock, queue))
-        poll = self.settings.disconnect_poll_interval
-        next_check = time.monotonic() + poll
+        events = self._events(valid, clock)
+        watch = _Watch(
+            asyncio.current_task(), client_gone, on_idle, self.settings.disconnect_poll_interval
+        )
         try:
             while True:
-                # Checked on a clock, not only when idle: a unary request whose
-                # tokens keep coming writes nothing that could fail.
-                now = time.monotonic()
-                if now >= next_check:
-                    if client_gone():
-                        raise ClientGone()
-                    next_check = now + poll
-                if queue.empty():
-                    try:
-                        item = await asyncio.wait_for(queue.get(), timeout=next_check - now)
-                    except TimeoutError:
-                        if on_idle is not None:
-                            await on_idle()
-                        continue
-                else:
-                    item = queue.get_nowait()
-                if isinstance(item, InferError):
-                    self.record_failure(item)
-                    raise item
-                token, index, final = item
+                try:
+                    token, index, final = await anext(events)
+                except InferError as exc:
+                    self.record_failure(exc)
+                    raise
+                except EngineError as exc:
+                    error = InferError.generation(str(exc))
+                    self.record_failure(error)
+                    raise error from exc
+                except (asyncio.CancelledError, ClientGone):
+                    raise
+                except Exception as exc:
+                    logger.exception("engine failed")
+                    error = InferError.generation(f"{type(exc).__name__}: {exc}")
+                    self.record_failure(error)
+                    raise error from exc
+                watch.writing = True
                 await on_event(token, index, final)
+                watch.writing = False
+                watch.active = True
                 if final is not None:
                     return final
-        except (ClientGone, ConnectionError, asyncio.CancelledError):
+        except asyncio.CancelledError:
             self.metrics.failure("dropped")
+            await _close_cancelled(events)
+            task = asyncio.current_task()
+            if watch.gone and task is not None:
+                # Our own cancellation, for a client found gone: not the caller's.
+                task.uncancel()
+                raise ClientGone() from None
+            raise
+        except (ClientGone, ConnectionError):
+            self.metrics.failure("dropped")
+            await _close_cancelled(events)
             raise
         finally:
-            # Cancelling the task closes the engine iterator at its current
-            # await; the engine then stops at its next token.
-            producer.cancel()
-            await asyncio.wait({producer}, timeout=1.0)
+            watch.stop()
+            await events.aclose()
 
     async def drive_best_of(
         self,

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import heapq
 import logging
 import threading
 import time
@@ -92,13 +93,35 @@ _STARTED: Final = object()
 _DONE: Final = object()
 
 
+class _Inbox:
+    """One request's items from the engine thread, on the event loop's side.
+
+    Filled on the event loop only (from the one callback per step that
+    `_flush` schedules): all of a step's items at once, and the waiting
+    request wakes once for them.
+    """
+
+    __slots__ = ("items", "waiter")
+
+    def __init__(self) -> None:
+        self.items: collections.deque[object] = collections.deque()
+        self.waiter: asyncio.Future[None] | None = None
+
+    def put_all(self, items: list[object]) -> None:
+        self.items.extend(items)
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
 @dataclass(eq=False)
 class _Sequence:
     """One request, from the waiting queue to the end of its generation."""
 
     prompt: list[int]
     params: SamplingParams
-    deliver: Callable[[object], None]
+    # Where the event loop puts this request's items (see _flush).
+    inbox: _Inbox
     # prompt + max_new_tokens: what it reserves of max_batch_total_tokens.
     budget: int
     slot: int = -1
@@ -108,6 +131,10 @@ class _Sequence:
     # Set from the event loop when the request goes away.
     cancelled: bool = False
     outbox: list[object] = field(default_factory=list)
+
+
+def _slot_of(work: SlotWork) -> int:
+    return work.slot
 
 
 class BatchScheduler:
@@ -120,7 +147,9 @@ class BatchScheduler:
         self._incoming: list[_Sequence] = []
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._running: list[_Sequence] = []
-        self._free_slots = list(range(settings.max_batch_size - 1, -1, -1))
+        # A min-heap: the lowest free slot first, so the slots in use stay
+        # contiguous from 0 (see _step).
+        self._free_slots = list(range(settings.max_batch_size))
         self._closed = False
         self._healthy = True
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -171,11 +200,12 @@ class BatchScheduler:
             raise EngineError("empty prompt")
         loop = asyncio.get_running_loop()
         self._loop = loop
-        queue: asyncio.Queue[object] = asyncio.Queue()
+        inbox = _Inbox()
+        items = inbox.items
         seq = _Sequence(
             prompt=list(prompt_ids),
             params=params,
-            deliver=queue.put_nowait,
+            inbox=inbox,
             budget=len(prompt_ids) + params.max_new_tokens,
         )
         with self._cond:
@@ -183,7 +213,13 @@ class BatchScheduler:
             self._cond.notify()
         try:
             while True:
-                item = await queue.get()
+                if not items:
+                    inbox.waiter = loop.create_future()
+                    try:
+                        await inbox.waiter
+                    finally:
+                        inbox.waiter = None
+                item = items.popleft()
                 if item is _STARTED:
                     if on_start is not None:
                         on_start()
@@ -216,15 +252,14 @@ class BatchScheduler:
         batch = []
         for s in sequences:
             if s.outbox:  # a sequence touched twice in a step has one outbox
-                batch.append((s.deliver, s.outbox))
+                batch.append((s.inbox, s.outbox))
                 s.outbox = []
         if not batch or self._loop is None:
             return
 
         def deliver_all() -> None:
-            for deliver, items in batch:
-                for item in items:
-                    deliver(item)
+            for inbox, items in batch:
+                inbox.put_all(items)
 
         try:
             self._loop.call_soon_threadsafe(deliver_all)
@@ -235,7 +270,7 @@ class BatchScheduler:
         seq.outbox.append(item)
         if seq.slot >= 0:
             self._model.end(seq.slot)
-            self._free_slots.append(seq.slot)
+            heapq.heappush(self._free_slots, seq.slot)
             seq.slot = -1
 
     def _run(self) -> None:
@@ -290,7 +325,7 @@ class BatchScheduler:
             if used + seq.budget > s.max_batch_total_tokens:
                 break  # oldest first: later ones wait their turn too
             self._waiting.popleft()
-            seq.slot = self._free_slots.pop()
+            seq.slot = heapq.heappop(self._free_slots)
             try:
                 self._model.begin(seq.slot, seq.prompt, seq.params)
             except Exception as exc:  # e.g. a grammar llama.cpp cannot parse
@@ -313,6 +348,11 @@ class BatchScheduler:
                 pos = len(seq.prompt) + seq.generated - 1
                 work.append(SlotWork(seq.slot, (seq.last_token,), pos, True))
                 by_slot[seq.slot] = seq
+        # Decode tokens in ascending slot order: llama.cpp splits a batch over
+        # per-sequence KV streams into one compute pass per run of
+        # consecutive sequence ids (llama_batch_allocr::split_equal), so
+        # slots 3,1,0,2 would cost several passes where 0,1,2,3 costs one.
+        work.sort(key=_slot_of)
         budget = self._s.max_batch_prefill_tokens
         for seq in self._running:
             if budget <= 0:
@@ -356,4 +396,3 @@ class BatchScheduler:
                 finished.add(id(seq))
         if finished:
             self._running = [q for q in self._running if id(q) not in finished]
-

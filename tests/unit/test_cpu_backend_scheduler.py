@@ -285,3 +285,24 @@ async def test_closed_scheduler_refuses_new_work(model: RecordingModel) -> None:
     await sched.close()
     with pytest.raises(EngineError):
         await collect(sched, [1], 1)
+
+
+async def test_decode_tokens_go_in_slot_order_and_the_lowest_free_slot_is_reused() -> None:
+    # llama.cpp runs one compute pass per run of consecutive sequence ids in
+    # a batch: a newcomer takes the lowest free slot, and each step lists
+    # the decode tokens by slot, whatever the order the requests joined in.
+    model = RecordingModel(step_delay=0.01)
+    sched = BatchScheduler(model, BatchSettings(max_batch_size=4))
+    try:
+        short = asyncio.create_task(collect(sched, [1, 2], 2))
+        await asyncio.sleep(0)
+        longs = [asyncio.create_task(collect(sched, [1, 2], 20)) for _ in range(2)]
+        await short
+        await collect(sched, [1, 2], 3)
+        await asyncio.gather(*longs)
+    finally:
+        await sched.close()
+    assert model.begun == [0, 1, 2, 0]
+    decode_orders = [[w.slot for w in step if isinstance(w.tokens, tuple)] for step in model.steps]
+    assert [0, 1, 2] in decode_orders  # the newcomer in slot 0 beside slots 1 and 2
+    assert all(order == sorted(order) for order in decode_orders)
