@@ -2,7 +2,7 @@
 
     python -m tools.lean_tgi_double --port 8090 [--model-id NAME] [--host 127.0.0.1]
 
-`tests.fakes.tgi_double` serves TGI's HTTP layer through aiohttp, which is
+`tools.tgi_double` serves TGI's HTTP layer through aiohttp, which is
 right for behaviour tests and wrong for a benchmark: aiohttp spends about a
 millisecond of CPU on every request, on the same cores as the mesh it is
 measuring. This double is a raw asyncio protocol (on uvloop) that answers the

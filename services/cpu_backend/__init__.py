@@ -3,5 +3,5 @@
 The HTTP layer (`server.create_app`) speaks Text Generation Inference's API so
 the adapters cannot tell it from a real TGI. It depends only on the small
 `engine.Engine` protocol: `engine.LlamaCppEngine` is the real CPU backend and
-`tests.fakes.tgi_double.ScriptedEngine` the scriptable test double.
+`tools.tgi_double.ScriptedEngine` the scriptable test double.
 """

@@ -7,7 +7,7 @@ engine. Two implementations:
 
 * `scheduler.BatchScheduler` over `llama_model.LlamaBatchModel`: the CPU
   backend, continuous batching on one engine thread;
-* `tests.fakes.tgi_double.ScriptedEngine`: the TGI double, tokens on a clock
+* `tools.tgi_double.ScriptedEngine`: the TGI double, tokens on a clock
   per request, with injectable faults.
 """
 

@@ -71,7 +71,7 @@ def start_doubles(tmp: Path, **flags: str) -> dict[str, Double]:
         args = ["--port", str(port), "--model-id", f"double/{model}"]
         for key, value in flags.items():
             args += [f"--{key.replace('_', '-')}", value]
-        proc = start(python_module("tests.fakes.tgi_double", *args),
+        proc = start(python_module("tools.tgi_double", *args),
                      log_path=tmp / f"double-{model}.log")
         doubles[model] = Double(f"http://127.0.0.1:{port}", proc)
     for double in doubles.values():

@@ -168,7 +168,7 @@ class DoublePart(Part):
         self.url = f"http://127.0.0.1:{self.port}"
         super().__init__(
             name,
-            python_module("tests.fakes.tgi_double", "--port", str(self.port),
+            python_module("tools.tgi_double", "--port", str(self.port),
                           "--model-id", f"double/{name}", *flags),
             tmp / f"{name}.log",
             _http_ready(f"{self.url}/health"),

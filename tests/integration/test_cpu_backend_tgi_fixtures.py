@@ -105,7 +105,7 @@ def cpu_backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 def double(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     port = free_port()
     yield from _start("double", tmp_path_factory.mktemp("double"), python_module(
-        "tests.fakes.tgi_double", "--port", str(port), "--model-id", "double/model",
+        "tools.tgi_double", "--port", str(port), "--model-id", "double/model",
         "--max-concurrent-requests", "1", "--max-input-tokens", str(MAX_INPUT),
         "--max-total-tokens", str(MAX_TOTAL)), port)
 

@@ -74,7 +74,7 @@ SCENARIOS = {
         (ROOT / "services" / "router" / "scenarios.yaml").read_text(encoding="utf-8")
     )["scenarios"].items()
 }
-WORDS = re.compile(r"\s*\S+")  # the TGI double's tokens (tests/fakes/tgi_double.py)
+WORDS = re.compile(r"\s*\S+")  # the TGI double's tokens (tools/tgi_double.py)
 
 
 def curl(url: str, body: str, *headers: str) -> tuple[int, str, str]:

@@ -184,7 +184,7 @@ def mixed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mixed]:
     pytest.importorskip("llama_cpp", reason="make test installs llama-cpp-python")
     tmp = tmp_path_factory.mktemp("mixed")
     double_port = free_port()
-    double = start(python_module("tests.fakes.tgi_double", "--port", str(double_port),
+    double = start(python_module("tools.tgi_double", "--port", str(double_port),
                                  "--model-id", "double/qwen2"),
                    log_path=tmp / "double.log")
     ports = {n: free_port() for n in ("envoy", "admin", "router")}

@@ -143,7 +143,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         for model in MODELS:
             port = free_port()
             procs.append(start(
-                python_module("tests.fakes.tgi_double", "--port", str(port),
+                python_module("tools.tgi_double", "--port", str(port),
                               "--model-id", f"double/{model}"),
                 log_path=tmp / f"double-{model}.log",
             ))

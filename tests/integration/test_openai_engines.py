@@ -2,7 +2,7 @@
 
 qwen2 runs on llama-cpp-python's own OpenAI-compatible server (the real
 program, `python -m llama_cpp.server`, with SmolLM2), llama3 on the vLLM
-double (tests/fakes/vllm_double.py, vLLM's HTTP shapes from its source);
+double (tools/vllm_double.py, vLLM's HTTP shapes from its source);
 adapters (`--engine llamacpp` / `--engine vllm`), router and Envoy are the
 real processes.
 """
@@ -78,7 +78,7 @@ class VLLMPart(Part):
         self.url = f"http://127.0.0.1:{self.port}"
         super().__init__(
             name,
-            python_module("tests.fakes.vllm_double", "--port", str(self.port),
+            python_module("tools.vllm_double", "--port", str(self.port),
                           "--model", VLLM_MODEL, *flags),
             tmp / f"{name}.log",
             lambda part: wait_http(f"{self.url}/health", 0.5),

@@ -61,7 +61,7 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureMesh]:
 
     procs = []
     try:
-        double = start(python_module("tests.fakes.tgi_double", "--port", str(ports["double"])),
+        double = start(python_module("tools.tgi_double", "--port", str(ports["double"])),
                        log_path=tmp / "double.log")
         procs.append(double)
         wait_http(f"http://127.0.0.1:{ports['double']}/health", 30, double)

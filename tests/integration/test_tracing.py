@@ -370,7 +370,7 @@ def test_an_openai_compatible_engine_gets_the_traceparent(
     """The adapter over vLLM's OpenAI server (its double) sends the trace on."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    vllm = Part("vllm", python_module("tests.fakes.vllm_double", "--port", str(port)),
+    vllm = Part("vllm", python_module("tools.vllm_double", "--port", str(port)),
                 tmp_path / "vllm.log", lambda part: wait_http(f"{url}/health", 0.5))
     adapter = AdapterPart("adapter-vllm", tmp_path, "qwen2", traced.double,
                           "--engine", "vllm", "--engine-url", f"{url}/v1")

@@ -29,8 +29,8 @@ from text_generation.errors import (
 
 from services.cpu_backend.server import CORE, create_app
 from services.cpu_backend.settings import ServerSettings
-from tests.fakes.tgi_double import ScriptedEngine, create_double_app, parse_sse
 from tests.procs import ROOT, free_port, python_module, start, stop, wait_http
+from tools.tgi_double import ScriptedEngine, create_double_app, parse_sse
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -828,7 +828,7 @@ async def test_double_runs_as_a_process_and_can_crash_midstream(tmp_path: Path) 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = python_module(
-        "tests.fakes.tgi_double", "--port", str(port), "--model-id", "proc-model",
+        "tools.tgi_double", "--port", str(port), "--model-id", "proc-model",
         "--max-concurrent-requests", "3", "--token-delay", "0.01",
     )  # fmt: skip
     proc = start(cmd, log_path=tmp_path / "double.log")

@@ -1,5 +1,5 @@
 """The OpenAI-compatible engine driver against the vLLM double (vLLM's HTTP
-shapes, tests/fakes/vllm_double.py) served in-process on a real socket."""
+shapes, tools/vllm_double.py) served in-process on a real socket."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from services.adapter.openai_engine import DIALECTS, OpenAIEngineBackend, error_
 from services.common.errors import MeshError, Reason
 from services.common.registry import ENGINE_KINDS
 from services.common.types import FinishReason, Grammar, Message, Parameters
-from tests.fakes.vllm_double import State, create_app
 from tests.procs import free_port
+from tools.vllm_double import State, create_app
 
 MODEL = "Qwen/Qwen2-7B-Instruct-GPTQ-Int4"
 CHATML = "<|im_start|>user\nhello there big world<|im_end|>\n<|im_start|>assistant\n"

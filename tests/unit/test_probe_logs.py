@@ -10,7 +10,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from services.cpu_backend.settings import ServerSettings
-from tests.fakes.tgi_double import ScriptedEngine, create_double_app
+from tools.tgi_double import ScriptedEngine, create_double_app
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -12,8 +12,8 @@ from services.adapter.load import LoadSampler, parse_load
 from services.common.types import EngineLoad
 from services.router.choice import choose, estimated_requests
 from tests.bench import replica_bench
-from tests.fakes.tgi_double import Control, serve
 from tools.loadtest.stats import nearest_rank
+from tools.tgi_double import Control, serve
 
 
 @dataclass(eq=False)

@@ -16,7 +16,7 @@ EOS token. `max_new_tokens` and stop sequences apply as in TGI. A fixed
 reply can be set with `--reply` or `/_control`.
 
 Run as a process:
-    python -m tests.fakes.tgi_double --port 8090 [--model-id NAME]
+    python -m tools.tgi_double --port 8090 [--model-id NAME]
         [--max-concurrent-requests K] [--token-delay SECONDS] [--reply TEXT]
 
 Control endpoints (double only, never on the real backend):
@@ -438,7 +438,7 @@ def parse_sse(raw: bytes) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tests.fakes.tgi_double", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m tools.tgi_double", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--model-id", default="tgi-double")

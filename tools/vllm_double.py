@@ -28,7 +28,7 @@ requests run at once and the rest wait, so the metrics count real requests.
 KV-cache usage is the running requests' share of `--max-num-seqs`.
 
 Run as a process:
-    python -m tests.fakes.vllm_double --port 8000 [--model NAME]
+    python -m tools.vllm_double --port 8000 [--model NAME]
         [--max-model-len N] [--max-num-seqs K] [--token-delay SECONDS]
 
 Control (double only):
@@ -57,7 +57,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.fakes.tgi_double import scripted_reply
+from tools.tgi_double import scripted_reply
 
 _WORD = re.compile(r"\s*\S+")
 
@@ -291,7 +291,7 @@ def create_app(state: State) -> web.Application:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m tests.fakes.vllm_double", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m tools.vllm_double", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
