@@ -180,6 +180,7 @@ async def run(settings: AdapterSettings) -> None:
         max_concurrency=settings.max_concurrency,
         default_timeout=settings.default_timeout,
         load=(lambda: sampler.current) if sampler is not None else None,
+        engine=settings.engine.kind,
     )
     health = HealthBoard()
     for name in ("", SERVICE_NAME, settings.model.id):

@@ -47,8 +47,10 @@ class AdapterCore:
         max_concurrency: int = 128,
         default_timeout: float | None = 600.0,
         load: Callable[[], EngineLoad | None] | None = None,
+        engine: str = "tgi",
     ) -> None:
         self.spec = spec
+        self._engine = engine  # the engine's kind, the `backend` label of backend_up
         self._load = load
         self._backend = backend
         self._template = template
@@ -107,7 +109,8 @@ class AdapterCore:
                 extra={"model": self.spec.id, "serving": up},
             )
         self.ready = up
-        self._metrics.backend_up.labels(self._metrics.service, self.spec.id, "tgi").set(int(up))
+        self._metrics.backend_up.labels(self._metrics.service, self.spec.id, self._engine).set(
+            int(up))
         return up
 
     async def watch(

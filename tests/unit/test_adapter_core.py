@@ -134,3 +134,11 @@ async def test_stream_closed_early_cancels_backend():
     assert first.text == "Hello"
     await stream.aclose()
     assert backend.cancelled == 1
+
+
+@pytest.mark.parametrize("engine", ["tgi", "vllm"])
+async def test_backend_up_names_the_engines_kind(engine: str):
+    core, _ = make(engine=engine)
+    assert await core.refresh() is True
+    labels = {"service": "adapter-test", "model": "qwen2", "backend": engine}
+    assert core._metrics.registry.get_sample_value("llmmesh_backend_up", labels) == 1.0
