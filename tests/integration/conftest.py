@@ -79,7 +79,25 @@ def start_doubles(tmp: Path, **flags: str) -> dict[str, Double]:
     return doubles
 
 
+PORT_TAKEN = ("Address already in use", "ports already in use")
+
+
 def start_mesh(tmp: Path, doubles: dict[str, Double], *extra: str) -> Mesh:
+    """The launched mesh on free ports. A port picked as free can be taken by
+    another process before the launcher binds it; then it starts again on
+    other ports (twice at most), since that race is the harness's, not the
+    launcher's (whose own refusal of a port in use test_launcher checks)."""
+    for attempt in range(3):
+        try:
+            return _start_mesh(tmp, doubles, *extra)
+        except RuntimeError:
+            log = (tmp / "launcher.log").read_text(errors="replace")
+            if attempt == 2 or not any(taken in log for taken in PORT_TAKEN):
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_mesh(tmp: Path, doubles: dict[str, Double], *extra: str) -> Mesh:
     ports = {name: free_port() for name in ("envoy", "admin", "router", "openai", "metrics")}
     adapter_base = free_run(len(MODELS))
     metrics_base = free_run(1 + len(MODELS))
