@@ -30,6 +30,7 @@ import asyncio
 import json
 import statistics
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,18 @@ def bench_in_process(model: Path, texts: list[str], max_new: int, threads: int) 
     return samples[1:]
 
 
+async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[dict]:
+    """Each `data:` event of TGI's /generate_stream; an in-band error raises."""
+    resp.raise_for_status()
+    while block := await resp.content.readuntil(b"\n\n"):
+        if not block.startswith(b"data:"):
+            continue
+        event = json.loads(block[5:])
+        if "error" in event:
+            raise RuntimeError(event)
+        yield event
+
+
 async def bench_http(url: str, texts: list[str], max_new: int) -> list[Sample]:
     samples = []
     timeout = aiohttp.ClientTimeout(total=300)
@@ -101,13 +114,7 @@ async def bench_http(url: str, texts: list[str], max_new: int) -> list[Sample]:
             n = 0
             final: dict = {}
             async with session.post(url + "/generate_stream", json=payload) as resp:
-                resp.raise_for_status()
-                while block := await resp.content.readuntil(b"\n\n"):
-                    if not block.startswith(b"data:"):
-                        continue
-                    event = json.loads(block[5:])
-                    if "error" in event:
-                        raise RuntimeError(event)
+                async for event in sse_events(resp):
                     last = time.perf_counter()
                     if n == 0:
                         first = last
@@ -296,13 +303,7 @@ async def _stream(
     t0 = time.perf_counter()
     times: list[float] = []
     async with session.post(url + "/generate_stream", json=payload) as resp:
-        resp.raise_for_status()
-        while block := await resp.content.readuntil(b"\n\n"):
-            if not block.startswith(b"data:"):
-                continue
-            event = json.loads(block[5:])
-            if "error" in event:
-                raise RuntimeError(event)
+        async for _ in sse_events(resp):
             times.append(time.perf_counter())
     return Stream(t0, times[0], times[-1], len(times), times)
 
