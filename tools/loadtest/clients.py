@@ -128,6 +128,15 @@ def _session(target: Target, concurrency_hint: int) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
 
 
+async def _refused(resp: aiohttp.ClientResponse, record: Record) -> bool:
+    """Record a reply other than 200 as a failure (a 429 as rate-limited)."""
+    if resp.status == 200:
+        return False
+    record.fail(_http_error(resp.status, await resp.read()), rate_limited=resp.status == 429)
+    record.end = time.perf_counter()
+    return True
+
+
 def _http_error(status: int, raw: bytes) -> str:
     """`http STATUS REASON` from llmmesh's or OpenAI's error body, else `http STATUS`."""
     try:
@@ -169,10 +178,7 @@ class NativeHTTPClient:
     async def run(self, item: Item, record: Record) -> None:
         async with self.session.post(self.url, json=self.body(item),
                                      headers=self.headers) as resp:
-            if resp.status != 200:
-                record.fail(_http_error(resp.status, await resp.read()),
-                            rate_limited=resp.status == 429)
-                record.end = time.perf_counter()
+            if await _refused(resp, record):
                 return
             seen = 0
             done = False
@@ -303,10 +309,7 @@ class OpenAIClient:
     async def run(self, item: Item, record: Record) -> None:
         async with self.session.post(self.url, json=self.body(item),
                                      headers=self.headers) as resp:
-            if resp.status != 200:
-                record.fail(_http_error(resp.status, await resp.read()),
-                            rate_limited=resp.status == 429)
-                record.end = time.perf_counter()
+            if await _refused(resp, record):
                 return
             chunks = 0
             usage: dict[str, Any] | None = None
