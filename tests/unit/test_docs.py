@@ -55,18 +55,24 @@ def _shell_lines(text: str) -> list[str]:
         if lang not in ("", "bash", "sh", "console"):
             continue
         joined = re.sub(r"\\\n\s*", " ", body)
+        # In a block with prompts, only the lines after "$ " are commands.
+        prompted = any(line.startswith("$ ") for line in joined.splitlines())
         # A quoted JSON body may span lines: join lines inside an open quote.
         current = ""
         for line in joined.splitlines():
+            if prompted and not current:
+                if not line.startswith("$ "):
+                    continue
+                line = line.removeprefix("$ ")
             line = _uncomment(line)
             if not line.strip():
                 continue
             current = f"{current} {line}" if current else line
             if current.count("'") % 2 == 0:
-                lines.append(current.strip().removeprefix("$ "))
+                lines.append(current.strip())
                 current = ""
         if current:
-            lines.append(current.strip().removeprefix("$ "))
+            lines.append(current.strip())
     return lines
 
 
