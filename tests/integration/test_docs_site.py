@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.docs_markdown import DOCS, README, ROOT, TEXTS, fenced_blocks, shell_lines
 from tests.integration.conftest import Mesh
 from tests.procs import free_port
-from tests.unit.test_docs import DOCS, README, ROOT, TEXTS, _blocks, _shell_lines
 
 pytestmark = pytest.mark.integration
 
@@ -90,7 +90,7 @@ def _help_flags(module: str) -> set[str]:
 def test_flags_shown_are_in_each_programs_help() -> None:
     used: dict[str, set[str]] = {}
     for path in TEXTS:
-        for line in _shell_lines(path.read_text(encoding="utf-8")):
+        for line in shell_lines(path.read_text(encoding="utf-8")):
             for m in re.finditer(r"python3? -m ((?:services|tools)\.[\w.]+)([^&|;]*)", line):
                 used.setdefault(m.group(1), set()).update(re.findall(r"--[\w-]+", m.group(2)))
     assert {"services.adapter", "services.router", "tools.tgi_double"} <= set(used)
@@ -126,9 +126,10 @@ def test_readme_requests_answer_as_shown(mesh: Mesh) -> None:
     """The README's one request per API, as written, against the mesh (over the
     TGI double, so the words differ): the same fields, the same model names."""
     text = README.read_text(encoding="utf-8")
-    blocks = _blocks(text[text.index("\n## One request per API"):text.index("\n## Architecture")])
-    shell = [body for lang, body in blocks if lang in ("bash", "")]
-    shown = [json.loads(body) for lang, body in blocks if lang == "json"]
+    section = text[text.index("\n## One request per API"):text.index("\n## Architecture")]
+    shown_blocks = fenced_blocks(section)
+    shell = [body for lang, body in shown_blocks if lang in ("bash", "")]
+    shown = [json.loads(body) for lang, body in shown_blocks if lang == "json"]
     # curl, then its reply
     (curl,) = [b for b in shell if b.startswith("curl ")]
     reply = _replies(_run(_on_mesh(curl, mesh)))[0]
@@ -140,7 +141,7 @@ def test_readme_requests_answer_as_shown(mesh: Mesh) -> None:
     expected = json.loads("{" + output)
     assert reply.keys() == expected.keys() and reply["model"] == expected["model"], reply
     # the two Python examples, each printing what its comments show
-    stubs, sdk = [body for lang, body in blocks if lang == "python"]
+    stubs, sdk = [body for lang, body in shown_blocks if lang == "python"]
     printed = _run(f"{sys.executable} - <<'EOF'\n{_on_mesh(stubs, mesh)}EOF\n")
     assert re.search(r" \d+ FINISH_REASON_(EOS_TOKEN|LENGTH|STOP_SEQUENCE)$", printed.strip())
     printed = _run(f"{sys.executable} - <<'EOF'\n{_on_mesh(sdk, mesh)}EOF\n").splitlines()
@@ -153,7 +154,7 @@ def _mesh_commands() -> list[tuple[str, str]]:
     the mesh's default ports; those needing a key, a CA or another host skipped."""
     found = []
     for path in TEXTS:
-        for line in _shell_lines(path.read_text(encoding="utf-8")):
+        for line in shell_lines(path.read_text(encoding="utf-8")):
             if not re.match(r"(curl|grpcurl|\.venv/bin/grpcurl) ", line):
                 continue
             if not re.search(r"(localhost|127\.0\.0\.1):(8000|50051)\b", line):
@@ -185,7 +186,7 @@ def test_the_by_hand_mesh_of_the_grpc_page_runs() -> None:
     """docs/grpc.md's five processes by hand, on free ports instead of the
     default ones (the registry's adapter addresses follow the environment)."""
     text = (DOCS / "grpc.md").read_text(encoding="utf-8")
-    (script,) = [b for lang, b in _blocks(text) if lang == "bash" and "tools.tgi_double" in b]
+    (script,) = [b for lang, b in fenced_blocks(text) if lang == "bash" and "tools.tgi_double" in b]
     ports = {old: str(free_port()) for old in ("8091", "8092", "50061", "50062", "50051")}
     for old, new in ports.items():
         script = re.sub(rf"\b{old}\b", new, script)

@@ -22,14 +22,18 @@ from llmmesh.v1 import generate_pb2
 from markdown.extensions.toc import slugify
 
 from services.openai.requests import parse_chat, parse_completion
+from tests.docs_markdown import (
+    DOCS,
+    LINK,
+    README,
+    ROOT,
+    TEXTS,
+    code_shown,
+    fenced_blocks,
+    prose,
+    shell_lines,
+)
 
-ROOT = Path(__file__).parents[2]
-README = ROOT / "README.md"
-DOCS = ROOT / "docs"
-TEXTS = [README, *sorted(DOCS.glob("*.md"))]
-FENCE = re.compile(r"^```([\w-]*)\n(.*?)^```", re.M | re.S)
-LINK = re.compile(r"\]\(([^)\s]+)\)")
-SPAN = re.compile(r"`([^`\n]+)`")
 # Top-level folders of the checkout: a word starting with one of them is a path.
 TOP = ("scripts/", "services/", "tools/", "models/", "deploy/k8s", "envoy/", "observability/",
        "tests/", "web/", "gen/", "protos/", "docs/")
@@ -39,58 +43,8 @@ def _rel(path: Path) -> str:
     return str(path.relative_to(ROOT))
 
 
-def _blocks(text: str) -> list[tuple[str, str]]:
-    """Fenced code blocks: (language, body)."""
-    return [(m.group(1), m.group(2)) for m in FENCE.finditer(text)]
-
-
-def _prose(text: str) -> str:
-    return FENCE.sub("", text)
-
-
-def _shell_lines(text: str) -> list[str]:
-    """Command lines of the shell blocks, continuation lines joined, prompts dropped."""
-    lines = []
-    for lang, body in _blocks(text):
-        if lang not in ("", "bash", "sh", "console"):
-            continue
-        joined = re.sub(r"\\\n\s*", " ", body)
-        # In a block with prompts, only the lines after "$ " are commands.
-        prompted = any(line.startswith("$ ") for line in joined.splitlines())
-        # A quoted JSON body may span lines: join lines inside an open quote.
-        current = ""
-        for line in joined.splitlines():
-            if prompted and not current:
-                if not line.startswith("$ "):
-                    continue
-                line = line.removeprefix("$ ")
-            line = _uncomment(line)
-            if not line.strip():
-                continue
-            current = f"{current} {line}" if current else line
-            if current.count("'") % 2 == 0:
-                lines.append(current.strip())
-                current = ""
-        if current:
-            lines.append(current.strip())
-    return lines
-
-
-def _uncomment(line: str) -> str:
-    """The line without a shell comment (a `#` outside single quotes)."""
-    for m in re.finditer(r"(?:^|\s)#(?:\s|$)", line):
-        if line[: m.start()].count("'") % 2 == 0:
-            return line[: m.start()]
-    return line
-
-
-def _code(text: str) -> list[str]:
-    """Everything shown as code: shell lines and inline code spans of the prose."""
-    return _shell_lines(text) + SPAN.findall(_prose(text))
-
-
 def _anchors(path: Path) -> set[str]:
-    text = _prose(path.read_text(encoding="utf-8"))
+    text = prose(path.read_text(encoding="utf-8"))
     return {slugify(m.group(1).strip(), "-") for m in re.finditer(r"^#+ (.+)$", text, re.M)}
 
 
@@ -124,7 +78,7 @@ def test_every_page_is_in_the_nav():
 def test_readme_links_resolve():
     """The README is not part of the site: its links are checked here."""
     text = README.read_text(encoding="utf-8")
-    targets = LINK.findall(_prose(text))
+    targets = LINK.findall(prose(text))
     assert targets, "the README links into the docs"
     for target in targets:
         if re.match(r"[a-z]+:", target):
@@ -140,15 +94,15 @@ def test_architecture_picture_is_the_same_in_readme_and_docs():
     readme = README.read_text(encoding="utf-8")
     section = readme[readme.index("\n## Architecture\n"):]
     page = (DOCS / "architecture.md").read_text(encoding="utf-8")
-    assert _blocks(section)[0][1] == _blocks(page)[0][1]
-    assert "router :50051" in _blocks(page)[0][1]
+    assert fenced_blocks(section)[0][1] == fenced_blocks(page)[0][1]
+    assert "router :50051" in fenced_blocks(page)[0][1]
 
 
 def test_make_targets_shown_exist():
     targets = _makefile_targets()
     seen = set()
     for path in TEXTS:
-        for code in _code(path.read_text(encoding="utf-8")):
+        for code in code_shown(path.read_text(encoding="utf-8")):
             for target in re.findall(r"(?:^|[\s;&(])make ([a-z][\w-]*)", code):
                 assert target in targets, (_rel(path), code)
                 seen.add(target)
@@ -158,7 +112,7 @@ def test_make_targets_shown_exist():
 def test_python_modules_shown_exist():
     seen = set()
     for path in TEXTS:
-        for code in _code(path.read_text(encoding="utf-8")):
+        for code in code_shown(path.read_text(encoding="utf-8")):
             for module in re.findall(r"python3? -m ([\w.]+)", code):
                 if module in ("pip", "pytest", "venv", "llama_cpp.server"):
                     continue
@@ -170,7 +124,7 @@ def test_python_modules_shown_exist():
 def test_paths_shown_exist():
     checked = 0
     for path in TEXTS:
-        for code in _code(path.read_text(encoding="utf-8")):
+        for code in code_shown(path.read_text(encoding="utf-8")):
             for word in re.split(r"[\s'\"(),=:]+", code):
                 word = word.rstrip(".;`")
                 if not word.startswith(TOP) or re.search(r"[<>{}*$\[\]|]", word):
@@ -184,7 +138,7 @@ def _requests(flag_of: str) -> list[tuple[Path, str, str, dict[str, object]]]:
     """(page, command, where, body) of every `curl`/`grpcurl` line with a -d body."""
     found = []
     for path in TEXTS:
-        for line in _shell_lines(path.read_text(encoding="utf-8")):
+        for line in shell_lines(path.read_text(encoding="utf-8")):
             if not line.startswith(flag_of + " ") and f" {flag_of} " not in f" {line} ":
                 continue
             words = shlex.split(line.split(" | ")[0])
@@ -232,7 +186,7 @@ def test_grpcurl_calls_name_real_methods_with_real_bodies():
                 pool.AddSerializedFile(dep.serialized_pb)
     methods = set()
     for path in TEXTS:
-        for line in _shell_lines(path.read_text(encoding="utf-8")):
+        for line in shell_lines(path.read_text(encoding="utf-8")):
             for method in re.findall(r"\b((?:llmmesh|grpc)\.[\w.]+/\w+)", line):
                 service, name = method.split("/")
                 pool.FindServiceByName(service).FindMethodByName(name)  # KeyError if not
