@@ -107,7 +107,7 @@ docs: $(STAMP)
 
 # A broken link or anchor, or a page missing from the nav, fails the build.
 docs-check: $(STAMP)
-	mkdocs build --strict -q -f mkdocs.yml -d .run/site
+	mkdocs build --strict -f mkdocs.yml -d .run/site
 
 clean:
 	rm -rf .run .mypy_cache .ruff_cache .pytest_cache

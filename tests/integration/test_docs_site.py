@@ -28,20 +28,37 @@ BIN = Path(sys.executable).parent
 ENV = {**os.environ, "NO_MKDOCS_2_WARNING": "1", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
 
 
-def _build(project: Path, site: Path) -> subprocess.CompletedProcess[str]:
+def _docs_check_recipe() -> str:
+    """The command `make docs-check` (part of `make test`) runs."""
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    recipe = re.search(r"^docs-check:.*\n((?:\t.*\n)+)", makefile, re.M)
+    assert recipe, "make docs-check builds the site"
+    return recipe.group(1).replace("\t", "").strip()
+
+
+def _build(project: Path) -> subprocess.CompletedProcess[str]:
+    """`make docs-check`'s own command, in `project`."""
     pytest.importorskip("mkdocs", reason="mkdocs is in the dev extra (make test installs it)")
-    return subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(project / "mkdocs.yml"),
-         "-d", str(site)],
-        capture_output=True, text=True, timeout=180, check=False, env=ENV,
-    )
+    recipe = _docs_check_recipe()
+    assert "--strict" in recipe
+    return subprocess.run(["bash", "-c", recipe], cwd=project, capture_output=True, text=True,
+                          timeout=180, check=False, env=ENV)
 
 
 def test_site_builds_strict(tmp_path: Path) -> None:
-    result = _build(ROOT, tmp_path / "site")
-    assert result.returncode == 0, result.stderr
-    built = {p.parent.name for p in (tmp_path / "site").glob("*/index.html")}
+    project = _copy(tmp_path)
+    result = _build(project)
+    assert result.returncode == 0, result.stdout + result.stderr
+    built = {p.parent.name for p in (project / ".run" / "site").glob("*/index.html")}
     assert built == {p.stem for p in DOCS.glob("*.md")} - {"index"}
+
+
+def _copy(tmp_path: Path) -> Path:
+    """The site's sources, copied: the checkout's .run/ is left alone."""
+    project = tmp_path / "project"
+    shutil.copytree(DOCS, project / "docs")
+    shutil.copy(ROOT / "mkdocs.yml", project / "mkdocs.yml")
+    return project
 
 
 def _replace(page: str, old: str, new: str) -> Callable[[Path], None]:
@@ -70,12 +87,10 @@ BREAKAGES = {
 
 @pytest.mark.parametrize("breakage", list(BREAKAGES))
 def test_strict_build_fails_on(breakage: str, tmp_path: Path) -> None:
-    project = tmp_path / "project"
-    shutil.copytree(DOCS, project / "docs")
-    shutil.copy(ROOT / "mkdocs.yml", project / "mkdocs.yml")
+    project = _copy(tmp_path)
     edit, named = BREAKAGES[breakage]
     edit(project)
-    result = _build(project, tmp_path / "site")
+    result = _build(project)
     said = result.stdout + result.stderr
     assert result.returncode != 0, said
     assert named in said and "Aborted" in said and "strict mode" in said, said
