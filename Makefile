@@ -9,7 +9,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: help venv gen check-gen lint fmt test test-fast up bench loadtest prometheus chromium wrk clean
+.PHONY: help venv gen check-gen lint fmt test test-fast up bench loadtest prometheus chromium wrk clean docs docs-check
 
 help:
 	@echo "make up        start the local mesh (CPU backends, adapters, router, Envoy)"
@@ -20,6 +20,7 @@ help:
 	@echo "make lint      ruff and mypy"
 	@echo "make bench     benchmarks; prints figures"
 	@echo "make loadtest URL=http://host:8000 [ARGS=...]  load-test a deployment"
+	@echo "make docs      serve the documentation site on http://127.0.0.1:8010"
 
 $(STAMP): pyproject.toml gen/python/pyproject.toml scripts/install_llama_cpp.sh
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -78,7 +79,7 @@ wrk:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -qq --no-install-recommends wrk >/dev/null; }
 
-test: $(STAMP) check-gen lint prometheus chromium wrk
+test: $(STAMP) check-gen lint docs-check prometheus chromium wrk
 	$(PY) -m pytest -q -p no:cacheprovider -p tests.strict_skips
 
 test-fast: $(STAMP)
@@ -99,6 +100,14 @@ LOADTEST_OUT := .run/loadtest
 loadtest: $(STAMP)
 	$(PY) -m tools.loadtest --url "$(or $(URL),http://127.0.0.1:8000)" \
 		--json $(LOADTEST_OUT)/results.json --plot $(LOADTEST_OUT)/results.png $(ARGS)
+
+# The documentation site from docs/ (mkdocs.yml). Port 8010: Envoy has 8000.
+docs: $(STAMP)
+	mkdocs serve -f mkdocs.yml -a 127.0.0.1:8010
+
+# A broken link or anchor, or a page missing from the nav, fails the build.
+docs-check: $(STAMP)
+	mkdocs build --strict -f mkdocs.yml -d .run/site
 
 clean:
 	rm -rf .run .mypy_cache .ruff_cache .pytest_cache

@@ -10,7 +10,7 @@ errors in plain words, work from the keyboard and in a narrow window.
 One more test runs the page over the CPU profile that `make up` starts
 without TGI (llama.cpp with SmolLM2 behind both models): real text through
 the whole mesh. With LLMMESH_UPDATE_SCREENSHOT=1 it writes
-docs/playground.png, the screenshot the README shows.
+docs/playground.png, the screenshot docs/playground.md shows.
 """
 
 from __future__ import annotations

@@ -154,7 +154,7 @@ def test_router_reaches_adapter_over_mutual_tls(secure: SecureMesh) -> None:
 
 @pytest.mark.parametrize("flags", [["-cacert"], ["-plaintext"]], ids=["no-cert", "plaintext"])
 def test_grpcurl_without_a_certificate_fails_to_dial(secure: SecureMesh, flags: list[str]) -> None:
-    # What the README's Security section says such a client sees: the server
+    # What docs/security.md says such a client sees: the server
     # closes the connection, so no RPC status, only a failed dial.
     args = [*flags, str(secure.certs / "ca.pem")] if flags == ["-cacert"] else flags
     grpcurl = str(Path(sys.executable).parent / "grpcurl")

@@ -73,10 +73,12 @@ def test_status_without_details_falls_back_on_code():
     assert from_rpc_error(odd).reason is Reason.INTERNAL
 
 
-def _readme_error_rows() -> dict[str, tuple[str, str]]:
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = text[text.index("### Errors"):]
-    section = section[: section.index("\n## ")]
+def _documented_error_rows() -> dict[str, tuple[str, str]]:
+    """The error table of the HTTP API's page (docs/http-api.md, "Errors")."""
+    text = (ROOT / "docs" / "http-api.md").read_text(encoding="utf-8")
+    section = text[text.index("\n## Errors\n"):]
+    end = section.find("\n## ", 1)
+    section = section if end < 0 else section[:end]
     rows = {}
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
@@ -85,14 +87,14 @@ def _readme_error_rows() -> dict[str, tuple[str, str]]:
     return rows
 
 
-def test_readme_error_table_has_every_reason_with_its_code():
-    rows = _readme_error_rows()
+def test_documented_error_table_has_every_reason_with_its_code():
+    rows = _documented_error_rows()
     assert set(rows) == {r.value for r in Reason}
     for reason, (code, _) in rows.items():
         assert code == TABLE[Reason(reason)].code, reason
 
 
-def test_readme_http_status_is_envoys():
+def test_documented_http_status_is_envoys():
     """The HTTP column: what Envoy makes of the gRPC code, or Envoy's own status."""
     http = {"INVALID_ARGUMENT": "400", "NOT_FOUND": "404", "UNAUTHENTICATED": "401",
             "RESOURCE_EXHAUSTED": "429", "INTERNAL": "500", "UNAVAILABLE": "503",
@@ -100,5 +102,5 @@ def test_readme_http_status_is_envoys():
     edge: dict[str, set[str]] = {}
     for status, error in EDGE_ERRORS.items():
         edge.setdefault(error.reason.value, set()).add(str(status))
-    for reason, (code, status) in _readme_error_rows().items():
+    for reason, (code, status) in _documented_error_rows().items():
         assert status in {http[code], *edge.get(reason, ())}, reason

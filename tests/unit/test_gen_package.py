@@ -30,7 +30,7 @@ def test_stubs_build_into_a_wheel(tmp_path):
     metadata = next(n for n in names if n.endswith("METADATA"))
     requires = zipfile.ZipFile(wheel).read(metadata).decode()
     assert "Requires-Dist: grpcio" in requires and "Requires-Dist: protobuf" in requires
-    # Every module the README's client example imports comes with the stubs,
+    # Every module the Python client examples (README, docs/grpc.md) import comes with the stubs,
     # grpc_status (for rpc_status.from_call) included.
     required = {
         re.split(r"[ ;<>=!~(\[]", line.removeprefix("Requires-Dist: "))[0].lower()
