@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from services.common.errors import MeshError, Reason
+from services.openai.errors import error_object
 from tools.loadtest.clients import OpenAIClient, Record, Target
 from tools.loadtest.workload import Item
 
@@ -50,6 +52,10 @@ async def server() -> AsyncIterator[tuple[str, list[Any]]]:
         if mode == "break":
             await resp.write(b'data: {"error": {"message": "boom", "type": "server_error", '
                              b'"code": "internal"}}\n\n')
+            return resp
+        if mode == "overloaded":  # the mesh's own in-stream error for a 429 reason
+            error = error_object(MeshError(Reason.OVERLOADED, "the engine is full"))
+            await resp.write(b"data: " + json.dumps({"error": error}).encode() + b"\n\n")
             return resp
         await resp.write(_chunk({}, finish="length"))
         await resp.write(_chunk(None, usage={"prompt_tokens": 9, "completion_tokens": 4,
@@ -100,3 +106,10 @@ async def test_429_and_in_band_errors_are_failures_with_reasons(server: Any) -> 
     broken = await run(url, "break")
     assert not broken.ok and not broken.rate_limited
     assert broken.error == "in-band internal"
+
+
+async def test_an_in_stream_overloaded_error_counts_as_rate_limited(server: Any) -> None:
+    url, _ = server
+    record = await run(url, "overloaded")
+    assert not record.ok and record.rate_limited
+    assert record.error == "in-band overloaded"

@@ -46,6 +46,11 @@ def test_nearest_rank_picks_a_measured_value_at_the_right_rank() -> None:
     assert nearest_rank([3.0, 1.0, 2.0], 50) == 2.0
     assert nearest_rank([5.0], 99) == 5.0
     assert nearest_rank([1, 2, 3, 4], 25) == 1  # not one rank high
+    # The rank rounds up (ceil), never to the nearest: 60% of 4 samples is rank
+    # 2.4 -> 3, and 91% of 10 is rank 9.1 -> 10.
+    assert nearest_rank([1, 2, 3, 4], 60) == 3
+    assert nearest_rank(list(range(1, 11)), 91) == 10
+    assert nearest_rank(list(range(1, 11)), 90) == 9
     with pytest.raises(ValueError):
         nearest_rank([], 50)
 
@@ -147,6 +152,37 @@ def test_a_bad_dataset_line_is_named(tmp_path: Path) -> None:
     path.write_text(json.dumps({"prompt": "hi", "output_tokens": 4}) + "\n{\"prompt\": 1}\n")
     with pytest.raises(ValueError, match=r"d\.jsonl:2"):
         load_dataset(path)
+    path.write_text(json.dumps({"output_tokens": 4}) + "\n")
+    with pytest.raises(ValueError, match=r"d\.jsonl:1: missing field 'prompt'"):
+        load_dataset(path)
+
+
+def test_a_dataset_line_without_output_tokens_takes_them_from_the_option(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"prompt": "hi"}) + "\n"
+                    + json.dumps({"prompt": "yo", "output_tokens": 7}) + "\n")
+    got = load_dataset(path, output_tokens=Distribution(33, 33))
+    assert [i.max_tokens for i in got] == [33, 7]
+    s = cli.settings_from(["--dataset", str(path), "--output-tokens", "fixed:21"])
+    assert s.dataset_items is not None
+    assert [i.max_tokens for i in s.dataset_items] == [21, 7]
+
+
+def test_a_bad_dataset_is_one_line_on_the_command_line_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"output_tokens": 3}) + "\n")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.settings_from(["--dataset", str(path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{path}:1: missing field 'prompt'" in err and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        cli.settings_from(["--dataset", str(tmp_path / "absent.jsonl")])
+    assert "absent.jsonl" in capsys.readouterr().err
 
 
 def test_options_become_settings_and_bad_ones_exit_with_a_message(
@@ -259,6 +295,22 @@ async def test_a_rate_sends_on_schedule_and_a_cap_bounds_requests_in_flight() ->
     # 10 arrivals at 20/s: about half a second, not all at once (wide bounds).
     assert 0.1 < time.perf_counter() - started < 5
     assert len(records) == 10
+
+
+async def test_with_a_cap_the_clock_starts_when_a_request_was_due_not_when_it_was_sent(
+) -> None:
+    # All six are due at once; with one in flight at a time the last waits for
+    # five before it is sent, and that wait is part of its latency.
+    client = SleepyClient(0.1)
+    records = await run_step(client, items(), Step("rate", float("inf")),
+                             Bounds(requests=6, duration=60, request_timeout=5,
+                                    max_concurrency=1), progress_out=None)
+    assert client.peak == 1
+    e2e = sorted(r.e2e for r in records)
+    assert e2e[0] < 0.3
+    assert e2e[-1] >= 0.55  # six requests of 0.1 s, one after the other
+    starts = [r.start for r in records]
+    assert max(starts) - min(starts) < 0.05  # all were due together
 
 
 async def test_a_request_over_its_timeout_is_a_timeout() -> None:

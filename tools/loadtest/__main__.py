@@ -40,7 +40,7 @@ from tools.loadtest.arrivals import Step, parse_steps
 from tools.loadtest.clients import APIS, Target, make_client
 from tools.loadtest.runner import Bounds, run_step
 from tools.loadtest.stats import SLO, by_model, per_request
-from tools.loadtest.workload import SYNTHETIC, Distribution, Workload, load_dataset
+from tools.loadtest.workload import SYNTHETIC, Distribution, Item, Workload, load_dataset
 
 DEFAULT_CONCURRENCY = "1,2,4,8"
 
@@ -53,6 +53,7 @@ class Settings:
     models: tuple[str, ...]
     scenario: str | None
     dataset: Path | None
+    dataset_items: tuple[Item, ...] | None
     input_tokens: Distribution
     output_tokens: Distribution
     steps: tuple[Step, ...]
@@ -77,7 +78,7 @@ class Settings:
             "models": list(self.models), "scenario": self.scenario,
             "dataset": str(self.dataset) if self.dataset else None,
             "input_tokens": None if self.dataset else str(self.input_tokens),
-            "output_tokens": None if self.dataset else str(self.output_tokens),
+            "output_tokens": str(self.output_tokens),
             "steps": [{"mode": s.mode, "value": s.json_value} for s in self.steps],
             "warmup": self.warmup,
             "burstiness": self.burstiness,
@@ -121,7 +122,8 @@ def parser() -> argparse.ArgumentParser:
                         "default: the system's [LOADTEST_CA_FILE]")
     w = p.add_argument_group("workload")
     w.add_argument("--dataset", default=_env("DATASET", "synthetic"),
-                   help="JSONL of {prompt, output_tokens[, model, scenario]}; 'synthetic' is "
+                   help="JSONL of {prompt[, output_tokens, model, scenario]} (output_tokens "
+                        "defaults from --output-tokens); 'synthetic' is "
                         "the shipped one; 'none' generates prompts from --input-tokens "
                         "[LOADTEST_DATASET]")
     w.add_argument("--input-tokens", default=_env("INPUT_TOKENS", "fixed:128"),
@@ -203,6 +205,8 @@ def settings_from(argv: Sequence[str] | None = None) -> Settings:
         dataset = None
         if args.dataset and args.dataset != "none":
             dataset = SYNTHETIC if args.dataset == "synthetic" else Path(args.dataset)
+        output_tokens = Distribution.parse(args.output_tokens)
+        items = tuple(load_dataset(dataset, output_tokens, args.seed)) if dataset else None
         url = args.url if "://" in args.url else f"http://{args.url}"
         parts = urlsplit(url)
         if not parts.hostname:
@@ -210,9 +214,9 @@ def settings_from(argv: Sequence[str] | None = None) -> Settings:
         port = parts.port or (443 if parts.scheme == "https" else 80)
         return Settings(
             url=url, api=args.api, grpc_target=args.grpc_target or f"{parts.hostname}:{port}",
-            models=models, scenario=args.scenario, dataset=dataset,
+            models=models, scenario=args.scenario, dataset=dataset, dataset_items=items,
             input_tokens=Distribution.parse(args.input_tokens),
-            output_tokens=Distribution.parse(args.output_tokens),
+            output_tokens=output_tokens,
             steps=tuple(steps), warmup=args.warmup, burstiness=args.burstiness,
             bounds=Bounds(args.requests, args.duration, args.request_timeout,
                           args.max_concurrency),
@@ -228,8 +232,7 @@ def settings_from(argv: Sequence[str] | None = None) -> Settings:
 
 async def run(settings: Settings) -> dict[str, Any]:
     """Every step of the sweep against the target; the results as a JSON-ready dict."""
-    dataset = load_dataset(settings.dataset) if settings.dataset else None
-    workload = Workload(settings.models, dataset=dataset, input_tokens=settings.input_tokens,
+    workload = Workload(settings.models, dataset=settings.dataset_items, input_tokens=settings.input_tokens,
                         output_tokens=settings.output_tokens, scenario=settings.scenario,
                         seed=settings.seed)
     target = Target(settings.url, settings.grpc_target, settings.api_key, settings.temperature,

@@ -154,6 +154,16 @@ def _http_error(status: int, raw: bytes) -> str:
     return f"http {status} {reason}" if reason else f"http {status}"
 
 
+# An in-stream OpenAI error that stands for HTTP 429: OpenAI's `type`, or a
+# `code` that names it (llmmesh puts its reason label there: `overloaded`).
+RATE_LIMIT_CODES = frozenset({"overloaded", "rate_limit_exceeded", "rate_limit", "429"})
+
+
+def _rate_limited(error: dict[str, Any]) -> bool:
+    return (error.get("type") == "rate_limit_error"
+            or str(error.get("code") or "").lower() in RATE_LIMIT_CODES)
+
+
 class NativeHTTPClient:
     """llmmesh's HTTP API: `POST /v1/generate_stream`, SSE."""
 
@@ -325,7 +335,7 @@ class OpenAIClient:
                 if event.get("error"):
                     error = event["error"]
                     code = error.get("code") or error.get("type") or "error"
-                    record.fail(f"in-band {code}", rate_limited=str(code) == "429")
+                    record.fail(f"in-band {code}", rate_limited=_rate_limited(error))
                     done = True
                     continue
                 for choice in event.get("choices") or []:

@@ -7,8 +7,9 @@ sends a prompt of roughly 256 tokens (the server's own count is reported).
 
 A dataset is a JSONL file, one request per line:
     {"prompt": "...", "output_tokens": 128, "model": "qwen2", "scenario": "qa"}
-`output_tokens` is the `max_new_tokens` / `max_tokens` sent; `model` and
-`scenario` are optional and override the command line's.
+`output_tokens` is the `max_new_tokens` / `max_tokens` sent (a line without
+it takes one from --output-tokens); `model` and `scenario` are optional and
+override the command line's.
 """
 
 from __future__ import annotations
@@ -83,22 +84,37 @@ def synthetic_prompt(tokens: int, rng: random.Random) -> str:
     return f"{head} {body}"
 
 
-def load_dataset(path: Path) -> list[Item]:
-    """The requests of a JSONL dataset; a clear error names the bad line."""
+def load_dataset(path: Path, output_tokens: Distribution | None = None,
+                 seed: int = 0) -> list[Item]:
+    """The requests of a JSONL dataset; a clear error names the bad line.
+
+    A line without `output_tokens` takes a length from `output_tokens` (the
+    --output-tokens option), sampled with `seed`; without it the line is an error.
+    """
+    rng = random.Random(seed)
     items = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                prompt = row["prompt"]
-                out = int(row["output_tokens"])
-                if not isinstance(prompt, str) or not prompt.strip() or out < 1:
-                    raise ValueError("needs a non-empty prompt and output_tokens >= 1")
-                items.append(Item(prompt, out, row.get("model"), row.get("scenario")))
-            except (ValueError, KeyError, TypeError) as exc:
-                raise ValueError(f"{path}:{number}: {exc}") from None
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read the dataset: {exc}") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("expected a JSON object")
+            for name in ("prompt",) if output_tokens else ("prompt", "output_tokens"):
+                if name not in row:
+                    raise ValueError(f"missing field {name!r}")
+            prompt = row["prompt"]
+            out = (int(row["output_tokens"]) if "output_tokens" in row
+                   else output_tokens.sample(rng) if output_tokens else 0)
+            if not isinstance(prompt, str) or not prompt.strip() or out < 1:
+                raise ValueError("needs a non-empty prompt and output_tokens >= 1")
+            items.append(Item(prompt, out, row.get("model"), row.get("scenario")))
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{path}:{number}: {exc}") from None
     if not items:
         raise ValueError(f"{path}: no requests")
     return items
