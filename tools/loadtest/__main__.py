@@ -232,7 +232,8 @@ def settings_from(argv: Sequence[str] | None = None) -> Settings:
 
 async def run(settings: Settings) -> dict[str, Any]:
     """Every step of the sweep against the target; the results as a JSON-ready dict."""
-    workload = Workload(settings.models, dataset=settings.dataset_items, input_tokens=settings.input_tokens,
+    workload = Workload(settings.models, dataset=settings.dataset_items,
+                        input_tokens=settings.input_tokens,
                         output_tokens=settings.output_tokens, scenario=settings.scenario,
                         seed=settings.seed)
     target = Target(settings.url, settings.grpc_target, settings.api_key, settings.temperature,
