@@ -179,8 +179,11 @@ class NativeHTTPClient:
         params: dict[str, Any] = {"max_new_tokens": item.max_tokens}
         if self.target.temperature is not None:
             params["temperature"] = self.target.temperature
-        body: dict[str, Any] = {"model_id": item.model, "inputs": item.prompt,
-                                "parameters": params}
+        body: dict[str, Any] = {"model_id": item.model, "parameters": params}
+        if item.messages:
+            body["messages"] = item.chat()
+        else:
+            body["inputs"] = item.prompt
         if item.scenario:
             body["scenario"] = item.scenario
         return body
@@ -253,8 +256,13 @@ class GRPCClient:
         params = pb.GenerationParameters(max_new_tokens=item.max_tokens)
         if self.target.temperature is not None:
             params.temperature = self.target.temperature
-        request = pb.GenerateStreamRequest(model_id=item.model or "", inputs=item.prompt,
+        request = pb.GenerateStreamRequest(model_id=item.model or "",
                                            scenario=item.scenario or "", parameters=params)
+        if item.messages:
+            request.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"])
+                                    for m in item.chat())
+        else:
+            request.inputs = item.prompt
         seen = 0
         done = False
         try:
@@ -308,7 +316,7 @@ class OpenAIClient:
 
     def body(self, item: Item) -> dict[str, Any]:
         body: dict[str, Any] = {
-            "model": item.model, "messages": [{"role": "user", "content": item.prompt}],
+            "model": item.model, "messages": item.chat(),
             "max_tokens": item.max_tokens, "stream": True,
             "stream_options": {"include_usage": True},
         }

@@ -35,12 +35,20 @@ WORDS = (
 
 @dataclass(frozen=True)
 class Item:
-    """One request to send."""
+    """One request to send: `prompt`, or a conversation in `messages` (role,
+    content) whose last turn is the user's `prompt`."""
 
     prompt: str
     max_tokens: int
     model: str | None = None
     scenario: str | None = None
+    messages: tuple[tuple[str, str], ...] = ()
+
+    def chat(self) -> list[dict[str, str]]:
+        """The conversation as OpenAI and llmmesh take it."""
+        if self.messages:
+            return [{"role": role, "content": content} for role, content in self.messages]
+        return [{"role": "user", "content": self.prompt}]
 
 
 @dataclass(frozen=True)
@@ -120,6 +128,75 @@ def load_dataset(path: Path, output_tokens: Distribution | None = None,
     return items
 
 
+@dataclass(frozen=True)
+class SharedPrefix:
+    """Conversations that share long beginnings, as chat and agent traffic does
+    (the shape of vLLM's prefix-repetition and multi-turn benchmark datasets).
+
+    `prefixes` system prompts of `prefix_tokens` tokens each; `conversations`
+    conversations (conversation c opens with system prompt c mod `prefixes`),
+    each of `turns` turns. A turn adds a user message of `suffix_tokens`
+    tokens; from the second turn on the conversation so far comes first (the
+    earlier user messages, each followed by a stand-in assistant reply of the
+    turn's output length), so every turn's prompt extends the one before it.
+    Tokens are approximated by words of WORDS (about one token each for the
+    BPE tokenizers of Qwen2, Llama 3 and SmolLM2); the servers' own counts are
+    reported. The stand-in replies are not the model's answers: an engine's
+    cache holds the previous prompt, not the reply it generated.
+    """
+
+    prefixes: int
+    prefix_tokens: int = 1000
+    turns: int = 4
+    suffix_tokens: int = 32
+    conversations: int | None = None  # default: one per prefix
+
+    def __post_init__(self) -> None:
+        if self.prefixes < 1 or self.prefix_tokens < 1 or self.turns < 1:
+            raise ValueError("--prefixes, --prefix-tokens and --turns must be >= 1")
+        if self.suffix_tokens < 1:
+            raise ValueError("--suffix-tokens must be >= 1")
+        if self.conversations is not None and self.conversations < 1:
+            raise ValueError("--conversations must be >= 1")
+
+    @property
+    def n_conversations(self) -> int:
+        return self.conversations or self.prefixes
+
+    def describe(self) -> dict[str, int]:
+        return {"prefixes": self.prefixes, "prefix_tokens": self.prefix_tokens,
+                "turns": self.turns, "suffix_tokens": self.suffix_tokens,
+                "conversations": self.n_conversations}
+
+
+def _words(n: int, rng: random.Random) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def shared_prefix_items(
+    spec: SharedPrefix, models: Sequence[str], output_tokens: Distribution,
+    scenario: str | None, seed: int,
+) -> Iterator[Item]:
+    """Endless turns of `spec`'s conversations. Conversations advance together:
+    every conversation's turn t is sent before any conversation's turn t + 1,
+    so at a concurrency up to the number of conversations a turn is sent after
+    the one before it has (usually) been answered. After the last turn, a new
+    round of conversations begins over the same system prompts."""
+    rng = random.Random(seed)
+    prompts = [f"You are assistant number {k}. Keep to these notes: "
+               + _words(max(1, spec.prefix_tokens - 10), rng) for k in range(spec.prefixes)]
+    while True:
+        chats: list[list[tuple[str, str]]] = [
+            [("system", prompts[c % spec.prefixes])] for c in range(spec.n_conversations)]
+        for _turn in range(spec.turns):
+            for c, chat in enumerate(chats):
+                user = _words(spec.suffix_tokens, rng)
+                out = output_tokens.sample(rng)
+                model = models[c % len(models)]
+                yield Item(user, out, model, scenario, (*chat, ("user", user)))
+                chat += [("user", user), ("assistant", _words(out, rng))]
+
+
 class Workload:
     """An endless, seeded sequence of requests, spread over the models in turn."""
 
@@ -132,9 +209,11 @@ class Workload:
         output_tokens: Distribution = Distribution(128, 128),
         scenario: str | None = None,
         seed: int = 0,
+        shared_prefix: SharedPrefix | None = None,
     ) -> None:
         if not models:
             raise ValueError("at least one model")
+        self.shared_prefix = shared_prefix
         self.models = list(models)
         self.dataset = list(dataset) if dataset else None
         self.input_tokens = input_tokens
@@ -143,6 +222,10 @@ class Workload:
         self.seed = seed
 
     def items(self) -> Iterator[Item]:
+        if self.shared_prefix is not None:
+            yield from shared_prefix_items(self.shared_prefix, self.models, self.output_tokens,
+                                           self.scenario, self.seed)
+            return
         rng = random.Random(self.seed)
         order: list[Item] = []
         i = 0
@@ -161,6 +244,10 @@ class Workload:
             i += 1
 
     def describe(self) -> dict[str, object]:
+        if self.shared_prefix is not None:
+            return {"models": self.models, "shared_prefix": self.shared_prefix.describe(),
+                    "output_tokens": str(self.output_tokens), "scenario": self.scenario,
+                    "seed": self.seed}
         if self.dataset is not None:
             return {"models": self.models, "dataset_requests": len(self.dataset),
                     "scenario": self.scenario, "seed": self.seed}
