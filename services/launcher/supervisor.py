@@ -123,12 +123,12 @@ class Supervisor:
         self._clock = clock
         self._children = {p.name: _Child(p) for p in plan.procs}
         self._stop = False
-        router = next((p for p in plan.procs if p.name == "router"), None)
+        router = self._children.get("router")
         self.models: ModelWatch | None = None
         if router is not None and plan.models:
             self.models = ModelWatch(
-                plan.models, functools.partial(serving_models, router.ready, plan.models),
-                log, detail=self._model_detail,
+                plan.models, functools.partial(self._router_models, router), log,
+                detail=self._model_detail,
             )
 
     def request_stop(self) -> None:
@@ -200,6 +200,13 @@ class Supervisor:
             elif child.restart_at is not None and self._clock() >= child.restart_at:
                 child.restart_at = None
                 self._start(child, again=True)
+
+    def _router_models(self, router: _Child) -> dict[str, bool] | None:
+        """What the router says it can serve, once it serves (a router that has
+        just started again says no model until its first health round)."""
+        if not router.was_ready or not router.running or router.died_at is not None:
+            return None
+        return serving_models(router.proc.ready, self.plan.models)
 
     def _model_detail(self, model: str) -> str:
         """Which of the model's own processes do not serve, if any."""
@@ -309,6 +316,8 @@ class Supervisor:
                     raise LaunchError(self._died(child.proc, popen))
             # What was ready once is supervised already: restarted if it died.
             self.tick()
+            if self.models is not None:
+                self.models.tick()
             for proc in list(waiting):
                 child = self._children[proc.name]
                 if child.running and is_ready(proc.ready):
