@@ -115,6 +115,10 @@ def banner(plan: Plan) -> str:
             " (CPU backend, SmolLM2-135M-Instruct)" if replica.cpu
             else "" if replica.kind == "tgi" else f" ({replica.kind})")
         lines.append(f"  {replica.model:<8} adapter {replica.adapter} -> {engine}")
+    cpu = [f"{r.engine_url}/metrics" for r in plan.replicas if r.cpu]
+    if len(cpu) > len({r.model for r in plan.replicas if r.cpu}):
+        # Several replicas of a model: where the load test reads their cache hits.
+        lines.append(f"  engines' /metrics   {','.join(cpu)}   (tools.loadtest --cache-metrics)")
     if plan.prometheus:
         lines.append(f"  Prometheus          http://{host}:{ports.prometheus}")
     else:

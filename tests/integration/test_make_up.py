@@ -197,6 +197,13 @@ def test_replicas_two_runs_two_backends_and_adapters_per_model_and_says_a_model_
         _until(lambda: "restarted backend-llama3" in log.read_text(), 30, "restart", log)
         _until(lambda: _model(base, "llama3")["ready_replicas"] == 2, 90, "both back", log)
         assert "MODEL DOWN" not in log.read_text()
+        # The router restarting is not an outage of the models behind it.
+        router = [p for p, c in _launcher_children(launcher.pid).items()
+                  if b"services.router" in c]
+        os.kill(router[0], signal.SIGKILL)
+        _until(lambda: "router serves again" in log.read_text(), 60, "router back", log)
+        time.sleep(1.5)  # a few of the watch's polls
+        assert "MODEL DOWN" not in log.read_text()
         # Every replica down: said with the model and the time, then said back.
         for pid in backend_pids():
             os.kill(pid, signal.SIGKILL)

@@ -139,7 +139,8 @@ def test_replicas_give_each_cpu_model_backends_and_adapters_on_the_port_scheme(
     router = by_name["router"]
     assert router.env["QWEN2_ADAPTERS"] == "127.0.0.1:50061,127.0.0.1:50062"
     assert router.env["LLAMA3_ADAPTERS"] == "127.0.0.1:50063,127.0.0.1:50064"
-    jobs = {j["job_name"]: j["static_configs"] for j in configs.prometheus_config(p)["scrape_configs"]}
+    scrape = configs.prometheus_config(p)["scrape_configs"]
+    jobs = {j["job_name"]: j["static_configs"] for j in scrape}
     assert jobs["adapter"] == [{"targets": [f"127.0.0.1:{9465 + i}" for i in range(4)]}]
     assert jobs["backend"] == [
         {"targets": ["127.0.0.1:8081", "127.0.0.1:8082"], "labels": {"model": "qwen2"}},
@@ -147,7 +148,11 @@ def test_replicas_give_each_cpu_model_backends_and_adapters_on_the_port_scheme(
     ]
     banner = configs.banner(p)
     assert "llama3   adapter 127.0.0.1:50064 -> http://127.0.0.1:8084 (CPU backend" in banner
+    assert ("engines' /metrics   " + ",".join(f"http://127.0.0.1:{8081 + i}/metrics"
+                                             for i in range(4))) in banner
     # One replica keeps the names and ports a single mesh always had.
+    assert "engines' /metrics" not in configs.banner(plan(tmp_path, backends={},
+                                                           model_path=gguf))
     one = {x.name: x for x in plan(tmp_path, backends={}, model_path=gguf).procs}
     assert "--port" in one["backend-llama3"].argv and "8082" in one["backend-llama3"].argv
     assert one["router"].env["LLAMA3_ADAPTERS"] == "127.0.0.1:50062"
