@@ -89,7 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--restart-limit", type=int, default=defaults.limit,
                    help="deaths within --restart-window after which a process is left stopped")
     p.add_argument("--restart-window", type=float, default=defaults.window, help="seconds")
-    envflags.apply(p, os.environ, names={"backends": "BACKENDS", "replicas": "REPLICAS"})
+    envflags.apply(p, os.environ, names={"backends": "BACKENDS"})
     return p.parse_args(argv)
 
 
