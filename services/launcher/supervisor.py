@@ -77,8 +77,13 @@ class RestartPolicy:
                 f"{delays} s as it keeps dying" if delays else
                 "A process that dies after it was ready is not started again")
         return (f"{text}, and left stopped (with a plain message; the rest keeps serving) "
-                f"at its {self.limit}th death within {self.window:g} s. Each delay doubles "
+                f"at its {_ordinal(self.limit)} death within {self.window:g} s. Each delay doubles "
                 f"the one before, at most {self.max_delay:g} s.")
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 @dataclass

@@ -46,6 +46,8 @@ def test_the_default_policy_is_the_one_the_launcher_describes() -> None:
     assert " ".join(text.split()) in help_text
     assert "{restarts}" not in help_text
     assert RestartPolicy(limit=3).schedule() == (1, 2)
+    assert "at its 3rd death" in RestartPolicy(limit=3).describe()
+    assert "at its 1st death" in RestartPolicy(limit=1).describe()
 
 
 @pytest.mark.parametrize("values", [
