@@ -186,3 +186,5 @@ async def test_a_shared_prefix_run_reports_the_engines_cache_hit_share(
     assert seen[0]["messages"][0]["role"] == "system"
     assert [len(b["messages"]) for b in seen] == [2, 2, 4, 4, 6, 6]
     assert f"| {share * 100:.1f}% |" in cli.report.table(results)
+    assert [(t, v["requests"]) for t, v in step["turns"].items()] == [
+        ("1", 2), ("2", 2), ("3", 2)]

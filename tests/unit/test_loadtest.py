@@ -21,7 +21,7 @@ from tools.loadtest.engine_metrics import CacheSample, cache_figures, counts_of,
 from tools.loadtest.engine_metrics import shown as engine_shown
 from tools.loadtest.report import table
 from tools.loadtest.runner import Bounds, Progress, run_step
-from tools.loadtest.stats import SLO, by_model, nearest_rank, summarize
+from tools.loadtest.stats import SLO, by_model, by_turn, nearest_rank, summarize
 from tools.loadtest.workload import (
     SYNTHETIC,
     Distribution,
@@ -434,3 +434,21 @@ def test_the_cache_hit_share_is_the_steps_delta_and_na_when_nothing_reports() ->
     results = {"settings": {}, "steps": [{"label": "concurrency 2", "cache": figures,
                                           "models": by_model([record()], SLO())}]}
     assert table(results).splitlines()[2].endswith("| - | 50.0% |")
+
+
+def test_ttft_by_turn_groups_the_turns_of_conversations() -> None:
+    records = [record(ttft=0.5), record(ttft=0.1), record(ttft=0.2), record(error="timeout")]
+    for r, turn in zip(records, (1, 2, 2, 2), strict=True):
+        r.turn = turn
+    turns = by_turn(records)
+    assert list(turns) == ["1", "2"]
+    assert turns["1"]["ttft_ms"]["p50"] == 500
+    assert (turns["2"]["requests"], turns["2"]["successes"]) == (3, 2)
+    assert turns["2"]["ttft_ms"]["p90"] == 200
+    assert by_turn([record()]) == {}
+    results = {"settings": {}, "steps": [{"label": "concurrency 2", "turns": turns,
+                                          "models": by_model(records, SLO())}]}
+    assert "concurrency 2: TTFT p50/p90 by turn: 1: 500/500, 2: 100/200" in table(results)
+    spec = SharedPrefix(prefixes=1, prefix_tokens=20, turns=2, suffix_tokens=2)
+    items = list(itertools.islice(Workload(["m"], shared_prefix=spec).items(), 3))
+    assert [i.turn for i in items] == [1, 2, 1]

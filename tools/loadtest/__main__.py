@@ -47,7 +47,7 @@ from tools.loadtest.arrivals import Step, parse_steps
 from tools.loadtest.clients import APIS, Target, make_client
 from tools.loadtest.engine_metrics import CacheMetrics, cache_figures
 from tools.loadtest.runner import Bounds, run_step
-from tools.loadtest.stats import SLO, by_model, per_request
+from tools.loadtest.stats import SLO, by_model, by_turn, per_request
 from tools.loadtest.workload import (
     SYNTHETIC,
     Distribution,
@@ -317,6 +317,8 @@ async def run(settings: Settings) -> dict[str, Any]:
                                        "label": step.label,
                                        "models": by_model(records, settings.slo),
                                        "cache": cache_figures(before, await cache.sample())}
+            if settings.shared_prefix is not None:
+                figures["turns"] = by_turn(records)
             if settings.save_requests:
                 figures["requests"] = [per_request(r, records[0].start) for r in records]
             results["steps"].append(figures)

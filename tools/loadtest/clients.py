@@ -51,6 +51,7 @@ class Record:
     output_tokens: int = 0
     input_tokens: int | None = None
     finish_reason: str | None = None
+    turn: int | None = None  # the turn of its conversation (shared-prefix workload)
 
     @property
     def ok(self) -> bool:

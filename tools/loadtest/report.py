@@ -39,6 +39,14 @@ def table(results: dict[str, Any]) -> str:
                 f"{s['rate_limited']} | {errors} | {s['request_throughput']:.2f} | "
                 f"{s['output_token_throughput']:.1f} | {lat[0]} | {lat[1]} | {itl} | {e2e} | "
                 f"{good} | {engine_metrics.shown(step.get('cache'))} |")
+    turns = [
+        f"{step['label']}: TTFT p50/p90 by turn: " + ", ".join(
+            f"{turn}: {_q(t['ttft_ms'], 'p50')}/{_q(t['ttft_ms'], 'p90')}"
+            for turn, t in step["turns"].items())
+        for step in results["steps"] if step.get("turns")
+    ]
+    if turns:
+        lines += ["", *turns]
     notes = ["latencies in ms (nearest-rank percentiles of successful requests)",
              "cache hits: the share of prompt tokens the engines served from their prefix "
              "caches during the step, from their /metrics (--cache-metrics; n/a: not reported)"]

@@ -73,7 +73,8 @@ async def _one(client: Client, item: Item, timeout: float, progress: Progress,
                due: float | None = None) -> Record:
     """One request; its clock starts when it was `due` (at a rate, its arrival
     time, before any wait for a free slot under --max-concurrency), else now."""
-    record = Record(model=item.model or "", start=due if due is not None else time.perf_counter())
+    record = Record(model=item.model or "", turn=item.turn,
+                    start=due if due is not None else time.perf_counter())
     try:
         await asyncio.wait_for(client.run(item, record), timeout)
     except TimeoutError:

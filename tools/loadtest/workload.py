@@ -43,6 +43,7 @@ class Item:
     model: str | None = None
     scenario: str | None = None
     messages: tuple[tuple[str, str], ...] = ()
+    turn: int | None = None  # 1, 2, ... in a conversation of the shared-prefix workload
 
     def chat(self) -> list[dict[str, str]]:
         """The conversation as OpenAI and llmmesh take it."""
@@ -188,12 +189,12 @@ def shared_prefix_items(
     while True:
         chats: list[list[tuple[str, str]]] = [
             [("system", prompts[c % spec.prefixes])] for c in range(spec.n_conversations)]
-        for _turn in range(spec.turns):
+        for turn in range(1, spec.turns + 1):
             for c, chat in enumerate(chats):
                 user = _words(spec.suffix_tokens, rng)
                 out = output_tokens.sample(rng)
                 model = models[c % len(models)]
-                yield Item(user, out, model, scenario, (*chat, ("user", user)))
+                yield Item(user, out, model, scenario, (*chat, ("user", user)), turn)
                 chat += [("user", user), ("assistant", _words(out, rng))]
 
 
