@@ -10,8 +10,11 @@ balances as replicas of the model. --backends takes several URLs of one
 model comma-separated (qwen2=http://a:1,http://b:2): one adapter each.
 
 Each process is supervised from the moment it is ready, while the later
-ones still start. {restarts} When every replica of a model is down, the
-output says which model and since when, and again when it serves.
+ones still start. When every replica of a model is down, the output says
+which model and since when, and again when it serves.
+
+{restarts}
+
 Ctrl-C, SIGINT or SIGTERM stops every process it started, in reverse order,
 gracefully.
 
@@ -26,6 +29,7 @@ import functools
 import os
 import signal
 import sys
+import textwrap
 from pathlib import Path
 
 from services.common import envflags
@@ -38,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = RestartPolicy()
-    description = (__doc__ or "").replace("{restarts}", defaults.describe())
+    description = (__doc__ or "").replace("{restarts}", textwrap.fill(defaults.describe(), 76))
     p = argparse.ArgumentParser(prog="python -m services.launcher", description=description,
                                 epilog="tracing: the OTEL_* variables of this environment "
                                        "reach every process, Envoy's tracer included "
