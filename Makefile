@@ -13,7 +13,8 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 help:
 	@echo "make up        start the local mesh (CPU backends, adapters, router, Envoy)"
-	@echo "               [BACKENDS=\"qwen2=http://h:p ...\"] [API_KEYS_FILE=FILE] [TLS=1]"
+	@echo "               [REPLICAS=N] [BACKENDS=\"qwen2=http://h:p,http://h2:p ...\"]"
+	@echo "               [API_KEYS_FILE=FILE] [TLS=1]"
 	@echo "make test      install what is missing and run every check and test"
 	@echo "make test-fast unit and component tests only"
 	@echo "make gen       regenerate gen/ from protos/"
@@ -85,9 +86,10 @@ test: $(STAMP) check-gen lint docs-check prometheus chromium wrk
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit tests/component
 
-# make up [BACKENDS="qwen2=http://h:p ..."] [API_KEYS_FILE=keys.txt] [TLS=1]
+# make up [REPLICAS=N] [BACKENDS="qwen2=http://h:p,http://h2:p ..."] [API_KEYS_FILE=keys.txt] [TLS=1]
 up: $(STAMP)
 	$(PY) -m services.launcher $(if $(BACKENDS),--backends "$(BACKENDS)") \
+		$(if $(REPLICAS),--replicas "$(REPLICAS)") \
 		$(if $(API_KEYS_FILE),--api-keys-file "$(API_KEYS_FILE)") \
 		$(if $(filter 1 yes true on,$(TLS)),--tls)
 

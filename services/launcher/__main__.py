@@ -1,14 +1,22 @@
 """`make up`: start the whole local mesh and keep it in the foreground.
 
     python -m services.launcher [--backends "qwen2=vllm+http://HOST:PORT/v1 llama3=http://HOST:PORT"]
-        [--api-keys-file FILE] [--tls]
+        [--replicas N] [--api-keys-file FILE] [--tls]
 
 Without --backends every model gets a CPU backend (TGI's HTTP API over
-llama.cpp, SmolLM2 standing in for the real model). A process that dies
-while the mesh serves is started again after 1 s, then 2, 4 ... up to 30 s
-as it keeps dying, and left stopped (with a plain message; the rest keeps
-serving) after 5 deaths within 60 s. Ctrl-C, SIGINT or SIGTERM stops every
-process it started, in reverse order, gracefully.
+llama.cpp, SmolLM2 standing in for the real model); --replicas N gives each
+such model N CPU backends, each with its own adapter, which the router
+balances as replicas of the model. --backends takes several URLs of one
+model comma-separated (qwen2=http://a:1,http://b:2): one adapter each.
+
+Each process is supervised from the moment it is ready, while the later
+ones still start. When every replica of a model is down, the output says
+which model and since when, and again when it serves.
+
+{restarts}
+
+Ctrl-C, SIGINT or SIGTERM stops every process it started, in reverse order,
+gracefully.
 
 Every flag can also come from the environment, as shown below; children
 inherit the environment (OTEL_*, LLMMESH_LOG_LEVEL, ...).
@@ -21,6 +29,7 @@ import functools
 import os
 import signal
 import sys
+import textwrap
 from pathlib import Path
 
 from services.common import envflags
@@ -32,7 +41,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m services.launcher", description=__doc__,
+    defaults = RestartPolicy()
+    description = (__doc__ or "").replace("{restarts}", textwrap.fill(defaults.describe(), 76))
+    p = argparse.ArgumentParser(prog="python -m services.launcher", description=description,
                                 epilog="tracing: the OTEL_* variables of this environment "
                                        "reach every process, Envoy's tracer included "
                                        "(docs/tracing.md)",
@@ -43,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
              "a URL without a KIND+ prefix is TGI; KIND is openai, vllm, sglang, llamacpp "
              "or ollama",
     )
+    p.add_argument("--replicas", type=int, default=1,
+                   help="CPU backends, each with its adapter, per model without --backends")
     p.add_argument("--run-dir", type=Path, default=ROOT / ".run", help="logs and rendered configs")
     p.add_argument("--host", default="127.0.0.1", help="address every service binds to")
     p.add_argument("--envoy-port", type=int, default=8000, help="HTTP/JSON and gRPC")
@@ -72,14 +85,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="where the certificates are (default: RUN_DIR/tls)")
     p.add_argument("--ready-timeout", type=float, default=180.0,
                    help="seconds each stage may take to start")
-    p.add_argument("--restart-delay", type=float, default=1.0,
+    p.add_argument("--restart-delay", type=float, default=defaults.delay,
                    help="seconds before a dead process is started again; doubles with "
                         "each death within --restart-window")
-    p.add_argument("--restart-max-delay", type=float, default=30.0,
+    p.add_argument("--restart-max-delay", type=float, default=defaults.max_delay,
                    help="the longest wait before a restart")
-    p.add_argument("--restart-limit", type=int, default=5,
+    p.add_argument("--restart-limit", type=int, default=defaults.limit,
                    help="deaths within --restart-window after which a process is left stopped")
-    p.add_argument("--restart-window", type=float, default=60.0, help="seconds")
+    p.add_argument("--restart-window", type=float, default=defaults.window, help="seconds")
     envflags.apply(p, os.environ, names={"backends": "BACKENDS"})
     return p.parse_args(argv)
 
@@ -115,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             prometheus=not args.no_prometheus,
             api_keys_file=args.api_keys_file,
             tls_dir=tls_dir,
+            replicas=args.replicas,
         )
         if plan.tls is not None and certs.ensure(plan.tls):
             print(f"made development certificates in {plan.tls.dir}", flush=True)

@@ -56,17 +56,21 @@ def prometheus_config(plan: Plan, rules_dir: Path = RULES_DIR) -> dict[str, Any]
     """Scrape every process of the plan, with observability/render.py's jobs and
     the rules of observability/prometheus/rules."""
     host, ports = plan.host, plan.ports
-    backends = {
-        m: _hostport(plan.backends[m]) if m in plan.backends else f"{host}:{ports.backend + i}"
-        for i, m in enumerate(plan.models)
-    }
+    engines: dict[str, list[str]] = {}
+    for replica in plan.replicas:
+        engines.setdefault(replica.model, []).append(_hostport(replica.engine_url))
     config: dict[str, Any] = _observability_render().prometheus_config(
         router=f"{host}:{ports.metrics}",
-        adapters=[f"{host}:{ports.metrics + 1 + i}" for i in range(len(plan.models))],
+        adapters=[f"{host}:{r.metrics_port}" for r in plan.replicas],
         envoy=f"{host}:{ports.admin}",
-        backends=backends,
+        backends={m: targets[0] for m, targets in engines.items()},
         rule_files=[str(rules_dir / "*.yml")],
     )
+    # Every replica's engine, labelled with its model.
+    for job in config["scrape_configs"]:
+        if job["job_name"] == "backend":
+            for group in job["static_configs"]:
+                group["targets"] = engines[group["labels"]["model"]]
     return config
 
 
@@ -106,11 +110,15 @@ def banner(plan: Plan) -> str:
         f"  playground          {base}/   (open it in a browser)",
         f"  OpenAI API          {base}/v1   (router's listener {host}:{ports.openai})",
     ]
-    for i, model in enumerate(plan.models):
-        backend = plan.backends.get(model) or (
-            f"http://{host}:{ports.backend + i} (CPU backend, SmolLM2-135M-Instruct)"
-        )
-        lines.append(f"  {model:<8} adapter {host}:{ports.adapter + i} -> {backend}")
+    for replica in plan.replicas:
+        engine = replica.engine_url + (
+            " (CPU backend, SmolLM2-135M-Instruct)" if replica.cpu
+            else "" if replica.kind == "tgi" else f" ({replica.kind})")
+        lines.append(f"  {replica.model:<8} adapter {replica.adapter} -> {engine}")
+    cpu = [f"{r.engine_url}/metrics" for r in plan.replicas if r.cpu]
+    if len(cpu) > len({r.model for r in plan.replicas if r.cpu}):
+        # Several replicas of a model: where the load test reads their cache hits.
+        lines.append(f"  engines' /metrics   {','.join(cpu)}   (tools.loadtest --cache-metrics)")
     if plan.prometheus:
         lines.append(f"  Prometheus          http://{host}:{ports.prometheus}")
     else:

@@ -86,6 +86,21 @@ class Proc:
     ready: Ready
     ports: tuple[int, ...]
     env: dict[str, str] = field(default_factory=dict)
+    model: str | None = None  # the model a backend or adapter serves
+
+
+@dataclass(frozen=True)
+class Replica:
+    """One replica of a model as the router sees it: an adapter, and the engine
+    it drives (a CPU backend of the mesh's own, or a URL given in BACKENDS)."""
+
+    model: str
+    index: int  # 1, 2, ... within the model
+    adapter: str  # host:port
+    metrics_port: int
+    engine_url: str  # without the KIND+ prefix
+    kind: str
+    cpu: bool  # a CPU backend the launcher runs
 
 
 @dataclass(frozen=True)
@@ -96,8 +111,9 @@ class Plan:
     run_dir: Path
     models: tuple[str, ...]
     cpu_models: tuple[str, ...]
-    backends: dict[str, str]
+    backends: dict[str, str]  # model -> its engines' URLs, comma-separated
     prometheus: bool
+    replicas: tuple[Replica, ...] = ()
     # Said once at start: what the local mesh leaves out, and how to get it.
     notes: tuple[str, ...] = ()
     api_keys_file: Path | None = None
@@ -125,19 +141,32 @@ def default_gguf() -> Path:
 def parse_backends(text: str) -> dict[str, str]:
     """`qwen2=openai+http://h:p/v1 llama3=http://h:p` (spaces or commas) ->
     {model: url}; a URL may carry its engine kind as a prefix (KIND+), and
-    one without a prefix is TGI."""
-    out: dict[str, str] = {}
+    one without a prefix is TGI. Several URLs for one model are replicas of
+    it (`qwen2=http://a:1,http://b:2`): they come back comma-separated."""
+    out: dict[str, list[str]] = {}
+    model: str | None = None
     for item in text.replace(",", " ").split():
-        model, sep, url = item.partition("=")
+        name, sep, url = item.partition("=")
+        if sep and "/" not in name and ":" not in name:
+            model = name
+        else:
+            name, url = model or "", item  # another URL of the model before it
         kind, _url = engine_of(url)
-        if not sep or not _url.startswith(("http://", "https://")) or kind not in ENGINE_KINDS:
+        if not name or not _url.startswith(("http://", "https://")) or kind not in ENGINE_KINDS:
             raise LaunchError(
                 f"BACKENDS: expected MODEL=http://HOST:PORT (TGI) or "
                 f"MODEL=KIND+http://HOST:PORT/v1 (KIND one of {', '.join(ENGINE_KINDS[1:])}), "
-                f"got {item!r}"
+                f"several URLs of one model comma-separated, got {item!r}"
             )
-        out[model] = url.rstrip("/")
-    return out
+        urls = out.setdefault(name, [])
+        if url.rstrip("/") not in urls:
+            urls.append(url.rstrip("/"))
+    return {name: ",".join(urls) for name, urls in out.items()}
+
+
+def urls_of(value: str) -> tuple[str, ...]:
+    """The URLs of a BACKENDS value (see parse_backends)."""
+    return tuple(u.strip() for u in value.split(",") if u.strip())
 
 
 def engine_of(url: str) -> tuple[str, str]:
@@ -166,10 +195,19 @@ def build_plan(
     prometheus: bool,
     api_keys_file: Path | None = None,
     tls_dir: Path | None = None,
+    replicas: int = 1,
 ) -> Plan:
     """Every process of the mesh, in start order. `tls_dir`: serve HTTPS and
     gRPC over TLS at the edge, mutual TLS inside, with the certificates of
-    scripts/dev_ca.sh in that folder."""
+    scripts/dev_ca.sh in that folder. `replicas`: CPU backends (each with its
+    adapter) per model without BACKENDS; a model with BACKENDS gets one
+    adapter per URL.
+
+    Ports: model i's r-th CPU backend takes `backend + i * replicas + r`;
+    adapters take consecutive ports from `adapter` in model order, and their
+    metrics consecutive ports from `metrics + 1`."""
+    if replicas < 1:
+        raise LaunchError(f"REPLICAS must be 1 or more, got {replicas}")
     registry = load_registry(root / "models" / "registry.yaml", env={})
     ids = tuple(m.id for m in registry.models)
     for name in backends:
@@ -186,40 +224,55 @@ def build_plan(
     py = sys.executable
     procs: list[Proc] = []
     addresses: dict[str, str] = {}
+    replica_list: list[Replica] = []
+    slot = 0  # the next adapter's offset from the first adapter port
     for i, model in enumerate(ids):
-        kind, url = engine_of(backends.get(model, ""))
-        if not url:
-            assert gguf is not None
-            port = ports.backend + i
-            url = f"http://{host}:{port}"
-            procs.append(Proc(
-                name=f"backend-{model}", stage=0, ports=(port,),
-                argv=(py, "-m", "services.cpu_backend", "--host", host, "--port", str(port),
-                      "--model-path", str(gguf), "--served-model-id", _served_name(gguf),
-                      "--max-concurrent-requests", str(max_concurrent_requests or 128),
-                      "--threads", str(threads)),
-                ready=Ready("http", f"{url}/health"),
-            ))
-        adapter_port = ports.adapter + i
-        metrics_port = ports.metrics + 1 + i
-        argv = [py, "-m", "services.adapter", "--model", model,
-                "--engine", kind, "--engine-url", url,
-                "--host", host, "--port", str(adapter_port),
-                "--metrics-port", str(metrics_port),
-                "--max-concurrency",
-                # TGI's default, as the CPU backend's: it queues what it cannot batch yet.
-                str(max_concurrent_requests or 128)]
+        engines: list[tuple[str, str, bool]] = []  # (kind, url, CPU backend of ours)
         if model in cpu_models:
-            # SmolLM2 stands in for the model: its own chat template, from the GGUF.
-            argv += ["--chat-template", str(gguf)]
-        if tls is not None:
-            argv += tls.flags("adapter")
-        procs.append(Proc(
-            name=f"adapter-{model}", stage=1, ports=(adapter_port, metrics_port),
-            argv=tuple(argv),
-            ready=Ready("grpc", f"{host}:{adapter_port}", tls=tls.client() if tls else None),
-        ))
-        addresses[model] = f"{host}:{adapter_port}"
+            assert gguf is not None
+            for r in range(replicas):
+                port = ports.backend + i * replicas + r
+                url = f"http://{host}:{port}"
+                procs.append(Proc(
+                    name=f"backend-{model}{_nth(r, replicas)}", stage=0, ports=(port,),
+                    argv=(py, "-m", "services.cpu_backend", "--host", host, "--port", str(port),
+                          "--model-path", str(gguf), "--served-model-id", _served_name(gguf),
+                          "--max-concurrent-requests", str(max_concurrent_requests or 128),
+                          "--threads", str(threads)),
+                    ready=Ready("http", f"{url}/health"), model=model,
+                ))
+                engines.append(("tgi", url, True))
+        else:
+            engines = [(*engine_of(u), False) for u in urls_of(backends[model])]
+        mine: list[str] = []
+        for r, (kind, url, cpu) in enumerate(engines):
+            adapter_port = ports.adapter + slot
+            metrics_port = ports.metrics + 1 + slot
+            slot += 1
+            argv = [py, "-m", "services.adapter", "--model", model,
+                    "--engine", kind, "--engine-url", url,
+                    "--host", host, "--port", str(adapter_port),
+                    "--metrics-port", str(metrics_port),
+                    "--max-concurrency",
+                    # TGI's default, as the CPU backend's: it queues what it cannot batch yet.
+                    str(max_concurrent_requests or 128)]
+            if cpu:
+                # SmolLM2 stands in for the model: its own chat template, from the GGUF.
+                argv += ["--chat-template", str(gguf)]
+            if tls is not None:
+                argv += tls.flags("adapter")
+            procs.append(Proc(
+                name=f"adapter-{model}{_nth(r, len(engines))}", stage=1,
+                ports=(adapter_port, metrics_port), argv=tuple(argv),
+                ready=Ready("grpc", f"{host}:{adapter_port}", tls=tls.client() if tls else None),
+                model=model,
+            ))
+            mine.append(f"{host}:{adapter_port}")
+            replica_list.append(Replica(model, r + 1, f"{host}:{adapter_port}", metrics_port,
+                                        url, kind, cpu))
+        # The router balances over every adapter of the model (the registry's
+        # comma-separated `adapters`).
+        addresses[model] = ",".join(mine)
     procs.append(Proc(
         name="router", stage=2, ports=(ports.router, ports.metrics, ports.openai),
         argv=(py, "-m", "services.router", "--host", host, "--port", str(ports.router),
@@ -266,7 +319,13 @@ def build_plan(
         procs=tuple(procs), host=host, ports=ports, run_dir=run_dir, models=ids,
         cpu_models=cpu_models, backends=backends, prometheus=want_prometheus,
         notes=tuple(notes), api_keys_file=api_keys_file, tls=tls,
+        replicas=tuple(replica_list),
     )
+
+
+def _nth(index: int, count: int) -> str:
+    """A replica's name suffix: none when a model has one, else -1, -2 ..."""
+    return f"-{index + 1}" if count > 1 else ""
 
 
 def _first_key(api_keys_file: Path | None) -> str | None:

@@ -1,17 +1,20 @@
-"""Start the plan's processes stage by stage, wait until each is ready, then
-keep them running: a process that dies is started again after a delay that
-doubles with each recent death, and left stopped (said plainly) only when it
-keeps dying. A signal stops them all, newest first.
+"""Start the plan's processes stage by stage, wait until each is ready, and
+keep each running from the moment it is ready (while later stages still
+start): a process that dies is started again after a delay that doubles with
+each recent death, and left stopped (said plainly) only when it keeps dying.
+A signal stops them all, newest first.
 
-While starting, a process that dies stops the launch with its log's last
-lines: at that point a death is a configuration problem that restarting
-would not fix.
+A process that dies before it was ever ready stops the launch with its log's
+last lines: such a death is a configuration problem that restarting would
+not fix. Once the mesh is up, a model that loses its last serving replica is
+said, with the time, and again when it serves (model_watch.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import json
 import os
 import signal
@@ -30,6 +33,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.launcher import configs
+from services.launcher.model_watch import ModelWatch
 from services.launcher.plan import LaunchError, Plan, Proc, Ready
 
 __all__ = ["LaunchError", "RestartPolicy", "Supervisor"]
@@ -62,6 +66,25 @@ class RestartPolicy:
     def backoff(self, deaths: int) -> float:
         return float(min(self.max_delay, self.delay * 2 ** max(0, deaths - 1)))
 
+    def schedule(self) -> tuple[float, ...]:
+        """The delays a process that keeps dying waits, in order, before it is given up."""
+        return tuple(self.backoff(n) for n in range(1, self.limit))
+
+    def describe(self) -> str:
+        """The policy in words, for the launcher's help and docs."""
+        delays = ", ".join(f"{d:g}" for d in self.schedule())
+        text = (f"A process that dies after it was ready is started again after "
+                f"{delays} s as it keeps dying" if delays else
+                "A process that dies after it was ready is not started again")
+        return (f"{text}, and left stopped (with a plain message; the rest keeps serving) "
+                f"at its {_ordinal(self.limit)} death within {self.window:g} s. Each delay doubles "
+                f"the one before, at most {self.max_delay:g} s.")
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
 
 @dataclass
 class _Child:
@@ -73,6 +96,7 @@ class _Child:
     restart_at: float | None = None  # a restart is due at this time
     died_at: float | None = None  # the last death not yet followed by readiness
     given_up: bool = False
+    was_ready: bool = False  # ready once: from then on a death means a restart
 
     @property
     def running(self) -> bool:
@@ -104,6 +128,13 @@ class Supervisor:
         self._clock = clock
         self._children = {p.name: _Child(p) for p in plan.procs}
         self._stop = False
+        router = self._children.get("router")
+        self.models: ModelWatch | None = None
+        if router is not None and plan.models:
+            self.models = ModelWatch(
+                plan.models, functools.partial(self._router_models, router), log,
+                detail=self._model_detail,
+            )
 
     def request_stop(self) -> None:
         self._stop = True
@@ -146,6 +177,8 @@ class Supervisor:
         """Until a stop is requested: restart what dies, report what serves again."""
         while not self._stop:
             self.tick()
+            if self.models is not None:
+                self.models.tick()
             if all(c.given_up for c in self._children.values()):
                 self._log("every process has been given up; stopping")
                 return 1
@@ -159,6 +192,8 @@ class Supervisor:
                 return
             if child.running:
                 assert child.popen is not None
+                if not child.was_ready:
+                    continue  # still starting: a death there stops the launch
                 if child.popen.poll() is not None:
                     self._on_death(child)
                 elif child.died_at is not None and is_ready(child.proc.ready, whole=False):
@@ -170,6 +205,24 @@ class Supervisor:
             elif child.restart_at is not None and self._clock() >= child.restart_at:
                 child.restart_at = None
                 self._start(child, again=True)
+
+    def _router_models(self, router: _Child) -> dict[str, bool] | None:
+        """What the router says it can serve, once it serves (a router that has
+        just started again says no model until its first health round)."""
+        if not router.was_ready or not router.running or router.died_at is not None:
+            return None
+        return serving_models(router.proc.ready, self.plan.models)
+
+    def _model_detail(self, model: str) -> str:
+        """Which of the model's own processes do not serve, if any."""
+        names = [c.proc.name for c in self._children.values() if c.proc.model == model
+                 and (not c.running or c.died_at is not None)]
+        gave_up = [c.proc.name for c in self._children.values()
+                   if c.proc.model == model and c.given_up]
+        if not names:
+            return ""
+        text = f"not serving: {', '.join(names)}"
+        return text + (f"; given up: {', '.join(gave_up)}" if gave_up else "; restarting")
 
     def _on_death(self, child: _Child) -> None:
         assert child.popen is not None
@@ -264,11 +317,17 @@ class Supervisor:
         while waiting and not self._stop:
             for child in self._children.values():
                 popen = child.popen
-                if popen is not None and popen.poll() is not None:
+                if not child.was_ready and popen is not None and popen.poll() is not None:
                     raise LaunchError(self._died(child.proc, popen))
+            # What was ready once is supervised already: restarted if it died.
+            self.tick()
+            if self.models is not None:
+                self.models.tick()
             for proc in list(waiting):
-                if is_ready(proc.ready):
+                child = self._children[proc.name]
+                if child.running and is_ready(proc.ready):
                     self._log(f"{proc.name} is ready")
+                    child.was_ready = True
                     waiting.remove(proc)
             if waiting and time.monotonic() > deadline:
                 names = ", ".join(p.name for p in waiting)
@@ -304,6 +363,19 @@ def is_ready(ready: Ready, whole: bool = True) -> bool:
     otherwise only the process itself (after a restart)."""
     if ready.kind == "http":
         return _http_ready(ready, whole)
+    services = ready.services if whole else ready.services[:1]
+    statuses = _grpc_health(ready, services)
+    return statuses is not None and all(statuses.values())
+
+
+def serving_models(ready: Ready, models: tuple[str, ...]) -> dict[str, bool] | None:
+    """model -> whether the router behind `ready` has a serving replica of it (its
+    grpc.health.v1 status per model); None when the router does not answer."""
+    return _grpc_health(ready, models)
+
+
+def _grpc_health(ready: Ready, services: tuple[str, ...]) -> dict[str, bool] | None:
+    """service -> SERVING, for each service of a gRPC server; None if it does not answer."""
     tls = ready.tls
     if tls is None:
         channel = grpc.insecure_channel(ready.target)
@@ -318,15 +390,14 @@ def is_ready(ready: Ready, whole: bool = True) -> bool:
         channel = grpc.secure_channel(ready.target, credentials, options)
     with channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        services = ready.services if whole else ready.services[:1]
         try:
-            return all(
-                stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=1).status
+            return {
+                name: stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=1).status
                 == health_pb2.HealthCheckResponse.SERVING
                 for name in services
-            )
+            }
         except grpc.RpcError:
-            return False
+            return None
 
 
 def _http_ready(ready: Ready, whole: bool) -> bool:

@@ -15,6 +15,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from services.common.errors import MeshError, Reason
+from services.openai.errors import error_object
+from tools.loadtest import __main__ as cli
 from tools.loadtest.clients import OpenAIClient, Record, Target
 from tools.loadtest.workload import Item
 
@@ -50,6 +53,10 @@ async def server() -> AsyncIterator[tuple[str, list[Any]]]:
         if mode == "break":
             await resp.write(b'data: {"error": {"message": "boom", "type": "server_error", '
                              b'"code": "internal"}}\n\n')
+            return resp
+        if mode == "overloaded":  # the mesh's own in-stream error for a 429 reason
+            error = error_object(MeshError(Reason.OVERLOADED, "the engine is full"))
+            await resp.write(b"data: " + json.dumps({"error": error}).encode() + b"\n\n")
             return resp
         await resp.write(_chunk({}, finish="length"))
         await resp.write(_chunk(None, usage={"prompt_tokens": 9, "completion_tokens": 4,
@@ -100,3 +107,84 @@ async def test_429_and_in_band_errors_are_failures_with_reasons(server: Any) -> 
     broken = await run(url, "break")
     assert not broken.ok and not broken.rate_limited
     assert broken.error == "in-band internal"
+
+
+async def test_an_in_stream_overloaded_error_counts_as_rate_limited(server: Any) -> None:
+    url, _ = server
+    record = await run(url, "overloaded")
+    assert not record.ok and record.rate_limited
+    assert record.error == "in-band overloaded"
+
+
+@pytest.fixture
+async def caching_server() -> AsyncIterator[tuple[str, list[Any]]]:
+    """An OpenAI server with a word-level prefix cache that it reports as vLLM
+    does on /metrics (tokens queried, tokens found in the cache)."""
+    seen: list[Any] = []
+    cached: list[list[str]] = []
+    counts = {"queries": 0, "hits": 0}
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        seen.append(body)
+        words = " ".join(m["content"] for m in body["messages"]).split()
+        best = 0
+        for old in cached:
+            n = 0
+            while n < min(len(old), len(words)) and old[n] == words[n]:
+                n += 1
+            best = max(best, n)
+        counts["queries"] += len(words)
+        counts["hits"] += best
+        cached.append(words)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(_chunk({"content": "ok"}))
+        await resp.write(_chunk({}, finish="length"))
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(text=(
+            "# TYPE vllm:prefix_cache_queries_total counter\n"
+            f'vllm:prefix_cache_queries_total{{model_name="m"}} {counts["queries"]}.0\n'
+            f'vllm:prefix_cache_hits_total{{model_name="m"}} {counts["hits"]}.0\n'))
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield f"http://127.0.0.1:{port}", seen
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_shared_prefix_run_reports_the_engines_cache_hit_share(
+    caching_server: Any,
+) -> None:
+    url, seen = caching_server
+    settings = cli.settings_from([
+        "--url", url, "--api", "openai", "--model", "m", "--concurrency", "1",
+        "--prefixes", "2", "--prefix-tokens", "100", "--conversations", "2", "--turns", "3",
+        "--suffix-tokens", "5", "--output-tokens", "4", "--requests", "6", "--no-progress",
+        "--cache-metrics", f"{url}/metrics,http://127.0.0.1:9/metrics"])
+    results = await cli.run(settings)
+    (step,) = results["steps"]
+    assert step["models"]["m"]["successes"] == 6
+    # Turns 2 and 3 find their conversation so far in the cache: most prompt
+    # words are hits; turn 1 of each conversation finds none.
+    share = step["cache"]["hit_share"]
+    assert share is not None and 0.5 < share < 1
+    assert step["cache"]["queries"] == sum(
+        len(" ".join(m["content"] for m in body["messages"]).split()) for body in seen)
+    assert step["cache"]["engines"]["http://127.0.0.1:9/metrics"]["hit_share"] is None
+    assert seen[0]["messages"][0]["role"] == "system"
+    assert [len(b["messages"]) for b in seen] == [2, 2, 4, 4, 6, 6]
+    assert f"| {share * 100:.1f}% |" in cli.report.table(results)
+    assert [(t, v["requests"]) for t, v in step["turns"].items()] == [
+        ("1", 2), ("2", 2), ("3", 2)]

@@ -233,3 +233,29 @@ def test_the_mesh_openai_api_at_the_doubles_pace(paced_mesh: Mesh, tmp_path: Pat
         assert d * 0.9 <= s["ttft_ms"]["p50"] / 1000 <= d + 0.3, s["ttft_ms"]
         assert d * 0.9 <= s["tpot_ms"]["p50"] / 1000 <= d * 1.8, s["tpot_ms"]
         assert e2e * 0.95 <= s["e2e_ms"]["p50"] / 1000 <= e2e * 1.8 + 0.3, s["e2e_ms"]
+
+
+@pytest.mark.parametrize("api", ["http", "grpc", "openai"])
+def test_a_shared_prefix_workload_sends_whole_conversations_through_every_api(
+    paced_mesh: Mesh, tmp_path: Path, api: str
+) -> None:
+    double = paced_mesh.doubles["llama3"]
+    double.reset()
+    metrics = f"{double.url}/metrics"  # a TGI double: no prefix-cache counters
+    out = tmp_path / "results.json"
+    done = subprocess.run(python_module(
+        "tools.loadtest", "--json", str(out), "--url", paced_mesh.http, "--api", api,
+        "--model", "llama3", "--prefixes", "2", "--prefix-tokens", "60", "--turns", "2",
+        "--suffix-tokens", "4", "--output-tokens", "fixed:4", "--concurrency", "2",
+        "--requests", "4", "--cache-metrics", metrics), capture_output=True, text=True,
+        timeout=180, check=False)
+    assert done.returncode == 0, done.stderr
+    step = json.loads(out.read_text())["steps"][0]
+    s = step["models"]["llama3"]
+    assert (s["requests"], s["successes"]) == (4, 4), s["errors"]
+    assert step["cache"]["hit_share"] is None
+    assert "| n/a |" in done.stdout
+    # The last request was a second turn: the system prompt, then three turns,
+    # reached the engine rendered by the chat template.
+    prompt = json.dumps(double.stats()["last_request"]["body"])
+    assert "You are assistant number" in prompt

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import free_run
-from tests.procs import ROOT, free_port, python_module
+from tests.integration.conftest import free_run, stop_launcher, wait_launcher
+from tests.procs import ROOT, free_port, python_module, start, stop, wait_http
 
 pytestmark = pytest.mark.integration
 
@@ -121,3 +121,98 @@ def test_make_up_serves_real_text_and_stops_cleanly(tmp_path: Path) -> None:
     assert "stopped" in log.read_text()
     left = [pid for pid in spawned if alive(pid)]
     assert left == [], f"processes left behind: {left}"
+
+
+def _launcher_children(pid: int) -> dict[int, bytes]:
+    out = {}
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        try:
+            out[int(child)] = Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+    return out
+
+
+def _model(base: str, model: str) -> dict[str, object]:
+    with urllib.request.urlopen(f"{base}/v1/mesh/models/{model}", timeout=5) as resp:
+        body = json.loads(resp.read())
+    info = body.get("model", body)
+    return {k.replace("readyReplicas", "ready_replicas"): v for k, v in info.items()}
+
+
+def _until(check: object, timeout: float, what: str, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"{what}\n{log.read_text()}"
+        time.sleep(0.2)
+
+
+def test_replicas_two_runs_two_backends_and_adapters_per_model_and_says_a_model_down(
+    tmp_path: Path,
+) -> None:
+    pytest.importorskip("llama_cpp", reason="make test installs llama-cpp-python")
+    # llama3: REPLICAS=2 CPU backends; qwen2: two engines given as BACKENDS (TGI doubles).
+    doubles = []
+    urls = []
+    for i in range(2):
+        port = free_port()
+        doubles.append(start(python_module("tools.tgi_double", "--port", str(port),
+                                           "--model-id", "double/qwen2"),
+                             log_path=tmp_path / f"double-{i}.log"))
+        urls.append(f"http://127.0.0.1:{port}")
+    envoy_port = free_port()
+    backends = free_run(4)
+    log = tmp_path / "up.log"
+    launcher = start(python_module(
+        "services.launcher", "--run-dir", str(tmp_path / "run"), "--no-prometheus",
+        "--replicas", "2", "--backends", f"qwen2={','.join(urls)}", "--threads", "1",
+        "--envoy-port", str(envoy_port), "--admin-port", str(free_port()),
+        "--router-port", str(free_port()), "--adapter-port", str(free_run(4)),
+        "--backend-port", str(backends), "--metrics-port", str(free_run(5)),
+        "--openai-port", str(free_port()),
+    ), log_path=log)
+    base = f"http://127.0.0.1:{envoy_port}"
+    try:
+        for double, url in zip(doubles, urls, strict=True):
+            wait_http(f"{url}/health", 30, double)
+        wait_launcher(log, launcher, 240)
+        for model in ("qwen2", "llama3"):
+            info = _model(base, model)
+            assert (info["replicas"], info["ready_replicas"]) == (2, 2), info
+        banner = log.read_text()
+        # llama3 is the registry's second model: its backends follow qwen2's two slots.
+        for port in (backends + 2, backends + 3):
+            assert f"-> http://127.0.0.1:{port} (CPU backend" in banner, banner
+        for url in urls:
+            assert "qwen2    adapter 127.0.0.1:" in banner and f"-> {url}" in banner
+
+        def backend_pids() -> list[int]:
+            return [p for p, c in _launcher_children(launcher.pid).items()
+                    if b"services.cpu_backend" in c]
+
+        # One replica down: the model still serves, so no outage is said.
+        first = backend_pids()
+        assert len(first) == 2
+        os.kill(first[0], signal.SIGKILL)
+        _until(lambda: "restarted backend-llama3" in log.read_text(), 30, "restart", log)
+        _until(lambda: _model(base, "llama3")["ready_replicas"] == 2, 90, "both back", log)
+        assert "MODEL DOWN" not in log.read_text()
+        # The router restarting is not an outage of the models behind it.
+        router = [p for p, c in _launcher_children(launcher.pid).items()
+                  if b"services.router" in c]
+        os.kill(router[0], signal.SIGKILL)
+        _until(lambda: "router serves again" in log.read_text(), 60, "router back", log)
+        time.sleep(1.5)  # a few of the watch's polls
+        assert "MODEL DOWN" not in log.read_text()
+        # Every replica down: said with the model and the time, then said back.
+        for pid in backend_pids():
+            os.kill(pid, signal.SIGKILL)
+        _until(lambda: "MODEL DOWN: llama3 has no serving replica since" in log.read_text(),
+               30, "model down", log)
+        _until(lambda: "model llama3 serves again at" in log.read_text(), 120, "back", log)
+        assert "MODEL DOWN: qwen2" not in log.read_text()
+        assert "stopping the mesh" not in log.read_text()
+    finally:
+        stop_launcher(launcher)
+        for double in doubles:
+            stop(double)

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from services.launcher import certs, configs
-from services.launcher.plan import LaunchError, Plan, Ports, build_plan
+from services.launcher.plan import LaunchError, Plan, Ports, build_plan, parse_backends
 from tests.procs import ROOT
 
 BACKENDS = {"qwen2": "http://127.0.0.1:1", "llama3": "http://127.0.0.1:2"}
@@ -112,3 +112,80 @@ def test_make_up_passes_the_switches_on() -> None:
     plain = subprocess.run(["make", "-n", "up"], cwd=ROOT, capture_output=True, text=True,
                            check=True, timeout=30).stdout
     assert "--tls" not in plain and "--api-keys-file" not in plain
+
+
+def test_replicas_give_each_cpu_model_backends_and_adapters_on_the_port_scheme(
+    tmp_path: Path,
+) -> None:
+    gguf = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf.write_bytes(b"gguf")
+    p = plan(tmp_path, backends={}, model_path=gguf, replicas=2)
+    by_name = {x.name: x for x in p.procs}
+
+    def flag(name: str, option: str) -> str:
+        argv = list(by_name[name].argv)
+        return argv[argv.index(option) + 1]
+
+    # Model-major: qwen2's backends 8081-8082, llama3's 8083-8084; adapters and
+    # their metrics ports in the same order.
+    assert [flag(f"backend-{m}-{r}", "--port") for m in ("qwen2", "llama3") for r in (1, 2)] \
+        == ["8081", "8082", "8083", "8084"]
+    assert [flag(f"adapter-{m}-{r}", "--port") for m in ("qwen2", "llama3") for r in (1, 2)] \
+        == ["50061", "50062", "50063", "50064"]
+    assert [flag(f"adapter-{m}-{r}", "--metrics-port") for m in ("qwen2", "llama3")
+            for r in (1, 2)] == ["9465", "9466", "9467", "9468"]
+    assert flag("adapter-llama3-2", "--engine-url") == "http://127.0.0.1:8084"
+    assert by_name["adapter-qwen2-2"].model == "qwen2"
+    router = by_name["router"]
+    assert router.env["QWEN2_ADAPTERS"] == "127.0.0.1:50061,127.0.0.1:50062"
+    assert router.env["LLAMA3_ADAPTERS"] == "127.0.0.1:50063,127.0.0.1:50064"
+    scrape = configs.prometheus_config(p)["scrape_configs"]
+    jobs = {j["job_name"]: j["static_configs"] for j in scrape}
+    assert jobs["adapter"] == [{"targets": [f"127.0.0.1:{9465 + i}" for i in range(4)]}]
+    assert jobs["backend"] == [
+        {"targets": ["127.0.0.1:8081", "127.0.0.1:8082"], "labels": {"model": "qwen2"}},
+        {"targets": ["127.0.0.1:8083", "127.0.0.1:8084"], "labels": {"model": "llama3"}},
+    ]
+    banner = configs.banner(p)
+    assert "llama3   adapter 127.0.0.1:50064 -> http://127.0.0.1:8084 (CPU backend" in banner
+    assert ("engines' /metrics   " + ",".join(f"http://127.0.0.1:{8081 + i}/metrics"
+                                             for i in range(4))) in banner
+    # One replica keeps the names and ports a single mesh always had.
+    assert "engines' /metrics" not in configs.banner(plan(tmp_path, backends={},
+                                                           model_path=gguf))
+    one = {x.name: x for x in plan(tmp_path, backends={}, model_path=gguf).procs}
+    assert "--port" in one["backend-llama3"].argv and "8082" in one["backend-llama3"].argv
+    assert one["router"].env["LLAMA3_ADAPTERS"] == "127.0.0.1:50062"
+    with pytest.raises(LaunchError, match="REPLICAS"):
+        plan(tmp_path, backends={}, model_path=gguf, replicas=0)
+
+
+def test_several_backends_urls_of_a_model_get_one_adapter_each(tmp_path: Path) -> None:
+    backends = parse_backends("qwen2=http://a:1,vllm+http://b:2/v1 llama3=http://c:3")
+    assert backends == {"qwen2": "http://a:1,vllm+http://b:2/v1", "llama3": "http://c:3"}
+    # Items may be comma-separated too, as before.
+    assert parse_backends("qwen2=http://a:1,llama3=http://c:3,http://d:4") == {
+        "qwen2": "http://a:1", "llama3": "http://c:3,http://d:4"}
+    with pytest.raises(LaunchError, match="several URLs"):
+        parse_backends("http://a:1")  # a URL before any model
+    p = plan(tmp_path, backends=backends, replicas=3)  # REPLICAS: CPU models only
+    adapters = {x.name: list(x.argv) for x in p.procs if x.name.startswith("adapter-")}
+    assert sorted(adapters) == ["adapter-llama3", "adapter-qwen2-1", "adapter-qwen2-2"]
+    second = adapters["adapter-qwen2-2"]
+    assert second[second.index("--engine") + 1] == "vllm"
+    assert second[second.index("--engine-url") + 1] == "http://b:2/v1"
+    assert second[second.index("--port") + 1] == "50062"
+    llama3 = adapters["adapter-llama3"]
+    assert llama3[llama3.index("--port") + 1] == "50063"
+    router = next(x for x in p.procs if x.name == "router")
+    assert router.env["QWEN2_ADAPTERS"] == "127.0.0.1:50061,127.0.0.1:50062"
+    assert not [x for x in p.procs if x.name.startswith("backend-")]
+
+
+def test_make_up_passes_replicas_on() -> None:
+    dry = subprocess.run(["make", "-n", "up", "REPLICAS=2"], cwd=ROOT, capture_output=True,
+                         text=True, check=True, timeout=30).stdout
+    assert '--replicas "2"' in " ".join(dry.replace("\\\n", " ").split())
+    plain = subprocess.run(["make", "-n", "up"], cwd=ROOT, capture_output=True, text=True,
+                           check=True, timeout=30).stdout
+    assert "--replicas" not in plain

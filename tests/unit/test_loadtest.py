@@ -17,10 +17,19 @@ import pytest
 from tools.loadtest import __main__ as cli
 from tools.loadtest.arrivals import Step, gaps, parse_steps
 from tools.loadtest.clients import Record
+from tools.loadtest.engine_metrics import CacheSample, cache_figures, counts_of, parse_counters
+from tools.loadtest.engine_metrics import shown as engine_shown
 from tools.loadtest.report import table
 from tools.loadtest.runner import Bounds, Progress, run_step
-from tools.loadtest.stats import SLO, by_model, nearest_rank, summarize
-from tools.loadtest.workload import SYNTHETIC, Distribution, Item, Workload, load_dataset
+from tools.loadtest.stats import SLO, by_model, by_turn, nearest_rank, summarize
+from tools.loadtest.workload import (
+    SYNTHETIC,
+    Distribution,
+    Item,
+    SharedPrefix,
+    Workload,
+    load_dataset,
+)
 
 
 def record(model: str = "m", start: float = 0.0, ttft: float = 0.1, tokens: int = 11,
@@ -46,6 +55,11 @@ def test_nearest_rank_picks_a_measured_value_at_the_right_rank() -> None:
     assert nearest_rank([3.0, 1.0, 2.0], 50) == 2.0
     assert nearest_rank([5.0], 99) == 5.0
     assert nearest_rank([1, 2, 3, 4], 25) == 1  # not one rank high
+    # The rank rounds up (ceil), never to the nearest: 60% of 4 samples is rank
+    # 2.4 -> 3, and 91% of 10 is rank 9.1 -> 10.
+    assert nearest_rank([1, 2, 3, 4], 60) == 3
+    assert nearest_rank(list(range(1, 11)), 91) == 10
+    assert nearest_rank(list(range(1, 11)), 90) == 9
     with pytest.raises(ValueError):
         nearest_rank([], 50)
 
@@ -147,6 +161,37 @@ def test_a_bad_dataset_line_is_named(tmp_path: Path) -> None:
     path.write_text(json.dumps({"prompt": "hi", "output_tokens": 4}) + "\n{\"prompt\": 1}\n")
     with pytest.raises(ValueError, match=r"d\.jsonl:2"):
         load_dataset(path)
+    path.write_text(json.dumps({"output_tokens": 4}) + "\n")
+    with pytest.raises(ValueError, match=r"d\.jsonl:1: missing field 'prompt'"):
+        load_dataset(path)
+
+
+def test_a_dataset_line_without_output_tokens_takes_them_from_the_option(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"prompt": "hi"}) + "\n"
+                    + json.dumps({"prompt": "yo", "output_tokens": 7}) + "\n")
+    got = load_dataset(path, output_tokens=Distribution(33, 33))
+    assert [i.max_tokens for i in got] == [33, 7]
+    s = cli.settings_from(["--dataset", str(path), "--output-tokens", "fixed:21"])
+    assert s.dataset_items is not None
+    assert [i.max_tokens for i in s.dataset_items] == [21, 7]
+
+
+def test_a_bad_dataset_is_one_line_on_the_command_line_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"output_tokens": 3}) + "\n")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.settings_from(["--dataset", str(path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{path}:1: missing field 'prompt'" in err and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        cli.settings_from(["--dataset", str(tmp_path / "absent.jsonl")])
+    assert "absent.jsonl" in capsys.readouterr().err
 
 
 def test_options_become_settings_and_bad_ones_exit_with_a_message(
@@ -261,6 +306,22 @@ async def test_a_rate_sends_on_schedule_and_a_cap_bounds_requests_in_flight() ->
     assert len(records) == 10
 
 
+async def test_with_a_cap_the_clock_starts_when_a_request_was_due_not_when_it_was_sent(
+) -> None:
+    # All six are due at once; with one in flight at a time the last waits for
+    # five before it is sent, and that wait is part of its latency.
+    client = SleepyClient(0.1)
+    records = await run_step(client, items(), Step("rate", float("inf")),
+                             Bounds(requests=6, duration=60, request_timeout=5,
+                                    max_concurrency=1), progress_out=None)
+    assert client.peak == 1
+    e2e = sorted(r.e2e for r in records)
+    assert e2e[0] < 0.3
+    assert e2e[-1] >= 0.55  # six requests of 0.1 s, one after the other
+    starts = [r.start for r in records]
+    assert max(starts) - min(starts) < 0.05  # all were due together
+
+
 async def test_a_request_over_its_timeout_is_a_timeout() -> None:
     records = await run_step(SleepyClient(1.0), items(), Step("concurrency", 1),
                              Bounds(requests=1, duration=60, request_timeout=0.1),
@@ -277,3 +338,117 @@ async def test_a_reply_the_client_cannot_read_is_one_failure_not_the_end_of_the_
                              Bounds(requests=3, duration=60, request_timeout=5),
                              progress_out=None)
     assert [r.error for r in records] == ["bad reply KeyError"] * 3
+
+
+def test_shared_prefix_conversations_share_system_prompts_and_grow_turn_by_turn() -> None:
+    spec = SharedPrefix(prefixes=2, prefix_tokens=200, turns=3, suffix_tokens=8,
+                        conversations=4)
+    workload = Workload(["a", "b"], output_tokens=Distribution(5, 5), shared_prefix=spec,
+                        seed=1)
+    got = list(itertools.islice(workload.items(), 4 * 3 + 4))
+    first_round, second_round = got[:12], got[12:]
+    systems = [item.messages[0] for item in first_round[:4]]
+    assert all(role == "system" for role, _ in systems)
+    # Conversation c opens with prefix c mod 2: two distinct prompts, each shared.
+    assert systems[0] == systems[2] and systems[1] == systems[3] and systems[0] != systems[1]
+    assert 190 <= len(systems[0][1].split()) <= 210  # ~200 tokens, as words
+    for c in range(4):
+        turns = [first_round[t * 4 + c] for t in range(3)]  # every turn t before t + 1
+        assert [len(i.messages) for i in turns] == [2, 4, 6]
+        for earlier, later in itertools.pairwise(turns):
+            assert later.messages[:len(earlier.messages)] == earlier.messages  # it extends
+            assert later.messages[len(earlier.messages)][0] == "assistant"
+            assert len(later.messages[len(earlier.messages)][1].split()) == 5  # output length
+        assert all(i.messages[-1] == ("user", i.prompt) for i in turns)
+        assert len(turns[0].prompt.split()) == 8
+        assert {i.model for i in turns} == {"ab"[c % 2]}
+    # A new round of conversations over the same system prompts.
+    assert [len(i.messages) for i in second_round] == [2, 2, 2, 2]
+    assert second_round[0].messages[0] == systems[0]
+    assert second_round[0].messages[1] != first_round[0].messages[1]
+    # Seeded: the same workload sends the same requests.
+    again = list(itertools.islice(Workload(["a", "b"], output_tokens=Distribution(5, 5),
+                                           shared_prefix=spec, seed=1).items(), 16))
+    assert again == got
+    assert Item("hi", 3).chat() == [{"role": "user", "content": "hi"}]
+    for bad in ({"prefixes": 0}, {"prefixes": 1, "turns": 0},
+                {"prefixes": 1, "conversations": 0}, {"prefixes": 1, "suffix_tokens": 0}):
+        with pytest.raises(ValueError):
+            SharedPrefix(**bad)  # type: ignore[arg-type]
+
+
+def test_shared_prefix_and_cache_metrics_options() -> None:
+    s = cli.settings_from(["--prefixes", "3", "--prefix-tokens", "500", "--turns", "6",
+                           "--conversations", "8", "--cache-metrics",
+                           "http://h:8081/metrics, http://h:8082/metrics"])
+    assert s.shared_prefix == SharedPrefix(3, 500, 6, 32, 8)
+    assert s.dataset is None  # the shipped dataset is not used then
+    assert s.cache_metrics == ("http://h:8081/metrics", "http://h:8082/metrics")
+    assert s.describe()["shared_prefix"]["conversations"] == 8
+    assert cli.settings_from([]).shared_prefix is None
+    for argv in (["--prefixes", "0"], ["--cache-metrics", "h:8081/metrics"]):
+        with pytest.raises(SystemExit):
+            cli.settings_from(argv)
+
+
+VLLM_METRICS = """\
+# HELP vllm:prefix_cache_queries_total Prefix cache queries, in terms of number of queried tokens.
+# TYPE vllm:prefix_cache_queries_total counter
+vllm:prefix_cache_queries_total{engine="0",model_name="m"} 1000.0
+vllm:prefix_cache_queries_total{engine="1",model_name="m"} 500.0
+vllm:prefix_cache_hits_total{engine="0",model_name="m"} 600.0
+vllm:prefix_cache_hits_total{engine="1",model_name="m"} 150.0
+vllm:prefix_cache_hits_created{engine="0",model_name="m"} 1.7e9
+"""
+CPU_METRICS = """\
+llmmesh_cpu_prefix_cache_queries_total 200
+llmmesh_cpu_prefix_cache_hits_total 50
+llmmesh_cpu_prefix_cache_queries_created 1.7e9
+"""
+
+
+def test_engine_cache_counters_are_read_and_summed_over_series() -> None:
+    assert counts_of(VLLM_METRICS) == ("vllm", 1500.0, 750.0)
+    assert counts_of(CPU_METRICS) == ("llmmesh_cpu", 200.0, 50.0)
+    assert counts_of("tgi_request_count 5\n") is None
+    assert parse_counters('x{a="b c}"} 2\nx 3\nxy 4\n', {"x"}) == {"x": 5.0}
+
+
+def test_the_cache_hit_share_is_the_steps_delta_and_na_when_nothing_reports() -> None:
+    before = CacheSample({"http://a/metrics": ("llmmesh_cpu", 100.0, 10.0),
+                          "http://b/metrics": ("vllm", 0.0, 0.0)})
+    after = CacheSample({"http://a/metrics": ("llmmesh_cpu", 300.0, 160.0),
+                         "http://b/metrics": ("vllm", 200.0, 50.0)},
+                        errors={"http://c/metrics": "HTTP 404"})
+    figures = cache_figures(before, after)
+    assert figures["hit_share"] == 0.5  # (150 + 50) / (200 + 200)
+    assert figures["engines"]["http://a/metrics"]["hit_share"] == 0.75
+    assert figures["engines"]["http://c/metrics"] == {"engine": None, "hit_share": None,
+                                                       "why": "HTTP 404"}
+    assert engine_shown(figures) == "50.0%"
+    nothing = cache_figures(CacheSample(), CacheSample())
+    assert nothing["hit_share"] is None and engine_shown(nothing) == "n/a"
+    assert engine_shown(None) == "n/a"
+    idle = cache_figures(before, before)  # counters there, nothing queried
+    assert idle["hit_share"] is None
+    results = {"settings": {}, "steps": [{"label": "concurrency 2", "cache": figures,
+                                          "models": by_model([record()], SLO())}]}
+    assert table(results).splitlines()[2].endswith("| - | 50.0% |")
+
+
+def test_ttft_by_turn_groups_the_turns_of_conversations() -> None:
+    records = [record(ttft=0.5), record(ttft=0.1), record(ttft=0.2), record(error="timeout")]
+    for r, turn in zip(records, (1, 2, 2, 2), strict=True):
+        r.turn = turn
+    turns = by_turn(records)
+    assert list(turns) == ["1", "2"]
+    assert turns["1"]["ttft_ms"]["p50"] == 500
+    assert (turns["2"]["requests"], turns["2"]["successes"]) == (3, 2)
+    assert turns["2"]["ttft_ms"]["p90"] == 200
+    assert by_turn([record()]) == {}
+    results = {"settings": {}, "steps": [{"label": "concurrency 2", "turns": turns,
+                                          "models": by_model(records, SLO())}]}
+    assert "concurrency 2: TTFT p50/p90 by turn: 1: 500/500, 2: 100/200" in table(results)
+    spec = SharedPrefix(prefixes=1, prefix_tokens=20, turns=2, suffix_tokens=2)
+    items = list(itertools.islice(Workload(["m"], shared_prefix=spec).items(), 3))
+    assert [i.turn for i in items] == [1, 2, 1]

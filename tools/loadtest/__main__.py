@@ -13,11 +13,18 @@ Examples:
     # bursty arrivals (gamma shape 0.5) against an OpenAI-compatible server
     python -m tools.loadtest --url http://host:8000/v1 --api openai --model qwen2 \\
         --rate 2 --burstiness 0.5
+    # shared prefixes: 4 system prompts of ~1,000 tokens, 8 conversations of
+    # 6 turns, with the CPU backends' cache hits (make up REPLICAS=2)
+    python -m tools.loadtest --model llama3 --prefixes 4 --prefix-tokens 1000 \\
+        --conversations 8 --turns 6 --concurrency 4 --requests 48 \\
+        --cache-metrics http://127.0.0.1:8083/metrics,http://127.0.0.1:8084/metrics
 
 Each step of the sweep runs until --requests requests were sent or
 --duration seconds passed. Figures per model and step: TTFT, TPOT, ITL and
 E2E (p50/p90/p95/p99), request and output-token throughput, errors by
-reason (429s counted apart), goodput within the SLOs. Every option has an
+reason (429s counted apart), goodput within the SLOs, and, with
+--cache-metrics, the share of prompt tokens the engines served from their
+prefix caches ("n/a" where they do not say). Every option has an
 environment variable, shown in brackets.
 """
 
@@ -38,9 +45,17 @@ from urllib.parse import urlsplit
 from tools.loadtest import report
 from tools.loadtest.arrivals import Step, parse_steps
 from tools.loadtest.clients import APIS, Target, make_client
+from tools.loadtest.engine_metrics import CacheMetrics, cache_figures
 from tools.loadtest.runner import Bounds, run_step
-from tools.loadtest.stats import SLO, by_model, per_request
-from tools.loadtest.workload import SYNTHETIC, Distribution, Workload, load_dataset
+from tools.loadtest.stats import SLO, by_model, by_turn, per_request
+from tools.loadtest.workload import (
+    SYNTHETIC,
+    Distribution,
+    Item,
+    SharedPrefix,
+    Workload,
+    load_dataset,
+)
 
 DEFAULT_CONCURRENCY = "1,2,4,8"
 
@@ -53,6 +68,8 @@ class Settings:
     models: tuple[str, ...]
     scenario: str | None
     dataset: Path | None
+    dataset_items: tuple[Item, ...] | None
+    shared_prefix: SharedPrefix | None
     input_tokens: Distribution
     output_tokens: Distribution
     steps: tuple[Step, ...]
@@ -69,6 +86,7 @@ class Settings:
     plot_path: Path | None
     title: str | None
     progress: bool
+    cache_metrics: tuple[str, ...] = ()
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -76,13 +94,16 @@ class Settings:
             "grpc_target": self.grpc_target if self.api == "grpc" else None,
             "models": list(self.models), "scenario": self.scenario,
             "dataset": str(self.dataset) if self.dataset else None,
-            "input_tokens": None if self.dataset else str(self.input_tokens),
-            "output_tokens": None if self.dataset else str(self.output_tokens),
+            "shared_prefix": self.shared_prefix.describe() if self.shared_prefix else None,
+            "input_tokens": None if self.dataset or self.shared_prefix
+            else str(self.input_tokens),
+            "output_tokens": str(self.output_tokens),
             "steps": [{"mode": s.mode, "value": s.json_value} for s in self.steps],
             "warmup": self.warmup,
             "burstiness": self.burstiness,
             "bounds": asdict(self.bounds), "slo": self.slo.describe(), "seed": self.seed,
             "temperature": self.temperature,
+            "cache_metrics": list(self.cache_metrics),
         }
 
 
@@ -121,7 +142,8 @@ def parser() -> argparse.ArgumentParser:
                         "default: the system's [LOADTEST_CA_FILE]")
     w = p.add_argument_group("workload")
     w.add_argument("--dataset", default=_env("DATASET", "synthetic"),
-                   help="JSONL of {prompt, output_tokens[, model, scenario]}; 'synthetic' is "
+                   help="JSONL of {prompt[, output_tokens, model, scenario]} (output_tokens "
+                        "defaults from --output-tokens); 'synthetic' is "
                         "the shipped one; 'none' generates prompts from --input-tokens "
                         "[LOADTEST_DATASET]")
     w.add_argument("--input-tokens", default=_env("INPUT_TOKENS", "fixed:128"),
@@ -130,6 +152,20 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--output-tokens", default=_env("OUTPUT_TOKENS", "fixed:128"),
                    help="max new tokens without a dataset: fixed:N or uniform:LOW:HIGH "
                         "[LOADTEST_OUTPUT_TOKENS]")
+    w.add_argument("--prefixes", type=int, default=_env_int("PREFIXES"),
+                   help="shared-prefix workload: K system prompts shared by the "
+                        "conversations (instead of --dataset) [LOADTEST_PREFIXES]")
+    w.add_argument("--prefix-tokens", type=int, default=_env_int("PREFIX_TOKENS") or 1000,
+                   help="length of each shared system prompt, in tokens approximated by "
+                        "words [LOADTEST_PREFIX_TOKENS]")
+    w.add_argument("--conversations", type=int, default=_env_int("CONVERSATIONS"),
+                   help="conversations over the K prefixes (default: K) "
+                        "[LOADTEST_CONVERSATIONS]")
+    w.add_argument("--turns", type=int, default=_env_int("TURNS") or 4,
+                   help="turns per conversation; each turn's prompt extends the last "
+                        "[LOADTEST_TURNS]")
+    w.add_argument("--suffix-tokens", type=int, default=_env_int("SUFFIX_TOKENS") or 32,
+                   help="the user message each turn adds, in words [LOADTEST_SUFFIX_TOKENS]")
     w.add_argument("--scenario", default=_env("SCENARIO"),
                    help="llmmesh scenario (chat, qa, summarize, rewrite, raw) [LOADTEST_SCENARIO]")
     w.add_argument("--temperature", type=float, default=_env_float("TEMPERATURE"),
@@ -164,6 +200,12 @@ def parser() -> argparse.ArgumentParser:
                        ("e2e", "end-to-end latency")):
         s.add_argument(f"--slo-{name}-ms", type=float, default=_env_float(f"SLO_{name.upper()}_MS"),
                        help=f"{what} bound [LOADTEST_SLO_{name.upper()}_MS]")
+    m = p.add_argument_group("engines' prefix-cache figures")
+    m.add_argument("--cache-metrics", default=_env("CACHE_METRICS", ""),
+                   help="the engines' Prometheus /metrics URLs, comma-separated (CPU "
+                        "backends: http://HOST:PORT/metrics; vLLM: its /metrics): each step "
+                        "reports the share of prompt tokens their caches served "
+                        "[LOADTEST_CACHE_METRICS]")
     o = p.add_argument_group("output")
     o.add_argument("--json", type=Path, default=_env("JSON"),
                    help="write every figure here [LOADTEST_JSON]")
@@ -200,9 +242,19 @@ def settings_from(argv: Sequence[str] | None = None) -> Settings:
             raise ValueError("--burstiness must be > 0")
         if args.max_concurrency is not None and args.max_concurrency < 1:
             raise ValueError("--max-concurrency must be >= 1")
+        shared = None
+        if args.prefixes is not None:
+            shared = SharedPrefix(args.prefixes, args.prefix_tokens, args.turns,
+                                  args.suffix_tokens, args.conversations)
         dataset = None
-        if args.dataset and args.dataset != "none":
+        if args.dataset and args.dataset != "none" and shared is None:
             dataset = SYNTHETIC if args.dataset == "synthetic" else Path(args.dataset)
+        cache_urls = tuple(u.strip() for u in args.cache_metrics.split(",") if u.strip())
+        for u in cache_urls:
+            if not u.startswith(("http://", "https://")):
+                raise ValueError(f"--cache-metrics: expected http://HOST:PORT/metrics, got {u!r}")
+        output_tokens = Distribution.parse(args.output_tokens)
+        items = tuple(load_dataset(dataset, output_tokens, args.seed)) if dataset else None
         url = args.url if "://" in args.url else f"http://{args.url}"
         parts = urlsplit(url)
         if not parts.hostname:
@@ -210,9 +262,10 @@ def settings_from(argv: Sequence[str] | None = None) -> Settings:
         port = parts.port or (443 if parts.scheme == "https" else 80)
         return Settings(
             url=url, api=args.api, grpc_target=args.grpc_target or f"{parts.hostname}:{port}",
-            models=models, scenario=args.scenario, dataset=dataset,
+            models=models, scenario=args.scenario, dataset=dataset, dataset_items=items,
+            shared_prefix=shared, cache_metrics=cache_urls,
             input_tokens=Distribution.parse(args.input_tokens),
-            output_tokens=Distribution.parse(args.output_tokens),
+            output_tokens=output_tokens,
             steps=tuple(steps), warmup=args.warmup, burstiness=args.burstiness,
             bounds=Bounds(args.requests, args.duration, args.request_timeout,
                           args.max_concurrency),
@@ -228,10 +281,11 @@ def settings_from(argv: Sequence[str] | None = None) -> Settings:
 
 async def run(settings: Settings) -> dict[str, Any]:
     """Every step of the sweep against the target; the results as a JSON-ready dict."""
-    dataset = load_dataset(settings.dataset) if settings.dataset else None
-    workload = Workload(settings.models, dataset=dataset, input_tokens=settings.input_tokens,
+    workload = Workload(settings.models, dataset=settings.dataset_items,
+                        input_tokens=settings.input_tokens,
                         output_tokens=settings.output_tokens, scenario=settings.scenario,
-                        seed=settings.seed)
+                        seed=settings.seed, shared_prefix=settings.shared_prefix)
+    cache = CacheMetrics(settings.cache_metrics)
     target = Target(settings.url, settings.grpc_target, settings.api_key, settings.temperature,
                     settings.ca_file)
     hint = max(int(s.value) if s.mode == "concurrency" else 256 for s in settings.steps)
@@ -254,18 +308,23 @@ async def run(settings: Settings) -> dict[str, Any]:
                                  "failures": sum(1 for r in warm if not r.ok)}
         for i, step in enumerate(settings.steps):
             items = workload.items()  # every step sends the same requests
+            before = await cache.sample()
             records = await run_step(
                 client, items, step, settings.bounds, seed=settings.seed + i,
                 burstiness=settings.burstiness,
                 progress_out=sys.stderr if settings.progress else None)
             figures: dict[str, Any] = {"mode": step.mode, "value": step.json_value,
                                        "label": step.label,
-                                       "models": by_model(records, settings.slo)}
+                                       "models": by_model(records, settings.slo),
+                                       "cache": cache_figures(before, await cache.sample())}
+            if settings.shared_prefix is not None:
+                figures["turns"] = by_turn(records)
             if settings.save_requests:
                 figures["requests"] = [per_request(r, records[0].start) for r in records]
             results["steps"].append(figures)
     finally:
         await client.close()
+        await cache.close()
     return results
 
 

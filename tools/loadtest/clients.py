@@ -51,6 +51,7 @@ class Record:
     output_tokens: int = 0
     input_tokens: int | None = None
     finish_reason: str | None = None
+    turn: int | None = None  # the turn of its conversation (shared-prefix workload)
 
     @property
     def ok(self) -> bool:
@@ -154,6 +155,16 @@ def _http_error(status: int, raw: bytes) -> str:
     return f"http {status} {reason}" if reason else f"http {status}"
 
 
+# An in-stream OpenAI error that stands for HTTP 429: OpenAI's `type`, or a
+# `code` that names it (llmmesh puts its reason label there: `overloaded`).
+RATE_LIMIT_CODES = frozenset({"overloaded", "rate_limit_exceeded", "rate_limit", "429"})
+
+
+def _rate_limited(error: dict[str, Any]) -> bool:
+    return (error.get("type") == "rate_limit_error"
+            or str(error.get("code") or "").lower() in RATE_LIMIT_CODES)
+
+
 class NativeHTTPClient:
     """llmmesh's HTTP API: `POST /v1/generate_stream`, SSE."""
 
@@ -169,8 +180,11 @@ class NativeHTTPClient:
         params: dict[str, Any] = {"max_new_tokens": item.max_tokens}
         if self.target.temperature is not None:
             params["temperature"] = self.target.temperature
-        body: dict[str, Any] = {"model_id": item.model, "inputs": item.prompt,
-                                "parameters": params}
+        body: dict[str, Any] = {"model_id": item.model, "parameters": params}
+        if item.messages:
+            body["messages"] = item.chat()
+        else:
+            body["inputs"] = item.prompt
         if item.scenario:
             body["scenario"] = item.scenario
         return body
@@ -243,8 +257,13 @@ class GRPCClient:
         params = pb.GenerationParameters(max_new_tokens=item.max_tokens)
         if self.target.temperature is not None:
             params.temperature = self.target.temperature
-        request = pb.GenerateStreamRequest(model_id=item.model or "", inputs=item.prompt,
+        request = pb.GenerateStreamRequest(model_id=item.model or "",
                                            scenario=item.scenario or "", parameters=params)
+        if item.messages:
+            request.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"])
+                                    for m in item.chat())
+        else:
+            request.inputs = item.prompt
         seen = 0
         done = False
         try:
@@ -298,7 +317,7 @@ class OpenAIClient:
 
     def body(self, item: Item) -> dict[str, Any]:
         body: dict[str, Any] = {
-            "model": item.model, "messages": [{"role": "user", "content": item.prompt}],
+            "model": item.model, "messages": item.chat(),
             "max_tokens": item.max_tokens, "stream": True,
             "stream_options": {"include_usage": True},
         }
@@ -325,7 +344,7 @@ class OpenAIClient:
                 if event.get("error"):
                     error = event["error"]
                     code = error.get("code") or error.get("type") or "error"
-                    record.fail(f"in-band {code}", rate_limited=str(code) == "429")
+                    record.fail(f"in-band {code}", rate_limited=_rate_limited(error))
                     done = True
                     continue
                 for choice in event.get("choices") or []:

@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from tools.loadtest import engine_metrics
+
 
 def _q(dist: dict[str, float] | None, key: str) -> str:
     if not dist:
@@ -19,8 +21,9 @@ def table(results: dict[str, Any]) -> str:
     """One row per step and model; latencies in ms as p50/p90/p99."""
     slo = results["settings"].get("slo") or {}
     head = ("| step | model | ok/sent | 429s | errors | req/s | out tok/s | TTFT p50/p90/p99 "
-            "| TPOT p50/p90/p99 | ITL p50/p99 | E2E p50/p90/p99 | goodput req/s |")
-    lines = [head, "|" + "---|" * 12]
+            "| TPOT p50/p90/p99 | ITL p50/p99 | E2E p50/p90/p99 | goodput req/s "
+            "| cache hits |")
+    lines = [head, "|" + "---|" * 13]
     for step in results["steps"]:
         for model, s in step["models"].items():
             errors = ", ".join(f"{k} x{v}" for k, v in s["errors"].items()) or "-"
@@ -35,8 +38,18 @@ def table(results: dict[str, Any]) -> str:
                 f"| {step['label']} | {model} | {s['successes']}/{s['requests']} | "
                 f"{s['rate_limited']} | {errors} | {s['request_throughput']:.2f} | "
                 f"{s['output_token_throughput']:.1f} | {lat[0]} | {lat[1]} | {itl} | {e2e} | "
-                f"{good} |")
-    notes = ["latencies in ms (nearest-rank percentiles of successful requests)"]
+                f"{good} | {engine_metrics.shown(step.get('cache'))} |")
+    turns = [
+        f"{step['label']}: TTFT p50/p90 by turn: " + ", ".join(
+            f"{turn}: {_q(t['ttft_ms'], 'p50')}/{_q(t['ttft_ms'], 'p90')}"
+            for turn, t in step["turns"].items())
+        for step in results["steps"] if step.get("turns")
+    ]
+    if turns:
+        lines += ["", *turns]
+    notes = ["latencies in ms (nearest-rank percentiles of successful requests)",
+             "cache hits: the share of prompt tokens the engines served from their prefix "
+             "caches during the step, from their /metrics (--cache-metrics; n/a: not reported)"]
     if slo:
         notes.append("goodput: successes within " + ", ".join(
             f"{k.removesuffix('_ms').upper()} <= {v:g} ms" for k, v in slo.items()))

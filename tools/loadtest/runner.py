@@ -69,8 +69,12 @@ class Progress:
             self.out.flush()
 
 
-async def _one(client: Client, item: Item, timeout: float, progress: Progress) -> Record:
-    record = Record(model=item.model or "", start=time.perf_counter())
+async def _one(client: Client, item: Item, timeout: float, progress: Progress,
+               due: float | None = None) -> Record:
+    """One request; its clock starts when it was `due` (at a rate, its arrival
+    time, before any wait for a free slot under --max-concurrency), else now."""
+    record = Record(model=item.model or "", turn=item.turn,
+                    start=due if due is not None else time.perf_counter())
     try:
         await asyncio.wait_for(client.run(item, record), timeout)
     except TimeoutError:
@@ -122,11 +126,11 @@ async def _open_loop(client: Client, items: Iterator[Item], rate: float, burstin
     limit = asyncio.Semaphore(bounds.max_concurrency) if bounds.max_concurrency else None
     tasks: list[asyncio.Task[Record]] = []
 
-    async def limited(item: Item) -> Record:
+    async def limited(item: Item, due: float) -> Record:
         if limit is None:
-            return await _one(client, item, bounds.request_timeout, progress)
-        async with limit:
-            return await _one(client, item, bounds.request_timeout, progress)
+            return await _one(client, item, bounds.request_timeout, progress, due)
+        async with limit:  # the wait for a slot counts in the request's latency
+            return await _one(client, item, bounds.request_timeout, progress, due)
 
     next_at = time.perf_counter()
     for gap in gaps(rate, burstiness, rng):
@@ -139,7 +143,7 @@ async def _open_loop(client: Client, items: Iterator[Item], rate: float, burstin
         if time.perf_counter() >= deadline:
             break
         progress.sent += 1
-        tasks.append(asyncio.create_task(limited(next(items))))
+        tasks.append(asyncio.create_task(limited(next(items), min(next_at, time.perf_counter()))))
         progress.update()
     records = await asyncio.gather(*tasks)
     return sorted(records, key=lambda r: r.start)

@@ -122,6 +122,25 @@ def by_model(records: Sequence[Record], slo: SLO) -> dict[str, dict[str, Any]]:
     return out
 
 
+def by_turn(records: Sequence[Record]) -> dict[str, dict[str, Any]]:
+    """Time to first token per turn of the conversations (shared-prefix
+    workload), all models together: a warm prefix cache shows as later turns
+    reaching their first token sooner than the first, though their prompts
+    are longer. Empty when the records carry no turns."""
+    turns = sorted({r.turn for r in records if r.turn is not None})
+    out = {}
+    for turn in turns:
+        group = [r for r in records if r.turn == turn]
+        ok = [r for r in group if r.ok]
+        inputs = [r.input_tokens for r in ok if r.input_tokens is not None]
+        out[str(turn)] = {
+            "requests": len(group), "successes": len(ok),
+            "mean_input_tokens": round(sum(inputs) / len(inputs), 2) if inputs else None,
+            "ttft_ms": distribution_ms([r.ttft for r in ok if r.ttft is not None]),
+        }
+    return out
+
+
 def per_request(record: Record, t0: float) -> dict[str, Any]:
     """One request's figures for the JSON; times in ms, `sent_ms` from the step's start."""
     def ms(value: float | None) -> float | None:
@@ -130,4 +149,5 @@ def per_request(record: Record, t0: float) -> dict[str, Any]:
     return {"model": record.model, "sent_ms": ms(record.start - t0), "ok": record.ok,
             "error": record.error, "ttft_ms": ms(record.ttft), "tpot_ms": ms(record.tpot),
             "e2e_ms": ms(record.e2e), "output_tokens": record.output_tokens,
-            "input_tokens": record.input_tokens, "chunks": len(record.chunks)}
+            "input_tokens": record.input_tokens, "chunks": len(record.chunks),
+            "turn": record.turn}
