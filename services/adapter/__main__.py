@@ -22,21 +22,21 @@ import uvloop
 from services.adapter.backend import Backend
 from services.adapter.chat_template import ChatTemplate
 from services.adapter.core import AdapterCore
-from services.adapter.load import LoadSampler
+from services.adapter.engine_load import LoadSampler
 from services.adapter.openai_engine import DIALECTS, OpenAIEngineBackend, root_of
 from services.adapter.tgi import TGIBackend
 from services.common import envflags, logs, tracing
-from services.common.metrics import Metrics
-from services.common.registry import CHAT_APIS, ENGINE_KINDS, EngineSpec, ModelSpec, load_registry
-from services.common.service import (
-    SERVICE_NAME,
-    HealthBoard,
+from services.common.grpc_server import (
     ServerSettings,
     add_server_arguments,
-    serve_until_signalled,
     server_settings,
     start_server,
 )
+from services.common.health import HealthBoard
+from services.common.metrics import Metrics
+from services.common.registry import CHAT_APIS, ENGINE_KINDS, EngineSpec, ModelSpec, load_registry
+from services.common.servicer import SERVICE_NAME
+from services.common.signals import serve_until_signalled
 
 log = logging.getLogger("llmmesh.adapter")
 

@@ -31,7 +31,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from services.common.errors import MeshError, Reason
-from services.common.service import DEADLINE_SLACK_SECONDS
+from services.common.servicer import DEADLINE_SLACK_SECONDS
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GenerateService"].full_name
 _PREFIX = f"/{SERVICE}/"

@@ -1,7 +1,7 @@
 """Domain types shared by the router and the adapters.
 
 They carry no protobuf or gRPC types: the servicers convert at the edge
-(`services.common.convert`), so the cores can be tested without a transport.
+(`services.common.pb_convert`), so the cores can be tested without a transport.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP face: thin aiohttp handlers over the same
 transport-free core the router's gRPC servicer uses.
 
-Each request is kept in the same books as a gRPC call (services.common.calls:
+Each request is kept in the same books as a gRPC call (services.common.call_record:
 requests, latency, time to first token, errors by reason, one log line),
 checked against the same API keys, bounded by the same request timeout, and
 cancelled with everything behind it when its client goes away.
@@ -22,10 +22,10 @@ from aiohttp import web
 
 from services.common import tracing
 from services.common.auth import ApiKeys
-from services.common.calls import CallRecord
+from services.common.call_record import CallRecord
 from services.common.errors import FieldViolation, MeshError, Reason, invalid
 from services.common.metrics import Metrics
-from services.common.service import GenerationCore
+from services.common.servicer import GenerationCore
 from services.common.types import Chunk, Generation
 from services.openai import responses
 from services.openai.errors import error_reply

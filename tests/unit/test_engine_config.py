@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from services.adapter import __main__ as adapter_main
-from services.adapter.load import LoadSampler
+from services.adapter.engine_load import LoadSampler
 from services.adapter.openai_engine import OpenAIEngineBackend
 from services.adapter.tgi import TGIBackend
 from services.common.registry import load_registry

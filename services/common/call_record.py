@@ -1,7 +1,7 @@
 """Bookkeeping of one call, whatever its transport: timing, the in-flight
 gauge, the outcome's metrics and one structured log line.
 
-The gRPC interceptor (services.common.service) and the OpenAI-compatible
+The gRPC interceptor (services.common.rpc_interceptor) and the OpenAI-compatible
 HTTP face (services.openai) keep their books here, so both APIs feed the
 same series and write the same log lines.
 """
