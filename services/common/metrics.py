@@ -60,8 +60,11 @@ class Metrics:
             "llmmesh_in_flight_requests", "Requests being handled now.",
             ["service", "model", "method"], registry=r,
         )
-        self.backend_up = Gauge(
-            "llmmesh_backend_up", "1 when the backend (or a replica) is serving.",
+        # The name and `backend` label predate the word "engine"; dashboards
+        # and alerts read them. An adapter labels its engine's kind, the
+        # router each adapter replica's address.
+        self.engine_up = Gauge(
+            "llmmesh_backend_up", "1 when the engine (or a replica) is serving.",
             ["service", "model", "backend"], registry=r,
         )
         self.build = Info("llmmesh_build", "Build information.", registry=r)

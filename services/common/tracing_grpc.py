@@ -31,6 +31,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from services.common.errors import MeshError, Reason
+from services.common.parameters import SPAN
 from services.common.servicer import DEADLINE_SLACK_SECONDS
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GenerateService"].full_name
@@ -68,23 +69,11 @@ def request_attributes(request: Any) -> dict[str, Any]:
     }
     if request.scenario:
         attrs["llmmesh.scenario"] = request.scenario
-    params = request.parameters
-    if params.HasField("max_new_tokens"):
-        attrs["gen_ai.request.max_tokens"] = params.max_new_tokens
-    if params.HasField("temperature"):
-        attrs["gen_ai.request.temperature"] = params.temperature
-    if params.HasField("top_p"):
-        attrs["gen_ai.request.top_p"] = params.top_p
-    if params.HasField("top_k"):
-        attrs["gen_ai.request.top_k"] = params.top_k
-    if params.HasField("frequency_penalty"):
-        attrs["gen_ai.request.frequency_penalty"] = params.frequency_penalty
-    if params.HasField("presence_penalty"):
-        attrs["gen_ai.request.presence_penalty"] = params.presence_penalty
-    if params.HasField("seed"):
-        attrs["gen_ai.request.seed"] = params.seed
-    if params.stop:
-        attrs["gen_ai.request.stop_sequences"] = list(params.stop)
+    # The proto's fields carry the parameter table's names.
+    for fd, value in request.parameters.ListFields():
+        attribute = SPAN.get(fd.name)
+        if attribute is not None:
+            attrs[attribute] = list(value) if fd.name == "stop" else value
     return attrs
 
 

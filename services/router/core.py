@@ -122,7 +122,7 @@ class RouterCore:
         await asyncio.gather(*(pool.refresh(timeout) for pool in self._pools.values()))
         for spec in self._registry.models:
             for replica in self._pools[spec.id].replicas.values():
-                self._metrics.backend_up.labels(
+                self._metrics.engine_up.labels(
                     self._metrics.service, spec.id, replica.address
                 ).set(int(replica.serving))
 
@@ -238,7 +238,7 @@ class RouterCore:
             id=spec.id,
             name=spec.name,
             aliases=spec.aliases,
-            backend_model=details.backend_model if details else "",
+            engine_model=details.engine_model if details else "",
             limits=pool.limits,
             ready=pool.ready_count > 0,
             replicas=len(pool.replicas) or len(spec.adapters),

@@ -9,7 +9,7 @@ import pytest
 from google.protobuf import json_format
 from llmmesh.v1 import generate_pb2 as pb
 
-from services.adapter.tgi import TGIBackend
+from services.adapter.engines.tgi import TGIEngine
 from services.common import pb_convert
 from services.common.errors import MeshError
 from services.common.types import GenerationRequest, Grammar, Limits, Parameters
@@ -74,7 +74,7 @@ def test_good_grammars_pass() -> None:
 
 
 def test_tgi_body_carries_the_grammar_and_frequency_penalty() -> None:
-    backend = TGIBackend("http://127.0.0.1:1")
+    backend = TGIEngine("http://127.0.0.1:1")
     body = backend.body("p", Parameters(grammar=Grammar.json_schema(SCHEMA),
                                         frequency_penalty=-0.5), stream=False)
     sent = json.loads(json.dumps(body))  # as aiohttp serializes it
@@ -89,5 +89,5 @@ def test_tgi_body_carries_the_grammar_and_frequency_penalty() -> None:
 
 def test_tgi_refuses_presence_penalty_by_name() -> None:
     with pytest.raises(MeshError) as caught:
-        TGIBackend("http://127.0.0.1:1").body("p", Parameters(presence_penalty=0.5), stream=False)
+        TGIEngine("http://127.0.0.1:1").body("p", Parameters(presence_penalty=0.5), stream=False)
     assert [v.field for v in caught.value.violations] == ["parameters.presence_penalty"]
