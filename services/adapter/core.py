@@ -19,7 +19,10 @@ from services.adapter.engines.base import Engine, EngineInfo, EngineResult, Engi
 from services.common.errors import MeshError, Reason, clip
 from services.common.metrics import Metrics
 from services.common.registry import ModelSpec
+from services.common.request_context import RequestContext
 from services.common.types import (
+    CHAT_SCENARIO,
+    RAW_SCENARIO,
     Chunk,
     EngineLoad,
     Generation,
@@ -33,7 +36,7 @@ from services.common.validation import require, validate
 
 log = logging.getLogger("llmmesh.adapter")
 
-SCENARIOS = ("", "chat", "raw")
+SCENARIOS = ("", CHAT_SCENARIO, RAW_SCENARIO)
 
 
 class AdapterCore:
@@ -61,6 +64,10 @@ class AdapterCore:
         self._in_flight = 0
         self.ready = False
         self.engine_info: EngineInfo | None = None
+        # Every name the model answers to, lower-cased.
+        self._names = frozenset(n.lower() for n in spec.names)
+        # The limits, computed once per engine_info.
+        self._limits: tuple[EngineInfo | None, Limits] = (None, spec.limits)
         metrics.declare_model(spec.id)
 
     # -- limits and readiness -------------------------------------------------
@@ -72,16 +79,20 @@ class AdapterCore:
         info = self.engine_info
         if info is None:
             return limits
+        if self._limits[0] is info:
+            return self._limits[1]
         max_new = limits.max_new_tokens
         if info.max_total_tokens > 1:
             max_new = min(max_new, info.max_total_tokens - 1)
-        return replace(
+        narrowed = replace(
             limits,
             max_new_tokens=max_new,
             max_stop_sequences=min(limits.max_stop_sequences, info.max_stop_sequences),
             max_input_tokens=info.max_input_tokens,
             max_total_tokens=info.max_total_tokens,
         )
+        self._limits = (info, narrowed)
+        return narrowed
 
     def model_info(self) -> ModelInfo:
         return ModelInfo(
@@ -128,8 +139,14 @@ class AdapterCore:
 
     # -- the GenerationCore protocol -----------------------------------------------
 
-    def labels(self, model_id: str, scenario: str) -> tuple[str, str]:
-        return self.spec.id, "raw" if scenario == "raw" else "chat"
+    def resolve(self, model_id: str, scenario: str) -> RequestContext:
+        served = not model_id or model_id.lower() in self._names
+        return RequestContext(
+            model=self.spec if served else None,
+            # One model here: every call is counted as its own.
+            model_label=self.spec.id,
+            scenario=RAW_SCENARIO if scenario == RAW_SCENARIO else CHAT_SCENARIO,
+        )
 
     async def list_models(self) -> list[ModelInfo]:
         return [self.model_info()]
@@ -138,16 +155,20 @@ class AdapterCore:
         self._check_model(model_id)
         return self.model_info()
 
-    async def generate(self, request: GenerationRequest, timeout: float | None) -> Generation:
-        prompt, params = self._prepare(request)
+    async def generate(
+        self, request: GenerationRequest, timeout: float | None,
+        context: RequestContext | None = None,
+    ) -> Generation:
+        prompt, params = self._prepare(request, context)
         with self._slot():
             result = await self._engine.generate(prompt, params, self._deadline(timeout))
         return self._finish(result)
 
     async def generate_stream(
-        self, request: GenerationRequest, timeout: float | None
+        self, request: GenerationRequest, timeout: float | None,
+        context: RequestContext | None = None,
     ) -> AsyncIterator[Chunk | Generation]:
-        prompt, params = self._prepare(request)
+        prompt, params = self._prepare(request, context)
         with self._slot():
             tokens = 0
             events = self._engine.generate_stream(prompt, params, self._deadline(timeout))
@@ -165,7 +186,7 @@ class AdapterCore:
     # -- helpers ------------------------------------------------------------------
 
     def _check_model(self, model_id: str) -> None:
-        if model_id and model_id.lower() not in (n.lower() for n in self.spec.names):
+        if model_id and model_id.lower() not in self._names:
             raise MeshError(
                 Reason.MODEL_NOT_FOUND,
                 f"model {clip(model_id)!r} is not served here; "
@@ -173,8 +194,11 @@ class AdapterCore:
                 metadata={"model_id": clip(model_id), "known_models": self.spec.id},
             )
 
-    def _prepare(self, request: GenerationRequest) -> tuple[Prompt, Parameters]:
-        self._check_model(request.model_id)
+    def _prepare(
+        self, request: GenerationRequest, context: RequestContext | None
+    ) -> tuple[Prompt, Parameters]:
+        if context is None or context.model is not self.spec:
+            self._check_model(request.model_id)
         require(
             request.scenario in SCENARIOS,
             "scenario",
@@ -183,7 +207,7 @@ class AdapterCore:
         )
         validate(request, self.limits)
         params = request.parameters.with_defaults(self.spec.defaults)
-        if request.scenario == "raw" and not request.messages:
+        if request.scenario == RAW_SCENARIO and not request.messages:
             return request.inputs, params
         messages = request.messages or (Message("user", request.inputs),)
         if self._engine.applies_template:

@@ -39,11 +39,12 @@ class CallRecord:
         self._start = time.perf_counter()
         self._first: float | None = None
         self.finished = False
-        self._m.in_flight.labels(self._m.service, self._model, method).inc()
+        self._series = metrics.series(model, method, scenario)
+        self._series.in_flight.inc()
 
     def first_token(self) -> None:
         self._first = time.perf_counter()
-        self._m.ttft.labels(self._m.service, self._model).observe(self._first - self._start)
+        self._series.ttft.observe(self._first - self._start)
 
     def finish(
         self,
@@ -56,14 +57,18 @@ class CallRecord:
         m = self._m
         self.finished = True
         elapsed = time.perf_counter() - self._start
-        m.in_flight.labels(m.service, self._model, self._method).dec()
-        m.requests.labels(m.service, self._model, self._scenario, self._method, code).inc()
-        m.duration.labels(m.service, self._model, self._method).observe(elapsed)
+        series = self._series
+        series.in_flight.dec()
+        if code == "OK":
+            series.ok.inc()
+        else:
+            m.requests.labels(m.service, self._model, self._scenario, self._method, code).inc()
+        series.duration.observe(elapsed)
         if reason is not None:
             m.errors.labels(m.service, self._model, reason.label).inc()
         if self._first is not None and tokens and tokens > 1:
             per_token = (time.perf_counter() - self._first) / (tokens - 1)
-            m.tpot.labels(m.service, self._model).observe(per_token)
+            series.tpot.observe(per_token)
         fields: dict[str, object] = {
             "method": self._method,
             "model": self._model,

@@ -103,7 +103,7 @@ async def start_server(
         interceptors=[
             MeshInterceptor(core, metrics, api_keys),
             # Inside the error interceptor: sees the core's own errors.
-            *tracing.server_interceptors(core.labels),
+            *tracing.server_interceptors(),
         ],
         options=options,
     )

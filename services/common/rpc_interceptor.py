@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 from llmmesh.v1 import generate_pb2 as pb
 
+from services.common import request_context
 from services.common.auth import ApiKeys
 from services.common.call_record import CallRecord
 from services.common.errors import MeshError, Reason
@@ -139,12 +140,16 @@ class _Rpc(CallRecord):
         request: Any,
         context: grpc.aio.ServicerContext,
     ) -> None:
-        model, scenario = owner._core.labels(
+        resolved = owner._core.resolve(
             getattr(request, "model_id", ""), getattr(request, "scenario", "")
         )
+        # The one lookup of the request's model: the core, tracing and the
+        # books read it from here on.
+        request_context.enter(resolved)
         # Read now: once gRPC has closed the call, its context must not be used.
         peer = context.peer()
-        super().__init__(owner._metrics, method, model, scenario, peer=lambda: peer)
+        super().__init__(owner._metrics, method, resolved.model_label, resolved.scenario,
+                         peer=lambda: peer)
         self._context = context
 
     async def fail(self, exc: BaseException) -> None:

@@ -13,8 +13,9 @@ import grpc
 from llmmesh.v1 import generate_pb2 as pb
 from llmmesh.v1 import generate_pb2_grpc as pb_grpc
 
-from services.common import pb_convert
+from services.common import pb_convert, request_context
 from services.common.errors import MeshError, Reason
+from services.common.request_context import RequestContext
 from services.common.types import Chunk, Generation, GenerationRequest, ModelInfo
 
 log = logging.getLogger("llmmesh.rpc")
@@ -29,18 +30,23 @@ DEADLINE_SLACK_SECONDS = 0.05
 class GenerationCore(Protocol):
     """What a servicer needs from a core; nothing here knows about gRPC."""
 
-    async def generate(self, request: GenerationRequest, timeout: float | None) -> Generation: ...
+    async def generate(
+        self, request: GenerationRequest, timeout: float | None,
+        context: RequestContext | None = None,
+    ) -> Generation: ...
 
     def generate_stream(
-        self, request: GenerationRequest, timeout: float | None
+        self, request: GenerationRequest, timeout: float | None,
+        context: RequestContext | None = None,
     ) -> AsyncIterator[Chunk | Generation]: ...
 
     async def list_models(self) -> list[ModelInfo]: ...
 
     async def get_model(self, model_id: str) -> ModelInfo: ...
 
-    def labels(self, model_id: str, scenario: str) -> tuple[str, str]:
-        """Bounded metric labels (model, scenario) for a request's values."""
+    def resolve(self, model_id: str, scenario: str) -> RequestContext:
+        """The request's model and bounded labels, looked up once (never raises:
+        an unknown model is the core's error to raise when it serves the call)."""
         ...
 
 
@@ -54,7 +60,8 @@ class GenerateServicer(pb_grpc.GenerateServiceServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
         result = await self._core.generate(
-            pb_convert.request_from_pb(request), context.time_remaining()
+            pb_convert.request_from_pb(request), context.time_remaining(),
+            request_context.current(),
         )
         return pb_convert.generation_to_pb(result)
 
@@ -64,7 +71,8 @@ class GenerateServicer(pb_grpc.GenerateServiceServicer):
         tokens = 0
         started = False
         events = self._core.generate_stream(
-            pb_convert.request_from_pb(request), context.time_remaining()
+            pb_convert.request_from_pb(request), context.time_remaining(),
+            request_context.current(),
         )
         try:
             async for event in events:

@@ -30,9 +30,12 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from services.common import request_context
 from services.common.errors import MeshError, Reason
 from services.common.parameters import SPAN
+from services.common.request_context import UNKNOWN
 from services.common.servicer import DEADLINE_SLACK_SECONDS
+from services.common.types import RAW_SCENARIO
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GenerateService"].full_name
 _PREFIX = f"/{SERVICE}/"
@@ -90,7 +93,8 @@ def response_attributes(reply: Any) -> dict[str, Any]:
 
 
 def _operation(request: Any) -> str:
-    return "text_completion" if request.scenario == "raw" and not request.messages else "chat"
+    raw = request.scenario == RAW_SCENARIO and not request.messages
+    return "text_completion" if raw else "chat"
 
 
 def _set_error(span: Any, code: str, reason: str, message: str) -> None:
@@ -102,9 +106,8 @@ def _set_error(span: Any, code: str, reason: str, message: str) -> None:
 class ServerTracing(grpc.aio.ServerInterceptor):
     """A SERVER span per GenerateService call, parented by the caller's traceparent."""
 
-    def __init__(self, tracer: Any, labels: Callable[[str, str], tuple[str, str]]) -> None:
+    def __init__(self, tracer: Any) -> None:
         self._tracer = tracer
-        self._labels = labels
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
@@ -151,7 +154,9 @@ class ServerTracing(grpc.aio.ServerInterceptor):
         name = f"{SERVICE}/{method}"
         if method in _ALWAYS:
             attrs.update(request_attributes(request))
-            model, _ = self._labels(request.model_id, request.scenario)
+            # Resolved once by the error interceptor, which runs first.
+            resolved = request_context.current()
+            model = resolved.model_label if resolved is not None else UNKNOWN
             name = f"{attrs['gen_ai.operation.name']} {model}"
         span = self._tracer.start_span(name, context=parent, kind=SpanKind.SERVER,
                                        attributes=attrs)

@@ -21,6 +21,12 @@ class FinishReason(StrEnum):
 
 ROLES = ("system", "user", "assistant")
 
+# The scenarios every service knows: `chat` (the default: the text is a user
+# turn, rendered with the model's chat template) and `raw` (the text goes to
+# the model verbatim). The router's scenarios.yaml adds templated ones.
+CHAT_SCENARIO = "chat"
+RAW_SCENARIO = "raw"
+
 
 @dataclass(frozen=True)
 class Message:
