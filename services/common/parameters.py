@@ -204,16 +204,6 @@ def check_parameters(params: Parameters, limits: Limits) -> list[FieldViolation]
     return out
 
 
-def span_attributes(params: Parameters) -> dict[str, Any]:
-    """gen_ai.request.* attributes of the parameters a request sets."""
-    out: dict[str, Any] = {}
-    for name, attribute in SPAN.items():
-        value = getattr(params, name)
-        if value is not None and value != ():
-            out[attribute] = list(value) if isinstance(value, tuple) else value
-    return out
-
-
 def check_table() -> None:
     """The table, `Parameters` and the registry agree (run by the tests)."""
     declared = {f.name for f in fields(Parameters)}
