@@ -77,6 +77,7 @@ def test_tgi_body_spells_what_tgi_takes_and_refuses_the_rest() -> None:
         assert table.BY_NAME[name].tgi in sent, name
     assert sent["grammar"] == {"type": "json", "value": EVERY["grammar"].value}
     assert sent["stop"] == ["###"] and sent["details"] is True
+    assert sent["return_full_text"] is False  # TGI's `/` route would echo the prompt
     for name in (p.name for p in table.PARAMS if p.tgi is None):
         with pytest.raises(MeshError) as caught:
             engine.body("p", Parameters(**{name: EVERY[name]}), stream=False)

@@ -95,7 +95,10 @@ class TGIEngine(HttpEngine):
                 FieldViolation(f"parameters.{name}", "not supported by this model's engine (TGI)")
                 for name in refused
             ])
-        parameters: dict[str, Any] = {"details": True, "do_sample": params.sampling}
+        # TGI's `/` route returns the prompt with the text unless told not to.
+        parameters: dict[str, Any] = {
+            "details": True, "do_sample": params.sampling, "return_full_text": False,
+        }
         for name, field in _COPIED:
             value = getattr(params, name)
             if value is not None:
