@@ -84,4 +84,4 @@ class CallRecord:
             fields["error"] = message
         if tokens is not None:
             fields["tokens"] = tokens
-        log.info("rpc", extra=fields)
+        log.info("rpc", extra={"fields": fields})

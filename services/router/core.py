@@ -208,7 +208,7 @@ class RouterCore:
     ) -> bool:
         """Whether to try another replica after `error` (UNAVAILABLE before any text).
 
-        A replica that cannot be reached, or whose backend is down, is marked
+        A replica that cannot be reached, or whose engine is down, is marked
         down until its health check says otherwise; one whose generation broke
         off stays in rotation.
         """

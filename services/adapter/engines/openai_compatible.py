@@ -343,7 +343,7 @@ class OpenAICompatibleEngine(HttpEngine):
         llama-cpp-python's server serves no /health and answers /v1/models
         only between generations (one lock guards its model); a probe that
         gives up waiting for that lock breaks the generation in progress. So
-        where /v1/models is the probe, it is not sent while this backend has
+        where /v1/models is the probe, it is not sent while this engine has
         generations in progress: the engine is serving them, and if it dies
         their errors say so (and the router marks the replica down).
         """

@@ -60,7 +60,7 @@ _COPIED: tuple[tuple[str, str], ...] = tuple(
 def error_from_tgi(status: int, payload: Any) -> MeshError:
     """One TGI error reply (or in-band stream error) as a MeshError."""
     if not isinstance(payload, dict) or "error" not in payload:
-        payload = {"error": f"backend replied {status}: {str(payload)[:200]}"}
+        payload = {"error": f"the engine replied {status}: {str(payload)[:200]}"}
     error_type = payload.get("error_type")
     reason = TGI_ERROR_TYPES.get(error_type) if isinstance(error_type, str) else None
     if reason is None:
@@ -188,7 +188,7 @@ class TGIEngine(HttpEngine):
                     return
             raise MeshError(
                 Reason.INCOMPLETE_GENERATION,
-                "the backend closed the stream before its final event",
+                "the engine closed the stream before its final event",
             )
         except (MeshError, asyncio.CancelledError, GeneratorExit):
             raise
