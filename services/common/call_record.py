@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 
+from services.common import logs
 from services.common.errors import Reason
 from services.common.metrics import Metrics
 
@@ -84,4 +85,4 @@ class CallRecord:
             fields["error"] = message
         if tokens is not None:
             fields["tokens"] = tokens
-        log.info("rpc", extra={"fields": fields})
+        logs.info(log, "rpc", fields)
