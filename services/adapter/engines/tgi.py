@@ -17,7 +17,8 @@ from typing import Any
 import aiohttp
 
 from services.adapter.engines.base import EngineInfo, EngineResult, EngineToken, Prompt
-from services.adapter.engines.http import HttpEngine, SSEParser, json_or_text
+from services.adapter.engines.http import HttpEngine, KeepAlivePool, SSEParser, json_or_text
+from services.common import tracing
 from services.common.errors import FieldViolation, MeshError, Reason, invalid
 from services.common.parameters import PARAMS
 from services.common.types import FinishReason, Grammar, Parameters
@@ -76,10 +77,43 @@ def _grammar(grammar: Grammar) -> dict[str, Any]:
     return {"type": grammar.kind, "value": grammar.value}
 
 
+def _result(status: int, headers: Mapping[str, str], payload: Any) -> EngineResult:
+    """A whole generation from TGI's reply (the compat route answers a list)."""
+    if status != 200:
+        raise error_from_tgi(status, payload)
+    reply = payload[0] if isinstance(payload, list) else payload
+    details = reply.get("details") or {}
+    return EngineResult(
+        text=reply["generated_text"],
+        generated_tokens=int(
+            details.get("generated_tokens") or headers.get("x-generated-tokens") or 0
+        ),
+        input_tokens=int(headers.get("x-prompt-tokens", 0)),
+        finish_reason=_FINISH.get(details.get("finish_reason", ""), FinishReason.UNSPECIFIED),
+    )
+
+
 class TGIEngine(HttpEngine):
-    """One TGI server, reached over one pooled HTTP session."""
+    """One TGI server: generations over kept-alive connections of their own,
+    streams, health and limits over one pooled HTTP session."""
 
     api = "TGI"
+
+    def __init__(
+        self, base_url: str, *, connect_timeout: float = 2.0, max_connections: int = 256
+    ) -> None:
+        super().__init__(base_url, connect_timeout=connect_timeout,
+                         max_connections=max_connections)
+        self._pool = (
+            KeepAlivePool(self.base_url, connect_timeout=connect_timeout,
+                          max_connections=max_connections)
+            if self.base_url.startswith("http://") else None
+        )
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+        await super().close()
 
     @property
     def applies_template(self) -> bool:
@@ -114,24 +148,12 @@ class TGIEngine(HttpEngine):
     ) -> EngineResult:
         body = self.body(prompt, params, stream=False)
         try:
+            if self._pool is not None and not tracing.enabled():
+                reply = await self._pool.post_json("/", body, timeout)
+                return _result(reply.status, reply.headers, json.loads(reply.body))
+            # Through the session while tracing is on: it sends `traceparent`.
             async with self.post_json(f"{self.base_url}/", body, timeout) as resp:
-                payload = json.loads(await resp.read())
-                if resp.status != 200:
-                    raise error_from_tgi(resp.status, payload)
-                reply = payload[0] if isinstance(payload, list) else payload
-                details = reply.get("details") or {}
-                return EngineResult(
-                    text=reply["generated_text"],
-                    generated_tokens=int(
-                        details.get("generated_tokens")
-                        or resp.headers.get("x-generated-tokens")
-                        or 0
-                    ),
-                    input_tokens=int(resp.headers.get("x-prompt-tokens", 0)),
-                    finish_reason=_FINISH.get(
-                        details.get("finish_reason", ""), FinishReason.UNSPECIFIED
-                    ),
-                )
+                return _result(resp.status, resp.headers, json.loads(await resp.read()))
         except (MeshError, asyncio.CancelledError):
             raise
         except Exception as exc:
