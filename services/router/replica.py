@@ -8,9 +8,8 @@ in-band on a stream) into a MeshError, so the core never sees the transport.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -18,9 +17,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmmesh.v1 import generate_pb2 as pb
 from llmmesh.v1 import generate_pb2_grpc as pb_grpc
 
-from services.common import convert, tracing
+from services.common import pb_convert, tracing
 from services.common.errors import MeshError
-from services.common.rpc import from_rpc_error
+from services.common.rich_status import from_rpc_error
 from services.common.types import (
     Chunk,
     EngineLoad,
@@ -79,31 +78,27 @@ class Replica:
         self.load = load
         self.in_flight_at_report = self.in_flight
 
-    @contextlib.contextmanager
-    def track(self) -> Iterator[None]:
-        self.in_flight += 1
-        try:
-            yield
-        finally:
-            self.in_flight -= 1
+    def track(self) -> _Tracked:
+        """Counts a request in `in_flight` while entered."""
+        return _Tracked(self)
 
     async def generate(self, request: GenerationRequest, timeout: float | None) -> Generation:
-        message = convert.request_to_pb(request, pb.GenerateRequest)
+        message = pb_convert.request_to_pb(request, pb.GenerateRequest)
         try:
             reply = await self.stub.Generate(message, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from None
-        return convert.generation_from_pb(reply)
+        return pb_convert.generation_from_pb(reply)
 
     async def generate_stream(
         self, request: GenerationRequest, timeout: float | None
     ) -> AsyncIterator[Chunk | Generation]:
         """The replica's stream as domain events; an in-band error is raised."""
-        message = convert.request_to_pb(request, pb.GenerateStreamRequest)
+        message = pb_convert.request_to_pb(request, pb.GenerateStreamRequest)
         call = self.stub.GenerateStream(message, timeout=timeout)
         try:
             async for reply in call:
-                event = convert.stream_event_from_pb(reply)
+                event = pb_convert.stream_event_from_pb(reply)
                 if isinstance(event, MeshError):
                     raise event
                 yield event
@@ -128,7 +123,20 @@ class Replica:
             )
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from None
-        return convert.model_from_pb(reply.model, static)
+        return pb_convert.model_from_pb(reply.model, static)
 
     async def close(self, grace: float | None = None) -> None:
         await self.channel.close(grace=grace)
+
+
+class _Tracked:
+    __slots__ = ("replica",)
+
+    def __init__(self, replica: Replica) -> None:
+        self.replica = replica
+
+    def __enter__(self) -> None:
+        self.replica.in_flight += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self.replica.in_flight -= 1
