@@ -1,7 +1,8 @@
 """Run one adapter: `python -m services.adapter --model qwen2 --engine-url URL`.
 
-The engine is TGI by default; `--engine vllm` (or openai, sglang, llamacpp,
-ollama) drives an OpenAI-compatible server at `--engine-url http://HOST:PORT/v1`.
+The engine is TGI by default; `--engine vllm` (or another OpenAI-compatible
+kind, as listed under --engine) drives an OpenAI-compatible server at
+`--engine-url http://HOST:PORT/v1`.
 Engine settings not given here come from the model's `engine:` entry in the
 registry. Every flag can also come from the environment (LLMMESH_MODEL,
 ENGINE_URL or TGI_URL, ..., as shown below), which is how the containers are
@@ -19,24 +20,23 @@ from pathlib import Path
 
 import uvloop
 
-from services.adapter.backend import Backend
+from services.adapter import engines
 from services.adapter.chat_template import ChatTemplate
 from services.adapter.core import AdapterCore
-from services.adapter.load import LoadSampler
-from services.adapter.openai_engine import DIALECTS, OpenAIEngineBackend, root_of
-from services.adapter.tgi import TGIBackend
-from services.common import envflags, logs, tracing
-from services.common.metrics import Metrics
-from services.common.registry import CHAT_APIS, ENGINE_KINDS, EngineSpec, ModelSpec, load_registry
-from services.common.service import (
-    SERVICE_NAME,
-    HealthBoard,
+from services.adapter.engine_load import LoadSampler
+from services.adapter.engines import Engine
+from services.common import engine_kinds, envflags, logs, tracing
+from services.common.grpc_server import (
     ServerSettings,
     add_server_arguments,
-    serve_until_signalled,
     server_settings,
     start_server,
 )
+from services.common.health import HealthBoard
+from services.common.metrics import Metrics
+from services.common.registry import CHAT_APIS, ENGINE_KINDS, EngineSpec, ModelSpec, load_registry
+from services.common.servicer import SERVICE_NAME
+from services.common.signals import serve_until_signalled
 
 log = logging.getLogger("llmmesh.adapter")
 
@@ -65,7 +65,8 @@ def parse_args(argv: list[str] | None = None) -> AdapterSettings:
     p.add_argument("--model", default=None, help="registry id, e.g. qwen2")
     p.add_argument(
         "--engine", choices=ENGINE_KINDS, default=None,
-        help="the engine's kind (default: the registry's, else tgi)",
+        help="the engine's kind (default: the registry's, else tgi): "
+             + engine_kinds.describe(),
     )
     p.add_argument(
         "--engine-url", "--tgi-url", dest="engine_url",
@@ -103,7 +104,7 @@ def parse_args(argv: list[str] | None = None) -> AdapterSettings:
         help="requests beyond this get RESOURCE_EXHAUSTED (match TGI's max-concurrent-requests)",
     )
     p.add_argument("--health-interval", type=float, default=2.0,
-                   help="seconds between health checks of the TGI server")
+                   help="seconds between health checks of the engine")
     envflags.apply(p, env, names={"engine_url": "ENGINE_URL",
                                    "engine_api_key_file": "ENGINE_API_KEY_FILE"})
     args = p.parse_args(argv)
@@ -151,36 +152,31 @@ def parse_args(argv: list[str] | None = None) -> AdapterSettings:
     )
 
 
-def make_backend(settings: AdapterSettings) -> tuple[Backend, str | None]:
+def make_engine(settings: AdapterSettings) -> tuple[Engine, str | None]:
     """The engine driver, and the URL of the engine's metrics (None: it has none)."""
     engine = settings.engine
-    if engine.kind == "tgi":
-        tgi = TGIBackend(engine.url)
-        return tgi, f"{tgi.base_url}/metrics"
-    dialect = DIALECTS[engine.kind]
-    backend = OpenAIEngineBackend(
-        engine.url, dialect=dialect, served_model=engine.served_model or None,
+    return engines.make_engine(
+        engine.kind, engine.url, served_model=engine.served_model or None,
         chat_api=engine.chat_api == "engine", api_key=settings.engine_api_key,
     )
-    return backend, f"{root_of(backend.base_url)}/metrics" if dialect.metrics else None
 
 
 async def run(settings: AdapterSettings) -> None:
     metrics = Metrics(f"adapter-{settings.model.id}")
-    backend, metrics_url = make_backend(settings)
+    engine, metrics_url = make_engine(settings)
     sampler = (
         LoadSampler(metrics_url, settings.load_interval)
         if metrics_url is not None and settings.load_interval > 0 else None
     )
     core = AdapterCore(
         settings.model,
-        backend,
+        engine,
         ChatTemplate.load(settings.chat_template),
         metrics,
         max_concurrency=settings.max_concurrency,
         default_timeout=settings.default_timeout,
         load=(lambda: sampler.current) if sampler is not None else None,
-        engine=settings.engine.kind,
+        engine_kind=settings.engine.kind,
     )
     health = HealthBoard()
     for name in ("", SERVICE_NAME, settings.model.id):
@@ -199,7 +195,7 @@ async def run(settings: AdapterSettings) -> None:
     async def stop() -> None:
         if sampler is not None:
             await sampler.close()
-        await backend.close()
+        await engine.close()
 
     running = await start_server(core, metrics, health, settings.server)
     log.info(

@@ -26,7 +26,7 @@ class ChatTemplate:
         env.globals["raise_exception"] = _raise
         self._template = env.from_string(source)
         self.source = source
-        # The backend's tokenizer adds BOS itself, so templates that start
+        # The engine's tokenizer adds BOS itself, so templates that start
         # with {{ bos_token }} would double it: it renders empty by default.
         self._bos = bos_token
         self._eos = eos_token

@@ -1,9 +1,9 @@
-"""The adapter's core: one model over one backend, with no transport.
+"""The adapter's core: one model over one engine, with no transport.
 
 It validates a request against the model's limits, renders the model's chat
-template, calls the backend within the caller's deadline, counts tokens as
-the backend reports them, and keeps the model's readiness in step with the
-backend's health.
+template, calls the engine within the caller's deadline, counts tokens as
+the engine reports them, and keeps the model's readiness in step with the
+engine's health.
 """
 
 from __future__ import annotations
@@ -14,12 +14,15 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
 
-from services.adapter.backend import Backend, BackendInfo, BackendResult, BackendToken, Prompt
 from services.adapter.chat_template import ChatTemplate
+from services.adapter.engines.base import Engine, EngineInfo, EngineResult, EngineToken, Prompt
 from services.common.errors import MeshError, Reason, clip
 from services.common.metrics import Metrics
 from services.common.registry import ModelSpec
+from services.common.request_context import RequestContext
 from services.common.types import (
+    CHAT_SCENARIO,
+    RAW_SCENARIO,
     Chunk,
     EngineLoad,
     Generation,
@@ -33,61 +36,70 @@ from services.common.validation import require, validate
 
 log = logging.getLogger("llmmesh.adapter")
 
-SCENARIOS = ("", "chat", "raw")
+SCENARIOS = ("", CHAT_SCENARIO, RAW_SCENARIO)
 
 
 class AdapterCore:
     def __init__(
         self,
         spec: ModelSpec,
-        backend: Backend,
+        engine: Engine,
         template: ChatTemplate,
         metrics: Metrics,
         *,
         max_concurrency: int = 128,
         default_timeout: float | None = 600.0,
         load: Callable[[], EngineLoad | None] | None = None,
-        engine: str = "tgi",
+        engine_kind: str = "tgi",
     ) -> None:
         self.spec = spec
-        self._engine = engine  # the engine's kind, the `backend` label of backend_up
+        # The engine's kind: the `backend` label of llmmesh_backend_up.
+        self._engine_kind = engine_kind
         self._load = load
-        self._backend = backend
+        self._engine = engine
         self._template = template
         self._metrics = metrics
         self._max_concurrency = max_concurrency
         self._default_timeout = default_timeout
         self._in_flight = 0
         self.ready = False
-        self.backend_info: BackendInfo | None = None
+        self.engine_info: EngineInfo | None = None
+        # Every name the model answers to, lower-cased.
+        self._names = frozenset(n.lower() for n in spec.names)
+        # The limits, computed once per engine_info.
+        self._limits: tuple[EngineInfo | None, Limits] = (None, spec.limits)
         metrics.declare_model(spec.id)
 
     # -- limits and readiness -------------------------------------------------
 
     @property
     def limits(self) -> Limits:
-        """The registry's limits, narrowed by what the backend reports."""
+        """The registry's limits, narrowed by what the engine reports."""
         limits = self.spec.limits
-        info = self.backend_info
+        info = self.engine_info
         if info is None:
             return limits
+        if self._limits[0] is info:
+            return self._limits[1]
         max_new = limits.max_new_tokens
         if info.max_total_tokens > 1:
             max_new = min(max_new, info.max_total_tokens - 1)
-        return replace(
+        narrowed = replace(
             limits,
             max_new_tokens=max_new,
             max_stop_sequences=min(limits.max_stop_sequences, info.max_stop_sequences),
             max_input_tokens=info.max_input_tokens,
             max_total_tokens=info.max_total_tokens,
         )
+        self._limits = (info, narrowed)
+        return narrowed
 
     def model_info(self) -> ModelInfo:
         return ModelInfo(
             id=self.spec.id,
             name=self.spec.name,
             aliases=self.spec.aliases,
-            backend_model=self.backend_info.model_id if self.backend_info else "",
+            engine_model=self.engine_info.model_id if self.engine_info else "",
             limits=self.limits,
             ready=self.ready,
             replicas=1,
@@ -96,27 +108,27 @@ class AdapterCore:
         )
 
     async def refresh(self) -> bool:
-        """Poll the backend once; learn its limits when it (re)appears."""
-        up = await self._backend.health()
-        if up and (self.backend_info is None or not self.ready):
+        """Poll the engine once; learn its limits when it (re)appears."""
+        up = await self._engine.health()
+        if up and (self.engine_info is None or not self.ready):
             try:
-                self.backend_info = await self._backend.info()
+                self.engine_info = await self._engine.info()
             except MeshError:
                 up = False
         if up != self.ready:
             log.info(
-                "backend health changed",
+                "engine health changed",
                 extra={"model": self.spec.id, "serving": up},
             )
         self.ready = up
-        self._metrics.backend_up.labels(self._metrics.service, self.spec.id, self._engine).set(
-            int(up))
+        self._metrics.engine_up.labels(
+            self._metrics.service, self.spec.id, self._engine_kind).set(int(up))
         return up
 
     async def watch(
         self, interval: float, on_change: Callable[[bool], Awaitable[None]]
     ) -> None:
-        """Poll the backend forever, calling on_change(serving) on every change."""
+        """Poll the engine forever, calling on_change(serving) on every change."""
         last: bool | None = None
         while True:
             up = await self.refresh()
@@ -127,8 +139,14 @@ class AdapterCore:
 
     # -- the GenerationCore protocol -----------------------------------------------
 
-    def labels(self, model_id: str, scenario: str) -> tuple[str, str]:
-        return self.spec.id, "raw" if scenario == "raw" else "chat"
+    def resolve(self, model_id: str, scenario: str) -> RequestContext:
+        served = not model_id or model_id.lower() in self._names
+        return RequestContext(
+            model=self.spec if served else None,
+            # One model here: every call is counted as its own.
+            model_label=self.spec.id,
+            scenario=RAW_SCENARIO if scenario == RAW_SCENARIO else CHAT_SCENARIO,
+        )
 
     async def list_models(self) -> list[ModelInfo]:
         return [self.model_info()]
@@ -137,22 +155,26 @@ class AdapterCore:
         self._check_model(model_id)
         return self.model_info()
 
-    async def generate(self, request: GenerationRequest, timeout: float | None) -> Generation:
-        prompt, params = self._prepare(request)
+    async def generate(
+        self, request: GenerationRequest, timeout: float | None,
+        context: RequestContext | None = None,
+    ) -> Generation:
+        prompt, params = self._prepare(request, context)
         with self._slot():
-            result = await self._backend.generate(prompt, params, self._deadline(timeout))
+            result = await self._engine.generate(prompt, params, self._deadline(timeout))
         return self._finish(result)
 
     async def generate_stream(
-        self, request: GenerationRequest, timeout: float | None
+        self, request: GenerationRequest, timeout: float | None,
+        context: RequestContext | None = None,
     ) -> AsyncIterator[Chunk | Generation]:
-        prompt, params = self._prepare(request)
+        prompt, params = self._prepare(request, context)
         with self._slot():
             tokens = 0
-            events = self._backend.generate_stream(prompt, params, self._deadline(timeout))
+            events = self._engine.generate_stream(prompt, params, self._deadline(timeout))
             try:
                 async for event in events:
-                    if isinstance(event, BackendToken):
+                    if isinstance(event, EngineToken):
                         tokens += event.count
                         if event.text:
                             yield Chunk(event.text, tokens)
@@ -164,7 +186,7 @@ class AdapterCore:
     # -- helpers ------------------------------------------------------------------
 
     def _check_model(self, model_id: str) -> None:
-        if model_id and model_id.lower() not in (n.lower() for n in self.spec.names):
+        if model_id and model_id.lower() not in self._names:
             raise MeshError(
                 Reason.MODEL_NOT_FOUND,
                 f"model {clip(model_id)!r} is not served here; "
@@ -172,8 +194,11 @@ class AdapterCore:
                 metadata={"model_id": clip(model_id), "known_models": self.spec.id},
             )
 
-    def _prepare(self, request: GenerationRequest) -> tuple[Prompt, Parameters]:
-        self._check_model(request.model_id)
+    def _prepare(
+        self, request: GenerationRequest, context: RequestContext | None
+    ) -> tuple[Prompt, Parameters]:
+        if context is None or context.model is not self.spec:
+            self._check_model(request.model_id)
         require(
             request.scenario in SCENARIOS,
             "scenario",
@@ -182,10 +207,10 @@ class AdapterCore:
         )
         validate(request, self.limits)
         params = request.parameters.with_defaults(self.spec.defaults)
-        if request.scenario == "raw" and not request.messages:
+        if request.scenario == RAW_SCENARIO and not request.messages:
             return request.inputs, params
         messages = request.messages or (Message("user", request.inputs),)
-        if self._backend.applies_template:
+        if self._engine.applies_template:
             return messages, params
         return self._template.render(messages), params
 
@@ -208,7 +233,7 @@ class AdapterCore:
         finally:
             self._in_flight -= 1
 
-    def _finish(self, result: BackendResult) -> Generation:
+    def _finish(self, result: EngineResult) -> Generation:
         self._metrics.record_tokens(self.spec.id, result.input_tokens, result.generated_tokens)
         return Generation(
             text=result.text,

@@ -8,9 +8,13 @@ Each service owns one `Metrics` with its own registry, passed down.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from services.common.errors import Reason
+from services.common.types import CHAT_SCENARIO
 
 UNKNOWN_MODEL = "unknown"
 
@@ -23,9 +27,23 @@ TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
 GENERATION_METHODS = ("Generate", "GenerateStream")
 
 
+@dataclass(frozen=True, slots=True)
+class CallSeries:
+    """The series one kind of call (model, method, scenario) feeds, looked up
+    once: a label lookup costs more than the update it leads to."""
+
+    in_flight: Any
+    duration: Any
+    ok: Any  # llmmesh_requests with code OK
+    ttft: Any
+    tpot: Any
+
+
 class Metrics:
     def __init__(self, service: str, version: str = "0.1.0") -> None:
         self.service = service
+        self._series: dict[tuple[str, str, str], CallSeries] = {}
+        self._tokens: dict[str, tuple[Any, Any]] = {}
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -60,8 +78,11 @@ class Metrics:
             "llmmesh_in_flight_requests", "Requests being handled now.",
             ["service", "model", "method"], registry=r,
         )
-        self.backend_up = Gauge(
-            "llmmesh_backend_up", "1 when the backend (or a replica) is serving.",
+        # The name and `backend` label predate the word "engine"; dashboards
+        # and alerts read them. An adapter labels its engine's kind, the
+        # router each adapter replica's address.
+        self.engine_up = Gauge(
+            "llmmesh_backend_up", "1 when the engine (or a replica) is serving.",
             ["service", "model", "backend"], registry=r,
         )
         self.build = Info("llmmesh_build", "Build information.", registry=r)
@@ -70,7 +91,7 @@ class Metrics:
         # dashboards have a zero to start from.
         self._reasons = [reason.label for reason in Reason]
 
-    def declare_model(self, model: str, scenario: str = "chat") -> None:
+    def declare_model(self, model: str, scenario: str = CHAT_SCENARIO) -> None:
         """Create the model's series at zero. rate() counts only what happens
         after a series' first scrape: without a zero scraped first, the first
         requests of a fresh service would never show in rates or quantiles.
@@ -86,6 +107,27 @@ class Metrics:
         self.ttft.labels(self.service, model)
         self.tpot.labels(self.service, model)
 
+    def series(self, model: str, method: str, scenario: str) -> CallSeries:
+        """The series of calls of `method` for `model` and `scenario` (bounded labels)."""
+        key = (model, method, scenario)
+        found = self._series.get(key)
+        if found is None:
+            s = self.service
+            found = CallSeries(
+                in_flight=self.in_flight.labels(s, model, method),
+                duration=self.duration.labels(s, model, method),
+                ok=self.requests.labels(s, model, scenario, method, "OK"),
+                ttft=self.ttft.labels(s, model),
+                tpot=self.tpot.labels(s, model),
+            )
+            self._series[key] = found
+        return found
+
     def record_tokens(self, model: str, input_tokens: int, output_tokens: int) -> None:
-        self.input_tokens.labels(self.service, model).inc(input_tokens)
-        self.output_tokens.labels(self.service, model).inc(output_tokens)
+        counters = self._tokens.get(model)
+        if counters is None:
+            counters = (self.input_tokens.labels(self.service, model),
+                        self.output_tokens.labels(self.service, model))
+            self._tokens[model] = counters
+        counters[0].inc(input_tokens)
+        counters[1].inc(output_tokens)

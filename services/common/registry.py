@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from services.common import engine_kinds
+from services.common.parameters import BUILTIN_DEFAULTS
 from services.common.types import Limits, Parameters
 
 DEFAULT_REGISTRY = Path(__file__).resolve().parents[2] / "models" / "registry.yaml"
@@ -23,9 +25,8 @@ _D = TypeVar("_D", Limits, Parameters)
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-# The engines an adapter can drive: TGI's own API, or an OpenAI-compatible
-# server of one of these kinds (services/adapter/openai_engine.py: DIALECTS).
-ENGINE_KINDS = ("tgi", "openai", "vllm", "sglang", "llamacpp", "ollama")
+# The engines an adapter can drive (services.common.engine_kinds), TGI first.
+ENGINE_KINDS = engine_kinds.NAMES
 CHAT_APIS = ("adapter", "engine")
 
 
@@ -52,7 +53,8 @@ class ModelSpec:
     adapters: tuple[str, ...] = ()
     chat_template: Path | None = None
     limits: Limits = field(default_factory=Limits)
-    defaults: Parameters = field(default_factory=Parameters)
+    # The parameter table's built-in defaults, under the registry's own.
+    defaults: Parameters = BUILTIN_DEFAULTS
     engine: EngineSpec = field(default_factory=EngineSpec)
 
     @property
@@ -128,7 +130,8 @@ def _model(entry: Any, base: Path) -> ModelSpec:
         adapters=tuple(str(a) for a in adapters),
         chat_template=(base / template) if template else None,
         limits=_build(Limits, entry.get("limits"), entry["id"]),
-        defaults=_build(Parameters, entry.get("defaults"), entry["id"]),
+        defaults=_build(Parameters, entry.get("defaults"), entry["id"]).with_defaults(
+            BUILTIN_DEFAULTS),
         engine=_engine(entry.get("engine"), entry["id"]),
     )
 

@@ -166,10 +166,9 @@ def log_fields() -> dict[str, str]:
 # -- hooks for the transports: empty while tracing is off ------------------------------
 
 
-def server_interceptors(
-    labels: Callable[[str, str], tuple[str, str]],
-) -> list[grpc.aio.ServerInterceptor]:
-    """A span per GenerateService call; `labels` bounds model ids for span names.
+def server_interceptors() -> list[grpc.aio.ServerInterceptor]:
+    """A span per GenerateService call, named after the model the error
+    interceptor resolved (services.common.request_context).
 
     Goes after the error interceptor, so that it sees the core's own errors.
     """
@@ -177,7 +176,7 @@ def server_interceptors(
         return []
     from services.common import tracing_grpc
 
-    return [tracing_grpc.ServerTracing(tracer(), labels)]
+    return [tracing_grpc.ServerTracing(tracer())]
 
 
 def client_interceptors(address: str) -> list[grpc.aio.ClientInterceptor]:

@@ -30,8 +30,12 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from services.common import request_context
 from services.common.errors import MeshError, Reason
-from services.common.service import DEADLINE_SLACK_SECONDS
+from services.common.parameters import SPAN
+from services.common.request_context import UNKNOWN
+from services.common.servicer import DEADLINE_SLACK_SECONDS
+from services.common.types import RAW_SCENARIO
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GenerateService"].full_name
 _PREFIX = f"/{SERVICE}/"
@@ -68,23 +72,11 @@ def request_attributes(request: Any) -> dict[str, Any]:
     }
     if request.scenario:
         attrs["llmmesh.scenario"] = request.scenario
-    params = request.parameters
-    if params.HasField("max_new_tokens"):
-        attrs["gen_ai.request.max_tokens"] = params.max_new_tokens
-    if params.HasField("temperature"):
-        attrs["gen_ai.request.temperature"] = params.temperature
-    if params.HasField("top_p"):
-        attrs["gen_ai.request.top_p"] = params.top_p
-    if params.HasField("top_k"):
-        attrs["gen_ai.request.top_k"] = params.top_k
-    if params.HasField("frequency_penalty"):
-        attrs["gen_ai.request.frequency_penalty"] = params.frequency_penalty
-    if params.HasField("presence_penalty"):
-        attrs["gen_ai.request.presence_penalty"] = params.presence_penalty
-    if params.HasField("seed"):
-        attrs["gen_ai.request.seed"] = params.seed
-    if params.stop:
-        attrs["gen_ai.request.stop_sequences"] = list(params.stop)
+    # The proto's fields carry the parameter table's names.
+    for fd, value in request.parameters.ListFields():
+        attribute = SPAN.get(fd.name)
+        if attribute is not None:
+            attrs[attribute] = list(value) if fd.name == "stop" else value
     return attrs
 
 
@@ -101,7 +93,8 @@ def response_attributes(reply: Any) -> dict[str, Any]:
 
 
 def _operation(request: Any) -> str:
-    return "text_completion" if request.scenario == "raw" and not request.messages else "chat"
+    raw = request.scenario == RAW_SCENARIO and not request.messages
+    return "text_completion" if raw else "chat"
 
 
 def _set_error(span: Any, code: str, reason: str, message: str) -> None:
@@ -113,9 +106,8 @@ def _set_error(span: Any, code: str, reason: str, message: str) -> None:
 class ServerTracing(grpc.aio.ServerInterceptor):
     """A SERVER span per GenerateService call, parented by the caller's traceparent."""
 
-    def __init__(self, tracer: Any, labels: Callable[[str, str], tuple[str, str]]) -> None:
+    def __init__(self, tracer: Any) -> None:
         self._tracer = tracer
-        self._labels = labels
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
@@ -162,7 +154,9 @@ class ServerTracing(grpc.aio.ServerInterceptor):
         name = f"{SERVICE}/{method}"
         if method in _ALWAYS:
             attrs.update(request_attributes(request))
-            model, _ = self._labels(request.model_id, request.scenario)
+            # Resolved once by the error interceptor, which runs first.
+            resolved = request_context.current()
+            model = resolved.model_label if resolved is not None else UNKNOWN
             name = f"{attrs['gen_ai.operation.name']} {model}"
         span = self._tracer.start_span(name, context=parent, kind=SpanKind.SERVER,
                                        attributes=attrs)

@@ -1,15 +1,14 @@
 """Domain types shared by the router and the adapters.
 
 They carry no protobuf or gRPC types: the servicers convert at the edge
-(`services.common.convert`), so the cores can be tested without a transport.
+(`services.common.pb_convert`), so the cores can be tested without a transport.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 
 class FinishReason(StrEnum):
@@ -22,6 +21,12 @@ class FinishReason(StrEnum):
 
 ROLES = ("system", "user", "assistant")
 
+# The scenarios every service knows: `chat` (the default: the text is a user
+# turn, rendered with the model's chat template) and `raw` (the text goes to
+# the model verbatim). The router's scenarios.yaml adds templated ones.
+CHAT_SCENARIO = "chat"
+RAW_SCENARIO = "raw"
+
 
 @dataclass(frozen=True)
 class Message:
@@ -33,23 +38,23 @@ class Message:
 class Grammar:
     """A constraint on the generated text (structured output).
 
-    `kind` "json": the text is JSON that conforms to the JSON schema held in
-    `value` as JSON text; "regex": the text matches the regular expression
-    `value`. The same two kinds as TGI's `grammar` parameter.
+    `kind` "json": the text is JSON that conforms to the JSON schema `value`
+    (a dict, as parsed at the edge and carried in that one form to the engine
+    driver); "regex": the text matches the regular expression `value`. The
+    same two kinds as TGI's `grammar` parameter.
     """
 
     kind: Literal["json", "regex"]
-    value: str
+    value: Any
 
     @classmethod
     def json_schema(cls, schema: dict[str, Any]) -> Grammar:
-        return cls("json", json.dumps(schema, separators=(",", ":"), sort_keys=True))
+        return cls("json", schema)
 
     def schema(self) -> dict[str, Any]:
         """The JSON schema of a "json" grammar."""
-        value = json.loads(self.value)
-        assert isinstance(value, dict)
-        return value
+        assert isinstance(self.value, dict)
+        return self.value
 
 
 @dataclass(frozen=True)
@@ -69,20 +74,13 @@ class Parameters:
     presence_penalty: float | None = None
 
     def with_defaults(self, defaults: Parameters) -> Parameters:
-        """Fill every unset field from `defaults`."""
-        return Parameters(
-            max_new_tokens=_first(self.max_new_tokens, defaults.max_new_tokens),
-            temperature=_first(self.temperature, defaults.temperature),
-            top_p=_first(self.top_p, defaults.top_p),
-            top_k=_first(self.top_k, defaults.top_k),
-            repetition_penalty=_first(self.repetition_penalty, defaults.repetition_penalty),
-            stop=self.stop or defaults.stop,
-            seed=_first(self.seed, defaults.seed),
-            do_sample=_first(self.do_sample, defaults.do_sample),
-            grammar=_first(self.grammar, defaults.grammar),
-            frequency_penalty=_first(self.frequency_penalty, defaults.frequency_penalty),
-            presence_penalty=_first(self.presence_penalty, defaults.presence_penalty),
-        )
+        """Fill every unset field (None, or no stop sequences) from `defaults`."""
+        changes = {}
+        for name in _PARAMETER_NAMES:
+            value = getattr(self, name)
+            if value is not None and value != ():
+                changes[name] = value
+        return replace(defaults, **changes) if changes else defaults
 
     @property
     def sampling(self) -> bool:
@@ -92,11 +90,7 @@ class Parameters:
         return any(v is not None for v in (self.temperature, self.top_p, self.top_k))
 
 
-T = TypeVar("T")
-
-
-def _first(value: T | None, default: T | None) -> T | None:
-    return value if value is not None else default
+_PARAMETER_NAMES = tuple(f.name for f in fields(Parameters))
 
 
 @dataclass(frozen=True)
@@ -162,7 +156,8 @@ class ModelInfo:
     id: str
     name: str
     aliases: tuple[str, ...] = ()
-    backend_model: str = ""
+    # The model name the engine reports (the wire calls it backend_model).
+    engine_model: str = ""
     limits: Limits = field(default_factory=Limits)
     ready: bool = False
     replicas: int = 1

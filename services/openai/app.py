@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP face: thin aiohttp handlers over the same
 transport-free core the router's gRPC servicer uses.
 
-Each request is kept in the same books as a gRPC call (services.common.calls:
+Each request is kept in the same books as a gRPC call (services.common.call_record:
 requests, latency, time to first token, errors by reason, one log line),
 checked against the same API keys, bounded by the same request timeout, and
 cancelled with everything behind it when its client goes away.
@@ -22,14 +22,15 @@ from aiohttp import web
 
 from services.common import tracing
 from services.common.auth import ApiKeys
-from services.common.calls import CallRecord
+from services.common.call_record import CallRecord
 from services.common.errors import FieldViolation, MeshError, Reason, invalid
 from services.common.metrics import Metrics
-from services.common.service import GenerationCore
-from services.common.types import Chunk, Generation
+from services.common.request_context import RequestContext
+from services.common.servicer import GenerationCore
+from services.common.types import RAW_SCENARIO, Chunk, Generation
 from services.openai import responses
 from services.openai.errors import error_reply
-from services.openai.requests import RAW_SCENARIO, Kind, OpenAIRequest, parse_chat, parse_completion
+from services.openai.requests import Kind, OpenAIRequest, parse_chat, parse_completion
 from services.openai.sse import SseWriter
 
 log = logging.getLogger("llmmesh.openai")
@@ -135,10 +136,11 @@ class OpenAIFace:
 
     # -- helpers ---------------------------------------------------------------
 
-    def _record(self, request: web.Request, method: str, model: str, scenario: str) -> CallRecord:
-        labels = self._core.labels(model, scenario)
+    def _record(
+        self, request: web.Request, method: str, resolved: RequestContext
+    ) -> CallRecord:
         return CallRecord(
-            self._metrics, method, *labels,
+            self._metrics, method, resolved.model_label, resolved.scenario,
             peer=lambda: f"{request.remote or ''}",
             fields={"api": "openai", "route": request.path},
         )
@@ -162,7 +164,7 @@ class OpenAIFace:
         self, request: web.Request, method: str, model: str,
         answer: Callable[[], Awaitable[dict[str, Any]]],
     ) -> web.StreamResponse:
-        call = self._record(request, method, model, "")
+        call = self._record(request, method, self._core.resolve(model, ""))
         try:
             self._authenticate(request)
             body = await answer()
@@ -197,10 +199,13 @@ class OpenAIFace:
         fields = body if isinstance(body, dict) else {}
         model = fields.get("model")
         method = "GenerateStream" if fields.get("stream") is True else "Generate"
-        call = self._record(
-            request, method, model if isinstance(model, str) else "",
+        # The one lookup of the request's model, read by the books, the core
+        # and the reply.
+        resolved = self._core.resolve(
+            model if isinstance(model, str) else "",
             RAW_SCENARIO if kind == "completion" else "",
         )
+        call = self._record(request, method, resolved)
         parsed: OpenAIRequest | None = None
         try:
             self._authenticate(request)
@@ -208,9 +213,9 @@ class OpenAIFace:
                 raise refused
             parsed = parse_chat(body) if kind == "chat" else parse_completion(body)
             if parsed.stream:
-                return await self._stream(request, parsed, call)
+                return await self._stream(request, parsed, call, resolved)
             result = await self._core.generate(
-                parsed.generation, self._settings.request_timeout
+                parsed.generation, self._settings.request_timeout, resolved
             )
         except MeshError as exc:
             call.finish(exc.code, reason=exc.reason, message=exc.message)
@@ -231,16 +236,18 @@ class OpenAIFace:
         ))
 
     async def _stream(
-        self, request: web.Request, parsed: OpenAIRequest, call: CallRecord
+        self, request: web.Request, parsed: OpenAIRequest, call: CallRecord,
+        resolved: RequestContext,
     ) -> web.StreamResponse:
         """Server-Sent Events. An error before the first event is a real HTTP
         status (raised to the caller); after it, an error event the SDKs raise."""
-        events = self._core.generate_stream(parsed.generation, self._settings.request_timeout)
+        events = self._core.generate_stream(
+            parsed.generation, self._settings.request_timeout, resolved)
         try:
             # The first event proves the request valid, admitted and generating.
             event = await anext(events)
-            model = self._core.labels(parsed.generation.model_id, "")[0]
-            shapes = responses.ChunkShapes(parsed.kind, model, parsed.include_usage)
+            shapes = responses.ChunkShapes(parsed.kind, resolved.model_label,
+                                           parsed.include_usage)
             out = SseWriter(request)
             await out.start()
             await self._relay(events, event, shapes, out, call)

@@ -17,12 +17,11 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from services.common.errors import FieldViolation, MeshError, Reason, clip, invalid
-from services.common.types import GenerationRequest, Grammar, Message, Parameters
+from services.common.parameters import PARAMS
+from services.common.types import RAW_SCENARIO, GenerationRequest, Grammar, Message, Parameters
 
 Kind = Literal["chat", "completion"]
 
-MAX_SEED = 2**64 - 1
-RAW_SCENARIO = "raw"
 # OpenAI's `developer` role is the newer name of `system`.
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
@@ -225,38 +224,49 @@ def _grammar(r: _Reader) -> Grammar | None:
     return None
 
 
+def _numbers(r: _Reader, max_field: str) -> dict[str, Any]:
+    """The parameter table's OpenAI fields, read with their types and ranges."""
+    out: dict[str, Any] = {}
+    for param in PARAMS:
+        spec = param.openai
+        if spec is None:
+            continue
+        name = max_field if param.name == "max_new_tokens" else spec.name
+        if spec.integer:
+            low = None if spec.low is None else int(spec.low)
+            high = None if spec.high is None else int(spec.high)
+            out[param.name] = r.integer(name, low, high)
+        else:
+            out[param.name] = r.number(name, spec.low, spec.high)
+    return out
+
+
 def _parameters(r: _Reader) -> tuple[Parameters, str]:
     max_field = "max_completion_tokens" if r.get("max_completion_tokens") is not None else (
         "max_tokens"
     )
-    max_tokens = r.integer(max_field, 1, 2**31 - 1)
-    temperature = r.number("temperature", 0, 2)
-    top_p = r.number("top_p", 0, 1)
+    values = _numbers(r, max_field)
+    temperature, top_p, top_k = values["temperature"], values["top_p"], values["top_k"]
     if top_p == 0:
         r.fail("top_p", "must be greater than 0 (temperature 0 asks for greedy decoding)")
-    top_k = r.integer("top_k", -1, 2**31 - 1)
-    repetition_penalty = r.number("repetition_penalty")
-    seed = r.integer("seed", 0, MAX_SEED)
     n = r.integer("n")
     if n is not None and n != 1:
         r.fail("n", f"only 1 choice per request is supported, got {n}")
-    frequency_penalty = r.number("frequency_penalty", -2, 2)
-    presence_penalty = r.number("presence_penalty", -2, 2)
     greedy = temperature == 0
     params = Parameters(
-        max_new_tokens=max_tokens,
+        max_new_tokens=values["max_new_tokens"],
         # Temperature 0 means greedy decoding: no sampling knob goes on.
         temperature=None if greedy else temperature,
         # top_p 1 keeps every token: the same as no nucleus sampling.
         top_p=None if greedy or top_p is None or top_p >= 1 else top_p,
         top_k=None if greedy or top_k in (None, -1, 0) else top_k,
-        repetition_penalty=repetition_penalty,
+        repetition_penalty=values["repetition_penalty"],
         stop=_stop(r),
-        seed=seed,
+        seed=values["seed"],
         do_sample=False if greedy else None,
         grammar=_grammar(r),
-        frequency_penalty=frequency_penalty or None,
-        presence_penalty=presence_penalty or None,
+        frequency_penalty=values["frequency_penalty"] or None,
+        presence_penalty=values["presence_penalty"] or None,
     )
     return params, max_field
 

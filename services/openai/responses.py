@@ -117,7 +117,7 @@ def model(info: ModelInfo, created: int) -> dict[str, Any]:
         "owned_by": OWNER,
         "name": info.name,
         "aliases": list(info.aliases),
-        "backend_model": info.backend_model,
+        "backend_model": info.engine_model,
         "max_input_tokens": info.limits.max_input_tokens,
         "max_total_tokens": info.limits.max_total_tokens,
         "max_new_tokens": info.limits.max_new_tokens,

@@ -15,18 +15,18 @@ import uvloop
 
 from services.common import envflags, logs, tracing
 from services.common.auth import ApiKeys
-from services.common.metrics import Metrics
-from services.common.registry import Registry, load_registry
-from services.common.service import (
-    SERVICE_NAME,
-    HealthBoard,
+from services.common.grpc_server import (
     RunningServer,
     ServerSettings,
     add_server_arguments,
-    serve_until_signalled,
     server_settings,
     start_server,
 )
+from services.common.health import HealthBoard
+from services.common.metrics import Metrics
+from services.common.registry import Registry, load_registry
+from services.common.servicer import SERVICE_NAME
+from services.common.signals import serve_until_signalled
 from services.openai.app import OpenAIFace, OpenAISettings
 from services.openai.server import OpenAIListener, start_listener
 from services.router.choice import POLICIES

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mappin
 from services.common.errors import FieldViolation, MeshError, Reason, clip, invalid
 from services.common.metrics import UNKNOWN_MODEL, Metrics
 from services.common.registry import ModelSpec, Registry
+from services.common.request_context import UNKNOWN, RequestContext
 from services.common.types import Chunk, Generation, GenerationRequest, ModelInfo
 from services.common.validation import validate
 from services.router.pool import ReplicaPool
@@ -52,12 +53,13 @@ class RouterCore:
 
     # -- the GenerationCore protocol -----------------------------------------------
 
-    def labels(self, model_id: str, scenario: str) -> tuple[str, str]:
+    def resolve(self, model_id: str, scenario: str) -> RequestContext:
         spec = self._registry.find(model_id) if model_id else None
         scenario = scenario or DEFAULT_SCENARIO
-        return (
-            spec.id if spec else UNKNOWN_MODEL,
-            scenario if scenario in self._scenarios else "unknown",
+        return RequestContext(
+            model=spec,
+            model_label=spec.id if spec else UNKNOWN_MODEL,
+            scenario=scenario if scenario in self._scenarios else UNKNOWN,
         )
 
     async def list_models(self) -> list[ModelInfo]:
@@ -66,8 +68,11 @@ class RouterCore:
     async def get_model(self, model_id: str) -> ModelInfo:
         return self._info(self._spec(model_id))
 
-    async def generate(self, request: GenerationRequest, timeout: float | None) -> Generation:
-        spec, forward = self._prepare(request)
+    async def generate(
+        self, request: GenerationRequest, timeout: float | None,
+        context: RequestContext | None = None,
+    ) -> Generation:
+        spec, forward = self._prepare(request, context)
         tried: set[Replica] = set()
         last: MeshError | None = None
         with self._admit(spec):
@@ -85,9 +90,10 @@ class RouterCore:
                 return result
 
     async def generate_stream(
-        self, request: GenerationRequest, timeout: float | None
+        self, request: GenerationRequest, timeout: float | None,
+        context: RequestContext | None = None,
     ) -> AsyncIterator[Chunk | Generation]:
-        spec, forward = self._prepare(request)
+        spec, forward = self._prepare(request, context)
         with self._admit(spec):
             async for event in self._relay(spec, forward, timeout):
                 yield event
@@ -122,7 +128,7 @@ class RouterCore:
         await asyncio.gather(*(pool.refresh(timeout) for pool in self._pools.values()))
         for spec in self._registry.models:
             for replica in self._pools[spec.id].replicas.values():
-                self._metrics.backend_up.labels(
+                self._metrics.engine_up.labels(
                     self._metrics.service, spec.id, replica.address
                 ).set(int(replica.serving))
 
@@ -151,7 +157,10 @@ class RouterCore:
 
     # -- helpers ------------------------------------------------------------------
 
-    def _spec(self, model_id: str) -> ModelSpec:
+    def _spec(self, model_id: str, spec: ModelSpec | None = None) -> ModelSpec:
+        """The model `model_id` names (`spec`, when already resolved)."""
+        if spec is not None:
+            return spec
         known = ", ".join(m.id for m in self._registry.models)
         if not model_id:
             raise invalid([FieldViolation("model_id", f"is required; known models: {known}")])
@@ -164,11 +173,13 @@ class RouterCore:
             )
         return spec
 
-    def _prepare(self, request: GenerationRequest) -> tuple[ModelSpec, GenerationRequest]:
-        spec = self._spec(request.model_id)
-        forward = self._scenarios.apply(request)
+    def _prepare(
+        self, request: GenerationRequest, context: RequestContext | None
+    ) -> tuple[ModelSpec, GenerationRequest]:
+        spec = self._spec(request.model_id, context.model if context is not None else None)
+        forward = self._scenarios.apply(request, model_id=spec.id)
         validate(request, self._pools[spec.id].limits)
-        return spec, forward.evolve(model_id=spec.id)
+        return spec, forward
 
     async def _pick(
         self, spec: ModelSpec, tried: set[Replica], last: MeshError | None
@@ -197,7 +208,7 @@ class RouterCore:
     ) -> bool:
         """Whether to try another replica after `error` (UNAVAILABLE before any text).
 
-        A replica that cannot be reached, or whose backend is down, is marked
+        A replica that cannot be reached, or whose engine is down, is marked
         down until its health check says otherwise; one whose generation broke
         off stays in rotation.
         """
@@ -238,7 +249,7 @@ class RouterCore:
             id=spec.id,
             name=spec.name,
             aliases=spec.aliases,
-            backend_model=details.backend_model if details else "",
+            engine_model=details.engine_model if details else "",
             limits=pool.limits,
             ready=pool.ready_count > 0,
             replicas=len(pool.replicas) or len(spec.adapters),

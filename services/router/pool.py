@@ -51,7 +51,7 @@ class ReplicaPool:
 
     @property
     def limits(self) -> Limits:
-        """The adapters' limits once known (they include the backend's)."""
+        """The adapters' limits once known (they include the engine's)."""
         return self.details.limits if self.details is not None else self._static_limits
 
     @property

@@ -18,9 +18,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmmesh.v1 import generate_pb2 as pb
 from llmmesh.v1 import generate_pb2_grpc as pb_grpc
 
-from services.common import convert, tracing
+from services.common import pb_convert, tracing
 from services.common.errors import MeshError
-from services.common.rpc import from_rpc_error
+from services.common.rich_status import from_rpc_error
 from services.common.types import (
     Chunk,
     EngineLoad,
@@ -88,22 +88,22 @@ class Replica:
             self.in_flight -= 1
 
     async def generate(self, request: GenerationRequest, timeout: float | None) -> Generation:
-        message = convert.request_to_pb(request, pb.GenerateRequest)
+        message = pb_convert.request_to_pb(request, pb.GenerateRequest)
         try:
             reply = await self.stub.Generate(message, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from None
-        return convert.generation_from_pb(reply)
+        return pb_convert.generation_from_pb(reply)
 
     async def generate_stream(
         self, request: GenerationRequest, timeout: float | None
     ) -> AsyncIterator[Chunk | Generation]:
         """The replica's stream as domain events; an in-band error is raised."""
-        message = convert.request_to_pb(request, pb.GenerateStreamRequest)
+        message = pb_convert.request_to_pb(request, pb.GenerateStreamRequest)
         call = self.stub.GenerateStream(message, timeout=timeout)
         try:
             async for reply in call:
-                event = convert.stream_event_from_pb(reply)
+                event = pb_convert.stream_event_from_pb(reply)
                 if isinstance(event, MeshError):
                     raise event
                 yield event
@@ -128,7 +128,7 @@ class Replica:
             )
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from None
-        return convert.model_from_pb(reply.model, static)
+        return pb_convert.model_from_pb(reply.model, static)
 
     async def close(self, grace: float | None = None) -> None:
         await self.channel.close(grace=grace)

@@ -10,11 +10,11 @@ from pathlib import Path
 import yaml
 
 from services.common.errors import FieldViolation, clip, invalid
-from services.common.types import GenerationRequest, Message
+from services.common.types import CHAT_SCENARIO, RAW_SCENARIO, GenerationRequest, Message
 
 DEFAULT_FILE = Path(__file__).with_name("scenarios.yaml")
-DEFAULT_SCENARIO = "chat"
-RAW = "raw"
+DEFAULT_SCENARIO = CHAT_SCENARIO
+RAW = RAW_SCENARIO
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
@@ -41,13 +41,15 @@ class Scenarios:
     def __contains__(self, name: str) -> bool:
         return name in self._by_name or name == RAW
 
-    def apply(self, request: GenerationRequest) -> GenerationRequest:
-        """The request as the adapter receives it: chat messages, or raw text."""
+    def apply(self, request: GenerationRequest, model_id: str | None = None) -> GenerationRequest:
+        """The request as the adapter receives it: chat messages, or raw text,
+        for the model `model_id` (default: the one it names)."""
         name = request.scenario or DEFAULT_SCENARIO
+        model_id = request.model_id if model_id is None else model_id
         if name == RAW:
             if request.messages:
                 raise invalid([FieldViolation("messages", "the raw scenario takes `inputs` only")])
-            return request.evolve(scenario=RAW)
+            return request.evolve(scenario=RAW, model_id=model_id)
         scenario = self._by_name.get(name)
         if scenario is None:
             raise invalid([
@@ -62,7 +64,8 @@ class Scenarios:
                 messages = (Message("system", scenario.system), *messages)
         else:
             messages = scenario.messages(request.inputs)
-        return request.evolve(scenario=DEFAULT_SCENARIO, inputs="", messages=messages)
+        return request.evolve(scenario=DEFAULT_SCENARIO, inputs="", messages=messages,
+                              model_id=model_id)
 
 
 def load_scenarios(path: str | Path = DEFAULT_FILE) -> Scenarios:

@@ -13,15 +13,11 @@ from llmmesh.v1 import generate_pb2_grpc as pb_grpc
 
 from services.adapter.chat_template import ChatTemplate
 from services.adapter.core import AdapterCore
+from services.common.grpc_server import RunningServer, ServerSettings, start_server
+from services.common.health import HealthBoard
 from services.common.metrics import Metrics
 from services.common.registry import Registry, load_registry
-from services.common.service import (
-    SERVICE_NAME,
-    HealthBoard,
-    RunningServer,
-    ServerSettings,
-    start_server,
-)
+from services.common.servicer import SERVICE_NAME
 from services.router.core import RouterCore
 from services.router.pool import ReplicaPool
 from services.router.scenarios import load_scenarios

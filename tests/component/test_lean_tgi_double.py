@@ -12,7 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from services.adapter.tgi import BackendResult, BackendToken, TGIBackend
+from services.adapter.engines.base import EngineResult, EngineToken
+from services.adapter.engines.tgi import TGIEngine
 from services.common.errors import MeshError, Reason
 from services.common.types import FinishReason, Parameters
 from tests.procs import free_port, python_module, start, stop, wait_http
@@ -32,18 +33,18 @@ def lean() -> Iterator[str]:
 
 
 async def test_the_adapter_client_gets_what_it_asked_for(lean: str) -> None:
-    backend = TGIBackend(lean)
+    backend = TGIEngine(lean)
     try:
         info = await backend.info()
         assert info.model_id == "lean/test" and info.max_total_tokens == 4096
         assert await backend.health()
         result = await backend.generate("a b c", Parameters(max_new_tokens=5), timeout=5)
-        assert result == BackendResult("w0 w1 w2 w3 w4", 5, 3, FinishReason.LENGTH)
+        assert result == EngineResult("w0 w1 w2 w3 w4", 5, 3, FinishReason.LENGTH)
         parts = [p async for p in backend.generate_stream(
             "a b", Parameters(max_new_tokens=7), timeout=5)]
-        tokens = [p for p in parts if isinstance(p, BackendToken)]
+        tokens = [p for p in parts if isinstance(p, EngineToken)]
         assert sum(t.count for t in tokens) == 7
-        assert parts[-1] == BackendResult("w0 w1 w2 w3 w4 w5 w6", 7, 2, FinishReason.LENGTH)
+        assert parts[-1] == EngineResult("w0 w1 w2 w3 w4 w5 w6", 7, 2, FinishReason.LENGTH)
         with pytest.raises(MeshError) as err:
             await backend.generate(" ", Parameters(max_new_tokens=5), timeout=5)
         assert err.value.reason == Reason.INVALID_ARGUMENT

@@ -1,6 +1,6 @@
 """An in-process backend for unit and component tests of the cores.
 
-It implements the adapter's Backend protocol (what TGIBackend does over
+It implements the adapter's Engine protocol (what TGIEngine does over
 HTTP), scripted per test: the text to produce, a failure to raise, a delay.
 """
 
@@ -10,7 +10,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from services.adapter.backend import BackendInfo, BackendResult, BackendToken, Prompt
+from services.adapter.engines.base import EngineInfo, EngineResult, EngineToken, Prompt
 from services.common.errors import MeshError
 from services.common.types import FinishReason, Parameters
 
@@ -23,8 +23,8 @@ class FakeBackend:
     fail_after: int | None = None  # fail mid-stream after this many tokens
     delay: float = 0.0
     healthy: bool = True
-    info_reply: BackendInfo = field(
-        default_factory=lambda: BackendInfo("fake/model", 1000, 2048, 4, 128)
+    info_reply: EngineInfo = field(
+        default_factory=lambda: EngineInfo("fake/model", 1000, 2048, 4, 128)
     )
     prompts: list[Prompt] = field(default_factory=list)
     params: list[Parameters] = field(default_factory=list)
@@ -37,7 +37,7 @@ class FakeBackend:
 
     async def generate(
         self, prompt: Prompt, params: Parameters, timeout: float | None
-    ) -> BackendResult:
+    ) -> EngineResult:
         self.prompts.append(prompt)
         self.params.append(params)
         if self.delay:
@@ -45,11 +45,11 @@ class FakeBackend:
         if self.fail is not None:
             raise self.fail
         words = self._words(params)
-        return BackendResult("".join(words), len(words), self.input_tokens, _finish(words, self))
+        return EngineResult("".join(words), len(words), self.input_tokens, _finish(words, self))
 
     async def generate_stream(
         self, prompt: Prompt, params: Parameters, timeout: float | None
-    ) -> AsyncIterator[BackendToken | BackendResult]:
+    ) -> AsyncIterator[EngineToken | EngineResult]:
         self.prompts.append(prompt)
         self.params.append(params)
         words = self._words(params)
@@ -59,10 +59,10 @@ class FakeBackend:
                     raise self.fail
                 if self.delay:
                     await asyncio.sleep(self.delay)
-                yield BackendToken(word)
+                yield EngineToken(word)
             if self.fail is not None:
                 raise self.fail
-            yield BackendResult("".join(words), len(words), self.input_tokens, _finish(words, self))
+            yield EngineResult("".join(words), len(words), self.input_tokens, _finish(words, self))
         except (asyncio.CancelledError, GeneratorExit):
             self.cancelled += 1
             raise
@@ -70,7 +70,7 @@ class FakeBackend:
     async def health(self, timeout: float = 2.0) -> bool:
         return self.healthy
 
-    async def info(self, timeout: float = 2.0) -> BackendInfo:
+    async def info(self, timeout: float = 2.0) -> EngineInfo:
         return self.info_reply
 
     async def close(self) -> None:

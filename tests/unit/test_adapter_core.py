@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from services.adapter.backend import BackendInfo
 from services.adapter.chat_template import ChatTemplate
 from services.adapter.core import AdapterCore
+from services.adapter.engines.base import EngineInfo
 from services.common.errors import MeshError, Reason
 from services.common.metrics import Metrics
 from services.common.registry import load_registry
@@ -88,12 +88,12 @@ async def test_invalid_request_never_reaches_backend():
 
 async def test_limits_narrowed_by_backend_info():
     core, backend = make()
-    backend.info_reply = BackendInfo("m", 100, 200, 2, 8)
+    backend.info_reply = EngineInfo("m", 100, 200, 2, 8)
     assert await core.refresh() is True
     assert core.limits.max_new_tokens == 199
     assert core.limits.max_stop_sequences == 2
     info = core.model_info()
-    assert info.ready and info.backend_model == "m" and info.limits.max_total_tokens == 200
+    assert info.ready and info.engine_model == "m" and info.limits.max_total_tokens == 200
 
 
 async def test_health_follows_backend():
@@ -138,7 +138,7 @@ async def test_stream_closed_early_cancels_backend():
 
 @pytest.mark.parametrize("engine", ["tgi", "vllm"])
 async def test_backend_up_names_the_engines_kind(engine: str):
-    core, _ = make(engine=engine)
+    core, _ = make(engine_kind=engine)
     assert await core.refresh() is True
     labels = {"service": "adapter-test", "model": "qwen2", "backend": engine}
     assert core._metrics.registry.get_sample_value("llmmesh_backend_up", labels) == 1.0

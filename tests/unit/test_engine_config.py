@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from services.adapter import __main__ as adapter_main
-from services.adapter.load import LoadSampler
-from services.adapter.openai_engine import OpenAIEngineBackend
-from services.adapter.tgi import TGIBackend
+from services.adapter.engine_load import LoadSampler
+from services.adapter.engines.openai_compatible import OpenAICompatibleEngine
+from services.adapter.engines.tgi import TGIEngine
 from services.common.registry import load_registry
 from services.launcher.plan import LaunchError, Ports, build_plan, engine_of, parse_backends
 
@@ -30,8 +30,8 @@ def parse(monkeypatch: pytest.MonkeyPatch, *argv: str, **env: str) -> adapter_ma
 def test_tgi_is_the_default_and_tgi_url_still_works(monkeypatch):
     settings = parse(monkeypatch, TGI_URL="http://tgi:80")
     assert (settings.engine.kind, settings.engine.url) == ("tgi", "http://tgi:80")
-    backend, metrics = adapter_main.make_backend(settings)
-    assert isinstance(backend, TGIBackend) and metrics == "http://tgi:80/metrics"
+    backend, metrics = adapter_main.make_engine(settings)
+    assert isinstance(backend, TGIEngine) and metrics == "http://tgi:80/metrics"
 
 
 def test_flags_override_the_environment_and_the_registry(monkeypatch):
@@ -42,18 +42,18 @@ def test_flags_override_the_environment_and_the_registry(monkeypatch):
     )
     assert settings.engine.kind == "vllm" and settings.engine.served_model == "q"
     assert settings.engine.chat_api == "engine"
-    backend, metrics = adapter_main.make_backend(settings)
-    assert isinstance(backend, OpenAIEngineBackend) and backend.applies_template
+    backend, metrics = adapter_main.make_engine(settings)
+    assert isinstance(backend, OpenAICompatibleEngine) and backend.applies_template
     assert (backend.base_url, metrics) == ("http://vllm:8000/v1", "http://vllm:8000/metrics")
 
 
 def test_the_registry_names_the_engine(monkeypatch):
     settings = parse(monkeypatch, QWEN2_ENGINE="llamacpp", QWEN2_ENGINE_URL="http://h:9/v1")
     assert (settings.engine.kind, settings.engine.url) == ("llamacpp", "http://h:9/v1")
-    _, metrics = adapter_main.make_backend(settings)
+    _, metrics = adapter_main.make_engine(settings)
     assert metrics == "http://h:9/metrics"  # llama-server's, with --metrics
     settings = parse(monkeypatch, QWEN2_ENGINE="ollama", QWEN2_ENGINE_URL="http://h:9/v1")
-    assert adapter_main.make_backend(settings)[1] is None  # Ollama has no /metrics
+    assert adapter_main.make_engine(settings)[1] is None  # Ollama has no /metrics
 
 
 def test_bad_engine_settings_stop_the_adapter(monkeypatch, capsys):

@@ -5,7 +5,7 @@ import pytest
 from grpc.aio import AioRpcError, Metadata
 
 from services.common.errors import EDGE_ERRORS, TABLE, FieldViolation, MeshError, Reason, invalid
-from services.common.rpc import from_rpc_error, to_status
+from services.common.rich_status import from_rpc_error, to_status
 from tests.procs import ROOT
 
 EXPECTED_CODES = {

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 import pytest
 from aiohttp import web
 
-from services.adapter.backend import BackendResult, BackendToken
-from services.adapter.openai_engine import DIALECTS, OpenAIEngineBackend, error_from_engine
+from services.adapter.engines.base import EngineResult, EngineToken
+from services.adapter.engines.openai_compatible import OpenAICompatibleEngine, error_from_engine
+from services.common.engine_kinds import KINDS
 from services.common.errors import MeshError, Reason
 from services.common.registry import ENGINE_KINDS
 from services.common.types import FinishReason, Grammar, Message, Parameters
@@ -44,16 +45,17 @@ async def vllm(**kw: object) -> AsyncIterator[VLLM]:
         await runner.cleanup()
 
 
-def backend(url: str, kind: str = "vllm", **kw: object) -> OpenAIEngineBackend:
-    return OpenAIEngineBackend(url, dialect=DIALECTS[kind], **kw)  # type: ignore[arg-type]
+def backend(url: str, kind: str = "vllm", **kw: object) -> OpenAICompatibleEngine:
+    return OpenAICompatibleEngine(url, kind=KINDS[kind], **kw)  # type: ignore[arg-type]
 
 
-async def collect(b: OpenAIEngineBackend, prompt, params: Parameters, timeout=10.0):
+async def collect(b: OpenAICompatibleEngine, prompt, params: Parameters, timeout=10.0):
     return [e async for e in b.generate_stream(prompt, params, timeout)]
 
 
-def test_every_engine_kind_but_tgi_has_a_dialect():
-    assert set(ENGINE_KINDS) == {"tgi", *DIALECTS}
+def test_the_registry_reads_the_one_table_of_engine_kinds():
+    assert ENGINE_KINDS == tuple(KINDS) and ENGINE_KINDS[0] == "tgi"
+    assert {k.api for k in KINDS.values()} == {"tgi", "openai"}
 
 
 async def test_completion_counts_and_finish_reasons():
@@ -61,7 +63,7 @@ async def test_completion_counts_and_finish_reasons():
         b = backend(v.url)  # no served model configured: found on /v1/models
         try:
             result = await b.generate(CHATML, Parameters(max_new_tokens=10), 5)
-            assert result == BackendResult("hello there big world", 4, 6, FinishReason.EOS_TOKEN)
+            assert result == EngineResult("hello there big world", 4, 6, FinishReason.EOS_TOKEN)
             assert v.state.last_body["model"] == MODEL
             assert v.state.last_body["temperature"] == 0.0  # greedy unless sampling
             short = await b.generate(CHATML, Parameters(max_new_tokens=2), 5)
@@ -78,9 +80,9 @@ async def test_stream_yields_text_then_the_usage_counts():
         try:
             events = await collect(b, CHATML, Parameters(max_new_tokens=10))
             assert v.state.last_body["stream_options"] == {"include_usage": True}
-            texts = [e.text for e in events if isinstance(e, BackendToken)]
+            texts = [e.text for e in events if isinstance(e, EngineToken)]
             assert "".join(texts) == "hello there big world"
-            assert events[-1] == BackendResult(
+            assert events[-1] == EngineResult(
                 "hello there big world", 4, 6, FinishReason.EOS_TOKEN)
         finally:
             await b.close()
@@ -95,7 +97,7 @@ async def test_chat_api_sends_the_conversation_to_chat_completions():
             assert result.text == "hi you"
             assert v.state.last_body["messages"] == [{"role": "user", "content": "hi you"}]
             events = await collect(b, (Message("user", "a b"),), Parameters())
-            assert "".join(e.text for e in events if isinstance(e, BackendToken)) == "a b"
+            assert "".join(e.text for e in events if isinstance(e, EngineToken)) == "a b"
         finally:
             await b.close()
 
@@ -167,7 +169,7 @@ async def test_a_stream_that_breaks_after_tokens(mode, reason):
         try:
             with pytest.raises(MeshError) as err:
                 async for event in b.generate_stream(CHATML, Parameters(), 5):
-                    assert isinstance(event, BackendToken)
+                    assert isinstance(event, EngineToken)
                     got.append(event.text)
             assert err.value.reason is reason
             assert "".join(got) == "hello there"
@@ -180,7 +182,7 @@ async def test_cancelling_a_stream_closes_the_upstream_request():
         b = backend(v.url, served_model=MODEL)
         try:
             events = b.generate_stream(CHATML, Parameters(max_new_tokens=30), 10)
-            assert isinstance(await anext(events), BackendToken)
+            assert isinstance(await anext(events), EngineToken)
             await events.aclose()  # type: ignore[attr-defined]
             for _ in range(100):
                 if v.state.running == 0:

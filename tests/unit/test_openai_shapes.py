@@ -77,7 +77,7 @@ def test_chunks_without_include_usage_have_no_usage_key():
 
 
 def test_model_objects_keep_the_mesh_facts():
-    info = ModelInfo(id="qwen2", name="Qwen2", aliases=("qwen",), backend_model="smol",
+    info = ModelInfo(id="qwen2", name="Qwen2", aliases=("qwen",), engine_model="smol",
                      limits=Limits(max_input_tokens=100, max_total_tokens=200), ready=True,
                      replicas=2, ready_replicas=1)
     listing = responses.model_list([info], created=7)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from services.adapter.load import LoadSampler, parse_load
+from services.adapter.engine_load import LoadSampler, parse_load
 from services.common.types import EngineLoad
 from services.router.choice import choose, estimated_requests
 from tests.bench import replica_bench

@@ -9,8 +9,8 @@ import pytest
 from google.protobuf import json_format
 from llmmesh.v1 import generate_pb2 as pb
 
-from services.adapter.tgi import TGIBackend
-from services.common import convert
+from services.adapter.engines.tgi import TGIEngine
+from services.common import pb_convert
 from services.common.errors import MeshError
 from services.common.types import GenerationRequest, Grammar, Limits, Parameters
 from services.common.validation import validate
@@ -25,8 +25,8 @@ SCHEMA = {
 def test_a_json_schema_survives_the_contract_with_whole_numbers_intact() -> None:
     params = Parameters(grammar=Grammar.json_schema(SCHEMA), frequency_penalty=0.5,
                         presence_penalty=-1.0)
-    wire = convert.parameters_to_pb(params).SerializeToString()
-    back = convert.parameters_from_pb(pb.GenerationParameters.FromString(wire))
+    wire = pb_convert.parameters_to_pb(params).SerializeToString()
+    back = pb_convert.parameters_from_pb(pb.GenerationParameters.FromString(wire))
     assert back == params
     assert back.grammar is not None
     assert back.grammar.schema() == SCHEMA
@@ -36,10 +36,10 @@ def test_a_json_schema_survives_the_contract_with_whole_numbers_intact() -> None
 def test_http_json_spelling_of_the_grammar() -> None:
     # What Envoy's transcoder builds from `"grammar": {"json_schema": {...}}`.
     message = json_format.ParseDict({"grammar": {"json_schema": SCHEMA}}, pb.GenerationParameters())
-    assert convert.parameters_from_pb(message).grammar == Grammar.json_schema(SCHEMA)
+    assert pb_convert.parameters_from_pb(message).grammar == Grammar.json_schema(SCHEMA)
     message = json_format.ParseDict({"grammar": {"regex": "[0-9]+"}}, pb.GenerationParameters())
-    assert convert.parameters_from_pb(message).grammar == Grammar("regex", "[0-9]+")
-    assert convert.parameters_from_pb(pb.GenerationParameters()).grammar is None
+    assert pb_convert.parameters_from_pb(message).grammar == Grammar("regex", "[0-9]+")
+    assert pb_convert.parameters_from_pb(pb.GenerationParameters()).grammar is None
 
 
 def test_defaults_fill_the_new_fields() -> None:
@@ -74,7 +74,7 @@ def test_good_grammars_pass() -> None:
 
 
 def test_tgi_body_carries_the_grammar_and_frequency_penalty() -> None:
-    backend = TGIBackend("http://127.0.0.1:1")
+    backend = TGIEngine("http://127.0.0.1:1")
     body = backend.body("p", Parameters(grammar=Grammar.json_schema(SCHEMA),
                                         frequency_penalty=-0.5), stream=False)
     sent = json.loads(json.dumps(body))  # as aiohttp serializes it
@@ -89,5 +89,5 @@ def test_tgi_body_carries_the_grammar_and_frequency_penalty() -> None:
 
 def test_tgi_refuses_presence_penalty_by_name() -> None:
     with pytest.raises(MeshError) as caught:
-        TGIBackend("http://127.0.0.1:1").body("p", Parameters(presence_penalty=0.5), stream=False)
+        TGIEngine("http://127.0.0.1:1").body("p", Parameters(presence_penalty=0.5), stream=False)
     assert [v.field for v in caught.value.violations] == ["parameters.presence_penalty"]

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from services.adapter.tgi import BackendResult, BackendToken, TGIBackend
+from services.adapter.engines.base import EngineResult, EngineToken
+from services.adapter.engines.tgi import TGIEngine
 from services.common.errors import MeshError, Reason
 from services.common.types import FinishReason, Parameters
 
@@ -63,9 +64,9 @@ class Replay:
 @pytest.fixture
 async def serve() -> AsyncIterator[Any]:
     runners: list[web.AppRunner] = []
-    backends: list[TGIBackend] = []
+    backends: list[TGIEngine] = []
 
-    async def start(replay: Replay) -> TGIBackend:
+    async def start(replay: Replay) -> TGIEngine:
         app = web.Application()
         app.router.add_post("/", replay.compat)
         app.router.add_get("/info", replay.info)
@@ -75,7 +76,7 @@ async def serve() -> AsyncIterator[Any]:
         await site.start()
         runners.append(runner)
         port = runner.addresses[0][1]
-        backends.append(TGIBackend(f"http://127.0.0.1:{port}"))
+        backends.append(TGIEngine(f"http://127.0.0.1:{port}"))
         return backends[-1]
 
     yield start
@@ -93,7 +94,7 @@ async def test_generate_reads_tgis_reply(serve):
     backend = await serve(replay)
     fix = fixture("generate.json")
     result = await backend.generate("Test request", PARAMS, timeout=5)
-    assert result == BackendResult(
+    assert result == EngineResult(
         text=fix["body"]["generated_text"],
         generated_tokens=fix["body"]["details"]["generated_tokens"],
         input_tokens=int(fix["headers"]["x-prompt-tokens"]),
@@ -111,14 +112,14 @@ async def test_stream_reads_tgis_events(serve):
     fix = fixture("generate_stream.json")
     out = [e async for e in backend.generate_stream("Test request", PARAMS, timeout=5)]
     *tokens, last = out
-    assert all(isinstance(t, BackendToken) for t in tokens)
+    assert all(isinstance(t, EngineToken) for t in tokens)
     events = [json.loads(line[5:]) for line in fix["body"].splitlines()
               if line.startswith("data:")]
     # Every token's text arrives, in order, and adds up to the final text.
     assert "".join(t.text for t in tokens) == "".join(e["token"]["text"] for e in events)
     assert sum(t.count for t in tokens) == len(events)
     details = events[-1]["details"]
-    assert last == BackendResult(
+    assert last == EngineResult(
         text=events[-1]["generated_text"],
         generated_tokens=details["generated_tokens"],
         input_tokens=details["input_length"],
@@ -131,8 +132,8 @@ async def test_stream_final_event_without_details(serve):
     """A last event whose details are null (a request without details)."""
     backend = await serve(Replay(stream="generate_stream_final_no_details.json"))
     token, last = [e async for e in backend.generate_stream("x", PARAMS, timeout=5)]
-    assert token == BackendToken(".")
-    assert isinstance(last, BackendResult)
+    assert token == EngineToken(".")
+    assert isinstance(last, EngineResult)
     assert last.text == "This is a picture of an anthropomorphic rabbit in a space suit."
 
 

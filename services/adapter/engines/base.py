@@ -1,9 +1,10 @@
-"""What the adapter needs from an engine: the `Backend` protocol and the
+"""What the adapter needs from an engine: the `Engine` protocol and the
 engine-facing domain types it speaks.
 
-Each engine driver (TGI's HTTP API in `services.adapter.tgi`, ...) implements
-the protocol and maps its engine's replies and errors onto these types and
-`MeshError`; the adapter's core depends on nothing else.
+Each driver (TGI's HTTP API in `engines.tgi`, OpenAI-compatible servers in
+`engines.openai_compatible`) implements the protocol and maps its engine's
+replies and errors onto these types and `MeshError`; the adapter's core
+depends on nothing else.
 """
 
 from __future__ import annotations
@@ -14,14 +15,14 @@ from typing import Protocol
 
 from services.common.types import FinishReason, Message, Parameters
 
-# What a backend generates from: a prompt the adapter rendered with the
+# What an engine generates from: a prompt the adapter rendered with the
 # model's chat template (or a raw one), or, for an engine that applies the
 # template itself, the conversation.
 Prompt = str | tuple[Message, ...]
 
 
 @dataclass(frozen=True)
-class BackendToken:
+class EngineToken:
     """One or more tokens that arrived together; `text` leaves out special tokens."""
 
     text: str
@@ -29,7 +30,7 @@ class BackendToken:
 
 
 @dataclass(frozen=True)
-class BackendResult:
+class EngineResult:
     """A whole generation, or the last event of a stream."""
 
     text: str
@@ -39,7 +40,7 @@ class BackendResult:
 
 
 @dataclass(frozen=True)
-class BackendInfo:
+class EngineInfo:
     """What the engine says about itself: the model it serves and its limits."""
 
     model_id: str
@@ -49,8 +50,12 @@ class BackendInfo:
     max_concurrent_requests: int
 
 
-class Backend(Protocol):
-    """A text-generation engine behind the adapter."""
+class Engine(Protocol):
+    """A text-generation engine behind the adapter.
+
+    `params` arrive with the model's defaults applied (the registry's, over
+    the parameter table's), so a driver never invents a default of its own.
+    """
 
     @property
     def applies_template(self) -> bool:
@@ -60,14 +65,14 @@ class Backend(Protocol):
 
     async def generate(
         self, prompt: Prompt, params: Parameters, timeout: float | None
-    ) -> BackendResult: ...
+    ) -> EngineResult: ...
 
     def generate_stream(
         self, prompt: Prompt, params: Parameters, timeout: float | None
-    ) -> AsyncIterator[BackendToken | BackendResult]: ...
+    ) -> AsyncIterator[EngineToken | EngineResult]: ...
 
     async def health(self, timeout: float = 2.0) -> bool: ...
 
-    async def info(self, timeout: float = 2.0) -> BackendInfo: ...
+    async def info(self, timeout: float = 2.0) -> EngineInfo: ...
 
     async def close(self) -> None: ...

@@ -9,9 +9,10 @@ the conversation itself to `/v1/chat/completions` instead, and the engine
 applies its own template (the one shipped with the weights); `raw` requests
 still go to `/v1/completions`.
 
-Engines differ in what they accept beyond OpenAI's fields; `DIALECTS` says,
-per engine kind, how top_k, the repetition penalty and structured output are
-spelled, and a parameter an engine cannot honour is refused with a field
+Engines differ in what they accept beyond OpenAI's fields: the parameter
+table (services.common.parameters) gives each parameter's spelling, and
+the engine's kind (services.common.engine_kinds) respells what it names
+differently; a parameter an engine cannot honour is refused with a field
 violation instead of being dropped silently. Errors, whatever the engine,
 go through `error_from_engine` into the one error table.
 """
@@ -21,58 +22,16 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
-from services.adapter.backend import BackendInfo, BackendResult, BackendToken, Prompt
-from services.adapter.http_engine import json_or_text, transport_error
-from services.common import tracing
+from services.adapter.engines.base import EngineInfo, EngineResult, EngineToken, Prompt
+from services.adapter.engines.http import DONE, HttpEngine, SSEParser, json_or_text
+from services.common.engine_kinds import KINDS, EngineKind
 from services.common.errors import FieldViolation, MeshError, Reason, invalid
+from services.common.parameters import BY_NAME
 from services.common.types import FinishReason, Parameters
-
-
-@dataclass(frozen=True)
-class Dialect:
-    """How one kind of engine spells what OpenAI's API leaves out."""
-
-    kind: str
-    # The request field for top_k, or None when the engine has none.
-    top_k: str | None
-    # The request field for a multiplicative repetition penalty, or None.
-    repetition_penalty: str | None
-    # How a JSON-schema grammar is sent: "response_format" (OpenAI's
-    # json_schema response format), "gbnf" (converted to a llama.cpp GBNF
-    # grammar, sent as `grammar`), or None when the engine cannot.
-    json_grammar: str | None
-    # How a regex grammar is sent: "structured_outputs" (vLLM), "regex"
-    # (SGLang), or None when the engine cannot constrain to a regex.
-    regex_grammar: str | None
-    # Whether the engine serves Prometheus metrics at /metrics.
-    metrics: bool
-
-
-DIALECTS: Mapping[str, Dialect] = {
-    # Only OpenAI's own fields: any server that implements the API.
-    "openai": Dialect("openai", None, None, "response_format", None, metrics=True),
-    # vLLM's extra sampling parameters and structured outputs
-    # (vllm/entrypoints/openai/protocol.py: CompletionRequest).
-    "vllm": Dialect("vllm", "top_k", "repetition_penalty", "response_format",
-                    "structured_outputs", metrics=True),
-    # SGLang (python/sglang/srt/entrypoints/openai/protocol.py).
-    "sglang": Dialect("sglang", "top_k", "repetition_penalty", "response_format", "regex",
-                      metrics=True),
-    # llama.cpp's llama-server and llama-cpp-python's server: `repeat_penalty`,
-    # a GBNF `grammar` on both routes (llama-cpp-python's /v1/completions has
-    # no other way to constrain output), no regex; /metrics only from a
-    # llama-server started with --metrics.
-    "llamacpp": Dialect("llamacpp", "top_k", "repeat_penalty", "gbnf", None, metrics=True),
-    # Ollama's OpenAI compatibility layer: OpenAI's fields only, and no
-    # structured output on /v1/completions.
-    "ollama": Dialect("ollama", None, None, None, None, metrics=False),
-}
-ENGINE_KINDS = ("tgi", *DIALECTS)
 
 _FINISH = {
     "length": FinishReason.LENGTH,
@@ -136,17 +95,20 @@ def error_from_engine(
     return MeshError(reason, message, metadata=metadata, retry_after=delay)
 
 
-def _timeout(seconds: float | None, connect: float) -> aiohttp.ClientTimeout:
-    return aiohttp.ClientTimeout(total=seconds, sock_connect=connect)
-
-
 def root_of(base_url: str) -> str:
     """The server's root for /health and /metrics: the base URL without /v1."""
     base = base_url.rstrip("/")
     return base.removesuffix("/v1")
 
 
-class OpenAIEngineBackend:
+def _spelling(kind: EngineKind, name: str) -> str | None:
+    """The request field `kind` uses for parameter `name` (None: refused)."""
+    if name in kind.spellings:
+        return kind.spellings[name]
+    return BY_NAME[name].engine
+
+
+class OpenAICompatibleEngine(HttpEngine):
     """One OpenAI-compatible engine, reached over one pooled HTTP session.
 
     `base_url` ends in `/v1` as OpenAI clients expect (it is added when
@@ -154,11 +116,13 @@ class OpenAIEngineBackend:
     it, the first model the engine lists on /v1/models.
     """
 
+    api = "OpenAI"
+
     def __init__(
         self,
         base_url: str,
         *,
-        dialect: Dialect = DIALECTS["openai"],
+        kind: EngineKind = KINDS["openai"],
         served_model: str | None = None,
         chat_api: bool = False,
         api_key: str | None = None,
@@ -166,38 +130,24 @@ class OpenAIEngineBackend:
         max_connections: int = 256,
     ) -> None:
         base = base_url.rstrip("/")
-        self.base_url = base if base.endswith("/v1") else f"{base}/v1"
+        super().__init__(
+            base if base.endswith("/v1") else f"{base}/v1",
+            headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
+            connect_timeout=connect_timeout, max_connections=max_connections,
+        )
         self.root_url = root_of(self.base_url)
-        self.dialect = dialect
+        self.kind = kind
         self.served_model = served_model
         self.chat_api = chat_api
-        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._connect_timeout = connect_timeout
-        self._max_connections = max_connections
-        self._session: aiohttp.ClientSession | None = None
         self._health_route: bool | None = None  # whether GET /health is served
-        self._active = 0  # generations in progress through this backend
+        self._active = 0  # generations in progress through this engine
+        # The fields this kind spells its own way, by parameter.
+        self._names = {name: _spelling(kind, name) for name in BY_NAME}
 
     @property
     def applies_template(self) -> bool:
         """Whether the engine, not the adapter, renders the chat template."""
         return self.chat_api
-
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            connector = aiohttp.TCPConnector(limit=self._max_connections, keepalive_timeout=60)
-            self._session = aiohttp.ClientSession(
-                connector=connector, json_serialize=json.dumps, headers=self._headers,
-                # Sends `traceparent` to the engine while tracing is on.
-                trace_configs=tracing.http_client_tracing(),
-            )
-        return self._session
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
 
     # -- requests -----------------------------------------------------------------
 
@@ -206,12 +156,20 @@ class OpenAIEngineBackend:
     ) -> tuple[str, dict[str, Any]]:
         """The route and JSON body for a generation: completions for a text
         prompt, chat completions for a conversation."""
-        d = self.dialect
+        kind = self.kind
+        names = self._names
         refused: list[FieldViolation] = []
 
         def refuse(name: str) -> None:
             refused.append(FieldViolation(
-                f"parameters.{name}", f"not supported by this model's engine ({d.kind})"))
+                f"parameters.{name}", f"not supported by this model's engine ({kind.name})"))
+
+        def put(name: str, value: Any) -> None:
+            field = names[name]
+            if field is None:
+                refuse(name)
+            else:
+                body[field] = value
 
         body: dict[str, Any] = {"model": self.served_model or "", "stream": stream}
         if isinstance(prompt, str):
@@ -222,51 +180,46 @@ class OpenAIEngineBackend:
             body["messages"] = [{"role": m.role, "content": m.content} for m in prompt]
         if stream:
             body["stream_options"] = {"include_usage": True}
-        body["max_tokens"] = params.max_new_tokens or 20
+        if params.max_new_tokens is not None:
+            put("max_new_tokens", params.max_new_tokens)
         if params.sampling:
             for name in ("temperature", "top_p", "seed"):
                 value = getattr(params, name)
                 if value is not None:
-                    body[name] = value
+                    put(name, value)
+            if params.top_k is not None:
+                put("top_k", params.top_k)
         else:
             body["temperature"] = 0.0  # greedy, as TGI's do_sample=false
             if params.seed is not None:
-                body["seed"] = params.seed
-        if params.top_k is not None and params.sampling:
-            if d.top_k is None:
-                refuse("top_k")
-            else:
-                body[d.top_k] = params.top_k
+                put("seed", params.seed)
         if params.repetition_penalty is not None and params.repetition_penalty != 1.0:
-            if d.repetition_penalty is None:
-                refuse("repetition_penalty")
-            else:
-                body[d.repetition_penalty] = params.repetition_penalty
+            put("repetition_penalty", params.repetition_penalty)
         if params.stop:
-            body["stop"] = list(params.stop)
+            put("stop", list(params.stop))
         if params.frequency_penalty:
-            body["frequency_penalty"] = params.frequency_penalty
+            put("frequency_penalty", params.frequency_penalty)
         if params.presence_penalty:
-            body["presence_penalty"] = params.presence_penalty
+            put("presence_penalty", params.presence_penalty)
         grammar = params.grammar
         if grammar is not None and grammar.kind == "json":
-            if d.json_grammar is None:
+            if kind.json_grammar is None:
                 refuse("grammar.json_schema")
-            elif d.json_grammar == "gbnf":
-                body["grammar"] = _gbnf(grammar.value)
+            elif kind.json_grammar == "gbnf":
+                body["grammar"] = _gbnf(grammar.schema())
             else:
                 body["response_format"] = {
                     "type": "json_schema",
                     "json_schema": {"name": "output", "schema": grammar.schema()},
                 }
         elif grammar is not None:
-            if d.regex_grammar is None:
+            if kind.regex_grammar is None:
                 refuse("grammar.regex")
-            elif d.regex_grammar == "structured_outputs":
+            elif kind.regex_grammar == "structured_outputs":
                 body["structured_outputs"] = {"regex": grammar.value}
                 body["guided_regex"] = grammar.value  # vLLM before 0.10.2
             else:
-                body[d.regex_grammar] = grammar.value
+                body[kind.regex_grammar] = grammar.value
         if refused:
             raise invalid(refused)
         return route, body
@@ -277,15 +230,12 @@ class OpenAIEngineBackend:
 
     async def generate(
         self, prompt: Prompt, params: Parameters, timeout: float | None
-    ) -> BackendResult:
+    ) -> EngineResult:
         route, body = self.body(prompt, params, stream=False)
         self._active += 1
         try:
             await self._model_for(body)
-            async with self.session.post(
-                f"{self.base_url}{route}", json=body,
-                timeout=_timeout(timeout, self._connect_timeout),
-            ) as resp:
+            async with self.post_json(f"{self.base_url}{route}", body, timeout) as resp:
                 payload = await json_or_text(resp)
                 if resp.status != 200:
                     raise error_from_engine(
@@ -295,7 +245,7 @@ class OpenAIEngineBackend:
                 choice = payload["choices"][0]
                 usage = payload.get("usage") or {}
                 text = _choice_text(choice)
-                return BackendResult(
+                return EngineResult(
                     text=text,
                     generated_tokens=int(usage.get("completion_tokens") or 0),
                     input_tokens=int(usage.get("prompt_tokens") or 0),
@@ -304,13 +254,13 @@ class OpenAIEngineBackend:
         except (MeshError, asyncio.CancelledError):
             raise
         except Exception as exc:
-            raise transport_error(exc, self.base_url, "OpenAI") from exc
+            raise self.transport_error(exc) from exc
         finally:
             self._active -= 1
 
     async def generate_stream(
         self, prompt: Prompt, params: Parameters, timeout: float | None
-    ) -> AsyncIterator[BackendToken | BackendResult]:
+    ) -> AsyncIterator[EngineToken | EngineResult]:
         """Yield text as it arrives, then the final result.
 
         Token counts come from the usage chunk that `include_usage` asks for;
@@ -324,14 +274,11 @@ class OpenAIEngineBackend:
         self._active += 1
         try:
             await self._model_for(body)
-            resp = await self.session.post(
-                f"{self.base_url}{route}", json=body,
-                timeout=_timeout(timeout, self._connect_timeout),
-            )
+            resp = await self.post_json(f"{self.base_url}{route}", body, timeout)
             if resp.status != 200:
                 payload = await json_or_text(resp)
                 raise error_from_engine(resp.status, payload, resp.headers.get("Retry-After"))
-            events = _SSEParser()
+            events = SSEParser()
             parts: list[str] = []
             chunks = 0
             finish: FinishReason | None = None
@@ -343,12 +290,12 @@ class OpenAIEngineBackend:
                     break
                 texts: list[str] = []
                 for event in events.feed(data):
-                    if event is None:  # [DONE]
+                    if event is DONE:
                         done = True
                         break
                     if "error" in event:
                         if texts:
-                            yield BackendToken("".join(texts), len(texts))
+                            yield EngineToken("".join(texts), len(texts))
                         raise error_from_engine(200, event)
                     if event.get("usage"):
                         usage = event["usage"]
@@ -361,7 +308,7 @@ class OpenAIEngineBackend:
                 if texts:
                     chunks += len(texts)
                     parts.extend(texts)
-                    yield BackendToken("".join(texts), len(texts))
+                    yield EngineToken("".join(texts), len(texts))
             if finish is None:
                 raise MeshError(
                     Reason.INCOMPLETE_GENERATION,
@@ -369,7 +316,7 @@ class OpenAIEngineBackend:
                     metadata={"backend": self.base_url},
                 )
             finished = True
-            yield BackendResult(
+            yield EngineResult(
                 text="".join(parts),
                 generated_tokens=int((usage or {}).get("completion_tokens") or chunks),
                 input_tokens=int((usage or {}).get("prompt_tokens") or 0),
@@ -378,7 +325,7 @@ class OpenAIEngineBackend:
         except (MeshError, asyncio.CancelledError, GeneratorExit):
             raise
         except Exception as exc:
-            raise transport_error(exc, self.base_url, "OpenAI") from exc
+            raise self.transport_error(exc) from exc
         finally:
             self._active -= 1
             if resp is not None:
@@ -396,7 +343,7 @@ class OpenAIEngineBackend:
         llama-cpp-python's server serves no /health and answers /v1/models
         only between generations (one lock guards its model); a probe that
         gives up waiting for that lock breaks the generation in progress. So
-        where /v1/models is the probe, it is not sent while this backend has
+        where /v1/models is the probe, it is not sent while this engine has
         generations in progress: the engine is serving them, and if it dies
         their errors say so (and the router marks the replica down).
         """
@@ -405,7 +352,7 @@ class OpenAIEngineBackend:
         try:
             if self._health_route is not False:
                 async with self.session.get(
-                    f"{self.root_url}/health", timeout=_timeout(timeout, self._connect_timeout)
+                    f"{self.root_url}/health", timeout=self.timeout(timeout)
                 ) as resp:
                     await resp.read()
                     if resp.status != 404:
@@ -413,7 +360,7 @@ class OpenAIEngineBackend:
                         return resp.status == 200
                     self._health_route = False
             async with self.session.get(
-                f"{self.base_url}/models", timeout=_timeout(timeout, self._connect_timeout)
+                f"{self.base_url}/models", timeout=self.timeout(timeout)
             ) as resp:
                 await resp.read()
                 return resp.status == 200
@@ -424,7 +371,7 @@ class OpenAIEngineBackend:
         """The engine's /v1/models entries."""
         try:
             async with self.session.get(
-                f"{self.base_url}/models", timeout=_timeout(timeout, self._connect_timeout)
+                f"{self.base_url}/models", timeout=self.timeout(timeout)
             ) as resp:
                 payload = await json_or_text(resp)
                 if resp.status != 200:
@@ -432,7 +379,7 @@ class OpenAIEngineBackend:
         except MeshError:
             raise
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise transport_error(exc, self.base_url, "OpenAI") from exc
+            raise self.transport_error(exc) from exc
         data = payload.get("data") if isinstance(payload, dict) else None
         if not isinstance(data, list):
             raise MeshError(
@@ -455,7 +402,7 @@ class OpenAIEngineBackend:
         self.served_model = str(listed[0]["id"])
         return self.served_model
 
-    async def info(self, timeout: float = 2.0) -> BackendInfo:
+    async def info(self, timeout: float = 2.0) -> EngineInfo:
         listed = await self.models(timeout)
         name = self.served_model or (str(listed[0]["id"]) if listed else "")
         if not name:
@@ -468,7 +415,7 @@ class OpenAIEngineBackend:
         # vLLM reports its context as max_model_len; others report nothing.
         context = card.get("max_model_len")
         total = int(context) if isinstance(context, int) and context > 1 else 0
-        return BackendInfo(
+        return EngineInfo(
             model_id=name,
             max_input_tokens=total - 1 if total else 0,
             max_total_tokens=total,
@@ -477,7 +424,7 @@ class OpenAIEngineBackend:
         )
 
 
-def _gbnf(schema: str) -> str:
+def _gbnf(schema: dict[str, Any]) -> str:
     """A JSON schema as a llama.cpp GBNF grammar, with llama.cpp's own converter."""
     try:
         from llama_cpp.llama_grammar import json_schema_to_gbnf
@@ -487,7 +434,7 @@ def _gbnf(schema: str) -> str:
             "this adapter cannot convert JSON schemas for llama.cpp (llama-cpp-python missing)",
         )]) from exc
     try:
-        return str(json_schema_to_gbnf(schema))
+        return str(json_schema_to_gbnf(json.dumps(schema)))
     except Exception as exc:
         raise invalid([FieldViolation(
             "parameters.grammar.json_schema", f"llama.cpp cannot use this schema: {exc}"[:160],
@@ -509,28 +456,3 @@ def _finish(choice: dict[str, Any]) -> FinishReason:
                                        str):
         return FinishReason.STOP_SEQUENCE
     return _FINISH.get(reason, FinishReason.UNSPECIFIED)
-
-
-class _SSEParser:
-    """OpenAI's Server-Sent Events: `data: {json}` lines, `data: [DONE]` at
-    the end (yielded as None); comments and other fields are framing."""
-
-    def __init__(self) -> None:
-        self._partial = b""
-
-    def feed(self, data: bytes) -> list[dict[str, Any] | None]:
-        lines = (self._partial + data).split(b"\n")
-        self._partial = lines.pop()
-        out: list[dict[str, Any] | None] = []
-        for line in lines:
-            if not line.startswith(b"data:"):
-                continue
-            value = line[5:].strip()
-            if value == b"[DONE]":
-                out.append(None)
-            elif value:
-                out.append(json.loads(value))
-        return out
-
-
-

@@ -1,7 +1,7 @@
 """Bookkeeping of one call, whatever its transport: timing, the in-flight
 gauge, the outcome's metrics and one structured log line.
 
-The gRPC interceptor (services.common.service) and the OpenAI-compatible
+The gRPC interceptor (services.common.rpc_interceptor) and the OpenAI-compatible
 HTTP face (services.openai) keep their books here, so both APIs feed the
 same series and write the same log lines.
 """
@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 
+from services.common import logs
 from services.common.errors import Reason
 from services.common.metrics import Metrics
 
@@ -39,11 +40,12 @@ class CallRecord:
         self._start = time.perf_counter()
         self._first: float | None = None
         self.finished = False
-        self._m.in_flight.labels(self._m.service, self._model, method).inc()
+        self._series = metrics.series(model, method, scenario)
+        self._series.in_flight.inc()
 
     def first_token(self) -> None:
         self._first = time.perf_counter()
-        self._m.ttft.labels(self._m.service, self._model).observe(self._first - self._start)
+        self._series.ttft.observe(self._first - self._start)
 
     def finish(
         self,
@@ -56,14 +58,18 @@ class CallRecord:
         m = self._m
         self.finished = True
         elapsed = time.perf_counter() - self._start
-        m.in_flight.labels(m.service, self._model, self._method).dec()
-        m.requests.labels(m.service, self._model, self._scenario, self._method, code).inc()
-        m.duration.labels(m.service, self._model, self._method).observe(elapsed)
+        series = self._series
+        series.in_flight.dec()
+        if code == "OK":
+            series.ok.inc()
+        else:
+            m.requests.labels(m.service, self._model, self._scenario, self._method, code).inc()
+        series.duration.observe(elapsed)
         if reason is not None:
             m.errors.labels(m.service, self._model, reason.label).inc()
         if self._first is not None and tokens and tokens > 1:
             per_token = (time.perf_counter() - self._first) / (tokens - 1)
-            m.tpot.labels(m.service, self._model).observe(per_token)
+            series.tpot.observe(per_token)
         fields: dict[str, object] = {
             "method": self._method,
             "model": self._model,
@@ -79,4 +85,4 @@ class CallRecord:
             fields["error"] = message
         if tokens is not None:
             fields["tokens"] = tokens
-        log.info("rpc", extra=fields)
+        logs.info(log, "rpc", fields)

@@ -1,14 +1,20 @@
-"""Conversion between the llmmesh.v1 messages and the domain types."""
+"""Conversion between the llmmesh.v1 messages and the domain types.
+
+The generation parameters go field by field by their names, which the
+parameter table (services.common.parameters), `Parameters` and the proto
+share.
+"""
 
 from __future__ import annotations
 
 from dataclasses import replace
 from typing import Any, TypeVar
 
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 from llmmesh.v1 import generate_pb2 as pb
 
 from services.common.errors import MeshError, Reason
+from services.common.parameters import NAMES
 from services.common.types import (
     Chunk,
     EngineLoad,
@@ -34,22 +40,28 @@ _FINISH_FROM_PB = {v: k for k, v in _FINISH_TO_PB.items()}
 AnyGenerateRequest = pb.GenerateRequest | pb.GenerateStreamRequest
 
 
-def _integral(value: Any) -> Any:
-    """Struct holds every number as a double: give whole numbers back as ints,
-    so that a schema's `"minLength": 1` stays 1 on its way to an engine."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, dict):
-        return {k: _integral(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_integral(v) for v in value]
-    return value
+def _value(v: struct_pb2.Value) -> Any:
+    """One Struct value as JSON's: a whole number as an int (Struct holds every
+    number as a double), so a schema's `"minLength": 1` stays 1."""
+    kind = v.WhichOneof("kind")
+    if kind == "number_value":
+        n = v.number_value
+        return int(n) if n.is_integer() else n
+    if kind == "string_value":
+        return v.string_value
+    if kind == "bool_value":
+        return v.bool_value
+    if kind == "struct_value":
+        return {k: _value(x) for k, x in v.struct_value.fields.items()}
+    if kind == "list_value":
+        return [_value(x) for x in v.list_value.values]
+    return None
 
 
 def grammar_from_pb(g: pb.Grammar) -> Grammar | None:
     kind = g.WhichOneof("kind")
     if kind == "json_schema":
-        return Grammar.json_schema(_integral(json_format.MessageToDict(g.json_schema)))
+        return Grammar("json", {k: _value(v) for k, v in g.json_schema.fields.items()})
     if kind == "regex":
         return Grammar("regex", g.regex)
     return None
@@ -58,37 +70,39 @@ def grammar_from_pb(g: pb.Grammar) -> Grammar | None:
 def grammar_to_pb(g: Grammar) -> pb.Grammar:
     if g.kind == "regex":
         return pb.Grammar(regex=g.value)
-    schema = struct_pb2.Struct()
-    schema.update(g.schema())
-    return pb.Grammar(json_schema=schema)
+    out = pb.Grammar()
+    out.json_schema.update(g.schema())
+    return out
 
 
 def parameters_from_pb(p: pb.GenerationParameters) -> Parameters:
-    has = p.HasField
-    return Parameters(
-        max_new_tokens=p.max_new_tokens if has("max_new_tokens") else None,
-        temperature=p.temperature if has("temperature") else None,
-        top_p=p.top_p if has("top_p") else None,
-        top_k=p.top_k if has("top_k") else None,
-        repetition_penalty=p.repetition_penalty if has("repetition_penalty") else None,
-        stop=tuple(p.stop),
-        seed=p.seed if has("seed") else None,
-        do_sample=p.do_sample if has("do_sample") else None,
-        grammar=grammar_from_pb(p.grammar) if has("grammar") else None,
-        frequency_penalty=p.frequency_penalty if has("frequency_penalty") else None,
-        presence_penalty=p.presence_penalty if has("presence_penalty") else None,
-    )
+    """The fields the message sets (proto3 `optional`, and stop when it has any)."""
+    values: dict[str, Any] = {}
+    for fd, value in p.ListFields():
+        if fd.name == "grammar":
+            values["grammar"] = grammar_from_pb(value)
+        elif fd.name == "stop":
+            values["stop"] = tuple(value)
+        else:
+            values[fd.name] = value
+    return Parameters(**values) if values else _NO_PARAMETERS
+
+
+_NO_PARAMETERS = Parameters()
 
 
 def parameters_to_pb(p: Parameters) -> pb.GenerationParameters:
-    out = pb.GenerationParameters(stop=list(p.stop))
-    for name in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty",
-                 "seed", "do_sample", "frequency_penalty", "presence_penalty"):
+    out = pb.GenerationParameters()
+    for name in NAMES:
         value = getattr(p, name)
-        if value is not None:
+        if value is None or value == ():
+            continue
+        if name == "grammar":
+            out.grammar.CopyFrom(grammar_to_pb(value))
+        elif name == "stop":
+            out.stop.extend(value)
+        else:
             setattr(out, name, value)
-    if p.grammar is not None:
-        out.grammar.CopyFrom(grammar_to_pb(p.grammar))
     return out
 
 
@@ -202,7 +216,7 @@ def model_to_pb(m: ModelInfo) -> pb.Model:
         id=m.id,
         aliases=list(m.aliases),
         name=m.name,
-        backend_model=m.backend_model,
+        backend_model=m.engine_model,
         max_input_tokens=m.limits.max_input_tokens,
         max_total_tokens=m.limits.max_total_tokens,
         max_new_tokens=m.limits.max_new_tokens,
@@ -220,7 +234,7 @@ def model_from_pb(m: pb.Model, static: Limits) -> ModelInfo:
         id=m.id,
         name=m.name,
         aliases=tuple(m.aliases),
-        backend_model=m.backend_model,
+        engine_model=m.backend_model,
         limits=replace(
             static,
             max_new_tokens=m.max_new_tokens,

@@ -1,0 +1,177 @@
+"""The interceptor every GenerateService call passes: it maps a MeshError
+through the error table to a rich status, keeps the call's books
+(services.common.call_record: metrics and one log line) and checks API keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from llmmesh.v1 import generate_pb2 as pb
+
+from services.common import request_context
+from services.common.auth import ApiKeys
+from services.common.call_record import CallRecord
+from services.common.errors import MeshError, Reason
+from services.common.metrics import Metrics
+from services.common.rich_status import to_status
+from services.common.servicer import DEADLINE_SLACK_SECONDS, SERVICE_NAME, GenerationCore
+
+log = logging.getLogger("llmmesh.rpc")
+
+
+class MeshInterceptor(grpc.aio.ServerInterceptor):
+    """Maps MeshError through the error table, records metrics, logs each RPC.
+
+    Unexpected exceptions become INTERNAL with a generic message: the stack
+    trace goes to the log, never to the client.
+    """
+
+    def __init__(
+        self, core: GenerationCore, metrics: Metrics, api_keys: ApiKeys | None = None
+    ) -> None:
+        self._core = core
+        self._metrics = metrics
+        self._api_keys = api_keys
+        # Wrapped handlers by method path: a method's handler never changes,
+        # so it is wrapped once, not on every call.
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+
+    def _authenticate(self, context: grpc.aio.ServicerContext) -> None:
+        if self._api_keys is not None:
+            self._api_keys.check(context.invocation_metadata())
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        path: str = details.method
+        cached = self._wrapped.get(path)
+        if cached is not None:
+            return cached
+        handler = await continuation(details)
+        if handler is None or not path.startswith(f"/{SERVICE_NAME}/"):
+            return handler
+        self._wrapped[path] = self._wrap(path.rsplit("/", 1)[-1], handler)
+        return self._wrapped[path]
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(method, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(method, handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    def _wrap_unary(self, method: str, behavior: Any) -> Any:
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            rpc = _Rpc(self, method, request, context)
+            try:
+                self._authenticate(context)
+                response = await behavior(request, context)
+            except BaseException as exc:
+                await rpc.fail(exc)
+                raise
+            else:
+                rpc.finish("OK", tokens=getattr(response, "tokens", None))
+                return response
+
+        return unary
+
+    def _wrap_stream(self, method: str, behavior: Any) -> Any:
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            rpc = _Rpc(self, method, request, context)
+            last = None
+            try:
+                self._authenticate(context)
+                async for message in behavior(request, context):
+                    if last is None and message.text:
+                        rpc.first_token()
+                    last = message
+                    yield message
+            except GeneratorExit:
+                # gRPC closed the stream while it waited at a yield: the peer
+                # went away, often right after the last message. The call is
+                # over: nothing can be sent, nothing may be awaited, and its
+                # context must not be touched (that crashed with SIGSEGV).
+                if last is not None and last.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+                    self._finish_stream(rpc, last)
+                else:
+                    rpc.finish("CANCELLED", reason=Reason.CANCELLED)
+                raise
+            except BaseException as exc:
+                await rpc.fail(exc)
+                raise
+            self._finish_stream(rpc, last)
+
+        return stream
+
+    @staticmethod
+    def _finish_stream(rpc: _Rpc, last: Any) -> None:
+        """Account a stream by its last message: an in-band error, or OK."""
+        if last is not None and last.finish_reason == pb.FINISH_REASON_ERROR:
+            reason = Reason(last.error.reason) if last.error.reason in Reason.__members__ else (
+                Reason.INTERNAL
+            )
+            rpc.finish(last.error.code, reason=reason, tokens=last.tokens)
+        else:
+            rpc.finish("OK", tokens=last.tokens if last is not None else None)
+
+
+class _Rpc(CallRecord):
+    """The books of one RPC (services.common.call_record), and its failure as a status."""
+
+    def __init__(
+        self,
+        owner: MeshInterceptor,
+        method: str,
+        request: Any,
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        resolved = owner._core.resolve(
+            getattr(request, "model_id", ""), getattr(request, "scenario", "")
+        )
+        # The one lookup of the request's model: the core, tracing and the
+        # books read it from here on.
+        request_context.enter(resolved)
+        # Read now: once gRPC has closed the call, its context must not be used.
+        peer = context.peer()
+        super().__init__(owner._metrics, method, resolved.model_label, resolved.scenario,
+                         peer=lambda: peer)
+        self._context = context
+
+    async def fail(self, exc: BaseException) -> None:
+        if isinstance(exc, MeshError):
+            self.finish(exc.code, reason=exc.reason, message=exc.message)
+            await self._context.abort_with_status(to_status(exc))
+        elif isinstance(exc, asyncio.CancelledError):
+            # gRPC cancels the handler both when the client goes away and when
+            # the deadline passes; the time left tells them apart. Envoy resets
+            # a stream a few ms before the deadline itself, hence the slack.
+            remaining = self._context.time_remaining()
+            if remaining is not None and remaining < DEADLINE_SLACK_SECONDS:
+                self.finish("DEADLINE_EXCEEDED", reason=Reason.TIMEOUT)
+            else:
+                self.finish("CANCELLED", reason=Reason.CANCELLED)
+        elif isinstance(exc, grpc.aio.AbortError):
+            self.finish(self._context.code().name if self._context.code() else "UNKNOWN")
+        else:
+            log.error(
+                "unhandled error", exc_info=exc, extra={"method": self._method}
+            )
+            error = MeshError(Reason.INTERNAL, "internal error; see the service log")
+            self.finish(error.code, reason=error.reason, message=str(exc))
+            await self._context.abort_with_status(to_status(error))
+
