@@ -1,6 +1,6 @@
 """The whole mesh as real processes: two TGI doubles, started here, and the
 launcher (`make up`'s entry point) starting adapters, router and Envoy in
-front of them on free ports."""
+front of them on free ports. The fixtures over it are in fixtures.py."""
 
 from __future__ import annotations
 
@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from tests.procs import free_port, python_module, start, stop, wait_http
+from tests.harness.procs import free_port, python_module, start, stop, wait_http
+from tests.harness.wait import eventually
 
 MODELS = ("qwen2", "llama3")
 
@@ -46,6 +45,7 @@ class Mesh:
     doubles: dict[str, Double]
     run_dir: Path
     launcher: subprocess.Popen[bytes]
+    api_key: str | None = None  # when started with an API key file holding it
 
     @property
     def http(self) -> str:
@@ -145,16 +145,19 @@ def wait_launcher(log: Path, launcher: subprocess.Popen[bytes], timeout: float) 
     raise TimeoutError(f"the mesh was not up after {timeout}s")
 
 
-def _wait_all_ready(mesh: Mesh) -> None:
-    import time
+def models(mesh: Mesh) -> list[dict[str, Any]]:
+    """GET /v1/mesh/models through Envoy (with the mesh's API key, if any)."""
+    headers = {"Authorization": f"Bearer {mesh.api_key}"} if mesh.api_key else {}
+    request = urllib.request.Request(f"{mesh.http}/v1/mesh/models", headers=headers)
+    with urllib.request.urlopen(request, timeout=5) as resp:
+        return list(json.loads(resp.read())["models"])
 
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        with urllib.request.urlopen(f"{mesh.http}/v1/mesh/models", timeout=5) as resp:
-            if all(m["ready"] for m in json.loads(resp.read())["models"]):
-                return
-        time.sleep(0.2)
-    raise TimeoutError("models not ready")
+
+def reset(mesh: Mesh, timeout: float = 30.0) -> None:
+    """Both doubles back to their state at start, and every model ready again."""
+    for double in mesh.doubles.values():
+        double.reset()
+    eventually(lambda: all(m["ready"] for m in models(mesh)), timeout, "every model ready")
 
 
 def free_run(n: int) -> int:
@@ -194,12 +197,18 @@ def stop_launcher(launcher: subprocess.Popen[bytes]) -> None:
 
 @contextlib.contextmanager
 def running_mesh(
-    tmp: Path, *launcher_args: str, **double_flags: str
+    tmp: Path, *launcher_args: str, api_key: str | None = None, **double_flags: str
 ) -> Iterator[Mesh]:
-    """Doubles and the launched mesh for the block; everything stopped after."""
+    """Doubles and the launched mesh for the block; everything stopped after.
+    With `api_key`, the mesh accepts that key and no request without it."""
+    if api_key is not None:
+        keys = tmp / "api-keys"
+        keys.write_text(f"# one key per line\n{api_key}\n")
+        launcher_args = (*launcher_args, "--api-keys-file", str(keys))
     doubles = start_doubles(tmp, **double_flags)
     try:
         mesh = start_mesh(tmp, doubles, *launcher_args)
+        mesh.api_key = api_key
         try:
             yield mesh
         finally:
@@ -207,20 +216,3 @@ def running_mesh(
     finally:
         for double in doubles.values():
             stop(double.proc)
-
-
-@pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    with running_mesh(tmp_path_factory.mktemp("mesh")) as mesh:
-        yield mesh
-
-
-@pytest.fixture
-def clean(mesh: Mesh) -> Iterator[Mesh]:
-    """The mesh with both doubles back to normal before and after the test."""
-    for double in mesh.doubles.values():
-        double.reset()
-    _wait_all_ready(mesh)
-    yield mesh
-    for double in mesh.doubles.values():
-        double.reset()

@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmmesh.v1 import generate_pb2 as pb
 from llmmesh.v1 import generate_pb2_grpc as pb_grpc
 
-from tests.integration.conftest import Mesh, running_mesh
+from tests.harness.mesh import Mesh, running_mesh
 
 pytestmark = pytest.mark.integration
 KEY = "s3cret-key-4242"

@@ -15,7 +15,7 @@ import pytest
 from services.adapter.tgi import BackendResult, BackendToken, TGIBackend
 from services.common.errors import MeshError, Reason
 from services.common.types import FinishReason, Parameters
-from tests.procs import free_port, python_module, start, stop, wait_http
+from tests.harness.procs import free_port, python_module, start, stop, wait_http
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import free_run
-from tests.procs import ROOT, free_port, python_module
+from tests.harness.mesh import free_run
+from tests.harness.procs import ROOT, free_port, python_module
 
 pytestmark = pytest.mark.integration
 

@@ -13,8 +13,9 @@ from collections.abc import Iterator
 import openai
 import pytest
 
-from tests.integration.conftest import Mesh, running_mesh
-from tests.integration.meshparts import eventually, http_json
+from tests.harness.mesh import Mesh, running_mesh
+from tests.harness.parts import http_json
+from tests.harness.wait import eventually
 
 pytestmark = pytest.mark.integration
 

@@ -28,17 +28,18 @@ from typing import Any
 import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Page, sync_playwright
 
-from tests.integration.conftest import (
+from tests.harness.mesh import (
     Mesh,
     free_run,
     running_mesh,
     stop_launcher,
     wait_launcher,
 )
-from tests.integration.meshparts import eventually, http_json, sse_events
-from tests.procs import ROOT, free_port, python_module, start
+from tests.harness.parts import http_json, sse_events
+from tests.harness.procs import ROOT, free_port, python_module, start
+from tests.harness.wait import eventually
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.needs("chromium")]
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [

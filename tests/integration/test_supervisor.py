@@ -15,7 +15,7 @@ import pytest
 
 from services.launcher.plan import LaunchError, Plan, Ports, Proc, Ready
 from services.launcher.supervisor import RestartPolicy, Supervisor
-from tests.procs import free_port
+from tests.harness.procs import free_port
 
 pytestmark = pytest.mark.timeout(60)
 

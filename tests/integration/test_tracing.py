@@ -26,22 +26,22 @@ import pytest
 from llmmesh.v1 import generate_pb2 as pb
 
 from scripts.otlp_receiver import OtlpReceiver
-from tests.integration.conftest import running_mesh
-from tests.integration.meshparts import (
+from tests.harness.mesh import running_mesh
+from tests.harness.parts import (
     ROOT,
     AdapterPart,
     DoublePart,
     EnvoyPart,
     Part,
     RouterPart,
-    eventually,
     http_json,
     sse_events,
     start_all,
     stop_all,
     stub,
 )
-from tests.procs import free_port, python_module, wait_http
+from tests.harness.procs import free_port, python_module, wait_http
+from tests.harness.wait import eventually
 
 pytestmark = pytest.mark.integration
 

@@ -16,7 +16,7 @@ from services.adapter.openai_engine import DIALECTS, OpenAIEngineBackend, error_
 from services.common.errors import MeshError, Reason
 from services.common.registry import ENGINE_KINDS
 from services.common.types import FinishReason, Grammar, Message, Parameters
-from tests.procs import free_port
+from tests.harness.procs import free_port
 from tools.vllm_double import State, create_app
 
 MODEL = "Qwen/Qwen2-7B-Instruct-GPTQ-Int4"
