@@ -121,6 +121,6 @@ def test_dockerignore_sends_what_the_dockerfile_copies_and_no_more() -> None:
         ".git/HEAD",
         "services/router/__pycache__/core.cpython-311.pyc",
         "gen/python/llmmesh_protos.egg-info/PKG-INFO",
-        "tests/unit/test_deploy.py",
+        "tests/unit/deploy/test_compose.py",
     ):
         assert not in_build_context(path), path
