@@ -19,7 +19,10 @@ transport pieces live in `tracing_grpc` (interceptors) and `tracing_http`
 
 from __future__ import annotations
 
+import atexit
+import logging
 import os
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -74,6 +77,12 @@ class TracingSettings:
         return cls(endpoint=endpoint, protocol=protocol, service_name=service)
 
 
+# Seconds the exit waits for buffered spans: the exporter retries an
+# unreachable collector for OTEL_EXPORTER_OTLP_TIMEOUT (10 s by default),
+# which must not hold up a service's stop.
+SHUTDOWN_GRACE_SECONDS = 2.0
+
+
 class _State:
     """The process's tracer once `setup` turned tracing on; None while off."""
 
@@ -116,7 +125,9 @@ def setup(service: str, env: Mapping[str, str] | None = None) -> TracingSettings
     if not named:
         attributes["service.name"] = service
     resource = Resource.create(attributes)
-    provider = TracerProvider(resource=resource)  # reads OTEL_TRACES_SAMPLER itself
+    # Reads OTEL_TRACES_SAMPLER itself; its exit hook would wait for the
+    # exporter's retries, so `shutdown` (bounded) is registered instead.
+    provider = TracerProvider(resource=resource, shutdown_on_exit=False)
     # The exporters and the batch processor read OTEL_EXPORTER_OTLP_* and
     # OTEL_BSP_* themselves.
     exporter: Any
@@ -133,6 +144,7 @@ def setup(service: str, env: Mapping[str, str] | None = None) -> TracingSettings
     provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     install(provider)
+    atexit.register(shutdown)
     return settings
 
 
@@ -144,13 +156,24 @@ def install(provider: Any) -> None:
     logs.context_fields = log_fields
 
 
-def shutdown() -> None:
-    """Export what is still buffered and stop (also done at interpreter exit)."""
-    if _state.provider is not None:
-        _state.provider.shutdown()
+def shutdown(grace: float = SHUTDOWN_GRACE_SECONDS) -> None:
+    """Export what is still buffered and stop, waiting at most `grace`
+    seconds (also done at interpreter exit): what a collector that cannot be
+    reached has not taken by then is dropped, with one log line."""
+    provider = _state.provider
     _state.provider = None
     _state.tracer = None
     logs.context_fields = None
+    if provider is None:
+        return
+    worker = threading.Thread(target=provider.shutdown, name="trace-export-stop", daemon=True)
+    worker.start()
+    worker.join(grace)
+    if worker.is_alive():
+        logging.getLogger("llmmesh.tracing").warning(
+            "trace export did not finish within %.1f s; the spans still buffered are dropped",
+            grace,
+        )
 
 
 def log_fields() -> dict[str, str]:

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,29 @@ def test_on_logs_carry_the_trace_and_spans_reach_the_exporter() -> None:
     # The batch is exported at exit at the latest (the provider shuts down then).
     assert [(s["trace_id"], s["span_id"], s["name"], s["service"]) for s in exported] == [
         (trace_id, span_id, "x", "router")]
+
+
+def test_an_unreachable_collector_holds_up_the_exit_at_most_the_grace() -> None:
+    """The exporter retries an unreachable collector for OTEL_EXPORTER_OTLP_TIMEOUT
+    (here 60 s); the service's exit waits only tracing.SHUTDOWN_GRACE_SECONDS for
+    it, then says the buffered spans are dropped."""
+    code = (
+        "from services.common import logs, tracing\n"
+        "logs.setup('router')\n"
+        "tracing.setup('router')\n"
+        "with tracing.tracer().start_as_current_span('x'):\n"
+        "    pass\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    # Nothing listens on port 9 of this host.
+    env.update(OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:9", OTEL_EXPORTER_OTLP_TIMEOUT="60")
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=120, check=True)
+    took = time.monotonic() - started
+    assert "trace export did not finish within 2.0 s" in done.stdout + done.stderr
+    # Start-up plus the 2 s grace; without the bound the exit waits for the retries.
+    assert took < 30, took
 
 
 def validate(text: str, tmp_path: Path) -> None:
