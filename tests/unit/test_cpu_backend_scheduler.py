@@ -27,6 +27,7 @@ class RecordingModel:
     def __init__(self, step_delay: float = 0.0, eos_after: int | None = None) -> None:
         self.steps: list[list[SlotWork]] = []
         self.begun: list[int] = []
+        self.reused: list[int] = []
         self.ended: list[int] = []
         self.step_delay = step_delay
         self.eos_after = eos_after
@@ -45,9 +46,13 @@ class RecordingModel:
     def token_texts(self, ids: Sequence[int]) -> list[str]:
         return [chr(i) for i in ids]
 
-    def begin(self, slot: int, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+    def begin(
+        self, slot: int, prompt_ids: Sequence[int], params: SamplingParams, reused: int = 0
+    ) -> int:
         self.begun.append(slot)
+        self.reused.append(reused)
         self._count[slot] = 0
+        return reused
 
     def step(self, work: Sequence[SlotWork]) -> dict[int, Token | Exception]:
         self.release.wait()
@@ -73,7 +78,7 @@ class RecordingModel:
             )
         return out
 
-    def end(self, slot: int) -> None:
+    def end(self, slot: int, keep_kv: bool = False) -> None:
         self.ended.append(slot)
 
     def close(self) -> None:
@@ -262,7 +267,7 @@ async def test_on_start_marks_joining_the_batch(model: RecordingModel) -> None:
     try:
 
         async def run(name: str) -> None:
-            def on_start() -> None:
+            def on_start(cached_tokens: int = 0) -> None:
                 started.append(name)
 
             async for _ in sched.generate_tokens([1], params(2), on_start=on_start):

@@ -216,6 +216,7 @@ async def test_generate_returns_object_with_details_and_headers(client: TestClie
                 {"id": 1245397707, "text": " world", "logprob": -0.5, "special": False},
                 {"id": 0, "text": "</s>", "logprob": -0.1, "special": True},
             ],
+            "cached_tokens": 0,
         },
     }
     h = resp.headers
@@ -340,7 +341,7 @@ async def test_sse_framing_is_byte_exact(client: TestClient) -> None:
         b'"special":false},"generated_text":null,"details":null}\n\n'
         b'data:{"index":3,"token":{"id":0,"text":"</s>","logprob":-0.1,"special":true},'
         b'"generated_text":"Hi there","details":{"finish_reason":"eos_token",'
-        b'"generated_tokens":3,"seed":null,"input_length":3}}\n\n'
+        b'"generated_tokens":3,"seed":null,"input_length":3,"cached_tokens":0}}\n\n'
     )
 
 
@@ -884,6 +885,7 @@ async def test_best_of_runs_sequences_side_by_side_and_lists_the_others(
     (other,) = details["best_of_sequences"]
     assert list(other) == [
         "generated_text", "finish_reason", "generated_tokens", "seed", "prefill", "tokens",
+        "cached_tokens",
     ]  # fmt: skip
     assert other["seed"] != details["seed"]
     s = await stats(client)
