@@ -144,8 +144,6 @@ class _Sequence:
     prefilled: int = 0
     generated: int = 0
     last_token: int = -1
-    # Generated ids, fed back one step later: what the slot holds at the end.
-    output: list[int] = field(default_factory=list)
     # Set from the event loop when the request goes away.
     cancelled: bool = False
     outbox: list[object] = field(default_factory=list)
@@ -283,12 +281,18 @@ class BatchScheduler:
             pass  # the loop is closed: nobody is listening any more
 
     def _finish(self, seq: _Sequence, item: object = _DONE, *, kv_valid: bool = True) -> None:
-        """End `seq`; its slot keeps the KV of every token decoded so far
-        (the last generated one never was), unless `kv_valid` is False."""
+        """End `seq`; its slot keeps the KV of its prefilled prompt tokens,
+        unless `kv_valid` is False.
+
+        Generated tokens are not kept: llama.cpp writes slightly different KV
+        values for a token decoded alone than for the same token inside a
+        prefill chunk, so reusing them would let a cache hit change greedy
+        output. The next turn prefills the previous answer again (the
+        llama.cpp model trims the slot's extra cells in `begin`)."""
         seq.outbox.append(item)
         if seq.slot >= 0:
             keep = kv_valid and self._slots.enabled
-            cached = seq.prompt[: seq.prefilled] + seq.output[:-1] if keep else []
+            cached = seq.prompt[: seq.prefilled] if keep else []
             self._model.end(seq.slot, keep_kv=keep)
             self._slots.release(seq.slot, cached)
             seq.slot = -1
@@ -414,7 +418,6 @@ class BatchScheduler:
                 continue
             seq.generated += 1
             seq.last_token = result.id
-            seq.output.append(result.id)
             seq.outbox.append(result)
             self.tokens_out += 1
             if result.eos or seq.generated >= seq.params.max_new_tokens:
