@@ -3,8 +3,11 @@
 Prefix caching as TGI 3 and llama.cpp's server do it: a finished sequence
 leaves its KV cells in its slot; a new request takes the free slot whose
 cached tokens share the longest prefix with its prompt, and only the rest
-of the prompt is prefilled. At least the prompt's last token is always
-evaluated, since its logits give the first generated token.
+of the prompt is prefilled. At least the prompt's last two tokens are
+always evaluated: the last one's logits give the first generated token, and
+llama.cpp computes a one-token batch with other kernels than a longer one,
+whose results differ in the last bits, enough to change a near-tie and so
+make output depend on a cache hit.
 
 Slot choice follows llama-server (`get_available_slot`): a slot is a
 candidate only when the shared prefix covers more than `MIN_SIMILARITY` of
@@ -27,6 +30,8 @@ from typing import Final
 
 # llama-server's default --slot-prompt-similarity.
 MIN_SIMILARITY: Final = 0.1
+# Prompt tokens always evaluated, cached or not (see the module's docstring).
+MIN_EVALUATED: Final = 2
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -120,8 +125,7 @@ class SlotTable:
             best, best_len = oldest, 0
         slot = self._slots[best]
         slot.busy = True
-        # The last prompt token is always evaluated: its logits are needed.
-        reused = max(min(best_len, len(prompt) - 1), 0)
+        reused = max(min(best_len, len(prompt) - MIN_EVALUATED), 0)
         # Until release, the slot holds the reused part only (the rest is trimmed).
         del slot.tokens[reused:]
         return Lease(best, reused)

@@ -56,19 +56,21 @@ def test_the_free_slot_with_the_longest_shared_prefix_wins() -> None:
 
 def test_a_busy_slot_is_never_chosen_however_long_its_prefix() -> None:
     table = filled([1, 2, 3, 4], [1, 2])
-    first = table.acquire([1, 2, 3, 4, 5])
-    second = table.acquire([1, 2, 3, 4, 5])
+    first = table.acquire([1, 2, 3, 4, 5, 6])
+    second = table.acquire([1, 2, 3, 4, 5, 6])
     assert (first.slot, first.reused) == (0, 4)
     assert (second.slot, second.reused) == (1, 2)
     with pytest.raises(LookupError):
         table.acquire([1])
 
 
-def test_at_least_the_last_prompt_token_is_evaluated() -> None:
-    table = filled([5, 6, 7, 8])
-    lease = table.acquire([5, 6, 7])  # wholly cached, and more
+def test_at_least_the_last_two_prompt_tokens_are_evaluated() -> None:
+    table = filled([5, 6, 7, 8, 9])
+    lease = table.acquire([5, 6, 7, 8])  # wholly cached, and more
     assert (lease.slot, lease.reused) == (0, 2)
-    table.release(0, [5, 6, 7, 8])
+    table.release(0, [5, 6, 7, 8, 9])
+    assert table.acquire([5, 6]).reused == 0
+    table.release(0, [5, 6, 7, 8, 9])
     assert table.acquire([5]).reused == 0
 
 
@@ -229,7 +231,7 @@ async def test_more_cache_slots_than_batch_keep_idle_conversations_warm() -> Non
         await asyncio.gather(*(collect(sched, p, 4) for p in others))
         watcher.cancel()
         model.steps.clear()
-        await collect(sched, [*a, 7], 2)
+        await collect(sched, [*a, 7, 8], 2)
     finally:
         await sched.close()
     assert running_max <= 2
@@ -244,8 +246,8 @@ async def test_a_failed_step_drops_the_slots_cache() -> None:
         await collect(sched, [1, 2, 3], 2)
         model.fail_next_step = True
         with pytest.raises(Exception, match="decode failed"):
-            await collect(sched, [1, 2, 3, 4], 2)
-        await collect(sched, [1, 2, 3, 4], 2)
+            await collect(sched, [1, 2, 3, 4, 5], 2)
+        await collect(sched, [1, 2, 3, 4, 5], 2)
     finally:
         await sched.close()
     # Reused after the clean finish; after the failed decode, nothing is.
