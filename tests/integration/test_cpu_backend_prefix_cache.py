@@ -110,8 +110,12 @@ CASES = {
         },
     },
     "seeded": {
-        "max_new_tokens": 32, "do_sample": True, "seed": 42, "temperature": 0.8, "top_k": 40,
-    },  # fmt: skip
+        "max_new_tokens": 32,
+        "do_sample": True,
+        "seed": 42,
+        "temperature": 0.8,
+        "top_k": 40,
+    },
 }
 
 
@@ -169,7 +173,9 @@ async def test_turn_two_of_a_long_conversation_starts_at_least_five_times_sooner
         queries = await metric(session, cached, "llmmesh_cpu_prefix_cache_queries_total")
         hits = await metric(session, cached, "llmmesh_cpu_prefix_cache_hits_total")
         first = turn(system("Captain Ada", 1000), "Where do the fishermen work?")
-        tokens = len(await (await session.post(cached + "/tokenize", json={"inputs": first})).json())
+        tokens = len(
+            await (await session.post(cached + "/tokenize", json={"inputs": first})).json()
+        )
         assert 1100 <= tokens <= 1500
         ttft1, answer = await first_token(session, cached, first)
         second = turn(f"{first}{answer}<|im_end|>\n", "What smells good?")
