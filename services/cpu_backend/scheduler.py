@@ -6,9 +6,10 @@ tokens. Behind it ONE engine thread runs the decode loop over a
 requests and relays tokens. Each loop iteration is one step:
 
 1. drop cancelled requests (waiting or running) and free their slots;
-2. admit waiting requests into the batch, oldest first, while the batch has
-   room (--max-batch-size) and the batch's token budget (prompt + max_new_tokens of every member,
-   TGI's --max-batch-total-tokens) holds them. While a batch runs,
+2. admit waiting requests into the batch, oldest first, while the batch
+   has room (--max-batch-size) and its token budget (prompt +
+   max_new_tokens of every member, TGI's --max-batch-total-tokens) holds
+   them. While a batch runs,
    TGI's --waiting-served-ratio and --max-waiting-tokens decide whether new
    requests join at this step. Each takes a KV slot from `prefix_cache`:
    the free slot whose cached tokens share the longest prefix with its
@@ -139,8 +140,7 @@ class _Sequence:
     # prompt + max_new_tokens: what it reserves of max_batch_total_tokens.
     budget: int
     slot: int = -1
-    # Prompt tokens whose KV cells the slot already held (prefix cache).
-    reused: int = 0
+    # Prompt tokens in the slot's KV cells (a cached prefix counts at once).
     prefilled: int = 0
     generated: int = 0
     last_token: int = -1
@@ -361,7 +361,7 @@ class BatchScheduler:
                 continue
             if kept < lease.reused:
                 slots.shrink(seq.slot, kept)
-            seq.reused = seq.prefilled = kept
+            seq.prefilled = kept
             used += seq.budget
             seq.outbox.append(_Started(kept))
             self._running.append(seq)
