@@ -113,6 +113,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="sequences whose KV cache is kept, running or idle (default: max-batch-size); "
         "more keeps more conversations warm, each costing max-total-tokens of KV memory",
     )  # fmt: skip
+    p.add_argument(
+        "--flash-attn", choices=("on", "off"), default="off",
+        help="llama.cpp's flash attention: faster on long contexts, but its results depend on "
+        "batch shape, so prefix-cache hits and prefill chunking may change greedy output",
+    )  # fmt: skip
     p.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1))
     p.add_argument(
         "--grace-period",
@@ -190,6 +195,7 @@ def build_settings(
         n_seq_max=batch_settings.kv_slots,
         n_threads=args.threads,
         n_batch=args.max_batch_prefill_tokens + args.max_batch_size,
+        flash_attn=args.flash_attn == "on",
     )
     return server_settings, batch_settings, llama_settings
 

@@ -145,6 +145,9 @@ def test_flags_size_the_kv_cache_for_every_cached_slot() -> None:
     assert (llama.n_seq_max, llama.n_ctx) == (12, 12 * 1024)
     _, off, _ = settings_from("--prefix-cache", "off")
     assert off.prefix_cache is False
+    # Flash attention stays off unless asked: its results depend on batch shape.
+    assert llama.flash_attn is False
+    assert settings_from("--flash-attn", "on")[2].flash_attn is True
 
 
 def test_prefix_cache_flags_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
