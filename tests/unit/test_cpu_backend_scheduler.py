@@ -292,12 +292,17 @@ async def test_closed_scheduler_refuses_new_work(model: RecordingModel) -> None:
         await collect(sched, [1], 1)
 
 
-async def test_decode_tokens_go_in_slot_order_and_the_lowest_free_slot_is_reused() -> None:
+@pytest.mark.parametrize("prefix_cache", [True, False])
+async def test_decode_tokens_go_in_slot_order_and_the_freed_slot_is_reused(
+    prefix_cache: bool,
+) -> None:
     # llama.cpp runs one compute pass per run of consecutive sequence ids in
-    # a batch: a newcomer takes the lowest free slot, and each step lists
-    # the decode tokens by slot, whatever the order the requests joined in.
+    # a batch: never-used slots go lowest first, a newcomer takes back the
+    # freed slot 0 (its cached prefix with the cache on, the lowest free
+    # slot with it off), and each step lists the decode tokens by slot,
+    # whatever the order the requests joined in.
     model = RecordingModel(step_delay=0.01)
-    sched = BatchScheduler(model, BatchSettings(max_batch_size=4))
+    sched = BatchScheduler(model, BatchSettings(max_batch_size=4, prefix_cache=prefix_cache))
     try:
         short = asyncio.create_task(collect(sched, [1, 2], 2))
         await asyncio.sleep(0)
