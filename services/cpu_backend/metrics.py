@@ -8,7 +8,9 @@ TGI's exporter writes counters WITHOUT the `_total` suffix
 (`tgi_request_count 3`), while prometheus_client's Counter always appends it.
 To keep TGI's series names, counters are exposed by a small collector as
 untyped samples with the exact TGI names; gauges and histograms use the
-library's classes.
+library's classes. The prefix cache's two counters are ours (TGI exports
+none): `llmmesh_cpu_prefix_cache_queries_total` and `..._hits_total`, in
+prompt tokens like vLLM's `vllm:prefix_cache_queries` / `_hits`.
 """
 
 from __future__ import annotations
