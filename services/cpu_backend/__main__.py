@@ -114,9 +114,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "more keeps more conversations warm, each costing max-total-tokens of KV memory",
     )  # fmt: skip
     p.add_argument(
-        "--flash-attn", choices=("on", "off"), default="off",
-        help="llama.cpp's flash attention: faster on long contexts, but its results depend on "
-        "batch shape, so prefix-cache hits and prefill chunking may change greedy output",
+        "--flash-attn", choices=("auto", "off"), default="auto",
+        help="llama.cpp's flash attention (auto: where supported, llama.cpp's default); off is "
+        "slower, but then a prefix-cache hit never changes greedy output",
     )  # fmt: skip
     p.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1))
     p.add_argument(
@@ -195,7 +195,7 @@ def build_settings(
         n_seq_max=batch_settings.kv_slots,
         n_threads=args.threads,
         n_batch=args.max_batch_prefill_tokens + args.max_batch_size,
-        flash_attn=args.flash_attn == "on",
+        flash_attn=args.flash_attn == "auto",
     )
     return server_settings, batch_settings, llama_settings
 

@@ -80,12 +80,10 @@ class LlamaBatchModel:
         params.n_threads = settings.n_threads
         params.n_threads_batch = settings.n_threads
         params.kv_unified = False
-        # Without flash attention llama.cpp's CPU attention computes each
-        # query row the same way whatever the batch holds; its flash-attention
-        # kernel does not, so a prompt prefilled in other chunks (or partly
-        # taken from the prefix cache) could give other greedy tokens.
+        # See LlamaSettings.flash_attn: speed, or output that a prefix-cache
+        # hit never changes.
         params.flash_attn_type = (
-            lib.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            lib.LLAMA_FLASH_ATTN_TYPE_AUTO
             if settings.flash_attn
             else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
         )

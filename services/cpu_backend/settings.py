@@ -146,10 +146,12 @@ class LlamaSettings:
     # Most tokens in one llama_decode call: a prefill chunk plus one decode
     # token per running sequence.
     n_batch: int = 520
-    # llama.cpp's flash attention. Off: its CPU kernel's results depend on
-    # how many query rows a batch holds, so greedy output would change with
-    # prefill chunking and prefix-cache hits; the plain attention's do not.
-    flash_attn: bool = False
+    # llama.cpp's flash attention (True: auto, llama.cpp's default). Its CPU
+    # kernel's results depend on how many query rows a batch holds, so
+    # prefill chunking and prefix-cache hits can flip a greedy near-tie;
+    # the plain attention's do not, but it is slower and its one-row decode
+    # differs from a batched one.
+    flash_attn: bool = True
 
 
 def default_model_path() -> Path | None:

@@ -145,9 +145,9 @@ def test_flags_size_the_kv_cache_for_every_cached_slot() -> None:
     assert (llama.n_seq_max, llama.n_ctx) == (12, 12 * 1024)
     _, off, _ = settings_from("--prefix-cache", "off")
     assert off.prefix_cache is False
-    # Flash attention stays off unless asked: its results depend on batch shape.
-    assert llama.flash_attn is False
-    assert settings_from("--flash-attn", "on")[2].flash_attn is True
+    # Flash attention as llama.cpp decides, unless turned off.
+    assert llama.flash_attn is True
+    assert settings_from("--flash-attn", "off")[2].flash_attn is False
 
 
 def test_prefix_cache_flags_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
