@@ -11,13 +11,16 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from dataclasses import replace
 
+from services.common import tracing
 from services.common.errors import FieldViolation, MeshError, Reason, clip, invalid
 from services.common.metrics import UNKNOWN_MODEL, Metrics
 from services.common.registry import ModelSpec, Registry
 from services.common.request_context import UNKNOWN, RequestContext
-from services.common.types import Chunk, Generation, GenerationRequest, ModelInfo
+from services.common.types import Chunk, Generation, GenerationRequest, ModelInfo, ResumePolicy
 from services.common.validation import validate
+from services.router import resume
 from services.router.pool import ReplicaPool
 from services.router.replica import Replica
 from services.router.scenarios import DEFAULT_SCENARIO, Scenarios
@@ -26,6 +29,8 @@ log = logging.getLogger("llmmesh.router")
 
 # Seconds a request may wait for a just-started router's first health round.
 FIRST_CHECK_WAIT = 3.0
+# A stream is not resumed with less than this left before its deadline.
+RESUME_MIN_SECONDS = 0.5
 
 
 class RouterCore:
@@ -38,7 +43,9 @@ class RouterCore:
         *,
         default_timeout: float | None = 600.0,
         max_in_flight: int = 512,
+        max_resumes: int = resume.DEFAULT_MAX_RESUMES,
     ) -> None:
+        self._max_resumes = max_resumes
         self._registry = registry
         self._scenarios = scenarios
         self._pools = pools
@@ -101,26 +108,106 @@ class RouterCore:
     async def _relay(
         self, spec: ModelSpec, forward: GenerationRequest, timeout: float | None
     ) -> AsyncIterator[Chunk | Generation]:
+        """Relay one replica's stream; before its first text, fail over; after
+        it, resume on another replica (services.router.resume) when allowed."""
+        loop = asyncio.get_running_loop()
+        limit = self._deadline(timeout)
+        deadline = None if limit is None else loop.time() + limit
         tried: set[Replica] = set()
         last: MeshError | None = None
+        request = forward
+        relayed: list[str] = []  # the text the client has received
+        seam = ""  # the text received before the current replica's stream
+        base = 0  # tokens relayed before the current replica's stream
+        tokens = 0  # tokens relayed so far
+        resumes = 0
+        broken: MeshError | None = None  # the error that broke the stream first
         while True:
-            replica = await self._pick(spec, tried, last)
-            events = replica.generate_stream(forward, self._deadline(timeout))
-            sent = False
+            try:
+                replica = await self._pick(spec, tried, last)
+            except MeshError:
+                if broken is not None:
+                    raise broken from None
+                raise
+            remaining = None if deadline is None else max(deadline - loop.time(), 0.001)
+            events = replica.generate_stream(request, remaining)
             try:
                 with replica.track():
                     async for event in events:
                         if isinstance(event, Generation):
+                            if resumes:
+                                event = replace(
+                                    event,
+                                    text=seam + event.text,
+                                    tokens=base + event.tokens,
+                                    input_tokens=max(event.input_tokens - base, 0),
+                                    resumes=resumes,
+                                )
                             self._metrics.record_tokens(spec.id, event.input_tokens, event.tokens)
-                        sent = True
-                        yield event
+                            yield event
+                            return
+                        tokens = base + event.tokens
+                        relayed.append(event.text)
+                        yield Chunk(event.text, tokens) if resumes else event
                 return
             except MeshError as exc:
                 last = exc
-                if sent or not self._failover(spec, replica, last, tried):
-                    raise
+                if not relayed and broken is None:
+                    if not self._failover(spec, replica, exc, tried):
+                        raise
+                    continue
+                broken = broken or exc
+                next_request = self._resumption(
+                    spec, forward, replica, exc, tried, "".join(relayed), tokens,
+                    resumes, deadline,
+                )
+                if next_request is None:
+                    raise broken from None
+                request = next_request
+                seam = "".join(relayed)
+                base = tokens
+                resumes += 1
             finally:
                 await events.aclose()  # type: ignore[attr-defined]
+
+    def _resumption(
+        self, spec: ModelSpec, forward: GenerationRequest, replica: Replica, error: MeshError,
+        tried: set[Replica], text: str, tokens: int, resumes: int, deadline: float | None,
+    ) -> GenerationRequest | None:
+        """The request that continues a stream `error` broke after `text` (None:
+        the stream may not, or cannot, resume)."""
+        effective = forward.parameters.with_defaults(spec.defaults)
+        budget = effective.max_new_tokens or self._pools[spec.id].limits.max_new_tokens
+        left = None if deadline is None else deadline - asyncio.get_running_loop().time()
+        why = ""
+        if not resume.resumable(error):
+            why = "not a replica failure"
+        elif not resume.allowed(forward, effective):
+            why = ("the request asked for none" if forward.resume is ResumePolicy.NEVER
+                   else "the request samples and did not opt in")
+        elif resumes >= self._max_resumes:
+            why = f"already resumed {resumes} times, the limit"
+        elif budget - tokens <= 0:
+            why = "no tokens left in its budget"
+        elif left is not None and left <= RESUME_MIN_SECONDS:
+            why = "its deadline is too close"
+        if why:
+            if resume.resumable(error):
+                log.warning(
+                    "stream broken, not resumed",
+                    extra={"model": spec.id, "replica": replica.address, "why": why,
+                           "error": error.message, "tokens": tokens},
+                )
+            return None
+        if error.reason in (Reason.BACKEND_UNAVAILABLE, Reason.MODEL_UNAVAILABLE):
+            self._pools[spec.id].mark_down(replica)
+        tried.add(replica)
+        self._metrics.resumes.labels(self._metrics.service, spec.id, error.reason.label).inc()
+        attributes = {"model": spec.id, "replica": replica.address, "error": error.message,
+                      "reason": error.reason.value, "tokens": tokens, "resume": resumes + 1}
+        tracing.event("llmmesh.stream.resume", attributes)
+        log.warning("stream broken, resuming on another replica", extra=attributes)
+        return resume.continuation(forward, text, budget - tokens)
 
     # -- health -------------------------------------------------------------------
 
