@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from aiohttp import web
@@ -28,6 +28,7 @@ from services.common.metrics import Metrics
 from services.common.request_context import RequestContext
 from services.common.servicer import GenerationCore
 from services.common.types import RAW_SCENARIO, Chunk, Generation
+from services.common.validation import RESUME_HEADER, resume_policy
 from services.openai import responses
 from services.openai.errors import error_reply
 from services.openai.requests import Kind, OpenAIRequest, parse_chat, parse_completion
@@ -212,6 +213,11 @@ class OpenAIFace:
             if refused is not None:
                 raise refused
             parsed = parse_chat(body) if kind == "chat" else parse_completion(body)
+            header = request.headers.get(RESUME_HEADER)
+            if header is not None:
+                parsed = replace(
+                    parsed, generation=parsed.generation.evolve(resume=resume_policy(header))
+                )
             if parsed.stream:
                 return await self._stream(request, parsed, call, resolved)
             result = await self._core.generate(

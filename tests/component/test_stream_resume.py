@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import aiohttp
 import grpc
 from llmmesh.v1 import generate_pb2 as pb
 
 from services.adapter.engines.base import EngineResult, EngineToken, Prompt
 from services.common.errors import MeshError, Reason
 from services.common.types import FinishReason, Parameters
+from services.openai.app import OpenAIFace, OpenAISettings
+from services.openai.server import start_listener
 from tests.fakes.backend import FakeBackend
 
 ANSWER = ["The", " quick", " brown", " fox", " jumps", " over", " the", " lazy", " dog", "."]
@@ -82,7 +86,8 @@ async def test_greedy_stream_resumes_with_one_finish_and_counts_that_add_up(
     prompt = second.prompts[-1]
     assert prompt.endswith("<|im_start|>assistant\n" + "".join(ANSWER[:3]))
     assert second.params[-1].max_new_tokens == 256 - 3
-    assert router.metrics.resumes.labels("router", "qwen2", "incomplete_generation")._value.get() == 1
+    resumes = router.metrics.resumes.labels("router", "qwen2", "incomplete_generation")
+    assert resumes._value.get() == 1
 
 
 def _first_untried(address: str, router):
@@ -173,3 +178,46 @@ async def test_resumes_are_bounded(start_adapter, start_router):
     assert last.finish_reason == pb.FINISH_REASON_ERROR
     assert "".join(m.text for m in replies[:-1]) == "".join(ANSWER[:6])
     assert not backends[3].prompts
+
+
+async def openai_stream(router, body: dict, headers: dict | None = None) -> list[dict]:
+    settings = OpenAISettings(port=0, request_timeout=10, grace_seconds=1)
+    listener = await start_listener(OpenAIFace(router.core, router.metrics, settings), settings)
+    try:
+        async with aiohttp.ClientSession() as http:
+            resp = await http.post(
+                f"http://127.0.0.1:{listener.port}/v1/chat/completions",
+                json={"model": "qwen2", "stream": True, **body}, headers=headers or {})
+            assert resp.status == 200
+            events = []
+            async for line in resp.content:
+                text = line.decode().strip()
+                if text.startswith("data: {"):
+                    events.append(json.loads(text.removeprefix("data: ")))
+            return events
+    finally:
+        await listener.stop()
+
+
+async def test_openai_face_streams_resume_too(start_adapter, start_router):
+    messages = [{"role": "user", "content": "Say the pangram."}]
+    for body, headers, resumed in (
+        ({"messages": messages}, None, True),
+        ({"messages": messages, "temperature": 0.7}, None, False),
+        ({"messages": messages, "temperature": 0.7}, {"x-llmmesh-resume": "allow"}, True),
+    ):
+        first, second = broken(3), Continuing()
+        a = await start_adapter("qwen2", first)
+        b = await start_adapter("qwen2", second)
+        router = await start_router({"qwen2": [a.address, b.address]})
+        router.core._pools["qwen2"].pick = _first_untried(a.address, router)  # type: ignore[method-assign]
+        events = await openai_stream(router, body, headers)
+        text = "".join(e["choices"][0]["delta"].get("content") or ""
+                       for e in events if e.get("choices"))
+        if resumed:
+            assert text == FULL
+            assert events[-1]["choices"][0]["finish_reason"] == "stop"
+            assert events[-1]["resumes"] == 1
+        else:
+            assert text == "".join(ANSWER[:3])
+            assert events[-1]["error"]["code"] == "incomplete_generation"
