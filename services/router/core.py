@@ -212,7 +212,17 @@ class RouterCore:
     # -- health -------------------------------------------------------------------
 
     async def refresh(self, timeout: float = 1.0) -> None:
-        await asyncio.gather(*(pool.refresh(timeout) for pool in self._pools.values()))
+        """One health round over every model; one model's failure is its own."""
+        pools = list(self._pools.values())
+        results = await asyncio.gather(
+            *(pool.refresh(timeout) for pool in pools), return_exceptions=True
+        )
+        for pool, result in zip(pools, results, strict=True):
+            if isinstance(result, asyncio.CancelledError):
+                raise result
+            if isinstance(result, BaseException):
+                log.error("health round failed for a model", exc_info=result,
+                          extra={"model": pool.model_id})
         for spec in self._registry.models:
             for replica in self._pools[spec.id].replicas.values():
                 self._metrics.engine_up.labels(
