@@ -199,3 +199,29 @@ async def test_stop_lets_open_streams_finish_and_refuses_new_connections(face):
     await stopping
     with pytest.raises(openai.APIConnectionError):
         await client.models.list()
+
+
+@pytest.mark.parametrize(
+    ("raw", "param"),
+    [
+        (b'{"model": "qwen2", "messages": [{"role": "user", "content": "\\ud800"}]}',
+         "messages"),
+        (b'{"model": "qwen2", "messages": [{"role": "user", "content": "hi"}], '
+         b'"stop": ["\\udfff x"]}', "stop"),
+        (b'{"model": "qwen2", "messages": [{"role": "user", "content": "hi"}], "x": '
+         + b"[" * 5000 + b"]" * 5000 + b"}", "body"),
+        (b'{"model": "qwen2", "messages": ' + b"[" * 5000 + b"]" * 5000 + b"}", "body"),
+    ],
+    ids=["surrogate-in-content", "surrogate-in-stop", "deep-unknown-field", "deep-messages"],
+)
+async def test_hostile_bodies_are_a_400_in_openais_shape(face, raw, param):
+    backend = FakeBackend()
+    _, _, _, listener = await face(backend)
+    async with aiohttp.ClientSession() as http:
+        resp = await http.post(f"http://127.0.0.1:{listener.port}/v1/chat/completions",
+                               data=raw, headers={"Content-Type": "application/json"})
+        assert resp.status == 400, await resp.text()
+        error = (await resp.json())["error"]
+    assert error["type"] == "invalid_request_error"
+    assert param in (error.get("param") or "") + error["message"]
+    assert not backend.prompts
