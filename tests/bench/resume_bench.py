@@ -67,7 +67,8 @@ async def measure(url: str, count: int, max_new: int, seed: int) -> dict[str, An
     async with aiohttp.ClientSession(timeout=timeout) as session:
         for i in range(count):
             topic = TOPICS[i % len(TOPICS)]
-            prompt = template.render([Message("user", f"Tell me about {topic} in a few sentences.")])
+            question = f"Tell me about {topic} in a few sentences."
+            prompt = template.render([Message("user", question)])
             whole, _ = await stream(session, url, prompt, max_new)
             if len(whole) < 2:
                 continue
