@@ -11,6 +11,7 @@ import aiohttp
 import openai
 import pytest
 
+from services.adapter.engines.base import EngineToken
 from services.common.auth import ApiKeys
 from services.common.errors import MeshError, Reason
 from services.openai.app import OpenAIFace, OpenAISettings
@@ -148,8 +149,35 @@ async def test_models(face):
     assert model.model_extra["backend_model"] == "fake/model"
 
 
+class Pausing(FakeBackend):
+    """The first word at once, then one every `pause` seconds; counts the
+    generations cancelled, streamed or not."""
+
+    pause = 10.0
+
+    async def generate(self, prompt, params, timeout):
+        try:
+            await asyncio.sleep(self.pause)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        return await super().generate(prompt, params, timeout)
+
+    async def generate_stream(self, prompt, params, timeout):
+        try:
+            for i, word in enumerate(self.words):
+                if i:
+                    await asyncio.sleep(self.pause)
+                yield EngineToken(word)
+        except (asyncio.CancelledError, GeneratorExit):
+            self.cancelled += 1
+            raise
+
+
 async def test_a_client_that_leaves_cancels_the_generation(face):
-    backend = FakeBackend(words=["w "] * 200, delay=0.05)
+    # Between two tokens nothing is written: only the handler's cancellation
+    # on disconnect (not a failed write) can stop the generation this soon.
+    backend = Pausing(words=["w "] * 200)
     _, _, router, listener = await face(backend)
     async with aiohttp.ClientSession() as http:
         resp = await http.post(
@@ -158,7 +186,7 @@ async def test_a_client_that_leaves_cancels_the_generation(face):
         assert resp.status == 200
         await resp.content.readline()  # the first event
         resp.close()  # the connection goes
-    for _ in range(100):
+    for _ in range(40):
         if backend.cancelled:
             break
         await asyncio.sleep(0.05)
@@ -225,3 +253,23 @@ async def test_hostile_bodies_are_a_400_in_openais_shape(face, raw, param):
     assert error["type"] == "invalid_request_error"
     assert param in (error.get("param") or "") + error["message"]
     assert not backend.prompts
+
+
+async def test_a_client_that_leaves_a_unary_request_cancels_the_generation(face):
+    backend = Pausing()
+    _, _, router, listener = await face(backend)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.5)) as http:
+        with pytest.raises(TimeoutError):
+            await http.post(f"http://127.0.0.1:{listener.port}/v1/chat/completions",
+                            json={"model": "qwen2", "messages": USER})
+    for _ in range(40):
+        if backend.cancelled:
+            break
+        await asyncio.sleep(0.05)
+    assert backend.cancelled == 1
+    labels = {"model": "qwen2", "scenario": "chat", "method": "Generate", "code": "CANCELLED"}
+    for _ in range(50):
+        if sample(router, "llmmesh_requests_total", **labels) == 1:
+            break
+        await asyncio.sleep(0.05)
+    assert sample(router, "llmmesh_requests_total", **labels) == 1
