@@ -30,7 +30,7 @@ from services.common.signals import serve_until_signalled
 from services.openai.app import OpenAIFace, OpenAISettings
 from services.openai.server import OpenAIListener, start_listener
 from services.router.choice import POLICIES
-from services.router.core import RouterCore
+from services.router.core import DEFAULT_MAX_TOTAL_IN_FLIGHT, RouterCore
 from services.router.pool import ReplicaPool
 from services.router.resume import DEFAULT_MAX_RESUMES
 from services.router.scenarios import DEFAULT_FILE, Scenarios, load_scenarios
@@ -48,6 +48,7 @@ class RouterSettings:
     max_in_flight: int
     health_interval: float
     max_resumes: int = DEFAULT_MAX_RESUMES
+    max_total_in_flight: int = DEFAULT_MAX_TOTAL_IN_FLIGHT
     replica_choice: str = "load"
     openai: OpenAISettings | None = None
 
@@ -65,6 +66,11 @@ def parse_args(argv: list[str] | None = None) -> RouterSettings:
     p.add_argument(
         "--max-in-flight", type=int, default=512,
         help="requests per model the router holds at once; beyond, RESOURCE_EXHAUSTED",
+    )
+    p.add_argument(
+        "--max-in-flight-total", type=int, default=DEFAULT_MAX_TOTAL_IN_FLIGHT,
+        help="requests the router holds at once over all models (what one process relays "
+             "at its pace); beyond, RESOURCE_EXHAUSTED (HTTP 429) with a retry hint",
     )
     p.add_argument(
         "--max-resumes", type=int, default=DEFAULT_MAX_RESUMES,
@@ -99,6 +105,7 @@ def parse_args(argv: list[str] | None = None) -> RouterSettings:
         max_in_flight=args.max_in_flight,
         health_interval=args.health_interval,
         max_resumes=max(args.max_resumes, 0),
+        max_total_in_flight=args.max_in_flight_total,
         replica_choice=args.replica_choice,
         openai=OpenAISettings(
             host=args.host, port=args.openai_port, request_timeout=args.timeout,
@@ -123,6 +130,7 @@ async def run(settings: RouterSettings) -> None:
         settings.registry, settings.scenarios, pools, metrics,
         default_timeout=settings.default_timeout, max_in_flight=settings.max_in_flight,
         max_resumes=settings.max_resumes,
+        max_total_in_flight=settings.max_total_in_flight,
     )
     health = HealthBoard()
 

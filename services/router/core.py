@@ -29,6 +29,8 @@ log = logging.getLogger("llmmesh.router")
 
 # Seconds a request may wait for a just-started router's first health round.
 FIRST_CHECK_WAIT = 3.0
+# Requests one router process holds at once, all models together.
+DEFAULT_MAX_TOTAL_IN_FLIGHT = 256
 # A stream is not resumed with less than this left before its deadline.
 RESUME_MIN_SECONDS = 0.5
 
@@ -44,8 +46,12 @@ class RouterCore:
         default_timeout: float | None = 600.0,
         max_in_flight: int = 512,
         max_resumes: int = resume.DEFAULT_MAX_RESUMES,
+        max_total_in_flight: int = DEFAULT_MAX_TOTAL_IN_FLIGHT,
     ) -> None:
         self._max_resumes = max_resumes
+        # The router's own bound over every model: what one process relays.
+        self._max_total = max_total_in_flight
+        self._total = 0
         self._registry = registry
         self._scenarios = scenarios
         self._pools = pools
@@ -322,6 +328,17 @@ class RouterCore:
 
     @contextlib.contextmanager
     def _admit(self, spec: ModelSpec) -> Iterator[None]:
+        if self._total >= self._max_total:
+            # What one router relays at its pace (`make bench`: time to first
+            # token doubles past a few hundred streams on two cores): refused
+            # at once, before any work for it is done.
+            raise MeshError(
+                Reason.OVERLOADED,
+                f"the router has {self._max_total} requests in flight, its limit; "
+                "retry shortly",
+                metadata={"model_id": spec.id, "limit": str(self._max_total)},
+                retry_after=1.0,
+            )
         if self._in_flight[spec.id] >= self._max_in_flight:
             raise MeshError(
                 Reason.OVERLOADED,
@@ -331,10 +348,12 @@ class RouterCore:
                 retry_after=1.0,
             )
         self._in_flight[spec.id] += 1
+        self._total += 1
         try:
             yield
         finally:
             self._in_flight[spec.id] -= 1
+            self._total -= 1
 
     def _deadline(self, timeout: float | None) -> float | None:
         return timeout if timeout is not None else self._default_timeout
