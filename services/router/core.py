@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import replace
+from datetime import UTC, datetime
 
 from services.common import tracing
 from services.common.errors import FieldViolation, MeshError, Reason, clip, invalid
@@ -33,6 +35,35 @@ FIRST_CHECK_WAIT = 3.0
 DEFAULT_MAX_TOTAL_IN_FLIGHT = 256
 # A stream is not resumed with less than this left before its deadline.
 RESUME_MIN_SECONDS = 0.5
+
+
+def model_down(model_id: str, since: float | None, now: float | None = None) -> MeshError:
+    """MODEL_UNAVAILABLE for a model none of whose replicas serves, saying
+    since when (`since`, a wall-clock time; None: not known yet)."""
+    metadata = {"model_id": model_id}
+    if since is None:
+        return MeshError(
+            Reason.MODEL_UNAVAILABLE, f"model {model_id} has no serving replica right now",
+            metadata=metadata, retry_after=2.0,
+        )
+    now = time.time() if now is None else now
+    at = datetime.fromtimestamp(since, UTC)
+    metadata["down_since"] = at.isoformat(timespec="seconds").replace("+00:00", "Z")
+    return MeshError(
+        Reason.MODEL_UNAVAILABLE,
+        f"model {model_id} has had no serving replica since {at:%H:%M:%S} UTC "
+        f"({_ago(now - since)}); every request for it fails until one serves again",
+        metadata=metadata, retry_after=2.0,
+    )
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(int(seconds), 0)
+    if seconds < 120:
+        return f"{seconds} s ago"
+    if seconds < 7200:
+        return f"{seconds // 60} min ago"
+    return f"{seconds // 3600} h ago"
 
 
 class RouterCore:
@@ -197,6 +228,9 @@ class RouterCore:
             why = "no tokens left in its budget"
         elif left is not None and left <= RESUME_MIN_SECONDS:
             why = "its deadline is too close"
+        elif not any(r.serving and r is not replica and r not in tried
+                     for r in self._pools[spec.id].replicas.values()):
+            why = "no other replica serves"
         if why:
             if resume.resumable(error):
                 log.warning(
@@ -299,12 +333,7 @@ class RouterCore:
             return replica
         if last is not None:
             raise last  # every replica tried: the last one's own error says most
-        raise MeshError(
-            Reason.MODEL_UNAVAILABLE,
-            f"model {spec.id} has no serving replica right now",
-            metadata={"model_id": spec.id},
-            retry_after=2.0,
-        )
+        raise model_down(spec.id, pool.down_since)
 
     def _failover(
         self, spec: ModelSpec, replica: Replica, error: MeshError, tried: set[Replica]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -120,6 +121,10 @@ async def test_model_down_is_a_server_error(face):
         await client.chat.completions.create(model="llama3", messages=USER)
     assert err.value.status_code == 503
     assert err.value.body["code"] == "model_unavailable"
+    # Which model, and since when the router has seen it down.
+    message = err.value.body["message"]
+    assert re.search(r"^model llama3 has had no serving replica since "
+                     r"\d\d:\d\d:\d\d UTC \(\d+ s ago\)", message), message
 
 
 async def test_the_request_timeout_applies(face):
