@@ -204,13 +204,20 @@ class AdapterCore:
             f"the adapter takes only {', '.join(repr(s) for s in SCENARIOS)}; "
             "scenario templates are applied by the router",
         )
-        validate(request, self.limits)
+        # A last assistant message is the start of the answer, to be continued
+        # (the router resumes a broken stream so): the prompt is the one the
+        # answer began from, the template's open assistant turn, followed by
+        # the text verbatim. An engine that applies its own template gets
+        # the messages as they are.
+        validate(request, self.limits, continuation=True)
         params = request.parameters.with_defaults(self.spec.defaults)
         if request.scenario == RAW_SCENARIO and not request.messages:
             return request.inputs, params
         messages = request.messages or (Message("user", request.inputs),)
         if self._engine.applies_template:
             return messages, params
+        if messages[-1].role == "assistant":
+            return self._template.render(messages[:-1]) + messages[-1].content, params
         return self._template.render(messages), params
 
     def _deadline(self, timeout: float | None) -> float | None:

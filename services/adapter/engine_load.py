@@ -5,7 +5,9 @@ the router can see load it did not cause itself: another router's requests,
 or traffic that reaches the engine another way. Gauges whose names are in
 LOAD_METRICS are summed over their label sets (vLLM labels by engine index);
 an engine that serves no metrics, or a sample older than `max_age`, reports
-nothing, and the router falls back to its own counts.
+nothing, and the router falls back to its own counts. An engine that answers
+404 (or 405) before any load was seen has no /metrics: the sampler says so
+once in the log and stops.
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ LOAD_METRICS: Mapping[str, str] = {
     "sglang:num_running_reqs": "running",
     "sglang:token_usage": "kv",
 }
+
+
+# Statuses of a server without /metrics: sampling stops after one.
+NO_METRICS = (404, 405)
 
 
 def parse_load(text: str) -> EngineLoad | None:
@@ -88,6 +94,9 @@ class LoadSampler:
         self._at = 0.0
         self._session: aiohttp.ClientSession | None = None
         self._warned = False
+        # Set when the engine answers that it has no /metrics at all (404 or
+        # 405 before any load was seen): sampling stops.
+        self.absent = False
 
     @property
     def current(self) -> EngineLoad | None:
@@ -102,6 +111,13 @@ class LoadSampler:
             async with self._session.get(
                 self.url, timeout=aiohttp.ClientTimeout(total=max(self.interval, 1.0))
             ) as resp:
+                if resp.status in NO_METRICS and self._load is None:
+                    self.absent = True
+                    log.info(
+                        "the engine serves no metrics; its load is not sampled",
+                        extra={"url": self.url, "status": resp.status},
+                    )
+                    return None
                 text = await resp.text() if resp.status == 200 else ""
         except (aiohttp.ClientError, TimeoutError, OSError, UnicodeDecodeError):
             return None
@@ -114,9 +130,13 @@ class LoadSampler:
         return load
 
     async def run(self) -> None:
-        """Sample forever (the caller cancels)."""
-        while True:
+        """Sample until cancelled, or until the engine says it has no metrics
+        (llama-cpp-python's server, a llama-server without --metrics)."""
+        while not self.absent:
             await self.sample()
+            if self.absent:
+                await self.close()
+                return
             await asyncio.sleep(self.interval)
 
     async def close(self) -> None:

@@ -30,8 +30,12 @@ class CallRecord:
         scenario: str,
         peer: Callable[[], str],
         fields: Mapping[str, object] | None = None,
+        quiet: bool = False,
     ) -> None:
         self._m = metrics
+        # A poll (the router asking an adapter for its model once a second):
+        # its successful calls are logged at debug, like health checks.
+        self._quiet = quiet
         self._method = method
         self._model = model
         self._scenario = scenario
@@ -85,4 +89,7 @@ class CallRecord:
             fields["error"] = message
         if tokens is not None:
             fields["tokens"] = tokens
-        logs.info(log, "rpc", fields)
+        if self._quiet and code == "OK":
+            log.debug("rpc", extra={"fields": fields})
+        else:
+            logs.info(log, "rpc", fields)

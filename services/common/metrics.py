@@ -74,6 +74,11 @@ class Metrics:
             "llmmesh_errors", "Failed requests, by the error table's reason.",
             ["service", "model", "reason"], registry=r,
         )
+        self.resumes = Counter(
+            "llmmesh_stream_resumes",
+            "Streams continued on another replica, by the reason of the break.",
+            ["service", "model", "reason"], registry=r,
+        )
         self.in_flight = Gauge(
             "llmmesh_in_flight_requests", "Requests being handled now.",
             ["service", "model", "method"], registry=r,

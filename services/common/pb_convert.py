@@ -26,6 +26,7 @@ from services.common.types import (
     Message,
     ModelInfo,
     Parameters,
+    ResumePolicy,
 )
 
 _FINISH_TO_PB = {
@@ -113,6 +114,8 @@ def request_from_pb(r: AnyGenerateRequest) -> GenerationRequest:
         scenario=r.scenario,
         parameters=parameters_from_pb(r.parameters),
         messages=tuple(Message(m.role, m.content) for m in r.messages),
+        resume=_RESUME_FROM_PB.get(r.resume, ResumePolicy.DEFAULT)
+        if isinstance(r, pb.GenerateStreamRequest) else ResumePolicy.DEFAULT,
     )
 
 
@@ -120,13 +123,24 @@ R = TypeVar("R", pb.GenerateRequest, pb.GenerateStreamRequest)
 
 
 def request_to_pb(r: GenerationRequest, cls: type[R]) -> R:
-    return cls(
+    out = cls(
         model_id=r.model_id,
         inputs=r.inputs,
         scenario=r.scenario,
         parameters=parameters_to_pb(r.parameters),
         messages=[pb.ChatMessage(role=m.role, content=m.content) for m in r.messages],
     )
+    if r.resume is not ResumePolicy.DEFAULT and isinstance(out, pb.GenerateStreamRequest):
+        out.resume = _RESUME_TO_PB[r.resume]
+    return out
+
+
+_RESUME_TO_PB = {
+    ResumePolicy.DEFAULT: pb.RESUME_POLICY_UNSPECIFIED,
+    ResumePolicy.ALLOW: pb.RESUME_POLICY_ALLOW,
+    ResumePolicy.NEVER: pb.RESUME_POLICY_NEVER,
+}
+_RESUME_FROM_PB = {v: k for k, v in _RESUME_TO_PB.items()}
 
 
 def generation_to_pb(g: Generation) -> pb.GenerateResponse:
@@ -163,6 +177,7 @@ def final_to_pb(g: Generation) -> pb.GenerateStreamResponse:
         model=g.model,
         model_id=g.model_id,
         input_tokens=g.input_tokens,
+        resumes=g.resumes,
     )
 
 
@@ -193,6 +208,7 @@ def stream_event_from_pb(m: pb.GenerateStreamResponse) -> Chunk | Generation | M
         tokens=m.tokens,
         input_tokens=m.input_tokens,
         finish_reason=_FINISH_FROM_PB[m.finish_reason],
+        resumes=m.resumes,
     )
 
 

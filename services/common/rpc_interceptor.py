@@ -130,6 +130,12 @@ class MeshInterceptor(grpc.aio.ServerInterceptor):
             rpc.finish("OK", tokens=last.tokens if last is not None else None)
 
 
+# The metadata key that marks a call as a poll (the router's GetModel round),
+# and the methods that may be one: logged at debug when they succeed.
+POLL_HEADER = "x-llmmesh-poll"
+POLLED = frozenset({"GetModel", "ListModels"})
+
+
 class _Rpc(CallRecord):
     """The books of one RPC (services.common.call_record), and its failure as a status."""
 
@@ -148,8 +154,11 @@ class _Rpc(CallRecord):
         request_context.enter(resolved)
         # Read now: once gRPC has closed the call, its context must not be used.
         peer = context.peer()
+        quiet = method in POLLED and any(
+            k == POLL_HEADER for k, _ in context.invocation_metadata() or ()
+        )
         super().__init__(owner._metrics, method, resolved.model_label, resolved.scenario,
-                         peer=lambda: peer)
+                         peer=lambda: peer, quiet=quiet)
         self._context = context
 
     async def fail(self, exc: BaseException) -> None:

@@ -16,7 +16,8 @@ from llmmesh.v1 import generate_pb2_grpc as pb_grpc
 from services.common import pb_convert, request_context
 from services.common.errors import MeshError, Reason
 from services.common.request_context import RequestContext
-from services.common.types import Chunk, Generation, GenerationRequest, ModelInfo
+from services.common.types import Chunk, Generation, GenerationRequest, ModelInfo, ResumePolicy
+from services.common.validation import RESUME_HEADER, resume_policy
 
 log = logging.getLogger("llmmesh.rpc")
 
@@ -70,9 +71,17 @@ class GenerateServicer(pb_grpc.GenerateServiceServicer):
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
         tokens = 0
         started = False
+        domain = pb_convert.request_from_pb(request)
+        if domain.resume is ResumePolicy.DEFAULT:
+            header = next(
+                (v for k, v in context.invocation_metadata() or ()
+                 if k == RESUME_HEADER and isinstance(v, str)),
+                None,
+            )
+            if header is not None:
+                domain = domain.evolve(resume=resume_policy(header))
         events = self._core.generate_stream(
-            pb_convert.request_from_pb(request), context.time_remaining(),
-            request_context.current(),
+            domain, context.time_remaining(), request_context.current()
         )
         try:
             async for event in events:

@@ -186,6 +186,15 @@ def log_fields() -> dict[str, str]:
     return {"trace_id": format(ctx.trace_id, "032x"), "span_id": format(ctx.span_id, "016x")}
 
 
+def event(name: str, attributes: Mapping[str, str | int]) -> None:
+    """Add an event to the current span (nothing while tracing is off)."""
+    if _state.tracer is None:
+        return
+    from opentelemetry import trace
+
+    trace.get_current_span().add_event(name, dict(attributes))
+
+
 # -- hooks for the transports: empty while tracing is off ------------------------------
 
 

@@ -93,6 +93,15 @@ class Parameters:
 _PARAMETER_NAMES = tuple(f.name for f in fields(Parameters))
 
 
+class ResumePolicy(StrEnum):
+    """Whether a stream broken after its first text may continue on another
+    replica (the wire's ResumePolicy; `x-llmmesh-resume` names the values)."""
+
+    DEFAULT = ""  # deterministic requests only
+    ALLOW = "allow"  # sampled requests too: their continuation is a new sample
+    NEVER = "never"
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     model_id: str
@@ -100,6 +109,7 @@ class GenerationRequest:
     scenario: str = ""
     parameters: Parameters = field(default_factory=Parameters)
     messages: tuple[Message, ...] = ()
+    resume: ResumePolicy = ResumePolicy.DEFAULT
 
     def evolve(self, **changes: object) -> GenerationRequest:
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -115,6 +125,8 @@ class Generation:
     tokens: int
     input_tokens: int
     finish_reason: FinishReason
+    # How many times a stream continued on another replica (the router's).
+    resumes: int = 0
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,18 @@ from __future__ import annotations
 
 from services.common.errors import FieldViolation, MeshError, clip, invalid
 from services.common.parameters import check_parameters
-from services.common.types import ROLES, GenerationRequest, Limits
+from services.common.types import ROLES, GenerationRequest, Limits, ResumePolicy
+
+# The header (gRPC metadata) that sets a stream's ResumePolicy when the
+# request's own field is unset.
+RESUME_HEADER = "x-llmmesh-resume"
 
 
-def check_text(request: GenerationRequest, limits: Limits) -> list[FieldViolation]:
+def check_text(
+    request: GenerationRequest, limits: Limits, *, continuation: bool = False
+) -> list[FieldViolation]:
+    """The text's problems; `continuation`: a last assistant message is the
+    start of the answer to continue (the router sends one to resume a stream)."""
     out: list[FieldViolation] = []
     if request.messages:
         if len(request.messages) > limits.max_messages:
@@ -29,7 +37,7 @@ def check_text(request: GenerationRequest, limits: Limits) -> list[FieldViolatio
                         f"must be one of {', '.join(ROLES)}, got {clip(message.role)!r}",
                     )
                 )
-        if request.messages[-1].role == "assistant":
+        if request.messages[-1].role == "assistant" and not continuation:
             out.append(
                 FieldViolation("messages", "the last message must be from the user or the system")
             )
@@ -48,9 +56,11 @@ def check_text(request: GenerationRequest, limits: Limits) -> list[FieldViolatio
     return out
 
 
-def validate(request: GenerationRequest, limits: Limits) -> None:
+def validate(request: GenerationRequest, limits: Limits, *, continuation: bool = False) -> None:
     """Raise INVALID_ARGUMENT listing every problem of `request`."""
-    violations = check_text(request, limits) + check_parameters(request.parameters, limits)
+    violations = check_text(request, limits, continuation=continuation) + check_parameters(
+        request.parameters, limits
+    )
     if violations:
         raise invalid(violations)
 
@@ -59,6 +69,18 @@ def require(condition: bool, field: str, description: str) -> None:
     """Raise INVALID_ARGUMENT for one field unless `condition` holds."""
     if not condition:
         raise invalid([FieldViolation(field, description)])
+
+
+def resume_policy(value: str) -> ResumePolicy:
+    """The policy an `x-llmmesh-resume` value names ("auto" is the default's name)."""
+    name = value.strip().lower()
+    if name in ("", "auto"):
+        return ResumePolicy.DEFAULT
+    if name in (ResumePolicy.ALLOW.value, ResumePolicy.NEVER.value):
+        return ResumePolicy(name)
+    raise invalid([
+        FieldViolation(RESUME_HEADER, f"must be allow, never or auto, got {clip(value)!r}")
+    ])
 
 
 __all__ = ["MeshError", "check_parameters", "check_text", "require", "validate"]

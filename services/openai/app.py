@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from aiohttp import web
@@ -28,6 +28,7 @@ from services.common.metrics import Metrics
 from services.common.request_context import RequestContext
 from services.common.servicer import GenerationCore
 from services.common.types import RAW_SCENARIO, Chunk, Generation
+from services.common.validation import RESUME_HEADER, resume_policy
 from services.openai import responses
 from services.openai.errors import error_reply
 from services.openai.requests import Kind, OpenAIRequest, parse_chat, parse_completion
@@ -68,6 +69,26 @@ def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -
     return web.Response(
         text=_dumps(body), status=status, headers=headers, content_type="application/json"
     )
+
+
+def lone_surrogate(body: Any) -> str | None:
+    """The path of the first string (or key) in `body` that holds a lone
+    surrogate, or None. Iterative: the body may nest deep."""
+    pending: list[tuple[str, Any]] = [("", body)]
+    while pending:
+        path, value = pending.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return (path or "body").encode("utf-8", "backslashreplace").decode("ascii")
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                pending.append((f"{path}.{key}" if path else str(key), key))
+                pending.append((f"{path}.{key}" if path else str(key), item))
+        elif isinstance(value, list):
+            pending.extend((f"{path}[{i}]", item) for i, item in enumerate(value))
+    return None
 
 
 class OpenAIFace:
@@ -190,9 +211,19 @@ class OpenAIFace:
                 metadata={"limit_bytes": str(limit)},
             )
         try:
-            return json.loads(raw), None
+            body = json.loads(raw)
+        except RecursionError:
+            return None, invalid([FieldViolation("body", "JSON nested too deeply")])
         except ValueError as exc:
             return None, invalid([FieldViolation("body", f"not valid JSON: {exc}")])
+        # A \ud800-style escape decodes to a lone surrogate, which no UTF-8
+        # text (the engines', the logs', protobuf's) can carry.
+        where = lone_surrogate(body) if b"\\u" in raw or b"\\U" in raw else None
+        if where is not None:
+            return None, invalid([FieldViolation(
+                where, "contains a lone UTF-16 surrogate (\\ud800-\\udfff): not valid text"
+            )])
+        return body, None
 
     async def _generate(self, request: web.Request, kind: Kind) -> web.StreamResponse:
         body, refused = await self._body(request)
@@ -212,6 +243,11 @@ class OpenAIFace:
             if refused is not None:
                 raise refused
             parsed = parse_chat(body) if kind == "chat" else parse_completion(body)
+            header = request.headers.get(RESUME_HEADER)
+            if header is not None:
+                parsed = replace(
+                    parsed, generation=parsed.generation.evolve(resume=resume_policy(header))
+                )
             if parsed.stream:
                 return await self._stream(request, parsed, call, resolved)
             result = await self._core.generate(

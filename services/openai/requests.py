@@ -160,7 +160,12 @@ def _show(value: Any) -> str:
 
 
 def _neutral(name: str, value: Any) -> bool:
-    return value in (None, False, 0, "", [], {}) or value in _NEUTRAL.get(name, ())
+    # Python's True == 1: a boolean is neutral only as false, never as a number.
+    if isinstance(value, bool):
+        return value is False
+    if value is None or value in (0, "", [], {}):
+        return True
+    return any(type(v) is type(value) and v == value for v in _NEUTRAL.get(name, ()))
 
 
 def _check_fields(r: _Reader, kind: Kind) -> None:

@@ -99,7 +99,11 @@ class ChunkShapes:
     def last(self, result: Generation) -> dict[str, Any]:
         """The chunk with the finish reason (and no new text)."""
         finish = FINISH.get(result.finish_reason, "stop")
-        return self._chunk([self._choice(None if self.kind == "chat" else "", finish)])
+        out = self._chunk([self._choice(None if self.kind == "chat" else "", finish)])
+        if result.resumes:
+            # The mesh's own field: the stream continued on another replica.
+            out["resumes"] = result.resumes
+        return out
 
     def usage(self, result: Generation) -> dict[str, Any]:
         """The extra chunk of `stream_options.include_usage`: no choices."""

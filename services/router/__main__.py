@@ -30,8 +30,9 @@ from services.common.signals import serve_until_signalled
 from services.openai.app import OpenAIFace, OpenAISettings
 from services.openai.server import OpenAIListener, start_listener
 from services.router.choice import POLICIES
-from services.router.core import RouterCore
+from services.router.core import DEFAULT_MAX_TOTAL_IN_FLIGHT, RouterCore
 from services.router.pool import ReplicaPool
+from services.router.resume import DEFAULT_MAX_RESUMES
 from services.router.scenarios import DEFAULT_FILE, Scenarios, load_scenarios
 
 log = logging.getLogger("llmmesh.router")
@@ -46,6 +47,8 @@ class RouterSettings:
     default_timeout: float
     max_in_flight: int
     health_interval: float
+    max_resumes: int = DEFAULT_MAX_RESUMES
+    max_total_in_flight: int = DEFAULT_MAX_TOTAL_IN_FLIGHT
     replica_choice: str = "load"
     openai: OpenAISettings | None = None
 
@@ -63,6 +66,16 @@ def parse_args(argv: list[str] | None = None) -> RouterSettings:
     p.add_argument(
         "--max-in-flight", type=int, default=512,
         help="requests per model the router holds at once; beyond, RESOURCE_EXHAUSTED",
+    )
+    p.add_argument(
+        "--max-in-flight-total", type=int, default=DEFAULT_MAX_TOTAL_IN_FLIGHT,
+        help="requests the router holds at once over all models (what one process relays "
+             "at its pace); beyond, RESOURCE_EXHAUSTED (HTTP 429) with a retry hint",
+    )
+    p.add_argument(
+        "--max-resumes", type=int, default=DEFAULT_MAX_RESUMES,
+        help="times a stream broken after its first text may continue on another "
+             "replica (0: never)",
     )
     p.add_argument("--health-interval", type=float, default=1.0,
                    help="seconds between health checks of each adapter replica")
@@ -91,6 +104,8 @@ def parse_args(argv: list[str] | None = None) -> RouterSettings:
         default_timeout=args.timeout,
         max_in_flight=args.max_in_flight,
         health_interval=args.health_interval,
+        max_resumes=max(args.max_resumes, 0),
+        max_total_in_flight=args.max_in_flight_total,
         replica_choice=args.replica_choice,
         openai=OpenAISettings(
             host=args.host, port=args.openai_port, request_timeout=args.timeout,
@@ -114,6 +129,8 @@ async def run(settings: RouterSettings) -> None:
     core = RouterCore(
         settings.registry, settings.scenarios, pools, metrics,
         default_timeout=settings.default_timeout, max_in_flight=settings.max_in_flight,
+        max_resumes=settings.max_resumes,
+        max_total_in_flight=settings.max_total_in_flight,
     )
     health = HealthBoard()
 

@@ -10,14 +10,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import replace
+from datetime import UTC, datetime
 
+from services.common import tracing
 from services.common.errors import FieldViolation, MeshError, Reason, clip, invalid
 from services.common.metrics import UNKNOWN_MODEL, Metrics
 from services.common.registry import ModelSpec, Registry
 from services.common.request_context import UNKNOWN, RequestContext
-from services.common.types import Chunk, Generation, GenerationRequest, ModelInfo
+from services.common.types import Chunk, Generation, GenerationRequest, ModelInfo, ResumePolicy
 from services.common.validation import validate
+from services.router import resume
 from services.router.pool import ReplicaPool
 from services.router.replica import Replica
 from services.router.scenarios import DEFAULT_SCENARIO, Scenarios
@@ -25,9 +30,13 @@ from services.router.scenarios import DEFAULT_SCENARIO, Scenarios
 log = logging.getLogger("llmmesh.router")
 
 
+# The key of `RouterCore._in_flight` that sums every model's (no model id is empty).
+TOTAL = ""
+
+
 class Counted:
-    """Counts one under `key` in `counts` while entered (a context manager
-    without a generator: one is entered for every request)."""
+    """Counts one under `key` and under TOTAL in `counts` while entered (a
+    context manager without a generator: one is entered for every request)."""
 
     __slots__ = ("counts", "key")
 
@@ -37,12 +46,48 @@ class Counted:
 
     def __enter__(self) -> None:
         self.counts[self.key] += 1
+        self.counts[TOTAL] += 1
 
     def __exit__(self, *exc: object) -> None:
         self.counts[self.key] -= 1
+        self.counts[TOTAL] -= 1
+
 
 # Seconds a request may wait for a just-started router's first health round.
 FIRST_CHECK_WAIT = 3.0
+# Requests one router process holds at once, all models together.
+DEFAULT_MAX_TOTAL_IN_FLIGHT = 256
+# A stream is not resumed with less than this left before its deadline.
+RESUME_MIN_SECONDS = 0.5
+
+
+def model_down(model_id: str, since: float | None, now: float | None = None) -> MeshError:
+    """MODEL_UNAVAILABLE for a model none of whose replicas serves, saying
+    since when (`since`, a wall-clock time; None: not known yet)."""
+    metadata = {"model_id": model_id}
+    if since is None:
+        return MeshError(
+            Reason.MODEL_UNAVAILABLE, f"model {model_id} has no serving replica right now",
+            metadata=metadata, retry_after=2.0,
+        )
+    now = time.time() if now is None else now
+    at = datetime.fromtimestamp(since, UTC)
+    metadata["down_since"] = at.isoformat(timespec="seconds").replace("+00:00", "Z")
+    return MeshError(
+        Reason.MODEL_UNAVAILABLE,
+        f"model {model_id} has had no serving replica since {at:%H:%M:%S} UTC "
+        f"({_ago(now - since)}); every request for it fails until one serves again",
+        metadata=metadata, retry_after=2.0,
+    )
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(int(seconds), 0)
+    if seconds < 120:
+        return f"{seconds} s ago"
+    if seconds < 7200:
+        return f"{seconds // 60} min ago"
+    return f"{seconds // 3600} h ago"
 
 
 class RouterCore:
@@ -55,7 +100,12 @@ class RouterCore:
         *,
         default_timeout: float | None = 600.0,
         max_in_flight: int = 512,
+        max_resumes: int = resume.DEFAULT_MAX_RESUMES,
+        max_total_in_flight: int = DEFAULT_MAX_TOTAL_IN_FLIGHT,
     ) -> None:
+        self._max_resumes = max_resumes
+        # The router's own bound over every model: what one process relays.
+        self._max_total = max_total_in_flight
         self._registry = registry
         self._scenarios = scenarios
         self._pools = pools
@@ -64,6 +114,7 @@ class RouterCore:
         # request is refused at once instead of queueing without limit.
         self._max_in_flight = max_in_flight
         self._in_flight = {spec.id: 0 for spec in registry.models}
+        self._in_flight[TOTAL] = 0
         self._default_timeout = default_timeout
         for spec in registry.models:
             metrics.declare_model(spec.id)
@@ -118,31 +169,124 @@ class RouterCore:
     async def _relay(
         self, spec: ModelSpec, forward: GenerationRequest, timeout: float | None
     ) -> AsyncIterator[Chunk | Generation]:
+        """Relay one replica's stream; before its first text, fail over; after
+        it, resume on another replica (services.router.resume) when allowed."""
+        loop = asyncio.get_running_loop()
+        limit = self._deadline(timeout)
+        deadline = None if limit is None else loop.time() + limit
         tried: set[Replica] = set()
         last: MeshError | None = None
+        request = forward
+        relayed: list[str] = []  # the text the client has received
+        seam = ""  # the text received before the current replica's stream
+        base = 0  # tokens relayed before the current replica's stream
+        tokens = 0  # tokens relayed so far
+        resumes = 0
+        broken: MeshError | None = None  # the error that broke the stream first
         while True:
-            replica = await self._pick(spec, tried, last)
-            events = replica.generate_stream(forward, self._deadline(timeout))
-            sent = False
+            try:
+                replica = await self._pick(spec, tried, last)
+            except MeshError:
+                if broken is not None:
+                    raise broken from None
+                raise
+            remaining = None if deadline is None else max(deadline - loop.time(), 0.001)
+            events = replica.generate_stream(request, remaining)
             try:
                 with replica.track():
                     async for event in events:
                         if isinstance(event, Generation):
+                            if resumes:
+                                event = replace(
+                                    event,
+                                    text=seam + event.text,
+                                    tokens=base + event.tokens,
+                                    input_tokens=max(event.input_tokens - base, 0),
+                                    resumes=resumes,
+                                )
                             self._metrics.record_tokens(spec.id, event.input_tokens, event.tokens)
-                        sent = True
-                        yield event
+                            yield event
+                            return
+                        tokens = base + event.tokens
+                        relayed.append(event.text)
+                        yield Chunk(event.text, tokens) if resumes else event
                 return
             except MeshError as exc:
                 last = exc
-                if sent or not self._failover(spec, replica, last, tried):
-                    raise
+                if not relayed and broken is None:
+                    if not self._failover(spec, replica, exc, tried):
+                        raise
+                    continue
+                broken = broken or exc
+                next_request = self._resumption(
+                    spec, forward, replica, exc, tried, "".join(relayed), tokens,
+                    resumes, deadline,
+                )
+                if next_request is None:
+                    raise broken from None
+                request = next_request
+                seam = "".join(relayed)
+                base = tokens
+                resumes += 1
             finally:
                 await events.aclose()  # type: ignore[attr-defined]
+
+    def _resumption(
+        self, spec: ModelSpec, forward: GenerationRequest, replica: Replica, error: MeshError,
+        tried: set[Replica], text: str, tokens: int, resumes: int, deadline: float | None,
+    ) -> GenerationRequest | None:
+        """The request that continues a stream `error` broke after `text` (None:
+        the stream may not, or cannot, resume)."""
+        effective = forward.parameters.with_defaults(spec.defaults)
+        budget = effective.max_new_tokens or self._pools[spec.id].limits.max_new_tokens
+        left = None if deadline is None else deadline - asyncio.get_running_loop().time()
+        why = ""
+        if not resume.resumable(error):
+            why = "not a replica failure"
+        elif not resume.allowed(forward, effective):
+            why = ("the request asked for none" if forward.resume is ResumePolicy.NEVER
+                   else "the request samples and did not opt in")
+        elif resumes >= self._max_resumes:
+            why = f"already resumed {resumes} times, the limit"
+        elif budget - tokens <= 0:
+            why = "no tokens left in its budget"
+        elif left is not None and left <= RESUME_MIN_SECONDS:
+            why = "its deadline is too close"
+        elif not any(r.serving and r is not replica and r not in tried
+                     for r in self._pools[spec.id].replicas.values()):
+            why = "no other replica serves"
+        if why:
+            if resume.resumable(error):
+                log.warning(
+                    "stream broken, not resumed",
+                    extra={"model": spec.id, "replica": replica.address, "why": why,
+                           "error": error.message, "tokens": tokens},
+                )
+            return None
+        if error.reason in (Reason.BACKEND_UNAVAILABLE, Reason.MODEL_UNAVAILABLE):
+            self._pools[spec.id].mark_down(replica)
+        tried.add(replica)
+        self._metrics.resumes.labels(self._metrics.service, spec.id, error.reason.label).inc()
+        attributes = {"model": spec.id, "replica": replica.address, "error": error.message,
+                      "reason": error.reason.value, "tokens": tokens, "resume": resumes + 1}
+        tracing.event("llmmesh.stream.resume", attributes)
+        log.warning("stream broken, resuming on another replica", extra=attributes)
+        return resume.continuation(forward, text, budget - tokens)
 
     # -- health -------------------------------------------------------------------
 
     async def refresh(self, timeout: float = 1.0) -> None:
-        await asyncio.gather(*(pool.refresh(timeout) for pool in self._pools.values()))
+        """One health round over every model; one model's failure is its own."""
+        pools = list(self._pools.values())
+        results = await asyncio.gather(
+            *(pool.refresh(timeout) for pool in pools), return_exceptions=True
+        )
+        for pool, result in zip(pools, results, strict=True):
+            if isinstance(result, asyncio.CancelledError):
+                raise result
+            if isinstance(result, BaseException):
+                log.error("health round failed for a model", exc_info=result,
+                          extra={"model": pool.model_id})
         for spec in self._registry.models:
             for replica in self._pools[spec.id].replicas.values():
                 self._metrics.engine_up.labels(
@@ -213,12 +357,7 @@ class RouterCore:
             return replica
         if last is not None:
             raise last  # every replica tried: the last one's own error says most
-        raise MeshError(
-            Reason.MODEL_UNAVAILABLE,
-            f"model {spec.id} has no serving replica right now",
-            metadata={"model_id": spec.id},
-            retry_after=2.0,
-        )
+        raise model_down(spec.id, pool.down_since)
 
     def _failover(
         self, spec: ModelSpec, replica: Replica, error: MeshError, tried: set[Replica]
@@ -241,7 +380,19 @@ class RouterCore:
         return True
 
     def _admit(self, spec: ModelSpec) -> Counted:
-        """The request counted against the model's bound while it runs."""
+        """The request counted against the router's and the model's bounds
+        while it runs."""
+        if self._in_flight[TOTAL] >= self._max_total:
+            # What one router relays at its pace (`make bench`: time to first
+            # token doubles past a few hundred streams on two cores): refused
+            # at once, before any work for it is done.
+            raise MeshError(
+                Reason.OVERLOADED,
+                f"the router has {self._max_total} requests in flight, its limit; "
+                "retry shortly",
+                metadata={"model_id": spec.id, "limit": str(self._max_total)},
+                retry_after=1.0,
+            )
         if self._in_flight[spec.id] >= self._max_in_flight:
             raise MeshError(
                 Reason.OVERLOADED,

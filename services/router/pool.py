@@ -14,6 +14,7 @@ import asyncio
 import itertools
 import logging
 import socket
+import time
 
 import grpc
 
@@ -44,6 +45,9 @@ class ReplicaPool:
         # Set after the first health round: before it, "no serving replica"
         # only means that none has been checked yet.
         self.checked = asyncio.Event()
+        # Since when (a wall-clock time) no replica has served, as the health
+        # rounds saw it; None while one serves.
+        self.down_since: float | None = None
 
     @property
     def ready_count(self) -> int:
@@ -96,6 +100,10 @@ class ReplicaPool:
                     extra={"model": self.model_id, "replica": replica.address, "serving": serving},
                 )
             replica.serving = serving
+        if self.ready_count:
+            self.down_since = None
+        elif self.down_since is None:
+            self.down_since = time.time()
         self.checked.set()
         up = [r for r in replicas if r.serving]
         infos = await asyncio.gather(

@@ -29,6 +29,9 @@ from services.common.types import (
     ModelInfo,
 )
 
+# Marks the health round's GetModel as a poll: adapters log it at debug.
+POLL = (("x-llmmesh-poll", "1"),)
+
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 4 * 1024 * 1024),
     ("grpc.max_send_message_length", 4 * 1024 * 1024),
@@ -119,7 +122,7 @@ class Replica:
         """The model as this replica describes it (its engine's limits included)."""
         try:
             reply = await self.stub.GetModel(
-                pb.GetModelRequest(model_id=model_id), timeout=timeout
+                pb.GetModelRequest(model_id=model_id), timeout=timeout, metadata=POLL
             )
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from None

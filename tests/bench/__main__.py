@@ -7,7 +7,10 @@ double, load from wrk), SmolLM2 through the mesh versus llama.cpp
 in-process, and the CPU backend's own prompt and generation tokens/s, then
 writes every figure to .run/bench/results.json (keys `mesh`, `cpu_mesh`,
 `cpu_backend` when that bench returns figures, `replica_choice` (load-aware
-against least-in-flight, simulated), `tracing` (off against on), and
+against least-in-flight, simulated), `tracing` (off against on),
+`resume_seam` (greedy streams resumed mid-stream against uninterrupted),
+`relay` and `relay_bounded` (streams one router and adapter relay before
+time to first token doubles; a burst of 3,000 against the router's bound), and
 `machine`: the machine
 and its load average when the run began) and the tables to
 .run/bench/results.md.
@@ -26,7 +29,9 @@ from tests.bench import (
     cpu_backend_bench,
     cpu_mesh_bench,
     mesh_bench,
+    relay_bench,
     replica_bench,
+    resume_bench,
     tracing_bench,
 )
 
@@ -57,6 +62,17 @@ def main() -> None:
         # Tracing off against on (exporting to a local OTLP receiver).
         sys.argv = [sys.argv[0], *(["--quick", "--runs", "1"] if quick else [])]
         results["tracing"] = tracing_bench.main()
+        print()
+        # A greedy stream resumed mid-stream against the uninterrupted one.
+        results["resume_seam"] = resume_bench.main(["--prompts", "10" if quick else "50"])
+        print()
+        # Streams one router and one adapter relay before TTFT doubles; then
+        # the burst of 3,000 against the router's default bound.
+        results["relay"] = relay_bench.main(
+            ["--levels", "1,50,100,200" if quick else "1,50,100,200,400,800,1600"])
+        print()
+        results["relay_bounded"] = relay_bench.main(
+            ["--levels", "1,3000", "--router-bound", "256"])
     results["machine"] = results["mesh"].pop("machine")
     (OUT / "results.json").write_text(json.dumps(results, indent=2))
     (OUT / "results.md").write_text(text.getvalue())

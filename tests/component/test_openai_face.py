@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -11,6 +12,7 @@ import aiohttp
 import openai
 import pytest
 
+from services.adapter.engines.base import EngineToken
 from services.common.auth import ApiKeys
 from services.common.errors import MeshError, Reason
 from services.openai.app import OpenAIFace, OpenAISettings
@@ -119,6 +121,10 @@ async def test_model_down_is_a_server_error(face):
         await client.chat.completions.create(model="llama3", messages=USER)
     assert err.value.status_code == 503
     assert err.value.body["code"] == "model_unavailable"
+    # Which model, and since when the router has seen it down.
+    message = err.value.body["message"]
+    assert re.search(r"^model llama3 has had no serving replica since "
+                     r"\d\d:\d\d:\d\d UTC \(\d+ s ago\)", message), message
 
 
 async def test_the_request_timeout_applies(face):
@@ -148,8 +154,35 @@ async def test_models(face):
     assert model.model_extra["backend_model"] == "fake/model"
 
 
+class Pausing(FakeBackend):
+    """The first word at once, then one every `pause` seconds; counts the
+    generations cancelled, streamed or not."""
+
+    pause = 10.0
+
+    async def generate(self, prompt, params, timeout):
+        try:
+            await asyncio.sleep(self.pause)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        return await super().generate(prompt, params, timeout)
+
+    async def generate_stream(self, prompt, params, timeout):
+        try:
+            for i, word in enumerate(self.words):
+                if i:
+                    await asyncio.sleep(self.pause)
+                yield EngineToken(word)
+        except (asyncio.CancelledError, GeneratorExit):
+            self.cancelled += 1
+            raise
+
+
 async def test_a_client_that_leaves_cancels_the_generation(face):
-    backend = FakeBackend(words=["w "] * 200, delay=0.05)
+    # Between two tokens nothing is written: only the handler's cancellation
+    # on disconnect (not a failed write) can stop the generation this soon.
+    backend = Pausing(words=["w "] * 200)
     _, _, router, listener = await face(backend)
     async with aiohttp.ClientSession() as http:
         resp = await http.post(
@@ -158,7 +191,7 @@ async def test_a_client_that_leaves_cancels_the_generation(face):
         assert resp.status == 200
         await resp.content.readline()  # the first event
         resp.close()  # the connection goes
-    for _ in range(100):
+    for _ in range(40):
         if backend.cancelled:
             break
         await asyncio.sleep(0.05)
@@ -199,3 +232,49 @@ async def test_stop_lets_open_streams_finish_and_refuses_new_connections(face):
     await stopping
     with pytest.raises(openai.APIConnectionError):
         await client.models.list()
+
+
+@pytest.mark.parametrize(
+    ("raw", "param"),
+    [
+        (b'{"model": "qwen2", "messages": [{"role": "user", "content": "\\ud800"}]}',
+         "messages"),
+        (b'{"model": "qwen2", "messages": [{"role": "user", "content": "hi"}], '
+         b'"stop": ["\\udfff x"]}', "stop"),
+        (b'{"model": "qwen2", "messages": [{"role": "user", "content": "hi"}], "x": '
+         + b"[" * 5000 + b"]" * 5000 + b"}", "body"),
+        (b'{"model": "qwen2", "messages": ' + b"[" * 5000 + b"]" * 5000 + b"}", "body"),
+    ],
+    ids=["surrogate-in-content", "surrogate-in-stop", "deep-unknown-field", "deep-messages"],
+)
+async def test_hostile_bodies_are_a_400_in_openais_shape(face, raw, param):
+    backend = FakeBackend()
+    _, _, _, listener = await face(backend)
+    async with aiohttp.ClientSession() as http:
+        resp = await http.post(f"http://127.0.0.1:{listener.port}/v1/chat/completions",
+                               data=raw, headers={"Content-Type": "application/json"})
+        assert resp.status == 400, await resp.text()
+        error = (await resp.json())["error"]
+    assert error["type"] == "invalid_request_error"
+    assert param in (error.get("param") or "") + error["message"]
+    assert not backend.prompts
+
+
+async def test_a_client_that_leaves_a_unary_request_cancels_the_generation(face):
+    backend = Pausing()
+    _, _, router, listener = await face(backend)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.5)) as http:
+        with pytest.raises(TimeoutError):
+            await http.post(f"http://127.0.0.1:{listener.port}/v1/chat/completions",
+                            json={"model": "qwen2", "messages": USER})
+    for _ in range(40):
+        if backend.cancelled:
+            break
+        await asyncio.sleep(0.05)
+    assert backend.cancelled == 1
+    labels = {"model": "qwen2", "scenario": "chat", "method": "Generate", "code": "CANCELLED"}
+    for _ in range(50):
+        if sample(router, "llmmesh_requests_total", **labels) == 1:
+            break
+        await asyncio.sleep(0.05)
+    assert sample(router, "llmmesh_requests_total", **labels) == 1

@@ -342,3 +342,22 @@ async def test_a_bug_midstream_is_an_in_band_internal_error(start_adapter, start
     assert last.finish_reason == pb.FINISH_REASON_ERROR
     assert (last.error.code, last.error.reason) == ("INTERNAL", "INTERNAL")
     assert "secret" not in last.error.message  # the trace stays in the log
+
+
+async def test_the_routers_model_poll_is_logged_at_debug_a_clients_call_at_info(
+    start_adapter, start_router, caplog
+):
+    import logging
+
+    router, _ = await mesh(start_adapter, start_router, qwen2=FakeBackend())
+    with caplog.at_level(logging.DEBUG, logger="llmmesh.rpc"):
+        caplog.clear()
+        await router.core.refresh()  # the router's health round polls GetModel
+        polls = [r for r in caplog.records
+                 if r.getMessage() == "rpc" and r.fields["method"] == "GetModel"]
+        assert polls and all(r.levelno == logging.DEBUG for r in polls)
+        caplog.clear()
+        await router.stub.GetModel(pb.GetModelRequest(model_id="qwen2"), timeout=5)
+        asked = [r for r in caplog.records
+                 if r.getMessage() == "rpc" and r.fields["method"] == "GetModel"]
+        assert asked and all(r.levelno == logging.INFO for r in asked)

@@ -126,12 +126,14 @@ def good_request(mesh: FaultMesh) -> None:
 
 
 def test_backend_crash_midstream_over_http(faults: FaultMesh) -> None:
-    """An in-band error event, promptly; the adapter's health follows the
+    """An in-band error event, promptly (the stream asks for no resume); the
+    adapter's health follows the
     backend down and back up again without a restart of the adapter."""
     control_all(faults, mode="crash_midstream", after_tokens=2)
     started = time.monotonic()
     events = list(sse_events(f"{faults.envoy.http}/v1/generate_stream",
-                             {"model_id": "qwen2", "inputs": "one two three four five"}))
+                             {"model_id": "qwen2", "inputs": "one two three four five",
+                              "resume": "RESUME_POLICY_NEVER"}))
     assert time.monotonic() - started < 5
     assert "".join(e["text"] for e in events[:-1]) == "one two"
     last = events[-1]
@@ -158,11 +160,13 @@ def test_backend_crash_midstream_over_http(faults: FaultMesh) -> None:
 
 
 def test_backend_crash_midstream_over_grpc(faults: FaultMesh) -> None:
-    """A stream ends with an error message; a unary call gets a status."""
+    """A stream that asks for no resume ends with an error message; a unary
+    call gets a status."""
     control_all(faults, mode="crash_midstream", after_tokens=2)
     started = time.monotonic()
     replies = list(stub(faults.router.address).GenerateStream(
-        pb.GenerateStreamRequest(model_id="qwen2", inputs="one two three four"), timeout=10))
+        pb.GenerateStreamRequest(model_id="qwen2", inputs="one two three four",
+                                 resume=pb.RESUME_POLICY_NEVER), timeout=10))
     assert time.monotonic() - started < 5
     assert "".join(r.text for r in replies[:-1]) == "one two"
     assert replies[-1].finish_reason == pb.FINISH_REASON_ERROR
@@ -195,7 +199,9 @@ def test_adapter_killed_new_requests_fail_over(faults: FaultMesh) -> None:
     router = stub(faults.router.address)
     words = " ".join(f"w{i}" for i in range(20))
     # Least-in-flight balancing puts the two streams on different replicas.
-    streams = [router.GenerateStream(pb.GenerateStreamRequest(model_id="qwen2", inputs=words),
+    # Resuming is off here (tests/integration/test_resume.py has it on).
+    streams = [router.GenerateStream(pb.GenerateStreamRequest(model_id="qwen2", inputs=words,
+                                                              resume=pb.RESUME_POLICY_NEVER),
                                      timeout=30) for _ in range(2)]
     firsts = [next(s) for s in streams]
     assert all(f.text.startswith("w0") for f in firsts)

@@ -317,7 +317,8 @@ def test_errors_in_plain_words(clean: Mesh, open_page: Any) -> None:
     eventually(lambda: not next(m for m in models(clean) if m["id"] == "qwen2")["ready"])
     send(page, "hello")
     problem = wait_answer(page, 4).locator(".problem").inner_text()
-    assert "This model is down" in problem
+    # Which model, and since when.
+    assert "Model qwen2 is down: no replica has served it since " in problem
     until(page, "document.querySelector('#model-info').textContent.includes('down')")
     assert page.locator("#model option").first.inner_text() == "qwen2 (down)"
 

@@ -176,6 +176,7 @@ def test_what_cannot_be_honoured_is_refused_by_name(fields, param):
         ({"echo": True}, "echo"),
         ({"suffix": "end"}, "suffix"),
         ({"best_of": 3}, "best_of"),
+        ({"best_of": True}, "best_of"),  # Python's True == 1: not a count
         ({"prompt": ["a", "b"]}, "prompt"),
         ({"prompt": [1, 2, 3]}, "prompt"),
         ({"messages": []}, "messages"),

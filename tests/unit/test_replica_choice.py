@@ -108,3 +108,69 @@ async def test_tgis_gauges_count_the_requests_in_the_engine():
             after = await sampler.sample()
             assert after is not None and after.requests == 0
         await sampler.close()
+
+
+# The load gauges of each engine kind, in the engines' own /metrics text
+# (the lines around them included), so a renamed gauge fails here.
+SGLANG_METRICS = """\
+# HELP sglang:prompt_tokens_total Number of prefill tokens processed.
+# TYPE sglang:prompt_tokens_total counter
+sglang:prompt_tokens_total{model_name="meta-llama/Llama-3.1-8B-Instruct"} 8.128902e+06
+# HELP sglang:num_running_reqs The number of running requests.
+# TYPE sglang:num_running_reqs gauge
+sglang:num_running_reqs{model_name="meta-llama/Llama-3.1-8B-Instruct"} 6.0
+# HELP sglang:num_queue_reqs The number of requests in the waiting queue.
+# TYPE sglang:num_queue_reqs gauge
+sglang:num_queue_reqs{model_name="meta-llama/Llama-3.1-8B-Instruct"} 4.0
+# HELP sglang:token_usage The token usage
+# TYPE sglang:token_usage gauge
+sglang:token_usage{model_name="meta-llama/Llama-3.1-8B-Instruct"} 0.28
+# HELP sglang:cache_hit_rate The cache hit rate
+# TYPE sglang:cache_hit_rate gauge
+sglang:cache_hit_rate{model_name="meta-llama/Llama-3.1-8B-Instruct"} 0.0075
+"""
+LLAMACPP_METRICS = """\
+# HELP llamacpp:prompt_tokens_total Number of prompt tokens processed.
+# TYPE llamacpp:prompt_tokens_total counter
+llamacpp:prompt_tokens_total 6886
+# HELP llamacpp:tokens_predicted_total Number of generation tokens processed.
+# TYPE llamacpp:tokens_predicted_total counter
+llamacpp:tokens_predicted_total 3469
+# HELP llamacpp:requests_processing Number of requests processing.
+# TYPE llamacpp:requests_processing gauge
+llamacpp:requests_processing 2
+# HELP llamacpp:requests_deferred Number of requests deferred.
+# TYPE llamacpp:requests_deferred gauge
+llamacpp:requests_deferred 1
+"""
+
+
+def test_parse_load_of_sglang_and_llama_server():
+    assert parse_load(SGLANG_METRICS) == EngineLoad(waiting=4, running=6, kv_cache_usage=0.28)
+    assert parse_load(LLAMACPP_METRICS) == EngineLoad(waiting=1, running=2)
+
+
+async def test_a_server_without_metrics_is_probed_once_and_said_once(caplog):
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    hits = []
+
+    async def missing(request: web.Request) -> web.Response:
+        hits.append(request.path)
+        return web.json_response({"detail": "Not Found"}, status=404)
+
+    app = web.Application()
+    app.router.add_get("/metrics", missing)
+    server = TestServer(app, port=0)
+    await server.start_server()
+    try:
+        sampler = LoadSampler(str(server.make_url("/metrics")), 0.01)
+        with caplog.at_level("INFO", logger="llmmesh.adapter"):
+            await asyncio.wait_for(sampler.run(), 2)  # returns: sampling stopped
+        await asyncio.sleep(0.1)
+        assert hits == ["/metrics"]
+        said = [r for r in caplog.records if "serves no metrics" in r.getMessage()]
+        assert len(said) == 1 and sampler.current is None
+    finally:
+        await server.close()

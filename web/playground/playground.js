@@ -124,7 +124,12 @@
       return { title: `The model is busy. Retry in ${seconds} s.`, message, fields };
     }
     if (status === 503 && reason === "MODEL_UNAVAILABLE") {
-      return { title: "This model is down: no replica is serving it. Try again shortly, or pick another model.", message, fields };
+      // Which model, and since when (the router's ErrorInfo metadata).
+      const meta = info.metadata || {};
+      const model = meta.model_id ? `Model ${meta.model_id}` : "This model";
+      const since = meta.down_since ? new Date(meta.down_since) : null;
+      const when = since && !isNaN(since) ? ` since ${since.toLocaleTimeString()}` : "";
+      return { title: `${model} is down: no replica has served it${when}. Try again shortly, or pick another model.`, message, fields };
     }
     if (status === 503 && reason === "BACKEND_UNAVAILABLE") {
       return { title: "This model is down: its inference server cannot be reached.", message, fields };
