@@ -9,9 +9,8 @@ engine's health.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 
 from services.adapter.chat_template import ChatTemplate
@@ -217,8 +216,7 @@ class AdapterCore:
     def _deadline(self, timeout: float | None) -> float | None:
         return timeout if timeout is not None else self._default_timeout
 
-    @contextlib.contextmanager
-    def _slot(self) -> Iterator[None]:
+    def _slot(self) -> _Slot:
         if self._in_flight >= self._max_concurrency:
             raise MeshError(
                 Reason.OVERLOADED,
@@ -227,11 +225,7 @@ class AdapterCore:
                 metadata={"model_id": self.spec.id, "limit": str(self._max_concurrency)},
                 retry_after=1.0,
             )
-        self._in_flight += 1
-        try:
-            yield
-        finally:
-            self._in_flight -= 1
+        return _Slot(self)
 
     def _finish(self, result: EngineResult) -> Generation:
         self._metrics.record_tokens(self.spec.id, result.input_tokens, result.generated_tokens)
@@ -243,3 +237,18 @@ class AdapterCore:
             input_tokens=result.input_tokens,
             finish_reason=result.finish_reason,
         )
+
+
+class _Slot:
+    """One of the adapter's concurrent requests, while entered."""
+
+    __slots__ = ("core",)
+
+    def __init__(self, core: AdapterCore) -> None:
+        self.core = core
+
+    def __enter__(self) -> None:
+        self.core._in_flight += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self.core._in_flight -= 1

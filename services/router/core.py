@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 from services.common.errors import FieldViolation, MeshError, Reason, clip, invalid
 from services.common.metrics import UNKNOWN_MODEL, Metrics
@@ -23,6 +23,23 @@ from services.router.replica import Replica
 from services.router.scenarios import DEFAULT_SCENARIO, Scenarios
 
 log = logging.getLogger("llmmesh.router")
+
+
+class Counted:
+    """Counts one under `key` in `counts` while entered (a context manager
+    without a generator: one is entered for every request)."""
+
+    __slots__ = ("counts", "key")
+
+    def __init__(self, counts: dict[str, int], key: str) -> None:
+        self.counts = counts
+        self.key = key
+
+    def __enter__(self) -> None:
+        self.counts[self.key] += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self.counts[self.key] -= 1
 
 # Seconds a request may wait for a just-started router's first health round.
 FIRST_CHECK_WAIT = 3.0
@@ -223,8 +240,8 @@ class RouterCore:
         )
         return True
 
-    @contextlib.contextmanager
-    def _admit(self, spec: ModelSpec) -> Iterator[None]:
+    def _admit(self, spec: ModelSpec) -> Counted:
+        """The request counted against the model's bound while it runs."""
         if self._in_flight[spec.id] >= self._max_in_flight:
             raise MeshError(
                 Reason.OVERLOADED,
@@ -233,11 +250,7 @@ class RouterCore:
                 metadata={"model_id": spec.id, "limit": str(self._max_in_flight)},
                 retry_after=1.0,
             )
-        self._in_flight[spec.id] += 1
-        try:
-            yield
-        finally:
-            self._in_flight[spec.id] -= 1
+        return Counted(self._in_flight, spec.id)
 
     def _deadline(self, timeout: float | None) -> float | None:
         return timeout if timeout is not None else self._default_timeout

@@ -8,9 +8,8 @@ in-band on a stream) into a MeshError, so the core never sees the transport.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -79,13 +78,9 @@ class Replica:
         self.load = load
         self.in_flight_at_report = self.in_flight
 
-    @contextlib.contextmanager
-    def track(self) -> Iterator[None]:
-        self.in_flight += 1
-        try:
-            yield
-        finally:
-            self.in_flight -= 1
+    def track(self) -> _Tracked:
+        """Counts a request in `in_flight` while entered."""
+        return _Tracked(self)
 
     async def generate(self, request: GenerationRequest, timeout: float | None) -> Generation:
         message = pb_convert.request_to_pb(request, pb.GenerateRequest)
@@ -132,3 +127,16 @@ class Replica:
 
     async def close(self, grace: float | None = None) -> None:
         await self.channel.close(grace=grace)
+
+
+class _Tracked:
+    __slots__ = ("replica",)
+
+    def __init__(self, replica: Replica) -> None:
+        self.replica = replica
+
+    def __enter__(self) -> None:
+        self.replica.in_flight += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self.replica.in_flight -= 1
