@@ -199,3 +199,32 @@ async def test_stop_lets_open_streams_finish_and_refuses_new_connections(face):
     await stopping
     with pytest.raises(openai.APIConnectionError):
         await client.models.list()
+
+
+async def test_n_choices_are_seeded_requests_of_their_own(face):
+    backend = FakeBackend()
+    client, _, router, _ = await face(backend)
+    reply = await client.chat.completions.create(model="qwen2", messages=USER, n=3, seed=7,
+                                                 temperature=0.5)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    assert sorted(p.seed for p in backend.params) == [7, 8, 9]
+    assert reply.usage.completion_tokens == 15 and reply.usage.prompt_tokens == 7
+    labels = {"model": "qwen2", "scenario": "chat", "method": "Generate", "code": "OK"}
+    assert sample(router, "llmmesh_requests_total", **labels) == 1
+    assert sample(router, "llmmesh_output_tokens_total", model="qwen2") == 15
+
+
+async def test_a_choice_refused_refuses_the_request_and_stops_the_others(face):
+    backend = FakeBackend(words=["w "] * 100, delay=0.05)
+    client, adapter, _, _ = await face(backend, max_in_flight=2)
+    with pytest.raises(openai.RateLimitError):
+        stream = await client.chat.completions.create(model="qwen2", messages=USER, n=3,
+                                                      stream=True, max_tokens=100)
+        async for _ in stream:
+            pass
+    # The admitted choices would generate for 5 s; they are stopped at once.
+    for _ in range(40):
+        if adapter.core._in_flight == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert adapter.core._in_flight == 0
