@@ -12,8 +12,10 @@ deterministically, and faults can be switched on at run time.
 
 Reply: the content of the last user turn of a ChatML or Llama 3 prompt
 (or the whole prompt when it has no such turn), one token per word, then an
-EOS token. `max_new_tokens` and stop sequences apply as in TGI. A fixed
-reply can be set with `--reply` or `/_control`.
+EOS token. Each word's logprob is `piece_logprob(word)`, and its
+`top_n_tokens` alternatives are `alternatives(word, n)`. `max_new_tokens`
+and stop sequences apply as in TGI. A fixed reply can be set with `--reply`
+or `/_control`.
 
 Run as a process:
     python -m tools.tgi_double --port 8090 [--model-id NAME]
@@ -176,6 +178,21 @@ def _piece_id(piece: str) -> int:
     return max(zlib.crc32(piece.encode("utf-8")), 3)
 
 
+def piece_logprob(piece: str) -> float:
+    """The logprob the double gives a word: from -0.001 to -0.997, stable."""
+    return -((zlib.crc32(piece.encode("utf-8")) % 997) + 1) / 1000
+
+
+def alternatives(piece: str, n: int) -> tuple[Token, ...]:
+    """The double's `top_tokens` for a word: the word itself (the most likely),
+    then `word~1`, `word~2`, ... each one less likely by 1."""
+    texts = [piece] + [f"{piece}~{k}" for k in range(1, n)]
+    return tuple(
+        Token(id=_piece_id(t), text=t, logprob=piece_logprob(piece) - k, special=False)
+        for k, t in enumerate(texts[:n])
+    )
+
+
 def scripted_reply(prompt: str) -> str:
     """The echo the double answers with: the last user turn, else the prompt."""
     for pattern in (_CHATML_USER, _LLAMA3_USER):
@@ -293,7 +310,8 @@ class ScriptedEngine:
                 piece = words[i]
                 token_id = _piece_id(piece)
                 self._pieces[token_id] = piece
-                yield Token(id=token_id, text=piece, logprob=-0.5, special=False)
+                yield Token(id=token_id, text=piece, logprob=piece_logprob(piece), special=False,
+                            top_tokens=alternatives(piece, params.top_n_tokens))
             outcome = "completed"
         except GeneratorExit:
             # aclose() from the server before the end: a stop sequence matched.

@@ -57,7 +57,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tools.tgi_double import scripted_reply
+from tools.tgi_double import alternatives, piece_logprob, scripted_reply
 
 _WORD = re.compile(r"\s*\S+")
 
@@ -190,8 +190,38 @@ async def generate(request: web.Request) -> web.StreamResponse:
         s.slots.release()
 
 
-def _choice(chat: bool, text: str, finish: str | None, stop: str | None, stream: bool) -> dict:
-    out: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish,
+def _logprobs(chat: bool, pieces: list[str], top: int, offset: int) -> dict[str, Any]:
+    """vLLM's logprobs of `pieces` (the double's own values, as the TGI double's):
+    chat's `content`, or the completions API's lists (each position's
+    `top_logprobs` holds the sampled token and `top` alternatives)."""
+    if chat:
+        def entry(text: str, logprob: float) -> dict[str, Any]:
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+        return {"content": [
+            {**entry(p, piece_logprob(p)),
+             "top_logprobs": [entry(t.text, t.logprob or 0.0) for t in alternatives(p, top)]}
+            for p in pieces]}
+    offsets = []
+    for p in pieces:
+        offsets.append(offset)
+        offset += len(p)
+    return {"tokens": pieces, "token_logprobs": [piece_logprob(p) for p in pieces],
+            "top_logprobs": [{t.text: t.logprob for t in alternatives(p, max(top, 1))}
+                             for p in pieces],
+            "text_offset": offsets}
+
+
+def _wanted(chat: bool, body: dict[str, Any]) -> int | None:
+    """Alternatives asked for when logprobs are (None: not asked)."""
+    if chat:
+        return int(body.get("top_logprobs") or 0) if body.get("logprobs") else None
+    value = body.get("logprobs")
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _choice(chat: bool, text: str, finish: str | None, stop: str | None, stream: bool,
+            logprobs: dict[str, Any] | None = None) -> dict:
+    out: dict[str, Any] = {"index": 0, "logprobs": logprobs, "finish_reason": finish,
                            "stop_reason": stop}
     if chat:
         out["delta" if stream else "message"] = {"role": "assistant", "content": text}
@@ -208,6 +238,8 @@ async def _run(request: web.Request, s: State, chat: bool, stream: bool, rid: st
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
     text, finish, stop_reason, n = "", "length", None, 0
+    top = _wanted(chat, body)
+    pieces: list[str] = []
     for i in range(max_tokens):
         if s.mode in ("error_midstream", "die_midstream", "hang") and i == s.after_tokens \
                 and resp is not None:
@@ -232,19 +264,24 @@ async def _run(request: web.Request, s: State, chat: bool, stream: bool, rid: st
         if hit is not None:
             finish, stop_reason = "stop", hit
             break
+        offset = len(text)
         text += piece
         n += 1
+        pieces.append(piece)
         if resp is not None:
+            logprobs = _logprobs(chat, [piece], top, offset) if top is not None else None
             chunk = {"id": rid, "object": f"{kind}.chunk" if chat else kind,
                      "created": int(time.time()), "model": s.model,
-                     "choices": [_choice(chat, piece, None, None, True)]}
+                     "choices": [_choice(chat, piece, None, None, True, logprobs)]}
             await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
     usage = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + n,
              "completion_tokens": n}
     if resp is None:
         return web.json_response({
             "id": rid, "object": kind, "created": int(time.time()), "model": s.model,
-            "choices": [_choice(chat, text, finish, stop_reason, False)], "usage": usage})
+            "choices": [_choice(chat, text, finish, stop_reason, False,
+                                _logprobs(chat, pieces, top, 0) if top is not None else None)],
+            "usage": usage})
     last = {"id": rid, "object": f"{kind}.chunk" if chat else kind, "created": int(time.time()),
             "model": s.model, "choices": [_choice(chat, "", finish, stop_reason, True)]}
     await resp.write(f"data: {json.dumps(last)}\n\n".encode())

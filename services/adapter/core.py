@@ -175,8 +175,8 @@ class AdapterCore:
                 async for event in events:
                     if isinstance(event, EngineToken):
                         tokens += event.count
-                        if event.text:
-                            yield Chunk(event.text, tokens)
+                        if event.text or event.logprobs:
+                            yield Chunk(event.text, tokens, event.logprobs)
                     else:
                         yield self._finish(event)
             finally:
@@ -243,6 +243,7 @@ class AdapterCore:
             tokens=result.generated_tokens,
             input_tokens=result.input_tokens,
             finish_reason=result.finish_reason,
+            logprobs=result.logprobs,
         )
 
 

@@ -72,9 +72,10 @@ KINDS: Mapping[str, EngineKind] = {
         # /metrics only from a llama-server started with --metrics.
         EngineKind("llamacpp", "openai", "llama.cpp's llama-server or llama-cpp-python",
                    {"repetition_penalty": "repeat_penalty"}, json_grammar="gbnf"),
-        # Ollama's OpenAI compatibility layer: OpenAI's fields only, and no
-        # structured output on /v1/completions.
-        EngineKind("ollama", "openai", "Ollama's OpenAI compatibility layer", _NO_EXTRAS,
+        # Ollama's OpenAI compatibility layer: OpenAI's fields only, no
+        # structured output on /v1/completions, and no logprobs.
+        EngineKind("ollama", "openai", "Ollama's OpenAI compatibility layer",
+                   {**_NO_EXTRAS, "logprobs": None, "top_logprobs": None},
                    json_grammar=None, metrics=False),
     )
 }

@@ -91,6 +91,15 @@ def _max_new_tokens(value: int, limits: Limits) -> str | None:
     return f"must be between 1 and {limits.max_new_tokens}, got {value}"
 
 
+MAX_TOP_LOGPROBS = 20
+
+
+def _top_logprobs(value: int, limits: Limits) -> str | None:
+    if 0 <= value <= MAX_TOP_LOGPROBS:
+        return None
+    return f"must be from 0 to {MAX_TOP_LOGPROBS}, got {value}"
+
+
 def _stop(value: tuple[str, ...], limits: Limits) -> str | None:
     if len(value) > limits.max_stop_sequences:
         return f"at most {limits.max_stop_sequences} stop sequences, got {len(value)}"
@@ -159,6 +168,14 @@ PARAMS: tuple[Param, ...] = (
     Param("presence_penalty", _penalty,
           openai=OpenAIField("presence_penalty", low=-2, high=2),
           engine="presence_penalty", tgi=None, span="gen_ai.request.presence_penalty"),
+    # Per-token logprobs: TGI's `details` carry them. The OpenAI face reads
+    # `logprobs` itself: a boolean on chat, the number of alternatives on
+    # completions (requests.py). Engines the kind marks as unable refuse it.
+    Param("logprobs", None, engine="logprobs", tgi="details"),
+    # Alternatives per token (implies logprobs): TGI's `top_n_tokens`.
+    Param("top_logprobs", _top_logprobs,
+          openai=OpenAIField("top_logprobs", integer=True, low=0, high=MAX_TOP_LOGPROBS),
+          engine="top_logprobs", tgi="top_n_tokens"),
 )
 
 BY_NAME: Mapping[str, Param] = {p.name: p for p in PARAMS}

@@ -27,6 +27,7 @@ from services.common.types import (
     ModelInfo,
     Parameters,
     ResumePolicy,
+    TokenLogprob,
 )
 
 _FINISH_TO_PB = {
@@ -143,6 +144,24 @@ _RESUME_TO_PB = {
 _RESUME_FROM_PB = {v: k for k, v in _RESUME_TO_PB.items()}
 
 
+def logprob_to_pb(t: TokenLogprob) -> pb.TokenLogprob:
+    out = pb.TokenLogprob(
+        token=t.token, logprob=t.logprob, top_logprobs=[logprob_to_pb(a) for a in t.top]
+    )
+    if t.bytes is not None:
+        out.token_bytes = bytes(t.bytes)
+    return out
+
+
+def logprob_from_pb(m: pb.TokenLogprob) -> TokenLogprob:
+    return TokenLogprob(
+        token=m.token,
+        logprob=m.logprob,
+        bytes=tuple(m.token_bytes) if m.HasField("token_bytes") else None,
+        top=tuple(logprob_from_pb(a) for a in m.top_logprobs),
+    )
+
+
 def generation_to_pb(g: Generation) -> pb.GenerateResponse:
     return pb.GenerateResponse(
         generated_text=g.text,
@@ -151,6 +170,7 @@ def generation_to_pb(g: Generation) -> pb.GenerateResponse:
         tokens=g.tokens,
         input_tokens=g.input_tokens,
         finish_reason=_FINISH_TO_PB[g.finish_reason],
+        logprobs=[logprob_to_pb(t) for t in g.logprobs],
     )
 
 
@@ -162,10 +182,15 @@ def generation_from_pb(r: pb.GenerateResponse) -> Generation:
         tokens=r.tokens,
         input_tokens=r.input_tokens,
         finish_reason=_FINISH_FROM_PB.get(r.finish_reason, FinishReason.UNSPECIFIED),
+        logprobs=tuple(logprob_from_pb(t) for t in r.logprobs),
     )
 
 
 def chunk_to_pb(c: Chunk) -> pb.GenerateStreamResponse:
+    if c.logprobs:
+        return pb.GenerateStreamResponse(
+            text=c.text, tokens=c.tokens, logprobs=[logprob_to_pb(t) for t in c.logprobs]
+        )
     return pb.GenerateStreamResponse(text=c.text, tokens=c.tokens)
 
 
@@ -198,7 +223,8 @@ def stream_error_from_pb(e: pb.StreamError) -> MeshError:
 def stream_event_from_pb(m: pb.GenerateStreamResponse) -> Chunk | Generation | MeshError:
     """Decode one stream message: a chunk, the final result, or an in-band error."""
     if m.finish_reason == pb.FINISH_REASON_UNSPECIFIED:
-        return Chunk(text=m.text, tokens=m.tokens)
+        return Chunk(text=m.text, tokens=m.tokens,
+                     logprobs=tuple(logprob_from_pb(t) for t in m.logprobs))
     if m.finish_reason == pb.FINISH_REASON_ERROR:
         return stream_error_from_pb(m.error)
     return Generation(

@@ -58,6 +58,20 @@ class Grammar:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability, with the most likely tokens at
+    its step (`top`, most likely first; each with an empty `top`).
+
+    `bytes` is the token's UTF-8 bytes, which say what a token that is only
+    part of a character holds (its `token` text cannot)."""
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...] | None = None
+    top: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
 class Parameters:
     """Generation parameters; None means "the model's default"."""
 
@@ -72,6 +86,9 @@ class Parameters:
     grammar: Grammar | None = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
+    # Return each generated token's logprob (and `top_logprobs` alternatives).
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
 
     def with_defaults(self, defaults: Parameters) -> Parameters:
         """Fill every unset field (None, or no stop sequences) from `defaults`."""
@@ -88,6 +105,11 @@ class Parameters:
         if self.do_sample is not None:
             return self.do_sample
         return any(v is not None for v in (self.temperature, self.top_p, self.top_k))
+
+    @property
+    def wants_logprobs(self) -> bool:
+        """Whether the reply carries logprobs: asked for, or alternatives asked for."""
+        return bool(self.logprobs) or bool(self.top_logprobs)
 
 
 _PARAMETER_NAMES = tuple(f.name for f in fields(Parameters))
@@ -127,6 +149,8 @@ class Generation:
     finish_reason: FinishReason
     # How many times a stream continued on another replica (the router's).
     resumes: int = 0
+    # Each generated token's logprob, when the request asked for them.
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -135,6 +159,8 @@ class Chunk:
 
     text: str
     tokens: int
+    # The logprobs of this chunk's tokens, when the request asked for them.
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -25,9 +25,10 @@ from services.common.auth import ApiKeys
 from services.common.call_record import CallRecord
 from services.common.errors import FieldViolation, MeshError, Reason, invalid
 from services.common.metrics import Metrics
+from services.common.parameters import MAX_SEED
 from services.common.request_context import RequestContext
 from services.common.servicer import GenerationCore
-from services.common.types import RAW_SCENARIO, Chunk, Generation
+from services.common.types import RAW_SCENARIO, Chunk, Generation, GenerationRequest
 from services.common.validation import RESUME_HEADER, resume_policy
 from services.openai import responses
 from services.openai.errors import error_reply
@@ -63,6 +64,25 @@ class OpenAISettings:
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def choice_requests(parsed: OpenAIRequest) -> list[GenerationRequest]:
+    """One generation per choice (`n`): the same request, a seeded one with
+    seed, seed+1, ... so that its choices differ and each can be reproduced."""
+    request = parsed.generation
+    seed = request.parameters.seed
+    if parsed.n == 1 or seed is None:
+        return [request] * parsed.n
+    return [
+        request.evolve(parameters=replace(request.parameters, seed=(seed + i) % (MAX_SEED + 1)))
+        for i in range(parsed.n)
+    ]
+
+
+def _top(parsed: OpenAIRequest) -> int | None:
+    """Alternatives per token when the request asked for logprobs, else None."""
+    params = parsed.generation.parameters
+    return (params.top_logprobs or 0) if params.wants_logprobs else None
 
 
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -250,9 +270,7 @@ class OpenAIFace:
                 )
             if parsed.stream:
                 return await self._stream(request, parsed, call, resolved)
-            result = await self._core.generate(
-                parsed.generation, self._settings.request_timeout, resolved
-            )
+            results = await self._generate_choices(parsed, resolved)
         except MeshError as exc:
             call.finish(exc.code, reason=exc.reason, message=exc.message)
             return self._error(exc, parsed)
@@ -266,10 +284,28 @@ class OpenAIFace:
             return web.Response(status=499)
         except Exception as exc:
             return self._unexpected(call, exc)
-        call.finish("OK", tokens=result.tokens)
-        return _json(responses.completion(
-            kind, result, id=responses.new_id(kind), created=int(time.time())
+        call.finish("OK", tokens=sum(r.tokens for r in results))
+        return _json(responses.completions(
+            kind, results, id=responses.new_id(kind), created=int(time.time()),
+            top=_top(parsed),
         ))
+
+    async def _generate_choices(
+        self, parsed: OpenAIRequest, resolved: RequestContext
+    ) -> list[Generation]:
+        """The choices of a request, generated concurrently; the first failure
+        (or the client leaving) cancels the others."""
+        timeout = self._settings.request_timeout
+        tasks = [
+            asyncio.ensure_future(self._core.generate(r, timeout, resolved))
+            for r in choice_requests(parsed)
+        ]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _stream(
         self, request: web.Request, parsed: OpenAIRequest, call: CallRecord,
@@ -277,58 +313,72 @@ class OpenAIFace:
     ) -> web.StreamResponse:
         """Server-Sent Events. An error before the first event is a real HTTP
         status (raised to the caller); after it, an error event the SDKs raise."""
-        events = self._core.generate_stream(
-            parsed.generation, self._settings.request_timeout, resolved)
+        streams = [
+            self._core.generate_stream(r, self._settings.request_timeout, resolved)
+            for r in choice_requests(parsed)
+        ]
+        merged = _merge(streams)
         try:
             # The first event proves the request valid, admitted and generating.
-            event = await anext(events)
+            index, event = await anext(merged)
             shapes = responses.ChunkShapes(parsed.kind, resolved.model_label,
-                                           parsed.include_usage)
+                                           parsed.include_usage, _top(parsed))
             out = SseWriter(request)
             await out.start()
-            await self._relay(events, event, shapes, out, call)
+            await self._relay(merged, index, event, shapes, out, call, len(streams))
             return out.response
         finally:
-            # Stops the generation behind it when the client has gone.
-            close = getattr(events, "aclose", None)
-            if close is not None:
-                await close()
+            # Stops the generations behind it when the client has gone.
+            await merged.aclose()
 
     async def _relay(
         self,
-        events: AsyncIterator[Chunk | Generation],
+        events: AsyncIterator[tuple[int, Chunk | Generation]],
+        index: int,
         event: Chunk | Generation,
         shapes: responses.ChunkShapes,
         out: SseWriter,
         call: CallRecord,
+        n: int = 1,
     ) -> None:
-        sent = ""
+        """Relay the events of `n` choices (each tagged with its index) as chunks."""
+        sent = [""] * n
+        counts = [0] * n
+        first = [True] * n
+        results: list[Generation] = []
         tokens = 0
-        first = True
         try:
             while True:
                 if isinstance(event, Chunk):
-                    if event.text and not sent:
+                    if event.text and not any(sent):
                         call.first_token()
-                    sent += event.text
-                    tokens = event.tokens
-                    await out.send(shapes.first(event.text) if first else shapes.text(event.text))
-                    first = False
+                    offset = len(sent[index])
+                    sent[index] += event.text
+                    counts[index] = event.tokens
+                    tokens = sum(counts)
+                    await out.send(
+                        shapes.first(event.text, index, event.logprobs) if first[index]
+                        else shapes.text(event.text, index, event.logprobs, offset))
+                    first[index] = False
                 else:
                     # The final result repeats the whole text; anything the
                     # chunks did not carry goes out before the end.
-                    rest = event.text[len(sent):] if event.text.startswith(sent) else ""
-                    if first:
-                        await out.send(shapes.first(rest))
+                    done = sent[index]
+                    rest = event.text[len(done):] if event.text.startswith(done) else ""
+                    if first[index]:
+                        await out.send(shapes.first(rest, index))
                     elif rest:
-                        await out.send(shapes.text(rest))
-                    finals = [shapes.last(event)]
-                    if shapes.include_usage:
-                        finals.append(shapes.usage(event))
-                    await out.send(*finals, done=True)
-                    call.finish("OK", tokens=event.tokens)
-                    return
-                event = await anext(events)
+                        await out.send(shapes.text(rest, index))
+                    results.append(event)
+                    finals = [shapes.last(event, index)]
+                    if len(results) == n:
+                        if shapes.include_usage:
+                            finals.append(shapes.usage(results))
+                        await out.send(*finals, done=True)
+                        call.finish("OK", tokens=sum(r.tokens for r in results))
+                        return
+                    await out.send(*finals)
+                index, event = await anext(events)
         except StopAsyncIteration:
             error = MeshError(Reason.INCOMPLETE_GENERATION, "the stream ended without a result")
         except MeshError as exc:
@@ -346,3 +396,50 @@ class OpenAIFace:
         # The 200 is gone: the error is the stream's last event, which the SDKs raise.
         with contextlib.suppress(ConnectionResetError):
             await out.send(error_reply(error).body)
+
+
+async def _merge(
+    streams: list[AsyncIterator[Chunk | Generation]],
+) -> AsyncGenerator[tuple[int, Chunk | Generation], None]:
+    """The events of several streams as they come, each with its stream's
+    index; the first error ends them all, and closing this closes every one."""
+    if len(streams) == 1:
+        try:
+            async for event in streams[0]:
+                yield 0, event
+        finally:
+            close = getattr(streams[0], "aclose", None)
+            if close is not None:
+                await close()
+        return
+    queue: asyncio.Queue[tuple[int, Chunk | Generation | BaseException | None]] = (
+        asyncio.Queue()
+    )
+
+    async def pump(i: int, events: AsyncIterator[Chunk | Generation]) -> None:
+        try:
+            async for event in events:
+                await queue.put((i, event))
+            await queue.put((i, None))
+        except Exception as exc:
+            await queue.put((i, exc))
+        finally:
+            close = getattr(events, "aclose", None)
+            if close is not None:
+                await close()
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            i, item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

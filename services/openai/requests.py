@@ -17,10 +17,13 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from services.common.errors import FieldViolation, MeshError, Reason, clip, invalid
-from services.common.parameters import PARAMS
+from services.common.parameters import MAX_TOP_LOGPROBS, PARAMS
 from services.common.types import RAW_SCENARIO, GenerationRequest, Grammar, Message, Parameters
 
 Kind = Literal["chat", "completion"]
+
+# Choices per request (`n`): each one a generation of its own.
+MAX_CHOICES = 8
 
 # OpenAI's `developer` role is the newer name of `system`.
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -36,7 +39,7 @@ IGNORED = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool
 # nothing (null, false, 0, empty, or the listed neutral values).
 _NEUTRAL: Mapping[str, tuple[object, ...]] = {
     "tools": (), "tool_choice": ("none",), "functions": (), "function_call": ("none",),
-    "logprobs": (), "top_logprobs": (), "logit_bias": (), "modalities": (["text"],),
+    "logit_bias": (), "modalities": (["text"],),
     "audio": (), "prediction": (), "reasoning_effort": (), "web_search_options": (),
     # completions only
     "echo": (), "suffix": (), "best_of": (1,),
@@ -71,6 +74,8 @@ class OpenAIRequest:
     include_usage: bool = False
     # Which of `max_completion_tokens` / `max_tokens` the client sent.
     max_tokens_field: str = "max_tokens"
+    # How many choices to generate (`n`).
+    n: int = 1
 
     def param_of(self, field: str) -> str | None:
         """OpenAI's name for a field of the mesh's request (`param` of an error)."""
@@ -94,6 +99,8 @@ def param_of(field: str, kind: Kind = "chat", max_tokens_field: str = "max_token
             return "response_format"
         if name == "do_sample":
             return "temperature"
+        if name == "top_logprobs" and kind == "completion":
+            return "logprobs"  # the legacy API's count of alternatives
         return name
     return field
 
@@ -101,8 +108,9 @@ def param_of(field: str, kind: Kind = "chat", max_tokens_field: str = "max_token
 class _Reader:
     """Reads fields of one body, collecting every problem before failing."""
 
-    def __init__(self, body: Mapping[str, Any]) -> None:
+    def __init__(self, body: Mapping[str, Any], kind: Kind = "chat") -> None:
         self.body = body
+        self.kind = kind
         self.bad: list[FieldViolation] = []
 
     def fail(self, field: str, description: str) -> None:
@@ -254,9 +262,7 @@ def _parameters(r: _Reader) -> tuple[Parameters, str]:
     temperature, top_p, top_k = values["temperature"], values["top_p"], values["top_k"]
     if top_p == 0:
         r.fail("top_p", "must be greater than 0 (temperature 0 asks for greedy decoding)")
-    n = r.integer("n")
-    if n is not None and n != 1:
-        r.fail("n", f"only 1 choice per request is supported, got {n}")
+    logprobs, top_logprobs = _logprobs(r, values["top_logprobs"])
     greedy = temperature == 0
     params = Parameters(
         max_new_tokens=values["max_new_tokens"],
@@ -272,8 +278,33 @@ def _parameters(r: _Reader) -> tuple[Parameters, str]:
         grammar=_grammar(r),
         frequency_penalty=values["frequency_penalty"] or None,
         presence_penalty=values["presence_penalty"] or None,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
     )
     return params, max_field
+
+
+def _logprobs(r: _Reader, top: int | None) -> tuple[bool | None, int | None]:
+    """Chat: `logprobs` true, and `top_logprobs` alternatives (which need it).
+    Completions: `logprobs` is the count of alternatives (0 for none)."""
+    if r.kind == "completion":
+        count = r.integer("logprobs", 0, MAX_TOP_LOGPROBS)
+        return (True, count or None) if count is not None else (None, None)
+    wanted = r.boolean("logprobs")
+    if top and not wanted:
+        r.fail("top_logprobs", "requires logprobs: true")
+    return (True, top or None) if wanted else (None, None)
+
+
+def _choices(r: _Reader) -> int:
+    """`n`: from 1 to MAX_CHOICES choices, and not with `best_of`."""
+    n = r.integer("n", 1, MAX_CHOICES)
+    if n is None:
+        return 1
+    best_of = r.get("best_of")
+    if n > 1 and best_of not in (None, 1):
+        r.fail("n", "cannot be combined with best_of")
+    return n
 
 
 def _stream(r: _Reader) -> tuple[bool, bool]:
@@ -361,11 +392,12 @@ def _prompt(r: _Reader) -> str:
 def _parse(body: Any, kind: Kind, text: Callable[[_Reader], dict[str, Any]]) -> OpenAIRequest:
     if not isinstance(body, dict):
         raise invalid([FieldViolation("body", "must be a JSON object")])
-    r = _Reader(body)
+    r = _Reader(body, kind)
     _check_fields(r, kind)
     model = _model(r)
     fields = text(r)
     params, max_field = _parameters(r)
+    n = _choices(r)
     stream, include_usage = _stream(r)
     if r.bad:
         raise invalid(r.bad)
@@ -375,6 +407,7 @@ def _parse(body: Any, kind: Kind, text: Callable[[_Reader], dict[str, Any]]) -> 
         stream=stream,
         include_usage=include_usage,
         max_tokens_field=max_field,
+        n=n,
     )
 
 

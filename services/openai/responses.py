@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Sequence
 from typing import Any
 
-from services.common.types import FinishReason, Generation, ModelInfo
+from services.common.types import FinishReason, Generation, ModelInfo, TokenLogprob
 from services.openai.requests import Kind
 
 OWNER = "llmmesh"
@@ -30,15 +31,52 @@ def new_id(kind: Kind) -> str:
     return f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{secrets.token_hex(12)}"
 
 
-def usage(result: Generation) -> dict[str, int]:
+def usage(result: Generation | Sequence[Generation]) -> dict[str, int]:
+    """Token counts; over several choices, the completion tokens summed and the
+    prompt counted once, as OpenAI counts them."""
+    results = [result] if isinstance(result, Generation) else list(result)
+    prompt = max((r.input_tokens for r in results), default=0)
+    generated = sum(r.tokens for r in results)
     return {
-        "prompt_tokens": result.input_tokens,
-        "completion_tokens": result.tokens,
-        "total_tokens": result.input_tokens + result.tokens,
+        "prompt_tokens": prompt,
+        "completion_tokens": generated,
+        "total_tokens": prompt + generated,
     }
 
 
-def completion(kind: Kind, result: Generation, *, id: str, created: int) -> dict[str, Any]:
+def _token(t: TokenLogprob) -> dict[str, Any]:
+    return {"token": t.token, "logprob": t.logprob,
+            "bytes": list(t.bytes) if t.bytes is not None else None}
+
+
+def logprobs(
+    kind: Kind, tokens: Sequence[TokenLogprob], top: int, offset: int = 0
+) -> dict[str, Any]:
+    """A choice's `logprobs`: chat's `content` list, or the legacy
+    `tokens` / `token_logprobs` / `top_logprobs` / `text_offset` (offsets
+    into the generated text, from `offset`; `top_logprobs` null when no
+    alternatives were asked for)."""
+    if kind == "chat":
+        return {
+            "content": [{**_token(t), "top_logprobs": [_token(a) for a in t.top]}
+                        for t in tokens],
+            "refusal": None,
+        }
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t.token)
+    return {
+        "tokens": [t.token for t in tokens],
+        "token_logprobs": [t.logprob for t in tokens],
+        "top_logprobs": [{a.token: a.logprob for a in t.top} for t in tokens] if top else None,
+        "text_offset": offsets,
+    }
+
+
+def completion(
+    kind: Kind, result: Generation, *, id: str, created: int, top: int | None = None
+) -> dict[str, Any]:
     """A whole answer: `chat.completion` or `text_completion`."""
     finish = FINISH.get(result.finish_reason, "stop")
     choice: dict[str, Any]
@@ -47,6 +85,8 @@ def completion(kind: Kind, result: Generation, *, id: str, created: int) -> dict
                   "logprobs": None, "finish_reason": finish}
     else:
         choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": finish}
+    if top is not None:
+        choice["logprobs"] = logprobs(kind, result.logprobs, top)
     return {
         "id": id,
         "object": "chat.completion" if kind == "chat" else "text_completion",
@@ -57,11 +97,29 @@ def completion(kind: Kind, result: Generation, *, id: str, created: int) -> dict
     }
 
 
+def completions(
+    kind: Kind, results: Sequence[Generation], *, id: str, created: int,
+    top: int | None = None,
+) -> dict[str, Any]:
+    """A whole answer of several choices (`n`), indexed in order."""
+    out = completion(kind, results[0], id=id, created=created, top=top)
+    out["choices"] = [
+        {**completion(kind, r, id=id, created=created, top=top)["choices"][0], "index": i}
+        for i, r in enumerate(results)
+    ]
+    out["usage"] = usage(results)
+    return out
+
+
 class ChunkShapes:
     """The events of one stream: same id, model and time on every chunk."""
 
-    def __init__(self, kind: Kind, model: str, include_usage: bool) -> None:
+    def __init__(
+        self, kind: Kind, model: str, include_usage: bool, top: int | None = None
+    ) -> None:
         self.kind = kind
+        # Alternatives per token when logprobs were asked for (None: not asked).
+        self.top = top
         self.id = new_id(kind)
         self.created = int(time.time())
         self.model = model
@@ -79,33 +137,42 @@ class ChunkShapes:
             out["usage"] = None
         return out
 
-    def _choice(self, text: str | None, finish: str | None, role: bool = False) -> dict[str, Any]:
+    def _choice(self, text: str | None, finish: str | None, role: bool = False,
+                index: int = 0, tokens: Sequence[TokenLogprob] = (),
+                offset: int = 0) -> dict[str, Any]:
+        shown = logprobs(self.kind, tokens, self.top, offset) if self.top is not None and (
+            tokens) else None
         if self.kind == "chat":
             delta: dict[str, Any] = {}
             if role:
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
-            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return {"index": index, "delta": delta, "logprobs": shown, "finish_reason": finish}
+        return {"index": index, "text": text or "", "logprobs": shown, "finish_reason": finish}
 
-    def first(self, text: str) -> dict[str, Any]:
-        """The first chunk; in a chat it carries the role."""
-        return self._chunk([self._choice(text, None, role=True)])
+    def first(self, text: str, index: int = 0,
+              tokens: Sequence[TokenLogprob] = ()) -> dict[str, Any]:
+        """The first chunk (of a choice); in a chat it carries the role."""
+        return self._chunk([self._choice(text, None, role=True, index=index, tokens=tokens)])
 
-    def text(self, text: str) -> dict[str, Any]:
-        return self._chunk([self._choice(text, None)])
+    def text(self, text: str, index: int = 0, tokens: Sequence[TokenLogprob] = (),
+             offset: int = 0) -> dict[str, Any]:
+        """More text of a choice; `offset`: its characters sent before."""
+        return self._chunk([self._choice(text, None, index=index, tokens=tokens,
+                                         offset=offset)])
 
-    def last(self, result: Generation) -> dict[str, Any]:
+    def last(self, result: Generation, index: int = 0) -> dict[str, Any]:
         """The chunk with the finish reason (and no new text)."""
         finish = FINISH.get(result.finish_reason, "stop")
-        out = self._chunk([self._choice(None if self.kind == "chat" else "", finish)])
+        out = self._chunk([self._choice(None if self.kind == "chat" else "", finish,
+                                        index=index)])
         if result.resumes:
             # The mesh's own field: the stream continued on another replica.
             out["resumes"] = result.resumes
         return out
 
-    def usage(self, result: Generation) -> dict[str, Any]:
+    def usage(self, result: Generation | Sequence[Generation]) -> dict[str, Any]:
         """The extra chunk of `stream_options.include_usage`: no choices."""
         out = self._chunk([])
         out["usage"] = usage(result)

@@ -278,3 +278,46 @@ async def test_a_client_that_leaves_a_unary_request_cancels_the_generation(face)
             break
         await asyncio.sleep(0.05)
     assert sample(router, "llmmesh_requests_total", **labels) == 1
+
+
+async def test_n_choices_are_seeded_requests_of_their_own(face):
+    backend = FakeBackend()
+    client, _, router, _ = await face(backend)
+    reply = await client.chat.completions.create(model="qwen2", messages=USER, n=3, seed=7,
+                                                 temperature=0.5)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    assert sorted(p.seed for p in backend.params) == [7, 8, 9]
+    assert reply.usage.completion_tokens == 15 and reply.usage.prompt_tokens == 7
+    labels = {"model": "qwen2", "scenario": "chat", "method": "Generate", "code": "OK"}
+    assert sample(router, "llmmesh_requests_total", **labels) == 1
+    assert sample(router, "llmmesh_output_tokens_total", model="qwen2") == 15
+
+
+class _ThirdFails(FakeBackend):
+    """Generates slowly; the third stream it is asked for fails at once."""
+
+    async def generate_stream(self, prompt, params, timeout):
+        if len(self.prompts) == 2:
+            self.prompts.append(prompt)
+            await asyncio.sleep(0.2)
+            raise MeshError(Reason.MODEL_ERROR, "choice failed")
+        async for event in super().generate_stream(prompt, params, timeout):
+            yield event
+
+
+async def test_a_failing_choice_ends_the_stream_and_stops_the_others(face):
+    backend = _ThirdFails(words=["w "] * 100, delay=0.05)
+    client, adapter, _, _ = await face(backend)
+    stream = await client.chat.completions.create(model="qwen2", messages=USER, n=3,
+                                                  stream=True, max_tokens=100)
+    indexes = set()
+    with pytest.raises(openai.APIError, match="choice failed"):
+        async for chunk in stream:
+            indexes.update(c.index for c in chunk.choices)
+    assert len(indexes) == 2  # the two choices that generated
+    # They would generate for 5 s more: they are stopped instead.
+    for _ in range(40):
+        if backend.cancelled == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert backend.cancelled == 2 and adapter.core._in_flight == 0

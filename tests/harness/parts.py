@@ -222,7 +222,7 @@ def _all_ready(address: str, models: list[str]) -> Callable[[Part], None]:
 
 
 class EnvoyPart(Part):
-    def __init__(self, tmp: Path, router_port: int) -> None:
+    def __init__(self, tmp: Path, router_port: int, openai_port: int | None = None) -> None:
         sys.path.insert(0, str(ROOT / "envoy"))
         import render  # envoy/render.py
 
@@ -233,6 +233,9 @@ class EnvoyPart(Part):
         config = tmp / "envoy.yaml"
         config.write_text(render.render(
             LISTEN_PORT=self.port, ADMIN_PORT=self.admin, ROUTER_PORT=router_port,
+            # The router's OpenAI listener (its --openai-port), else a free
+            # port where nothing listens: never the default one.
+            OPENAI_PORT=openai_port or free_port(),
             DESCRIPTOR=ROOT / "gen" / "llmmesh.binpb"))
         super().__init__(
             "envoy",

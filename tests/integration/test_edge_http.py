@@ -125,6 +125,7 @@ def test_guide_curl_examples(mesh: Mesh, name: str) -> None:
         "input_tokens": reply["input_tokens"],
         "finish_reason": "FINISH_REASON_EOS_TOKEN",
         "model_id": request["model_id"],
+        "logprobs": [],  # unary replies carry every field; none asked for
     }
     assert reply["input_tokens"] > len(WORDS.findall(echo))  # the chat template's tokens too
 

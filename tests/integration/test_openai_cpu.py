@@ -97,3 +97,19 @@ def test_json_schema_answer_parses_and_validates(client: openai.OpenAI) -> None:
         model="llama3", temperature=0, max_tokens=48, messages=QUESTION,
         response_format={"type": "json_object"})
     assert isinstance(json.loads(reply.choices[0].message.content or ""), dict)
+
+
+def test_top_logprobs_from_the_cpu_backend(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model="qwen2", messages=QUESTION, temperature=0, max_tokens=12, logprobs=True,
+        top_logprobs=3)
+    choice = reply.choices[0]
+    content = choice.logprobs.content  # type: ignore[union-attr]
+    assert content and "".join(t.token for t in content) == choice.message.content
+    for token in content:
+        assert len(token.top_logprobs) == 3
+        best = token.top_logprobs[0]
+        # Greedy: the chosen token is the most likely one, and its logprob the max.
+        assert best.token == token.token
+        assert token.logprob == pytest.approx(max(a.logprob for a in token.top_logprobs))
+        assert all(a.logprob <= 0 for a in token.top_logprobs)

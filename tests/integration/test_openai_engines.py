@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import openai
 import pytest
 from llmmesh.v1 import generate_pb2 as pb
 
@@ -140,9 +141,11 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineMesh]:
                                     "--engine-url", f"{vllm.url}/v1"),
     }
     start_all(list(adapters.values()))
-    router = RouterPart(tmp, {m: [a.address] for m, a in adapters.items()})
+    openai_port = free_port()
+    router = RouterPart(tmp, {m: [a.address] for m, a in adapters.items()},
+                        "--openai-port", str(openai_port))
     router.start(60)
-    envoy = EnvoyPart(tmp, router.port)
+    envoy = EnvoyPart(tmp, router.port, openai_port)
     envoy.start(60)
     parts = [llama, vllm, *adapters.values(), router, envoy]
     try:
@@ -409,3 +412,35 @@ def test_router_sends_requests_away_from_a_replica_loaded_from_outside(tmp_path:
         for t in threads:
             t.join(30)
         stop_all(parts)
+
+
+def test_logprobs_and_n_from_vllm(mesh: EngineMesh) -> None:
+    """llama3's logprobs are the vLLM double's own (tools/vllm_double.py gives
+    each word the TGI double's values), read from vLLM's completions shape."""
+    from tools.tgi_double import alternatives, piece_logprob
+
+    client = openai.OpenAI(base_url=f"{mesh.http}/v1", api_key="none", max_retries=0,
+                           timeout=60)
+    words = ["Tea", " is", " a", " hot", " drink"]
+    user = [{"role": "user", "content": "".join(words)}]
+    reply = client.chat.completions.create(model="llama3", messages=user, logprobs=True,
+                                           top_logprobs=3, max_tokens=16)
+    content = reply.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert [(t.token, t.logprob) for t in content] == [(w, piece_logprob(w)) for w in words]
+    assert [[(a.token, a.logprob) for a in t.top_logprobs] for t in content] == [
+        [(a.text, a.logprob) for a in alternatives(w, 3)] for w in words]
+    assert mesh.vllm.stats()["last_body"]["logprobs"] == 3  # the completions route's count
+    streamed = [t for chunk in client.chat.completions.create(
+        model="llama3", messages=user, logprobs=True, max_tokens=16, stream=True)
+        for c in chunk.choices if c.logprobs is not None for t in c.logprobs.content or ()]
+    assert [(t.token, t.logprob) for t in streamed] == [(w, piece_logprob(w)) for w in words]
+
+    before = mesh.vllm.stats()["requests"]
+    several = client.completions.create(model="llama3", prompt="".join(words), n=3,
+                                        max_tokens=16, seed=5, temperature=0.5, logprobs=1)
+    assert [c.index for c in several.choices] == [0, 1, 2]
+    assert all(c.text == "".join(words) for c in several.choices)
+    assert all(c.logprobs.token_logprobs == [piece_logprob(w) for w in words]  # type: ignore[union-attr]
+               for c in several.choices)
+    assert several.usage is not None and several.usage.completion_tokens == 3 * len(words)
+    assert mesh.vllm.stats()["requests"] - before == 3

@@ -199,9 +199,9 @@ async def test_generate_returns_object_with_details_and_headers(client: TestClie
             "seed": None,
             "prefill": [],
             "tokens": [
-                {"id": 4157704578, "text": "Hello", "logprob": -0.5, "special": False},
-                {"id": 2915847033, "text": " big", "logprob": -0.5, "special": False},
-                {"id": 1245397707, "text": " world", "logprob": -0.5, "special": False},
+                {"id": 4157704578, "text": "Hello", "logprob": -0.224, "special": False},
+                {"id": 2915847033, "text": " big", "logprob": -0.894, "special": False},
+                {"id": 1245397707, "text": " world", "logprob": -0.143, "special": False},
                 {"id": 0, "text": "</s>", "logprob": -0.1, "special": True},
             ],
             "cached_tokens": 0,
@@ -323,9 +323,9 @@ async def test_sse_framing_is_byte_exact(client: TestClient) -> None:
     resp = await client.post("/generate_stream", json=payload)
     assert resp.status == 200
     assert await resp.read() == (
-        b'data:{"index":1,"token":{"id":1293356558,"text":"Hi","logprob":-0.5,'
+        b'data:{"index":1,"token":{"id":1293356558,"text":"Hi","logprob":-0.303,'
         b'"special":false},"generated_text":null,"details":null}\n\n'
-        b'data:{"index":2,"token":{"id":711178782,"text":" there","logprob":-0.5,'
+        b'data:{"index":2,"token":{"id":711178782,"text":" there","logprob":-0.737,'
         b'"special":false},"generated_text":null,"details":null}\n\n'
         b'data:{"index":3,"token":{"id":0,"text":"</s>","logprob":-0.1,"special":true},'
         b'"generated_text":"Hi there","details":{"finish_reason":"eos_token",'

@@ -264,3 +264,28 @@ def test_error_shapes_other_servers_send():
     assert inband.reason is Reason.INVALID_ARGUMENT
     busy = error_from_engine(429, {"error": {"message": "busy"}}, retry_after="3")
     assert busy.retry_after == 3.0
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
+async def test_logprobs_in_both_of_vllms_shapes_streamed_and_not(chat: bool):
+    from tools.tgi_double import alternatives, piece_logprob
+
+    words = ["hi", " you", " there"]
+    prompt = (Message("user", "hi you there"),) if chat else "hi you there"
+    params = Parameters(logprobs=True, top_logprobs=2)
+    expected = [(w, piece_logprob(w), [(a.text, a.logprob) for a in alternatives(w, 2)])
+                for w in words]
+    async with vllm() as v:
+        b = backend(v.url, chat_api=chat)
+        try:
+            result = await b.generate(prompt, params, 5)
+            assert [(t.token, t.logprob, [(a.token, a.logprob) for a in t.top])
+                    for t in result.logprobs] == expected
+            assert result.logprobs[0].bytes == tuple(b"hi")
+            events = await collect(b, prompt, params)
+            streamed = [t for e in events if isinstance(e, EngineToken) for t in e.logprobs]
+            assert [(t.token, t.logprob, [(a.token, a.logprob) for a in t.top])
+                    for t in streamed] == expected
+            assert (await b.generate(prompt, Parameters(), 5)).logprobs == ()
+        finally:
+            await b.close()

@@ -117,11 +117,16 @@ def test_completion_prompt_goes_raw():
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
-        ({"n": 2}, "n"),
+        ({"n": 9}, "n"),
+        ({"n": 0}, "n"),
+        ({"n": "2"}, "n"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ({"tool_choice": "required"}, "tool_choice"),
-        ({"logprobs": True}, "logprobs"),
+        ({"logprobs": "yes"}, "logprobs"),
+        ({"logprobs": 3}, "logprobs"),
         ({"top_logprobs": 3}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
         ({"logit_bias": {"50256": -100}}, "logit_bias"),
         ({"modalities": ["text", "audio"]}, "modalities"),
         ({"temperature": 2.5}, "temperature"),
@@ -177,6 +182,11 @@ def test_what_cannot_be_honoured_is_refused_by_name(fields, param):
         ({"suffix": "end"}, "suffix"),
         ({"best_of": 3}, "best_of"),
         ({"best_of": True}, "best_of"),  # Python's True == 1: not a count
+        ({"best_of": 3, "n": 2}, "n"),
+        ({"n": 9}, "n"),
+        ({"logprobs": 21}, "logprobs"),
+        ({"logprobs": True}, "logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs"),
         ({"prompt": ["a", "b"]}, "prompt"),
         ({"prompt": [1, 2, 3]}, "prompt"),
         ({"messages": []}, "messages"),
@@ -195,7 +205,7 @@ def test_neutral_values_of_unsupported_fields_are_accepted():
 
 
 def test_every_problem_is_reported_at_once():
-    problems = refused(chat(n=3, temperature=9, tools=[{"type": "function"}]))
+    problems = refused(chat(n=30, temperature=9, tools=[{"type": "function"}]))
     assert {"n", "temperature", "tools"} <= set(problems)
 
 

@@ -23,7 +23,7 @@ EVERY: dict[str, Any] = {
     "max_new_tokens": 7, "temperature": 0.5, "top_p": 0.9, "top_k": 40,
     "repetition_penalty": 1.2, "stop": ("###",), "seed": 3, "do_sample": True,
     "grammar": Grammar.json_schema({"type": "object", "properties": {"n": {"minimum": 1}}}),
-    "frequency_penalty": 0.5, "presence_penalty": -0.5,
+    "frequency_penalty": 0.5, "presence_penalty": -0.5, "logprobs": True, "top_logprobs": 3,
 }
 
 
@@ -50,7 +50,8 @@ def test_every_parameter_survives_the_contract() -> None:
     [("max_new_tokens", 0), ("max_new_tokens", 10_000), ("temperature", 0.0),
      ("top_p", 1.0), ("top_k", 0), ("repetition_penalty", float("inf")),
      ("stop", ("a", "b", "c", "d", "e")), ("stop", ("",)),
-     ("frequency_penalty", 2.5), ("presence_penalty", -3.0)],
+     ("frequency_penalty", 2.5), ("presence_penalty", -3.0), ("top_logprobs", 21),
+     ("top_logprobs", -1)],
 )
 def test_each_check_names_its_field(name: str, bad: Any) -> None:
     problems = table.check_parameters(Parameters(**{name: bad}), Limits())
@@ -91,6 +92,8 @@ def test_openai_kinds_spell_or_refuse_each_parameter(kind: Any) -> None:
     for spec in table.PARAMS:
         if spec.engine is None:
             continue  # sent as the driver decides (do_sample, grammar)
+        if spec.name in ("logprobs", "top_logprobs"):
+            continue  # shaped by the route (tests/unit/test_logprobs.py)
         field = kind.spellings.get(spec.name, spec.engine)
         params = Parameters(**{spec.name: EVERY[spec.name], "do_sample": True})
         if field is None:

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from services.common.types import FinishReason, Message, Parameters
+from services.common.types import FinishReason, Message, Parameters, TokenLogprob
 
 # What an engine generates from: a prompt the adapter rendered with the
 # model's chat template (or a raw one), or, for an engine that applies the
@@ -27,6 +27,8 @@ class EngineToken:
 
     text: str
     count: int = 1
+    # The tokens' logprobs, when the request asked for them.
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,8 @@ class EngineResult:
     generated_tokens: int
     input_tokens: int
     finish_reason: FinishReason
+    # Each generated token's logprob (unary only), when the request asked for them.
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from services.adapter.engines.http import DONE, HttpEngine, SSEParser, json_or_t
 from services.common.engine_kinds import KINDS, EngineKind
 from services.common.errors import FieldViolation, MeshError, Reason, invalid
 from services.common.parameters import BY_NAME
-from services.common.types import FinishReason, Parameters
+from services.common.types import FinishReason, Parameters, TokenLogprob
 
 _FINISH = {
     "length": FinishReason.LENGTH,
@@ -201,6 +201,16 @@ class OpenAICompatibleEngine(HttpEngine):
             put("frequency_penalty", params.frequency_penalty)
         if params.presence_penalty:
             put("presence_penalty", params.presence_penalty)
+        if params.wants_logprobs:
+            top = params.top_logprobs or 0
+            if names["logprobs"] is None:
+                refuse("logprobs" if params.logprobs else "top_logprobs")
+            elif route == "/completions":
+                body[names["logprobs"]] = top  # the legacy API's count of alternatives
+            else:
+                body[names["logprobs"]] = True
+                if top:
+                    put("top_logprobs", top)
         grammar = params.grammar
         if grammar is not None and grammar.kind == "json":
             if kind.json_grammar is None:
@@ -250,6 +260,8 @@ class OpenAICompatibleEngine(HttpEngine):
                     generated_tokens=int(usage.get("completion_tokens") or 0),
                     input_tokens=int(usage.get("prompt_tokens") or 0),
                     finish_reason=_finish(choice),
+                    logprobs=choice_logprobs(choice, params.top_logprobs or 0)
+                    if params.wants_logprobs else (),
                 )
         except (MeshError, asyncio.CancelledError):
             raise
@@ -269,6 +281,7 @@ class OpenAICompatibleEngine(HttpEngine):
         connection, and the engine aborts the request.
         """
         route, body = self.body(prompt, params, stream=True)
+        want_logprobs, top = params.wants_logprobs, params.top_logprobs or 0
         resp: aiohttp.ClientResponse | None = None
         finished = False
         self._active += 1
@@ -289,13 +302,14 @@ class OpenAICompatibleEngine(HttpEngine):
                 if not data:
                     break
                 texts: list[str] = []
+                logprobs: list[TokenLogprob] = []
                 for event in events.feed(data):
                     if event is DONE:
                         done = True
                         break
                     if "error" in event:
                         if texts:
-                            yield EngineToken("".join(texts), len(texts))
+                            yield EngineToken("".join(texts), len(texts), tuple(logprobs))
                         raise error_from_engine(200, event)
                     if event.get("usage"):
                         usage = event["usage"]
@@ -303,12 +317,14 @@ class OpenAICompatibleEngine(HttpEngine):
                         text = _choice_text(choice, delta=True)
                         if text:
                             texts.append(text)
+                        if want_logprobs:
+                            logprobs.extend(choice_logprobs(choice, top))
                         if choice.get("finish_reason"):
                             finish = _finish(choice)
-                if texts:
+                if texts or logprobs:
                     chunks += len(texts)
                     parts.extend(texts)
-                    yield EngineToken("".join(texts), len(texts))
+                    yield EngineToken("".join(texts), len(texts), tuple(logprobs))
             if finish is None:
                 raise MeshError(
                     Reason.INCOMPLETE_GENERATION,
@@ -439,6 +455,60 @@ def _gbnf(schema: dict[str, Any]) -> str:
         raise invalid([FieldViolation(
             "parameters.grammar.json_schema", f"llama.cpp cannot use this schema: {exc}"[:160],
         )]) from exc
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, int | float) else -9999.0
+
+
+def _entry(item: Any) -> TokenLogprob | None:
+    """One of chat's `{token, logprob, bytes}` objects."""
+    if not isinstance(item, dict):
+        return None
+    raw = item.get("bytes")
+    token = str(item.get("token") or "")
+    return TokenLogprob(
+        token=token,
+        logprob=_number(item.get("logprob")),
+        bytes=tuple(int(b) for b in raw) if isinstance(raw, list)
+        else tuple(token.encode("utf-8")) if token else None,
+    )
+
+
+def choice_logprobs(choice: dict[str, Any], top: int) -> tuple[TokenLogprob, ...]:
+    """A choice's (or a stream chunk's) logprobs, in either of OpenAI's shapes:
+    chat's `content` list, or the legacy `tokens` / `token_logprobs` /
+    `top_logprobs` (a mapping of token to logprob per position)."""
+    logprobs = choice.get("logprobs")
+    if not isinstance(logprobs, dict):
+        return ()
+    out: list[TokenLogprob] = []
+    content = logprobs.get("content")
+    if isinstance(content, list):
+        for item in content:
+            entry = _entry(item)
+            if entry is None:
+                continue
+            alternatives = [a for a in map(_entry, item.get("top_logprobs") or ())
+                            if a is not None]
+            out.append(TokenLogprob(entry.token, entry.logprob, entry.bytes,
+                                    tuple(alternatives[:top])))
+        return tuple(out)
+    tokens = logprobs.get("tokens") or []
+    values = logprobs.get("token_logprobs") or []
+    tops = logprobs.get("top_logprobs") or []
+    for i, token in enumerate(tokens):
+        text = str(token)
+        ranked = tops[i] if i < len(tops) and isinstance(tops[i], dict) else {}
+        best = sorted(ranked.items(), key=lambda kv: -_number(kv[1]))[:top]
+        out.append(TokenLogprob(
+            token=text,
+            logprob=_number(values[i] if i < len(values) else None),
+            bytes=tuple(text.encode("utf-8")) if text else None,
+            top=tuple(TokenLogprob(str(t), _number(v), tuple(str(t).encode("utf-8")) or None)
+                      for t, v in best),
+        ))
+    return tuple(out)
 
 
 def _choice_text(choice: dict[str, Any], delta: bool = False) -> str:

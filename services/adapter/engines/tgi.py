@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
@@ -21,7 +22,7 @@ from services.adapter.engines.http import HttpEngine, KeepAlivePool, SSEParser, 
 from services.common import tracing
 from services.common.errors import FieldViolation, MeshError, Reason, invalid
 from services.common.parameters import PARAMS
-from services.common.types import FinishReason, Grammar, Parameters
+from services.common.types import FinishReason, Grammar, Parameters, TokenLogprob
 
 # TGI's `error_type` -> the mesh's reason; the reason then decides the gRPC
 # code through services.common.errors.TABLE.
@@ -52,7 +53,9 @@ _FINISH = {
 _TGI_NAMES: Mapping[str, str] = {p.name: p.tgi for p in PARAMS if p.tgi is not None}
 _REFUSED: tuple[str, ...] = tuple(p.name for p in PARAMS if p.tgi is None)
 # Sent as the driver decides, not copied from the request.
-_DERIVED = frozenset({"do_sample", "grammar", "frequency_penalty"})
+_DERIVED = frozenset({"do_sample", "grammar", "frequency_penalty", "logprobs", "top_logprobs"})
+# OpenAI's stand-in for a logprob of minus infinity (TGI sends null).
+NO_LOGPROB = -9999.0
 _COPIED: tuple[tuple[str, str], ...] = tuple(
     (name, field) for name, field in _TGI_NAMES.items() if name not in _DERIVED
 )
@@ -77,7 +80,41 @@ def _grammar(grammar: Grammar) -> dict[str, Any]:
     return {"type": grammar.kind, "value": grammar.value}
 
 
-def _result(status: int, headers: Mapping[str, str], payload: Any) -> EngineResult:
+def _token(token: Mapping[str, Any]) -> TokenLogprob:
+    text = str(token.get("text") or "")
+    logprob = token.get("logprob")
+    return TokenLogprob(
+        token=text,
+        logprob=float(logprob) if isinstance(logprob, int | float) else NO_LOGPROB,
+        bytes=tuple(text.encode("utf-8")) if text else None,
+    )
+
+
+def token_logprob(token: Mapping[str, Any], top: Any) -> TokenLogprob | None:
+    """One of TGI's generated tokens (and its `top_tokens`) as a TokenLogprob;
+    None for a special token, which the text leaves out too."""
+    if not isinstance(token, Mapping) or token.get("special"):
+        return None
+    alternatives = tuple(_token(t) for t in top if isinstance(t, Mapping)) if isinstance(
+        top, list) else ()
+    return replace(_token(token), top=alternatives)
+
+
+def _logprobs(details: Mapping[str, Any]) -> tuple[TokenLogprob, ...]:
+    """Every generated token's logprob from a unary reply's `details`."""
+    tokens = details.get("tokens") or []
+    tops = details.get("top_tokens") or []
+    out = []
+    for i, token in enumerate(tokens):
+        entry = token_logprob(token, tops[i] if i < len(tops) else None)
+        if entry is not None:
+            out.append(entry)
+    return tuple(out)
+
+
+def _result(
+    status: int, headers: Mapping[str, str], payload: Any, logprobs: bool = False
+) -> EngineResult:
     """A whole generation from TGI's reply (the compat route answers a list)."""
     if status != 200:
         raise error_from_tgi(status, payload)
@@ -90,6 +127,7 @@ def _result(status: int, headers: Mapping[str, str], payload: Any) -> EngineResu
         ),
         input_tokens=int(headers.get("x-prompt-tokens", 0)),
         finish_reason=_FINISH.get(details.get("finish_reason", ""), FinishReason.UNSPECIFIED),
+        logprobs=_logprobs(details) if logprobs else (),
     )
 
 
@@ -141,6 +179,8 @@ class TGIEngine(HttpEngine):
             parameters["grammar"] = _grammar(params.grammar)
         if params.frequency_penalty:
             parameters["frequency_penalty"] = params.frequency_penalty
+        if params.top_logprobs:
+            parameters["top_n_tokens"] = params.top_logprobs
         return {"inputs": prompt, "parameters": parameters, "stream": stream}
 
     async def generate(
@@ -150,10 +190,12 @@ class TGIEngine(HttpEngine):
         try:
             if self._pool is not None and not tracing.enabled():
                 reply = await self._pool.post_json("/", body, timeout)
-                return _result(reply.status, reply.headers, json.loads(reply.body))
+                return _result(reply.status, reply.headers, json.loads(reply.body),
+                               params.wants_logprobs)
             # Through the session while tracing is on: it sends `traceparent`.
             async with self.post_json(f"{self.base_url}/", body, timeout) as resp:
-                return _result(resp.status, resp.headers, json.loads(await resp.read()))
+                return _result(resp.status, resp.headers, json.loads(await resp.read()),
+                               params.wants_logprobs)
         except (MeshError, asyncio.CancelledError):
             raise
         except Exception as exc:
@@ -168,6 +210,7 @@ class TGIEngine(HttpEngine):
         which closes the TCP connection, and TGI drops the request.
         """
         body = self.body(prompt, params, stream=True)
+        want_logprobs = params.wants_logprobs
         resp: aiohttp.ClientResponse | None = None
         finished = False
         try:
@@ -183,14 +226,19 @@ class TGIEngine(HttpEngine):
                 if not data:
                     break
                 texts: list[str] = []
+                logprobs: list[TokenLogprob] = []
                 result: EngineResult | None = None
                 for event in events.feed(data):
                     if "error" in event:
                         if texts:
-                            yield EngineToken("".join(texts), len(texts))
+                            yield EngineToken("".join(texts), len(texts), tuple(logprobs))
                         raise error_from_tgi(200, event)
                     token = event.get("token") or {}
                     texts.append("" if token.get("special") else token.get("text", ""))
+                    if want_logprobs:
+                        entry = token_logprob(token, event.get("top_tokens"))
+                        if entry is not None:
+                            logprobs.append(entry)
                     if event.get("generated_text") is not None:
                         details = event.get("details") or {}
                         result = EngineResult(
@@ -203,7 +251,7 @@ class TGIEngine(HttpEngine):
                         )
                         break
                 if texts:
-                    yield EngineToken("".join(texts), len(texts))
+                    yield EngineToken("".join(texts), len(texts), tuple(logprobs))
                 if result is not None:
                     finished = True
                     yield result

@@ -27,7 +27,7 @@ from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior_
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19llmmesh/v1/generate.proto\x12\nllmmesh.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1cgoogle/protobuf/struct.proto\"\xac\x01\n\x0fGenerateRequest\x12\x16\n\x08model_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0e\n\x06inputs\x18\x02 \x01(\t\x12\x10\n\x08scenario\x18\x03 \x01(\t\x12\x34\n\nparameters\x18\x04 \x01(\x0b\x32 .llmmesh.v1.GenerationParameters\x12)\n\x08messages\x18\x05 \x03(\x0b\x32\x17.llmmesh.v1.ChatMessage\"\xa2\x01\n\x10GenerateResponse\x12\x16\n\x0egenerated_text\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06tokens\x18\x03 \x01(\x05\x12\x14\n\x0cinput_tokens\x18\x04 \x01(\x05\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.llmmesh.v1.FinishReason\x12\x10\n\x08model_id\x18\x06 \x01(\t\"\xdc\x01\n\x15GenerateStreamRequest\x12\x16\n\x08model_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0e\n\x06inputs\x18\x02 \x01(\t\x12\x10\n\x08scenario\x18\x03 \x01(\t\x12\x34\n\nparameters\x18\x04 \x01(\x0b\x32 .llmmesh.v1.GenerationParameters\x12)\n\x08messages\x18\x05 \x03(\x0b\x32\x17.llmmesh.v1.ChatMessage\x12(\n\x06resume\x18\x14 \x01(\x0e\x32\x18.llmmesh.v1.ResumePolicy\"\xef\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x01(\x05\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.llmmesh.v1.FinishReason\x12\x16\n\x0egenerated_text\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x14\n\x0cinput_tokens\x18\x06 \x01(\x05\x12\x10\n\x08model_id\x18\x07 \x01(\t\x12&\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x17.llmmesh.v1.StreamError\x12\x0f\n\x07resumes\x18\x15 \x01(\x05\"<\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xc4\x03\n\x14GenerationParameters\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x05\x88\x01\x01\x12\x16\n\tdo_sample\x18\x08 \x01(\x08H\x06\x88\x01\x01\x12$\n\x07grammar\x18\t \x01(\x0b\x32\x13.llmmesh.v1.Grammar\x12\x1e\n\x11\x66requency_penalty\x18\n \x01(\x01H\x07\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0b \x01(\x01H\x08\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0c\n\n_do_sampleB\x14\n\x12_frequency_penaltyB\x13\n\x11_presence_penalty\"R\n\x07Grammar\x12.\n\x0bjson_schema\x18\x01 \x01(\x0b\x32\x17.google.protobuf.StructH\x00\x12\x0f\n\x05regex\x18\x02 \x01(\tH\x00\x42\x06\n\x04kind\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x13\n\x11ListModelsRequest\"7\n\x12ListModelsResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.llmmesh.v1.Model\")\n\x0fGetModelRequest\x12\x16\n\x08model_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"4\n\x10GetModelResponse\x12 \n\x05model\x18\x01 \x01(\x0b\x32\x11.llmmesh.v1.Model\"\x90\x02\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61liases\x18\x02 \x03(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x15\n\rbackend_model\x18\x04 \x01(\t\x12\x18\n\x10max_input_tokens\x18\x05 \x01(\x05\x12\x18\n\x10max_total_tokens\x18\x06 \x01(\x05\x12\x16\n\x0emax_new_tokens\x18\x07 \x01(\x05\x12\x1a\n\x12max_stop_sequences\x18\x08 \x01(\x05\x12\r\n\x05ready\x18\t \x01(\x08\x12\x10\n\x08replicas\x18\n \x01(\x05\x12\x16\n\x0eready_replicas\x18\x0b \x01(\x05\x12$\n\x04load\x18\x0c \x01(\x0b\x32\x16.llmmesh.v1.EngineLoad\"^\n\nEngineLoad\x12\x0f\n\x07waiting\x18\x01 \x01(\x05\x12\x0f\n\x07running\x18\x02 \x01(\x05\x12\x1b\n\x0ekv_cache_usage\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\x11\n\x0f_kv_cache_usage*_\n\x0cResumePolicy\x12\x1d\n\x19RESUME_POLICY_UNSPECIFIED\x10\x00\x12\x17\n\x13RESUME_POLICY_ALLOW\x10\x01\x12\x17\n\x13RESUME_POLICY_NEVER\x10\x02*\x9e\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x1b\n\x17\x46INISH_REASON_EOS_TOKEN\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\xbd\x03\n\x0fGenerateService\x12^\n\x08Generate\x12\x1b.llmmesh.v1.GenerateRequest\x1a\x1c.llmmesh.v1.GenerateResponse\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/generate:\x01*\x12y\n\x0eGenerateStream\x12!.llmmesh.v1.GenerateStreamRequest\x1a\".llmmesh.v1.GenerateStreamResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\"\x13/v1/generate_stream:\x01*0\x01\x12\x64\n\nListModels\x12\x1d.llmmesh.v1.ListModelsRequest\x1a\x1e.llmmesh.v1.ListModelsResponse\"\x17\x82\xd3\xe4\x93\x02\x11\x12\x0f/v1/mesh/models\x12i\n\x08GetModel\x12\x1b.llmmesh.v1.GetModelRequest\x1a\x1c.llmmesh.v1.GetModelResponse\"\"\x82\xd3\xe4\x93\x02\x1c\x12\x1a/v1/mesh/models/{model_id}b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19llmmesh/v1/generate.proto\x12\nllmmesh.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1cgoogle/protobuf/struct.proto\"\xac\x01\n\x0fGenerateRequest\x12\x16\n\x08model_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0e\n\x06inputs\x18\x02 \x01(\t\x12\x10\n\x08scenario\x18\x03 \x01(\t\x12\x34\n\nparameters\x18\x04 \x01(\x0b\x32 .llmmesh.v1.GenerationParameters\x12)\n\x08messages\x18\x05 \x03(\x0b\x32\x17.llmmesh.v1.ChatMessage\"\xce\x01\n\x10GenerateResponse\x12\x16\n\x0egenerated_text\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06tokens\x18\x03 \x01(\x05\x12\x14\n\x0cinput_tokens\x18\x04 \x01(\x05\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.llmmesh.v1.FinishReason\x12\x10\n\x08model_id\x18\x06 \x01(\t\x12*\n\x08logprobs\x18\x08 \x03(\x0b\x32\x18.llmmesh.v1.TokenLogprob\"\xdc\x01\n\x15GenerateStreamRequest\x12\x16\n\x08model_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0e\n\x06inputs\x18\x02 \x01(\t\x12\x10\n\x08scenario\x18\x03 \x01(\t\x12\x34\n\nparameters\x18\x04 \x01(\x0b\x32 .llmmesh.v1.GenerationParameters\x12)\n\x08messages\x18\x05 \x03(\x0b\x32\x17.llmmesh.v1.ChatMessage\x12(\n\x06resume\x18\x14 \x01(\x0e\x32\x18.llmmesh.v1.ResumePolicy\"\x9b\x02\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x01(\x05\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.llmmesh.v1.FinishReason\x12\x16\n\x0egenerated_text\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x14\n\x0cinput_tokens\x18\x06 \x01(\x05\x12\x10\n\x08model_id\x18\x07 \x01(\t\x12&\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x17.llmmesh.v1.StreamError\x12\x0f\n\x07resumes\x18\x15 \x01(\x05\x12*\n\x08logprobs\x18\n \x03(\x0b\x32\x18.llmmesh.v1.TokenLogprob\"\x88\x01\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x18\n\x0btoken_bytes\x18\x03 \x01(\x0cH\x00\x88\x01\x01\x12.\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x18.llmmesh.v1.TokenLogprobB\x0e\n\x0c_token_bytes\"<\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x94\x04\n\x14GenerationParameters\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x05\x88\x01\x01\x12\x16\n\tdo_sample\x18\x08 \x01(\x08H\x06\x88\x01\x01\x12$\n\x07grammar\x18\t \x01(\x0b\x32\x13.llmmesh.v1.Grammar\x12\x1e\n\x11\x66requency_penalty\x18\n \x01(\x01H\x07\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0b \x01(\x01H\x08\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0c \x01(\x08H\t\x88\x01\x01\x12\x19\n\x0ctop_logprobs\x18\r \x01(\x05H\n\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0c\n\n_do_sampleB\x14\n\x12_frequency_penaltyB\x13\n\x11_presence_penaltyB\x0b\n\t_logprobsB\x0f\n\r_top_logprobs\"R\n\x07Grammar\x12.\n\x0bjson_schema\x18\x01 \x01(\x0b\x32\x17.google.protobuf.StructH\x00\x12\x0f\n\x05regex\x18\x02 \x01(\tH\x00\x42\x06\n\x04kind\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x13\n\x11ListModelsRequest\"7\n\x12ListModelsResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.llmmesh.v1.Model\")\n\x0fGetModelRequest\x12\x16\n\x08model_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"4\n\x10GetModelResponse\x12 \n\x05model\x18\x01 \x01(\x0b\x32\x11.llmmesh.v1.Model\"\x90\x02\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61liases\x18\x02 \x03(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x15\n\rbackend_model\x18\x04 \x01(\t\x12\x18\n\x10max_input_tokens\x18\x05 \x01(\x05\x12\x18\n\x10max_total_tokens\x18\x06 \x01(\x05\x12\x16\n\x0emax_new_tokens\x18\x07 \x01(\x05\x12\x1a\n\x12max_stop_sequences\x18\x08 \x01(\x05\x12\r\n\x05ready\x18\t \x01(\x08\x12\x10\n\x08replicas\x18\n \x01(\x05\x12\x16\n\x0eready_replicas\x18\x0b \x01(\x05\x12$\n\x04load\x18\x0c \x01(\x0b\x32\x16.llmmesh.v1.EngineLoad\"^\n\nEngineLoad\x12\x0f\n\x07waiting\x18\x01 \x01(\x05\x12\x0f\n\x07running\x18\x02 \x01(\x05\x12\x1b\n\x0ekv_cache_usage\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\x11\n\x0f_kv_cache_usage*_\n\x0cResumePolicy\x12\x1d\n\x19RESUME_POLICY_UNSPECIFIED\x10\x00\x12\x17\n\x13RESUME_POLICY_ALLOW\x10\x01\x12\x17\n\x13RESUME_POLICY_NEVER\x10\x02*\x9e\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x1b\n\x17\x46INISH_REASON_EOS_TOKEN\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\xbd\x03\n\x0fGenerateService\x12^\n\x08Generate\x12\x1b.llmmesh.v1.GenerateRequest\x1a\x1c.llmmesh.v1.GenerateResponse\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/generate:\x01*\x12y\n\x0eGenerateStream\x12!.llmmesh.v1.GenerateStreamRequest\x1a\".llmmesh.v1.GenerateStreamResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\"\x13/v1/generate_stream:\x01*0\x01\x12\x64\n\nListModels\x12\x1d.llmmesh.v1.ListModelsRequest\x1a\x1e.llmmesh.v1.ListModelsResponse\"\x17\x82\xd3\xe4\x93\x02\x11\x12\x0f/v1/mesh/models\x12i\n\x08GetModel\x12\x1b.llmmesh.v1.GetModelRequest\x1a\x1c.llmmesh.v1.GetModelResponse\"\"\x82\xd3\xe4\x93\x02\x1c\x12\x1a/v1/mesh/models/{model_id}b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,38 +48,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATESERVICE'].methods_by_name['ListModels']._serialized_options = b'\202\323\344\223\002\021\022\017/v1/mesh/models'
   _globals['_GENERATESERVICE'].methods_by_name['GetModel']._loaded_options = None
   _globals['_GENERATESERVICE'].methods_by_name['GetModel']._serialized_options = b'\202\323\344\223\002\034\022\032/v1/mesh/models/{model_id}'
-  _globals['_RESUMEPOLICY']._serialized_start=2132
-  _globals['_RESUMEPOLICY']._serialized_end=2227
-  _globals['_FINISHREASON']._serialized_start=2230
-  _globals['_FINISHREASON']._serialized_end=2388
+  _globals['_RESUMEPOLICY']._serialized_start=2439
+  _globals['_RESUMEPOLICY']._serialized_end=2534
+  _globals['_FINISHREASON']._serialized_start=2537
+  _globals['_FINISHREASON']._serialized_end=2695
   _globals['_GENERATEREQUEST']._serialized_start=135
   _globals['_GENERATEREQUEST']._serialized_end=307
   _globals['_GENERATERESPONSE']._serialized_start=310
-  _globals['_GENERATERESPONSE']._serialized_end=472
-  _globals['_GENERATESTREAMREQUEST']._serialized_start=475
-  _globals['_GENERATESTREAMREQUEST']._serialized_end=695
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=698
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=937
-  _globals['_STREAMERROR']._serialized_start=939
-  _globals['_STREAMERROR']._serialized_end=999
-  _globals['_GENERATIONPARAMETERS']._serialized_start=1002
-  _globals['_GENERATIONPARAMETERS']._serialized_end=1454
-  _globals['_GRAMMAR']._serialized_start=1456
-  _globals['_GRAMMAR']._serialized_end=1538
-  _globals['_CHATMESSAGE']._serialized_start=1540
-  _globals['_CHATMESSAGE']._serialized_end=1584
-  _globals['_LISTMODELSREQUEST']._serialized_start=1586
-  _globals['_LISTMODELSREQUEST']._serialized_end=1605
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1607
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1662
-  _globals['_GETMODELREQUEST']._serialized_start=1664
-  _globals['_GETMODELREQUEST']._serialized_end=1705
-  _globals['_GETMODELRESPONSE']._serialized_start=1707
-  _globals['_GETMODELRESPONSE']._serialized_end=1759
-  _globals['_MODEL']._serialized_start=1762
-  _globals['_MODEL']._serialized_end=2034
-  _globals['_ENGINELOAD']._serialized_start=2036
-  _globals['_ENGINELOAD']._serialized_end=2130
-  _globals['_GENERATESERVICE']._serialized_start=2391
-  _globals['_GENERATESERVICE']._serialized_end=2836
+  _globals['_GENERATERESPONSE']._serialized_end=516
+  _globals['_GENERATESTREAMREQUEST']._serialized_start=519
+  _globals['_GENERATESTREAMREQUEST']._serialized_end=739
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=742
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1025
+  _globals['_TOKENLOGPROB']._serialized_start=1028
+  _globals['_TOKENLOGPROB']._serialized_end=1164
+  _globals['_STREAMERROR']._serialized_start=1166
+  _globals['_STREAMERROR']._serialized_end=1226
+  _globals['_GENERATIONPARAMETERS']._serialized_start=1229
+  _globals['_GENERATIONPARAMETERS']._serialized_end=1761
+  _globals['_GRAMMAR']._serialized_start=1763
+  _globals['_GRAMMAR']._serialized_end=1845
+  _globals['_CHATMESSAGE']._serialized_start=1847
+  _globals['_CHATMESSAGE']._serialized_end=1891
+  _globals['_LISTMODELSREQUEST']._serialized_start=1893
+  _globals['_LISTMODELSREQUEST']._serialized_end=1912
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1914
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1969
+  _globals['_GETMODELREQUEST']._serialized_start=1971
+  _globals['_GETMODELREQUEST']._serialized_end=2012
+  _globals['_GETMODELRESPONSE']._serialized_start=2014
+  _globals['_GETMODELRESPONSE']._serialized_end=2066
+  _globals['_MODEL']._serialized_start=2069
+  _globals['_MODEL']._serialized_end=2341
+  _globals['_ENGINELOAD']._serialized_start=2343
+  _globals['_ENGINELOAD']._serialized_end=2437
+  _globals['_GENERATESERVICE']._serialized_start=2698
+  _globals['_GENERATESERVICE']._serialized_end=3143
 # @@protoc_insertion_point(module_scope)

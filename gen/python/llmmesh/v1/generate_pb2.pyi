@@ -47,20 +47,22 @@ class GenerateRequest(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., inputs: _Optional[str] = ..., scenario: _Optional[str] = ..., parameters: _Optional[_Union[GenerationParameters, _Mapping]] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("generated_text", "model", "tokens", "input_tokens", "finish_reason", "model_id")
+    __slots__ = ("generated_text", "model", "tokens", "input_tokens", "finish_reason", "model_id", "logprobs")
     GENERATED_TEXT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     generated_text: str
     model: str
     tokens: int
     input_tokens: int
     finish_reason: FinishReason
     model_id: str
-    def __init__(self, generated_text: _Optional[str] = ..., model: _Optional[str] = ..., tokens: _Optional[int] = ..., input_tokens: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., model_id: _Optional[str] = ...) -> None: ...
+    logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
+    def __init__(self, generated_text: _Optional[str] = ..., model: _Optional[str] = ..., tokens: _Optional[int] = ..., input_tokens: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., model_id: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ...) -> None: ...
 
 class GenerateStreamRequest(_message.Message):
     __slots__ = ("model_id", "inputs", "scenario", "parameters", "messages", "resume")
@@ -79,7 +81,7 @@ class GenerateStreamRequest(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., inputs: _Optional[str] = ..., scenario: _Optional[str] = ..., parameters: _Optional[_Union[GenerationParameters, _Mapping]] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., resume: _Optional[_Union[ResumePolicy, str]] = ...) -> None: ...
 
 class GenerateStreamResponse(_message.Message):
-    __slots__ = ("text", "tokens", "finish_reason", "generated_text", "model", "input_tokens", "model_id", "error", "resumes")
+    __slots__ = ("text", "tokens", "finish_reason", "generated_text", "model", "input_tokens", "model_id", "error", "resumes", "logprobs")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -89,6 +91,7 @@ class GenerateStreamResponse(_message.Message):
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     RESUMES_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     text: str
     tokens: int
     finish_reason: FinishReason
@@ -98,7 +101,20 @@ class GenerateStreamResponse(_message.Message):
     model_id: str
     error: StreamError
     resumes: int
-    def __init__(self, text: _Optional[str] = ..., tokens: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., generated_text: _Optional[str] = ..., model: _Optional[str] = ..., input_tokens: _Optional[int] = ..., model_id: _Optional[str] = ..., error: _Optional[_Union[StreamError, _Mapping]] = ..., resumes: _Optional[int] = ...) -> None: ...
+    logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
+    def __init__(self, text: _Optional[str] = ..., tokens: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., generated_text: _Optional[str] = ..., model: _Optional[str] = ..., input_tokens: _Optional[int] = ..., model_id: _Optional[str] = ..., error: _Optional[_Union[StreamError, _Mapping]] = ..., resumes: _Optional[int] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ...) -> None: ...
+
+class TokenLogprob(_message.Message):
+    __slots__ = ("token", "logprob", "token_bytes", "top_logprobs")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    logprob: float
+    token_bytes: bytes
+    top_logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
+    def __init__(self, token: _Optional[str] = ..., logprob: _Optional[float] = ..., token_bytes: _Optional[bytes] = ..., top_logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ...) -> None: ...
 
 class StreamError(_message.Message):
     __slots__ = ("code", "reason", "message")
@@ -111,7 +127,7 @@ class StreamError(_message.Message):
     def __init__(self, code: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class GenerationParameters(_message.Message):
-    __slots__ = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop", "seed", "do_sample", "grammar", "frequency_penalty", "presence_penalty")
+    __slots__ = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop", "seed", "do_sample", "grammar", "frequency_penalty", "presence_penalty", "logprobs", "top_logprobs")
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +139,8 @@ class GenerationParameters(_message.Message):
     GRAMMAR_FIELD_NUMBER: _ClassVar[int]
     FREQUENCY_PENALTY_FIELD_NUMBER: _ClassVar[int]
     PRESENCE_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     max_new_tokens: int
     temperature: float
     top_p: float
@@ -134,7 +152,9 @@ class GenerationParameters(_message.Message):
     grammar: Grammar
     frequency_penalty: float
     presence_penalty: float
-    def __init__(self, max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., stop: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., do_sample: _Optional[bool] = ..., grammar: _Optional[_Union[Grammar, _Mapping]] = ..., frequency_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ...) -> None: ...
+    logprobs: bool
+    top_logprobs: int
+    def __init__(self, max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., stop: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., do_sample: _Optional[bool] = ..., grammar: _Optional[_Union[Grammar, _Mapping]] = ..., frequency_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ...) -> None: ...
 
 class Grammar(_message.Message):
     __slots__ = ("json_schema", "regex")
