@@ -1,0 +1,15 @@
+"""Tenants: who calls the mesh, how much they may use and how urgently.
+
+Transport-free; the router's core and the HTTP faces call it.
+
+- tenants.py     the tenants file, Tenant and its limits, lookup by key digest
+- book.py        the tenants in force, reloaded on change and on SIGHUP
+- priority.py    priority bands and the band of one request
+- quota.py       sliding windows, reservations, the QuotaStore interface
+- quota_memory.py  the store of one router
+- quota_redis.py   the store many routers share (Redis, one Lua script)
+- admission.py   the per-model queue: priority, weighted fair share, FIFO
+- usage.py       the usage report and OpenAI's rate-limit headers
+- metrics.py     per-tenant Prometheus metrics
+- errors.py      the refusals tenancy adds, with their error-table rows
+"""
