@@ -32,10 +32,10 @@ tenants:
     limits: {requests_per_minute: 600, tokens_per_minute: 20000, tokens_per_day: 1000000,
              concurrent: 16}
   - name: nightly
-    key_sha256: [%s]
+    key_sha256: [NIGHTLY_DIGEST]
     priority: batch
     max_priority: standard
-""" % hashlib.sha256(b"sk-nightly").hexdigest()
+""".replace("NIGHTLY_DIGEST", hashlib.sha256(b"sk-nightly").hexdigest())
 
 MODELS = {"qwen2": "qwen2", "Qwen2": "qwen2", "llama3": "llama3"}
 
