@@ -1,0 +1,224 @@
+"""The admission queue: priority bands, weighted fair share, FIFO, leaving."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import pytest
+
+from services.common.errors import MeshError, Reason
+from services.tenancy.admission import AdmissionQueue
+from services.tenancy.errors import TenancyError, TenancyReason
+from services.tenancy.priority import Priority
+
+BATCH, STANDARD, INTERACTIVE = Priority.BATCH, Priority.STANDARD, Priority.INTERACTIVE
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+class Recorder:
+    """Waiters that note, in order, who got a slot."""
+
+    def __init__(self, queue: AdmissionQueue) -> None:
+        self.queue = queue
+        self.order: list[str] = []
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def add(self, label: str, tenant: str, priority: Priority, weight: float = 1.0,
+            cost: float = 1.0) -> asyncio.Task[None]:
+        async def wait() -> None:
+            await self.queue.acquire(tenant, priority, weight=weight, cost=cost)
+            self.order.append(label)
+
+        task = asyncio.create_task(wait())
+        self.tasks.append(task)
+        return task
+
+    async def drain(self, count: int) -> None:
+        """Free `count` slots one at a time, letting each next waiter in."""
+        for _ in range(count):
+            self.queue.release()
+            await settle()
+
+
+async def full_queue(capacity: int = 1, **kwargs) -> AdmissionQueue:
+    queue = AdmissionQueue("qwen2", capacity, **kwargs)
+    for _ in range(capacity):
+        await queue.acquire("holder", STANDARD)
+    return queue
+
+
+async def test_a_free_slot_is_taken_at_once_and_a_lone_tenant_gets_every_slot():
+    queue = AdmissionQueue("qwen2", 4)
+    waits = [await queue.acquire("nightly", BATCH) for _ in range(4)]
+    assert waits == [0.0] * 4 and queue.in_use == 4 and queue.waiting == 0
+    recorder = Recorder(queue)
+    recorder.add("fifth", "nightly", BATCH)
+    await settle()
+    assert recorder.order == [] and queue.waiting == 1
+    await recorder.drain(1)
+    assert recorder.order == ["fifth"] and queue.in_use == 4
+
+
+async def test_bands_go_strictly_by_priority():
+    queue = await full_queue()
+    recorder = Recorder(queue)
+    for label, priority in (("b1", BATCH), ("s1", STANDARD), ("b2", BATCH), ("i1", INTERACTIVE),
+                            ("s2", STANDARD), ("i2", INTERACTIVE)):
+        recorder.add(label, label, priority)
+        await settle()
+    await recorder.drain(6)
+    assert recorder.order == ["i1", "i2", "s1", "s2", "b1", "b2"]
+
+
+async def test_first_come_first_served_within_a_tenant():
+    queue = await full_queue()
+    recorder = Recorder(queue)
+    for i in range(6):
+        recorder.add(f"a{i}", "a", STANDARD)
+        recorder.add(f"b{i}", "b", STANDARD, weight=2)
+        await settle()
+    await recorder.drain(12)
+    assert [x for x in recorder.order if x[0] == "a"] == [f"a{i}" for i in range(6)]
+    assert [x for x in recorder.order if x[0] == "b"] == [f"b{i}" for i in range(6)]
+
+
+@pytest.mark.parametrize(("cost_a", "cost_b", "weight_a", "weight_b", "share_b"), [
+    (1, 1, 1, 3, 0.75),      # weights 1:3, requests
+    (100, 100, 1, 3, 0.75),  # the same in tokens
+    (100, 300, 1, 1, 0.25),  # equal weights, B's requests three times as dear
+])
+async def test_weighted_fair_share(cost_a, cost_b, weight_a, weight_b, share_b):
+    queue = await full_queue(max_waiting=10_000)
+    recorder = Recorder(queue)
+    for i in range(400):
+        recorder.add("a", "a", BATCH, weight=weight_a, cost=cost_a)
+        recorder.add("b", "b", BATCH, weight=weight_b, cost=cost_b)
+        if i % 50 == 0:
+            await settle()
+    await settle()
+    await recorder.drain(400)
+    counts = Counter(recorder.order)
+    assert counts["b"] / 400 == pytest.approx(share_b, rel=0.10)
+    # Over any 40 consecutive grants too, not only on the whole.
+    for start in range(0, 400, 40):
+        window = Counter(recorder.order[start:start + 40])
+        assert window["b"] / 40 == pytest.approx(share_b, abs=0.05)
+    for task in recorder.tasks:
+        task.cancel()
+
+
+async def test_an_idle_tenant_banks_no_credit():
+    queue = AdmissionQueue("qwen2", 1, max_waiting=1000)
+    recorder = Recorder(queue)
+    await queue.acquire("a", BATCH)
+    for _ in range(100):  # a is served alone for a while
+        recorder.add("a", "a", BATCH)
+        await settle()
+        await recorder.drain(1)
+    for _ in range(20):
+        recorder.add("a", "a", BATCH)
+        recorder.add("b", "b", BATCH)
+    await settle()
+    recorder.order.clear()
+    await recorder.drain(20)
+    counts = Counter(recorder.order)
+    assert abs(counts["a"] - counts["b"]) <= 1  # b does not get 100 turns in a row
+
+
+async def test_timeout_leaves_with_retry_info():
+    queue = await full_queue(timeout=0.05)
+    with pytest.raises(TenancyError) as caught:
+        await queue.acquire("a", STANDARD)
+    error = caught.value
+    assert error.reason is TenancyReason.QUEUE_TIMEOUT and error.retryable
+    assert error.code == "RESOURCE_EXHAUSTED" and error.http_status == 429
+    assert error.retry_after is not None and error.retry_after >= 1
+    assert queue.waiting == 0 and queue.in_use == 1
+    # A freed slot then stays free: nobody is waiting for it.
+    queue.release()
+    assert queue.in_use == 0
+    # A per-request timeout wins over the queue's.
+    queue2 = await full_queue(timeout=30)
+    with pytest.raises(TenancyError):
+        await queue2.acquire("a", STANDARD, timeout=0.01)
+
+
+async def test_a_cancelled_waiter_leaves_at_once():
+    queue = await full_queue(max_waiting=1)
+    recorder = Recorder(queue)
+    first = recorder.add("first", "a", STANDARD)
+    await settle()
+    assert queue.waiting == 1
+    first.cancel()
+    await settle()
+    assert queue.waiting == 0
+    # Its place is free for another, and the slot goes to that one.
+    recorder.add("second", "a", STANDARD)
+    await settle()
+    await recorder.drain(1)
+    assert recorder.order == ["second"] and queue.in_use == 1
+
+
+async def test_a_slot_handed_to_a_waiter_cancelled_at_that_moment_comes_back():
+    queue = await full_queue()
+    recorder = Recorder(queue)
+    task = recorder.add("late", "a", STANDARD)
+    await settle()
+    queue.release()  # hands the slot over (the waiter has not run yet)
+    task.cancel()
+    await settle()
+    assert task.cancelled()
+    assert queue.in_use == 0 and queue.waiting == 0
+
+
+async def test_a_full_queue_refuses_with_retry_info():
+    queue = await full_queue(max_waiting=2)
+    recorder = Recorder(queue)
+    recorder.add("1", "a", STANDARD)
+    recorder.add("2", "b", STANDARD)
+    await settle()
+    with pytest.raises(MeshError) as caught:
+        await queue.acquire("c", INTERACTIVE)
+    assert caught.value.reason is Reason.OVERLOADED
+    assert caught.value.retry_after is not None and "qwen2" in caught.value.message
+    for task in recorder.tasks:
+        task.cancel()
+
+
+async def test_capacity_changes():
+    queue = await full_queue()
+    recorder = Recorder(queue)
+    for i in range(3):
+        recorder.add(str(i), "a", STANDARD)
+    await settle()
+    queue.set_capacity(3)
+    await settle()
+    assert recorder.order == ["0", "1"] and queue.in_use == 3
+    queue.set_capacity(1)  # nobody is pre-empted; slots empty as requests end
+    await recorder.drain(2)
+    assert recorder.order == ["0", "1"] and queue.in_use == 1
+    await recorder.drain(1)
+    assert recorder.order == ["0", "1", "2"] and queue.in_use == 1
+    stats = queue.stats()
+    assert (stats.capacity, stats.in_use, stats.waiting["standard"]) == (1, 1, 0)
+
+
+async def test_slot_context_releases_and_reports_the_wait():
+    queue = AdmissionQueue("qwen2", 1)
+    async with queue.slot("a", STANDARD) as waited:
+        assert waited == 0.0 and queue.in_use == 1
+        other = asyncio.create_task(queue.acquire("b", STANDARD))
+        await settle()
+    waited_b = await other
+    assert waited_b > 0.0 and queue.in_use == 1  # b's
+    queue.release()
+    with pytest.raises(RuntimeError):
+        async with queue.slot("a", STANDARD, timeout=1):
+            assert queue.in_use == 1
+            raise RuntimeError("boom")
+    assert queue.in_use == 0
