@@ -78,10 +78,15 @@ class Tenant:
     # None: every model; otherwise canonical model ids.
     models: frozenset[str] | None = None
     priority: Priority = Priority.STANDARD
-    max_priority: Priority = Priority.STANDARD
+    # The most urgent band it may ask for; None: its own priority.
+    max_priority: Priority | None = None
     weight: float = 1.0
     admin: bool = False
     limits: TenantLimits = field(default_factory=TenantLimits)
+
+    @property
+    def cap(self) -> Priority:
+        return self.priority if self.max_priority is None else self.max_priority
 
     def allows(self, model_id: str) -> bool:
         return self.models is None or model_id in self.models

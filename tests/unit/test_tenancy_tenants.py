@@ -49,13 +49,13 @@ def test_file_reads_every_field_and_defaults():
     search = tenants.by_key("sk-search-2")
     assert search is not None and search.name == "search"
     assert search.models == frozenset({"qwen2"})  # canonical id, not the alias given
-    assert search.priority is Priority.INTERACTIVE and search.max_priority is Priority.INTERACTIVE
+    assert search.priority is Priority.INTERACTIVE and search.cap is Priority.INTERACTIVE
     assert search.weight == 3.0 and search.admin
     assert search.limits == TenantLimits(600, 20000, 1_000_000, 16)
     nightly = tenants.by_key("sk-nightly")
     assert nightly is not None and nightly.name == "nightly"
     assert nightly.models is None and nightly.allows("llama3")
-    assert nightly.priority is Priority.BATCH and nightly.max_priority is Priority.STANDARD
+    assert nightly.priority is Priority.BATCH and nightly.cap is Priority.STANDARD
     assert nightly.limits.unlimited and not nightly.admin
     assert tenants.by_key("sk-search-3") is None
     assert tenants.named("nightly") is nightly
