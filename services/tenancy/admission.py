@@ -213,6 +213,11 @@ class AdmissionQueue:
             return False
         waiter.gone = True
         band.waiting -= 1
+        if len(band.heap) > 2 * band.waiting + 64:
+            # Waiters that left stay in the heap until popped: drop them now
+            # and then, so a long saturated spell cannot grow it without bound.
+            band.heap = [w for w in band.heap if not w.gone]
+            heapq.heapify(band.heap)
         if band.finish.get(waiter.tenant) == waiter.finish:
             # Its last request left: its tag goes back, so it is not charged for it.
             band.finish[waiter.tenant] = waiter.start

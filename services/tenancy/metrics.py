@@ -3,14 +3,20 @@
 Labels hold tenant names from the tenants file (bounded by it, never keys),
 model ids from the registry, priority bands and reasons from
 services.tenancy.errors (or the error table). Counters are registered on the
-service's own registry, passed in.
+service's own registry, passed in; the queues' gauges are read at scrape
+time (QueueCollector), so they are never stale.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from collections.abc import Iterator, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from services.common.metrics import LATENCY_BUCKETS
+from services.tenancy.admission import AdmissionQueue
 from services.tenancy.priority import Priority
 
 
@@ -42,14 +48,6 @@ class TenancyMetrics:
             "llmmesh_tenant_overshoot_tokens",
             "Tokens used beyond a request's reservation (its input was estimated).",
             ["service", "tenant"], registry=r,
-        )
-        self.queue_waiting = Gauge(
-            "llmmesh_queue_waiting", "Requests waiting for a slot, by model and band.",
-            ["service", "model", "priority"], registry=r,
-        )
-        self.queue_slots = Gauge(
-            "llmmesh_queue_slots", "A model's slots at the router: capacity and in use.",
-            ["service", "model", "state"], registry=r,
         )
         self.store_errors = Counter(
             "llmmesh_quota_store_errors", "Calls to the shared quota store that failed.",
@@ -85,9 +83,29 @@ class TenancyMetrics:
     def store_failed(self) -> None:
         self.store_errors.labels(self.service).inc()
 
-    def record_queue(self, model: str, capacity: int, in_use: int,
-                     waiting: dict[str, int]) -> None:
-        self.queue_slots.labels(self.service, model, "capacity").set(capacity)
-        self.queue_slots.labels(self.service, model, "in_use").set(in_use)
-        for band, count in waiting.items():
-            self.queue_waiting.labels(self.service, model, band).set(count)
+
+
+class QueueCollector(Collector):
+    """The admission queues' state, read when Prometheus scrapes."""
+
+    def __init__(self, queues: Mapping[str, AdmissionQueue], service: str = "router") -> None:
+        self._queues = queues
+        self._service = service
+
+    def collect(self) -> Iterator[Metric]:
+        slots = GaugeMetricFamily(
+            "llmmesh_queue_slots", "A model's slots at the router: capacity and in use.",
+            labels=["service", "model", "state"],
+        )
+        waiting = GaugeMetricFamily(
+            "llmmesh_queue_waiting", "Requests waiting for a slot, by model and band.",
+            labels=["service", "model", "priority"],
+        )
+        for model, queue in self._queues.items():
+            stats = queue.stats()
+            slots.add_metric([self._service, model, "capacity"], stats.capacity)
+            slots.add_metric([self._service, model, "in_use"], stats.in_use)
+            for band, count in stats.waiting.items():
+                waiting.add_metric([self._service, model, band], count)
+        yield slots
+        yield waiting

@@ -175,6 +175,25 @@ def tenants_from_keys(keys: Iterable[str], source: str = "API keys") -> Tenants:
     return Tenants(tuple(tenants), index, source)
 
 
+def tenants_from_key_file(file: str | Path | None, env_value: str | None) -> Tenants | None:
+    """The API keys file (one key per line, `#` comments) and/or a comma-separated
+    value, as tenants without limits; None when neither is set (no keys: the
+    mesh is open). Exits naming the file when it cannot be used."""
+    keys: list[str] = []
+    if file:
+        try:
+            text = Path(file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise TenantsFileError(str(file), None, f"cannot read: {exc}") from exc
+        keys = [line.strip() for line in text.splitlines()]
+        keys = [k for k in keys if k and not k.startswith("#")]
+        if not keys:
+            raise TenantsFileError(str(file), None, "holds no key")
+    if env_value:
+        keys += [k.strip() for k in env_value.split(",") if k.strip()]
+    return tenants_from_keys(keys, str(file or "LLMMESH_API_KEYS")) if keys else None
+
+
 def load_tenants(
     path: str | Path, canonical_model: Callable[[str], str | None] | None = None
 ) -> Tenants:
@@ -235,13 +254,12 @@ class _Reader:
     def scalar(self, node: yaml.Node, what: str) -> Any:
         if not isinstance(node, yaml.ScalarNode):
             raise self.fail(node, f"{what} must be a single value")
-        return self._construct(node)
-
-    @staticmethod
-    def _construct(node: yaml.ScalarNode) -> Any:
         loader = yaml.SafeLoader("")
         try:
             return loader.construct_object(node, deep=True)
+        except (yaml.YAMLError, ValueError, OverflowError) as exc:
+            # Not quoted: the value may be a key.
+            raise self.fail(node, f"{what} is not a valid value (quote it)") from exc
         finally:
             loader.dispose()
 

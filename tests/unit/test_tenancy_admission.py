@@ -222,3 +222,12 @@ async def test_slot_context_releases_and_reports_the_wait():
             assert queue.in_use == 1
             raise RuntimeError("boom")
     assert queue.in_use == 0
+
+
+async def test_waiters_that_left_do_not_pile_up():
+    queue = await full_queue(timeout=0.001, max_waiting=10_000)
+    for _ in range(300):
+        with pytest.raises(TenancyError):
+            await queue.acquire("a", BATCH)
+    band_heap = queue._bands[BATCH].heap  # the one internal this test looks at
+    assert len(band_heap) <= 64 + 2 and queue.waiting == 0

@@ -14,7 +14,7 @@ from services.common.errors import HTTP_STATUS, MeshError, Reason
 from services.tenancy.admission import AdmissionQueue
 from services.tenancy.errors import ROWS, TenancyError, TenancyReason
 from services.tenancy.gate import TenancyGate, model_capacity, resolve_priority
-from services.tenancy.metrics import TenancyMetrics
+from services.tenancy.metrics import QueueCollector, TenancyMetrics
 from services.tenancy.priority import Priority
 from services.tenancy.quota_memory import MemoryQuotaStore
 from services.tenancy.tenants import Tenant, TenantLimits
@@ -191,3 +191,20 @@ def test_error_rows(reason, code, status, retryable):
 
 def test_every_reason_has_a_row():
     assert set(ROWS) == set(TenancyReason)
+
+
+async def test_queue_gauges_are_read_at_scrape_time():
+    registry = CollectorRegistry()
+    queue = AdmissionQueue("qwen2", 2)
+    registry.register(QueueCollector({"qwen2": queue}))
+    for _ in range(2):
+        await queue.acquire("a", Priority.BATCH)
+    waiter = asyncio.create_task(queue.acquire("b", Priority.INTERACTIVE))
+    await asyncio.sleep(0)
+    assert sample(registry, "llmmesh_queue_slots", model="qwen2", state="capacity") == 2
+    assert sample(registry, "llmmesh_queue_slots", model="qwen2", state="in_use") == 2
+    assert sample(registry, "llmmesh_queue_waiting", model="qwen2", priority="interactive") == 1
+    assert sample(registry, "llmmesh_queue_waiting", model="qwen2", priority="batch") == 0
+    queue.release()
+    await waiter
+    assert sample(registry, "llmmesh_queue_waiting", model="qwen2", priority="interactive") == 0

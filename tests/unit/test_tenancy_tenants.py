@@ -18,6 +18,7 @@ from services.tenancy.tenants import (
     TenantLimits,
     TenantsFileError,
     parse_tenants,
+    tenants_from_key_file,
     tenants_from_keys,
 )
 
@@ -94,6 +95,9 @@ def test_only_digests_are_kept():
          "tenant 'a' has too"),
         ("tenants:\n  - name: a\n    key_sha256: [abc]\n", 3, "64 hex digits"),
         ("tenants:\n  - name: a\n    keys: [k]\n    admin: 1\n", 4, "true or false"),
+        ("tenants:\n  - name: a\n    keys: [2001-13-45]\n", 3, "not a valid value"),
+        ("tenants:\n  - name: a\n    keys: [42]\n", 3, "non-empty string"),
+        ("tenants:\n  - name: a\n    keys: k\n", 3, "must be a list"),
     ],
 )
 def test_every_fault_names_file_and_line(text, line, words):
@@ -143,6 +147,23 @@ def test_api_keys_become_tenants_without_limits():
     assert one.limits.unlimited and one.models is None and one.priority is Priority.STANDARD
     with pytest.raises(ValueError):
         tenants_from_keys([])
+
+
+def test_api_keys_file_and_variable(tmp_path):
+    path = tmp_path / "keys.txt"
+    path.write_text("# keys\nsk-a\n\nsk-b\n", encoding="utf-8")
+    tenants = tenants_from_key_file(path, "sk-c, ,sk-a")
+    assert tenants is not None and len(tenants) == 3
+    assert [tenants.authenticate(bearer(k)).name for k in ("sk-a", "sk-b", "sk-c")] == [
+        "key-1", "key-2", "key-3",
+    ]
+    assert tenants_from_key_file(None, None) is None
+    assert tenants_from_key_file(None, "sk-x") is not None
+    path.write_text("# none\n", encoding="utf-8")
+    with pytest.raises(TenantsFileError, match="holds no key"):
+        tenants_from_key_file(path, None)
+    with pytest.raises(TenantsFileError, match="cannot read"):
+        tenants_from_key_file(tmp_path / "missing.txt", None)
 
 
 # -- priority --------------------------------------------------------------------
