@@ -208,3 +208,11 @@ async def test_queue_gauges_are_read_at_scrape_time():
     queue.release()
     await waiter
     assert sample(registry, "llmmesh_queue_waiting", model="qwen2", priority="interactive") == 0
+
+
+def test_token_upper_bound_never_counts_too_few():
+    from services.tenancy.tokens import reservation, upper_bound
+
+    assert upper_bound("") == 2
+    assert upper_bound("héllo") == 6 + 2  # bytes, not characters
+    assert reservation(120, 256) == 376 and reservation(-1, 10) == 10
