@@ -120,8 +120,10 @@ class Tenants:
     """An immutable set of tenants, looked up by key digest or by name."""
 
     tenants: tuple[Tenant, ...]
-    by_digest: Mapping[bytes, Tenant]
+    # Key digest -> tenant; never printed (a digest identifies a key).
+    by_digest: Mapping[bytes, Tenant] = field(repr=False)
     source: str = ""
+    _by_name: dict[str, Tenant] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_by_name", {t.name: t for t in self.tenants})
@@ -130,8 +132,7 @@ class Tenants:
         return len(self.tenants)
 
     def named(self, name: str) -> Tenant | None:
-        by_name: dict[str, Tenant] = self._by_name  # type: ignore[attr-defined]
-        return by_name.get(name)
+        return self._by_name.get(name)
 
     def by_key(self, key: str) -> Tenant | None:
         """The tenant holding `key`. A dict lookup of the key's digest: the time

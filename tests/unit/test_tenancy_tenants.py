@@ -65,6 +65,8 @@ def test_file_reads_every_field_and_defaults():
 def test_only_digests_are_kept():
     tenants = parse_tenants(FILE, "t.yaml", MODELS.get)
     assert "sk-search-1" not in repr(tenants)
+    assert hashlib.sha256(b"sk-nightly").hexdigest() not in repr(tenants)
+    assert "digest" not in repr(tenants) and "search" in repr(tenants)
     assert all(len(d) == 32 for d in tenants.by_digest)
 
 
