@@ -5,6 +5,9 @@ Transport-free; the router's core and the HTTP faces call it.
 - tenants.py     the tenants file, Tenant and its limits, lookup by key digest
 - book.py        the tenants in force, reloaded on change and on SIGHUP
 - priority.py    priority bands and the band of one request
+- caller.py      who calls and how urgently, resolved once from a request's metadata
+- gate.py        per request: check the model, reserve, queue, settle
+- tokens.py      what a request reserves; the stated estimate without a tokenizer
 - quota.py       sliding windows, reservations, the QuotaStore interface
 - quota_memory.py  the store of one router
 - quota_redis.py   the store many routers share (Redis, one Lua script)

@@ -30,6 +30,8 @@ class TenancyReason(StrEnum):
     MODEL_NOT_ALLOWED = "MODEL_NOT_ALLOWED"
     # The shared quota store cannot be reached and the policy is fail-closed.
     QUOTA_STORE_UNAVAILABLE = "QUOTA_STORE_UNAVAILABLE"
+    # Only an admin tenant's key may do this (read every tenant's usage).
+    ADMIN_ONLY = "ADMIN_ONLY"
 
     @property
     def label(self) -> str:
@@ -44,6 +46,7 @@ ROWS: Mapping[TenancyReason, ErrorKind] = {
     TenancyReason.QUEUE_TIMEOUT: ErrorKind("RESOURCE_EXHAUSTED", retryable=True),
     TenancyReason.MODEL_NOT_ALLOWED: ErrorKind("PERMISSION_DENIED", retryable=False),
     TenancyReason.QUOTA_STORE_UNAVAILABLE: ErrorKind("UNAVAILABLE", retryable=True),
+    TenancyReason.ADMIN_ONLY: ErrorKind("PERMISSION_DENIED", retryable=False),
 }
 
 

@@ -179,6 +179,7 @@ def test_metrics_hold_tenant_names_never_keys():
     (TenancyReason.QUEUE_TIMEOUT, "RESOURCE_EXHAUSTED", 429, True),
     (TenancyReason.MODEL_NOT_ALLOWED, "PERMISSION_DENIED", 403, False),
     (TenancyReason.QUOTA_STORE_UNAVAILABLE, "UNAVAILABLE", 503, True),
+    (TenancyReason.ADMIN_ONLY, "PERMISSION_DENIED", 403, False),
 ])
 def test_error_rows(reason, code, status, retryable):
     error = TenancyError(reason, "x", retry_after=1.0)
@@ -216,3 +217,31 @@ def test_token_upper_bound_never_counts_too_few():
     assert upper_bound("") == 2
     assert upper_bound("héllo") == 6 + 2  # bytes, not characters
     assert reservation(120, 256) == 376 and reservation(-1, 10) == 10
+
+
+def test_callers_resolve_tenant_and_band():
+    from services.tenancy.caller import Callers
+    from services.tenancy.tenants import parse_tenants
+
+    tenants = parse_tenants(
+        "tenants:\n  - name: ops\n    keys: [sk-ops]\n    admin: true\n"
+        "    max_priority: interactive\n"
+        "  - name: batchy\n    keys: [sk-b]\n    priority: batch\n"
+    )
+    callers = Callers(lambda: tenants)
+    ops = callers.resolve([("authorization", "Bearer sk-ops"), ("x-llmmesh-priority", "batch")])
+    assert (ops.tenant.name, ops.priority) == ("ops", Priority.BATCH)
+    ops.require_admin()
+    batchy = callers.resolve([("authorization", "Bearer sk-b")], service_tier="default")
+    assert (batchy.tenant.name, batchy.priority) == ("batchy", Priority.BATCH)
+    with pytest.raises(TenancyError) as caught:
+        batchy.require_admin()
+    assert caught.value.reason is TenancyReason.ADMIN_ONLY and caught.value.http_status == 403
+    with pytest.raises(MeshError) as bad:
+        callers.resolve([("authorization", "Bearer sk-b"), ("X-LLMMESH-PRIORITY", "standard")])
+    assert bad.value.violations[0].field == "x-llmmesh-priority"
+    with pytest.raises(MeshError) as unknown:
+        callers.resolve([("authorization", "Bearer sk-none")])
+    assert unknown.value.reason is Reason.UNAUTHENTICATED
+    open_mesh = Callers(lambda: None).resolve([], service_tier="flex")
+    assert (open_mesh.tenant.name, open_mesh.priority) == ("anonymous", Priority.BATCH)
