@@ -69,9 +69,12 @@ class _Band:
         return start, finish
 
     def pop(self) -> _Waiter | None:
+        """The next waiter still waiting. One whose task was cancelled has a
+        cancelled future before its task runs again to leave: it is skipped
+        here and counted out when it leaves."""
         while self.heap:
             waiter = heapq.heappop(self.heap)
-            if not waiter.gone:
+            if not waiter.gone and not waiter.future.done():
                 return waiter
         return None
 

@@ -231,3 +231,42 @@ async def test_waiters_that_left_do_not_pile_up():
             await queue.acquire("a", BATCH)
     band_heap = queue._bands[BATCH].heap  # the one internal this test looks at
     assert len(band_heap) <= 64 + 2 and queue.waiting == 0
+
+
+async def test_many_requests_cancelling_and_timing_out_leak_nothing():
+    """Random arrivals, holds, cancellations and timeouts: the slots in use never
+    exceed the capacity, and at the end nothing is held or waiting."""
+    import random
+
+    rng = random.Random(3)
+    queue = AdmissionQueue("qwen2", 3, max_waiting=40, timeout=0.02)
+    peak = 0
+    outcomes: Counter[str] = Counter()
+
+    async def one(i: int) -> None:
+        nonlocal peak
+        band = rng.choice(list(Priority))
+        try:
+            async with queue.slot(f"t{i % 5}", band, weight=1 + i % 3, cost=rng.randint(1, 50)):
+                peak = max(peak, queue.in_use)
+                assert queue.in_use <= queue.capacity
+                await asyncio.sleep(rng.choice((0, 0.001, 0.005)))
+            outcomes["served"] += 1
+        except TenancyError:
+            outcomes["timed out"] += 1
+        except MeshError:
+            outcomes["queue full"] += 1
+
+    tasks = []
+    for i in range(400):
+        tasks.append(asyncio.create_task(one(i)))
+        if rng.random() < 0.1:
+            rng.choice(tasks).cancel()
+        if rng.random() < 0.3:
+            await asyncio.sleep(rng.choice((0, 0.001)))
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    outcomes["cancelled"] = sum(isinstance(r, asyncio.CancelledError) for r in results)
+    assert not [r for r in results if isinstance(r, Exception)]
+    assert queue.in_use == 0 and queue.waiting == 0
+    assert peak == 3 and outcomes["served"] > 50, outcomes
+    assert outcomes["timed out"] and outcomes["cancelled"] and outcomes["queue full"], outcomes
