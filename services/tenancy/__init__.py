@@ -15,4 +15,5 @@ Transport-free; the router's core and the HTTP faces call it.
 - usage.py       the usage report and OpenAI's rate-limit headers
 - metrics.py     per-tenant Prometheus metrics
 - errors.py      the refusals tenancy adds, with their error-table rows
+- settings.py    the router's tenancy flags; the store and gate built from them
 """
