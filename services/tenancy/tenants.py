@@ -20,6 +20,7 @@ digests are kept. Every error names the file and line.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -244,9 +245,13 @@ class _Reader:
         for key_node, value_node in node.value:
             key = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else ""
             if key not in allowed:
-                raise self.fail(
-                    key_node, f"unknown field {key!r} in {what}; known: {', '.join(allowed)}"
+                # Named only when it is a near miss of a known field: a key
+                # pasted in the wrong place must not reach the log.
+                near = difflib.get_close_matches(key, allowed, n=1, cutoff=0.75)
+                named = f"unknown field {key!r} (did you mean {near[0]!r}?)" if near else (
+                    "an unknown field"
                 )
+                raise self.fail(key_node, f"{named} in {what}; known: {', '.join(allowed)}")
             if key in out:
                 raise self.fail(key_node, f"{what} gives {key!r} twice")
             out[key] = value_node

@@ -75,12 +75,13 @@ def test_only_digests_are_kept():
     [
         ("tenants:\n  - name: a\n    keys: [k\n", 4, "not valid YAML"),
         ("", None, "empty"),
-        ("tenant: []\n", 1, "unknown field 'tenant'"),
+        ("tenant: []\n", 1, "unknown field 'tenant' (did you mean 'tenants'?)"),
         ("tenants: []\n", 1, "non-empty list"),
         ("tenants:\n  - keys: [k]\n", 2, "needs a `name`"),
         ("tenants:\n  - name: a\n", 2, "needs `keys`"),
         ("tenants:\n  - name: a b\n    keys: [k]\n", 2, "name must be"),
-        ("tenants:\n  - name: a\n    keys: [k]\n    wieght: 2\n", 4, "unknown field 'wieght'"),
+        ("tenants:\n  - name: a\n    keys: [k]\n    wieght: 2\n", 4,
+         "unknown field 'wieght' (did you mean 'weight'?)"),
         ("tenants:\n  - name: a\n    keys: [k]\n    priority: urgent\n", 4, "priority must be"),
         ("tenants:\n  - name: a\n    keys: [k]\n    priority: batch\n    max_priority: batch\n"
          "  - name: b\n    keys: [j]\n    priority: standard\n    max_priority: batch\n",
@@ -91,7 +92,7 @@ def test_only_digests_are_kept():
         ("tenants:\n  - name: a\n    keys: [k]\n    limits:\n      concurrent: 0\n", 5,
          "limits.concurrent must be"),
         ("tenants:\n  - name: a\n    keys: [k]\n    limits: {tokens_per_hour: 5}\n", 4,
-         "unknown field 'tokens_per_hour'"),
+         "unknown field 'tokens_per_hour' (did you mean 'tokens_per_day'?)"),
         ("tenants:\n  - name: a\n    keys: [k]\n  - name: a\n    keys: [j]\n", 4, "given twice"),
         ("tenants:\n  - name: a\n    keys: [k]\n  - name: b\n    keys: [j, k]\n", 5,
          "tenant 'a' has too"),
@@ -110,11 +111,15 @@ def test_every_fault_names_file_and_line(text, line, words):
     assert words in str(caught.value)
 
 
-def test_fault_messages_never_quote_a_key():
-    text = "tenants:\n  - name: a\n    keys: [sk-secret]\n  - name: b\n    keys: [sk-secret]\n"
+@pytest.mark.parametrize("text", [
+    "tenants:\n  - name: a\n    keys: [sk-secret]\n  - name: b\n    keys: [sk-secret]\n",
+    "tenants:\n  - name: a\n    keys: [k]\n    sk-secret: 1\n",  # pasted in the wrong place
+    "tenants:\n  - name: a\n    keys: [2001-13-45 sk-secret]\n    weight: sk-secret\n",
+])
+def test_fault_messages_never_quote_a_key(text):
     with pytest.raises(TenantsFileError) as caught:
         parse_tenants(text, "t.yaml")
-    assert "sk-secret" not in str(caught.value)
+    assert "secret" not in str(caught.value)
 
 
 def test_authenticate():
