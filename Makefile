@@ -9,7 +9,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: help venv gen check-gen lint fmt test test-fast up bench loadtest prometheus chromium wrk clean docs docs-check
+.PHONY: help venv gen check-gen lint fmt test test-fast up bench loadtest prometheus chromium wrk redis clean docs docs-check
 
 help:
 	@echo "make up        start the local mesh (CPU backends, adapters, router, Envoy)"
@@ -80,7 +80,14 @@ wrk:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -qq --no-install-recommends wrk >/dev/null; }
 
-test: $(STAMP) check-gen lint docs-check prometheus chromium wrk
+# redis-server is a Debian package: the shared quota store's tests start a real one.
+redis:
+	@command -v redis-server >/dev/null || { \
+		echo "installing redis-server (Debian package)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends redis-server >/dev/null; }
+
+test: $(STAMP) check-gen lint docs-check prometheus chromium wrk redis
 	$(PY) -m pytest -q -p no:cacheprovider -p tests.strict_skips
 
 test-fast: $(STAMP)
