@@ -14,6 +14,6 @@ Transport-free; the router's core and the HTTP faces call it.
 - admission.py   the per-model queue: priority, weighted fair share, FIFO
 - usage.py       the usage report and OpenAI's rate-limit headers
 - metrics.py     per-tenant Prometheus metrics
-- errors.py      the refusals tenancy adds, with their error-table rows
+
 - settings.py    the router's tenancy flags; the store and gate built from them
 """

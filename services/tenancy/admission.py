@@ -36,7 +36,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from services.common.errors import MeshError, Reason
-from services.tenancy.errors import TenancyError, TenancyReason
 from services.tenancy.priority import Priority
 
 # Retry hints are clipped to this range (seconds).
@@ -189,8 +188,8 @@ class AdmissionQueue:
                 await waiter.future
         except TimeoutError:
             if self._leave(band, waiter):
-                raise TenancyError(
-                    TenancyReason.QUEUE_TIMEOUT,
+                raise MeshError(
+                    Reason.QUEUE_TIMEOUT,
                     f"model {self.model} stayed saturated: waited {limit:g} s in its queue "
                     "without a free slot; retry later",
                     metadata={"model_id": self.model, "priority": priority.label,

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from services.tenancy.errors import TenancyError, TenancyReason
+from services.common.errors import MeshError, Reason
 from services.tenancy.gate import Admission, resolve_priority
 from services.tenancy.priority import HEADER, Priority
 from services.tenancy.tenants import ANONYMOUS, Tenant, Tenants
@@ -32,8 +32,8 @@ class Caller:
     def require_admin(self) -> None:
         """Raise ADMIN_ONLY (PERMISSION_DENIED) unless the tenant is an admin."""
         if not self.tenant.admin:
-            raise TenancyError(
-                TenancyReason.ADMIN_ONLY, "only an admin API key may read this",
+            raise MeshError(
+                Reason.ADMIN_ONLY, "only an admin API key may read this",
                 metadata={"tenant": self.tenant.name},
             )
 

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 
 from services.common.errors import MeshError
 from services.tenancy.admission import AdmissionQueue
-from services.tenancy.errors import TenancyError
 from services.tenancy.metrics import TenancyMetrics
 from services.tenancy.priority import Priority, resolve
 from services.tenancy.quota import QuotaStore, Reservation
@@ -107,7 +106,7 @@ class TenancyGate:
         try:
             tenant.check_model(model)
             reservation = await self.store.reserve(tenant, tokens)
-        except (TenancyError, MeshError) as exc:
+        except MeshError as exc:
             self._refused(tenant, model, exc)
             raise
         queue = self.queues[model]
@@ -117,7 +116,7 @@ class TenancyGate:
                 timeout=queue_timeout,
             )
         except BaseException as exc:
-            if isinstance(exc, TenancyError | MeshError):
+            if isinstance(exc, MeshError):
                 self._refused(tenant, model, exc)
             self._settle(reservation, 0)
             raise
@@ -135,7 +134,7 @@ class TenancyGate:
                 used = reservation.tokens if ok else 0
             self._settle(reservation, used, admission)
 
-    def _refused(self, tenant: Tenant, model: str, error: TenancyError | MeshError) -> None:
+    def _refused(self, tenant: Tenant, model: str, error: MeshError) -> None:
         if self._metrics is not None and error.http_status == 429:
             self._metrics.record_refused(tenant.name, model, error.reason.label)
 

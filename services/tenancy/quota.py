@@ -31,7 +31,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from services.tenancy.errors import TenancyError, TenancyReason
+from services.common.errors import MeshError, Reason
 from services.tenancy.tenants import Tenant, TenantLimits
 
 
@@ -140,7 +140,7 @@ def demand(window: Window, requests: int, tokens: int) -> int:
 
 def refusal(
     tenant: Tenant, window_name: str, limit: int, amount: int, retry_ms: int | None, never: bool
-) -> TenancyError:
+) -> MeshError:
     """The error for a reservation refused by one limit."""
     unit = "requests" if window_name in ("requests_per_minute", CONCURRENT) else "tokens"
     metadata = {
@@ -148,8 +148,8 @@ def refusal(
         "requested": str(amount),
     }
     if never:
-        return TenancyError(
-            TenancyReason.QUOTA_NEVER_FITS,
+        return MeshError(
+            Reason.QUOTA_NEVER_FITS,
             f"this request needs {amount} {unit} but {window_name} is {limit}: it can never "
             "fit; ask for fewer tokens (max_tokens) or a shorter prompt",
             metadata=metadata,
@@ -160,8 +160,8 @@ def refusal(
         f"{limit} concurrent requests, all in use" if window_name == CONCURRENT
         else f"{window_name} is {limit} and has no room for {amount} more {unit}"
     )
-    return TenancyError(
-        TenancyReason.QUOTA_EXCEEDED,
+    return MeshError(
+        Reason.QUOTA_EXCEEDED,
         f"quota exceeded: {what}; retry in {math.ceil(retry)} s",
         metadata=metadata,
         retry_after=retry,
@@ -215,7 +215,7 @@ class QuotaStore(Protocol):
     """Where reservations are counted: one router's memory, or a shared Redis."""
 
     async def reserve(self, tenant: Tenant, tokens: int, requests: int = 1) -> Reservation:
-        """Reserve atomically against every limit, or raise TenancyError
+        """Reserve atomically against every limit, or raise MeshError
         (QUOTA_EXCEEDED with retry_after, QUOTA_NEVER_FITS, QUOTA_STORE_UNAVAILABLE)."""
         ...
 
@@ -257,7 +257,7 @@ class TenantUsage:
 def first_refusal(
     tenant: Tenant,
     checks: Iterable[tuple[Window, int, Assessment]],
-) -> TenancyError | None:
+) -> MeshError | None:
     """The error for a set of window verdicts, or None when all fit: a limit the
     request can never fit wins; otherwise the latest retry time."""
     worst: tuple[Window, int, Assessment] | None = None

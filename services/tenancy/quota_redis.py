@@ -33,7 +33,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from services.tenancy.errors import TenancyError, TenancyReason
+from services.common.errors import MeshError, Reason
 from services.tenancy.quota import (
     CONCURRENT,
     WINDOWS,
@@ -294,7 +294,7 @@ class RedisQuotaStore:
     def _refusal(
         self, tenant: Tenant, refused: str, retry_ms: int, amounts: list[int],
         facts: list[tuple[int, ...]], now: int,
-    ) -> TenancyError:
+    ) -> MeshError:
         if refused == "concurrent":
             limit = tenant.limits.concurrent
             assert limit is not None
@@ -312,8 +312,8 @@ class RedisQuotaStore:
     async def _fallback(self, tenant: Tenant, tokens: int, requests: int) -> Reservation:
         if self.policy is FailurePolicy.OPEN or tenant.limits.unlimited:
             return await self._local.reserve(tenant, tokens, requests)
-        raise TenancyError(
-            TenancyReason.QUOTA_STORE_UNAVAILABLE,
+        raise MeshError(
+            Reason.QUOTA_STORE_UNAVAILABLE,
             "the quota store cannot be reached and quotas fail closed; retry shortly",
             metadata={"tenant": tenant.name},
             retry_after=self._retry_interval,

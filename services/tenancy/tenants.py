@@ -31,7 +31,6 @@ from typing import Any
 import yaml
 
 from services.common.errors import MeshError, Reason, clip
-from services.tenancy.errors import TenancyError, TenancyReason
 from services.tenancy.priority import NAMES as PRIORITY_NAMES
 from services.tenancy.priority import Priority
 
@@ -95,8 +94,8 @@ class Tenant:
     def check_model(self, model_id: str) -> None:
         """Raise MODEL_NOT_ALLOWED (PERMISSION_DENIED) unless the tenant may use the model."""
         if not self.allows(model_id):
-            raise TenancyError(
-                TenancyReason.MODEL_NOT_ALLOWED,
+            raise MeshError(
+                Reason.MODEL_NOT_ALLOWED,
                 f"this API key may not use model {clip(model_id)!r}",
                 metadata={"model_id": clip(model_id), "tenant": self.name},
             )

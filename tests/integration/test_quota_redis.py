@@ -17,9 +17,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from services.tenancy.errors import TenancyError, TenancyReason
+from services.common.errors import MeshError, Reason
 from services.tenancy.quota_redis import FailurePolicy, RedisQuotaStore
-from tests.procs import free_port, start, stop
+from tests.harness.procs import free_port, start, stop
 from tests.unit.test_tenancy_quota import (  # noqa: F401  (run here on Redis)
     Clock,
     tenant,
@@ -102,7 +102,7 @@ async def test_two_routers_keep_one_budget(make_store):
     granted = [r for r in results if not isinstance(r, BaseException)]
     refused = [r for r in results if isinstance(r, BaseException)]
     assert len(granted) == 33 and sum(r.tokens for r in granted) == 990
-    assert all(isinstance(e, TenancyError) and e.reason is TenancyReason.QUOTA_EXCEEDED
+    assert all(isinstance(e, MeshError) and e.reason is Reason.QUOTA_EXCEEDED
                for e in refused)
     assert {r.store for r in granted} == {one, two}
     # Each settles for a third of its reservation: 660 tokens come back.
@@ -122,7 +122,7 @@ async def test_concurrency_across_routers(make_store):
     one, two = make_store(Clock()), make_store(Clock())
     who = tenant(concurrent=3)
     held = [await one.reserve(who, 1), await two.reserve(who, 1), await one.reserve(who, 1)]
-    with pytest.raises(TenancyError):
+    with pytest.raises(MeshError):
         await two.reserve(who, 1)
     await held[0].settle(1)
     await two.reserve(who, 1)
@@ -135,7 +135,7 @@ async def test_redis_clock_by_default(make_store):
     store = make_store(None)
     who = tenant(tokens_per_minute=100)
     await store.reserve(who, 60)
-    with pytest.raises(TenancyError) as caught:
+    with pytest.raises(MeshError) as caught:
         await store.reserve(who, 60)
     assert 59 <= caught.value.retry_after <= 61
     await store.close()
@@ -146,7 +146,7 @@ async def test_a_lease_frees_a_slot_whose_router_died(make_store):
     store = make_store(clock, lease=30)
     who = tenant(concurrent=1)
     await store.reserve(who, 1)  # never settled
-    with pytest.raises(TenancyError):
+    with pytest.raises(MeshError):
         await store.reserve(who, 1)
     clock.now += 31
     await store.reserve(who, 1)
@@ -167,11 +167,11 @@ async def test_fail_closed_refuses_at_once(caplog):
     began = time.monotonic()
     with caplog.at_level(logging.ERROR, logger="llmmesh.tenancy"):
         for _ in range(3):
-            with pytest.raises(TenancyError) as caught:
+            with pytest.raises(MeshError) as caught:
                 await store.reserve(who, 10)
     assert time.monotonic() - began < 2.0
     error = caught.value
-    assert error.reason is TenancyReason.QUOTA_STORE_UNAVAILABLE
+    assert error.reason is Reason.QUOTA_STORE_UNAVAILABLE
     assert error.code == "UNAVAILABLE" and error.retry_after == 5
     # One attempt, one log line: later requests do not wait on Redis again.
     assert failures == [1]
@@ -187,9 +187,9 @@ async def test_fail_open_serves_a_share_of_the_limit():
     )
     who = tenant(tokens_per_minute=1000)
     await store.reserve(who, 250)
-    with pytest.raises(TenancyError) as caught:
+    with pytest.raises(MeshError) as caught:
         await store.reserve(who, 1)
-    assert caught.value.reason is TenancyReason.QUOTA_EXCEEDED
+    assert caught.value.reason is Reason.QUOTA_EXCEEDED
     assert caught.value.metadata["limit"] == "250"
     assert not store.reachable
     await store.close()

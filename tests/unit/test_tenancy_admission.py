@@ -9,7 +9,6 @@ import pytest
 
 from services.common.errors import MeshError, Reason
 from services.tenancy.admission import AdmissionQueue
-from services.tenancy.errors import TenancyError, TenancyReason
 from services.tenancy.priority import Priority
 
 BATCH, STANDARD, INTERACTIVE = Priority.BATCH, Priority.STANDARD, Priority.INTERACTIVE
@@ -132,10 +131,10 @@ async def test_an_idle_tenant_banks_no_credit():
 
 async def test_timeout_leaves_with_retry_info():
     queue = await full_queue(timeout=0.05)
-    with pytest.raises(TenancyError) as caught:
+    with pytest.raises(MeshError) as caught:
         await queue.acquire("a", STANDARD)
     error = caught.value
-    assert error.reason is TenancyReason.QUEUE_TIMEOUT and error.retryable
+    assert error.reason is Reason.QUEUE_TIMEOUT and error.retryable
     assert error.code == "RESOURCE_EXHAUSTED" and error.http_status == 429
     assert error.retry_after is not None and error.retry_after >= 1
     assert queue.waiting == 0 and queue.in_use == 1
@@ -144,7 +143,7 @@ async def test_timeout_leaves_with_retry_info():
     assert queue.in_use == 0
     # A per-request timeout wins over the queue's.
     queue2 = await full_queue(timeout=30)
-    with pytest.raises(TenancyError):
+    with pytest.raises(MeshError):
         await queue2.acquire("a", STANDARD, timeout=0.01)
 
 
@@ -227,7 +226,7 @@ async def test_slot_context_releases_and_reports_the_wait():
 async def test_waiters_that_left_do_not_pile_up():
     queue = await full_queue(timeout=0.001, max_waiting=10_000)
     for _ in range(300):
-        with pytest.raises(TenancyError):
+        with pytest.raises(MeshError):
             await queue.acquire("a", BATCH)
     band_heap = queue._bands[BATCH].heap  # the one internal this test looks at
     assert len(band_heap) <= 64 + 2 and queue.waiting == 0
@@ -252,10 +251,9 @@ async def test_many_requests_cancelling_and_timing_out_leak_nothing():
                 assert queue.in_use <= queue.capacity
                 await asyncio.sleep(rng.choice((0, 0.001, 0.005)))
             outcomes["served"] += 1
-        except TenancyError:
-            outcomes["timed out"] += 1
-        except MeshError:
-            outcomes["queue full"] += 1
+        except MeshError as exc:
+            key = "timed out" if exc.reason is Reason.QUEUE_TIMEOUT else "queue full"
+            outcomes[key] += 1
 
     tasks = []
     for i in range(400):

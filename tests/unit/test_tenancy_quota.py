@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import pytest
 
-from services.tenancy.errors import TenancyError, TenancyReason
+from services.common.errors import MeshError, Reason
 from services.tenancy.quota import WINDOWS, QuotaStore
 from services.tenancy.quota_memory import MemoryQuotaStore
 from services.tenancy.tenants import Tenant, TenantLimits
@@ -41,8 +41,8 @@ def tenant(name: str = "t", **limits: int) -> Tenant:
     return Tenant(name, limits=TenantLimits(**limits))
 
 
-async def refused(store: QuotaStore, who: Tenant, tokens: int) -> TenancyError:
-    with pytest.raises(TenancyError) as caught:
+async def refused(store: QuotaStore, who: Tenant, tokens: int) -> MeshError:
+    with pytest.raises(MeshError) as caught:
         await store.reserve(who, tokens)
     return caught.value
 
@@ -55,7 +55,7 @@ async def test_tokens_per_minute_refuses_with_when_it_fits(make_store):
     clock.now += 20
     await store.reserve(who, 300)
     error = await refused(store, who, 200)
-    assert error.reason is TenancyReason.QUOTA_EXCEEDED and error.retryable
+    assert error.reason is Reason.QUOTA_EXCEEDED and error.retryable
     assert error.code == "RESOURCE_EXHAUSTED" and error.http_status == 429
     # The 600 charged at T0 leave when their bucket does: 61 s after T0.
     assert error.retry_after == pytest.approx(41.0)
@@ -72,7 +72,7 @@ async def test_a_request_larger_than_a_limit_can_never_fit(make_store):
     store = make_store(Clock())
     who = tenant(tokens_per_minute=1000, tokens_per_day=5000)
     error = await refused(store, who, 1001)
-    assert error.reason is TenancyReason.QUOTA_NEVER_FITS and not error.retryable
+    assert error.reason is Reason.QUOTA_NEVER_FITS and not error.retryable
     assert error.retry_after is None and "never" in error.message
     assert error.http_status == 429
     # Nothing was charged by the refusal.
@@ -135,7 +135,7 @@ async def test_concurrency(make_store):
     two = await store.reserve(who, 5)
     assert two.concurrent == 2
     error = await refused(store, who, 5)
-    assert error.reason is TenancyReason.QUOTA_EXCEEDED
+    assert error.reason is Reason.QUOTA_EXCEEDED
     assert error.metadata["limit_name"] == "concurrent" and error.retry_after == 1.0
     await one.settle(5)
     three = await store.reserve(who, 5)
@@ -201,8 +201,8 @@ async def test_no_minute_ever_sees_more_than_the_limit(make_store):
         want = rng.randint(1, 400)
         try:
             reservation = await store.reserve(who, want)
-        except TenancyError as exc:
-            assert exc.reason is TenancyReason.QUOTA_EXCEEDED
+        except MeshError as exc:
+            assert exc.reason is Reason.QUOTA_EXCEEDED
             continue
         used = want if rng.random() < 0.7 else rng.randint(0, want)
         await reservation.settle(used)
@@ -231,7 +231,7 @@ async def test_concurrent_reservations_never_exceed_the_limit(make_store):
         *(store.reserve(who, 30) for _ in range(64)), return_exceptions=True
     )
     granted = [r for r in results if not isinstance(r, BaseException)]
-    assert all(isinstance(r, TenancyError) for r in results if isinstance(r, BaseException))
+    assert all(isinstance(r, MeshError) for r in results if isinstance(r, BaseException))
     assert len(granted) == 33  # 33 * 30 = 990 <= 1000 < 34 * 30
     await store.close()
 

@@ -12,7 +12,6 @@ import pytest
 
 from services.common.errors import MeshError, Reason
 from services.tenancy.book import TenantBook
-from services.tenancy.errors import TenancyError, TenancyReason
 from services.tenancy.priority import HEADER, SERVICE_TIER, Priority, resolve
 from services.tenancy.tenants import (
     TenantLimits,
@@ -137,10 +136,10 @@ def test_model_not_allowed_names_the_model():
     search = parse_tenants(FILE, "t.yaml", MODELS.get).named("search")
     assert search is not None
     search.check_model("qwen2")
-    with pytest.raises(TenancyError) as caught:
+    with pytest.raises(MeshError) as caught:
         search.check_model("llama3")
     error = caught.value
-    assert error.reason is TenancyReason.MODEL_NOT_ALLOWED
+    assert error.reason is Reason.MODEL_NOT_ALLOWED
     assert error.code == "PERMISSION_DENIED" and error.http_status == 403
     assert "llama3" in error.message and error.metadata["model_id"] == "llama3"
 
