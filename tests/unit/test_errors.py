@@ -103,6 +103,7 @@ def test_documented_error_table_has_every_reason_with_its_code():
 def test_documented_http_status_is_envoys():
     """The HTTP column: what Envoy makes of the gRPC code, or Envoy's own status."""
     http = {"INVALID_ARGUMENT": "400", "NOT_FOUND": "404", "UNAUTHENTICATED": "401",
+            "PERMISSION_DENIED": "403",
             "RESOURCE_EXHAUSTED": "429", "INTERNAL": "500", "UNAVAILABLE": "503",
             "DEADLINE_EXCEEDED": "504", "CANCELLED": "499"}
     edge: dict[str, set[str]] = {}
