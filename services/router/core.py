@@ -21,6 +21,10 @@ from services.common.validation import validate
 from services.router.pool import ReplicaPool
 from services.router.replica import Replica
 from services.router.scenarios import DEFAULT_SCENARIO, Scenarios
+from services.tenancy.gate import Admission, TenancyGate, model_capacity
+from services.tenancy.quota import TenantUsage
+from services.tenancy.tenants import ANONYMOUS, Tenants
+from services.tenancy.tokens import reservation, upper_bound
 
 log = logging.getLogger("llmmesh.router")
 
@@ -38,6 +42,9 @@ class RouterCore:
         *,
         default_timeout: float | None = 600.0,
         max_in_flight: int = 512,
+        gate: TenancyGate | None = None,
+        slots_per_replica: int = 8,
+        tenants: Callable[[], Tenants | None] | None = None,
     ) -> None:
         self._registry = registry
         self._scenarios = scenarios
@@ -48,6 +55,11 @@ class RouterCore:
         self._max_in_flight = max_in_flight
         self._in_flight = {spec.id: 0 for spec in registry.models}
         self._default_timeout = default_timeout
+        # With tenants: budgets and the per-model queue (services.tenancy); its
+        # queue bound takes the place of max_in_flight.
+        self._gate = gate
+        self._tenants = tenants
+        self._slots = {spec.id: spec.slots or slots_per_replica for spec in registry.models}
         for spec in registry.models:
             metrics.declare_model(spec.id)
 
@@ -73,29 +85,51 @@ class RouterCore:
         context: RequestContext | None = None,
     ) -> Generation:
         spec, forward = self._prepare(request, context)
+        if self._gate is None:
+            with self._admit(spec):
+                return await self._generate(spec, forward, timeout)
+        async with self._admission(spec, forward, context) as admission:
+            result = await self._generate(spec, forward, timeout)
+            admission.record(result.input_tokens, result.tokens)
+            return result
+
+    async def _generate(
+        self, spec: ModelSpec, forward: GenerationRequest, timeout: float | None
+    ) -> Generation:
         tried: set[Replica] = set()
         last: MeshError | None = None
-        with self._admit(spec):
-            while True:
-                replica = await self._pick(spec, tried, last)
-                try:
-                    with replica.track():
-                        result = await replica.generate(forward, self._deadline(timeout))
-                except MeshError as exc:
-                    last = exc
-                    if not self._failover(spec, replica, last, tried):
-                        raise
-                    continue
-                self._metrics.record_tokens(spec.id, result.input_tokens, result.tokens)
-                return result
+        while True:
+            replica = await self._pick(spec, tried, last)
+            try:
+                with replica.track():
+                    result = await replica.generate(forward, self._deadline(timeout))
+            except MeshError as exc:
+                last = exc
+                if not self._failover(spec, replica, last, tried):
+                    raise
+                continue
+            self._metrics.record_tokens(spec.id, result.input_tokens, result.tokens)
+            return result
 
     async def generate_stream(
         self, request: GenerationRequest, timeout: float | None,
         context: RequestContext | None = None,
     ) -> AsyncIterator[Chunk | Generation]:
         spec, forward = self._prepare(request, context)
-        with self._admit(spec):
+        if self._gate is None:
+            with self._admit(spec):
+                async for event in self._relay(spec, forward, timeout):
+                    yield event
+            return
+        async with self._admission(spec, forward, context) as admission:
+            # What the request reserved for its input stands for it until the
+            # engine's count arrives with the final event.
+            reserved_input = admission.reservation.tokens - self._max_new_tokens(spec, forward)
             async for event in self._relay(spec, forward, timeout):
+                if isinstance(event, Generation):
+                    admission.record(event.input_tokens, event.tokens)
+                else:
+                    admission.record(reserved_input, event.tokens)
                 yield event
 
     async def _relay(
@@ -122,10 +156,64 @@ class RouterCore:
             finally:
                 await events.aclose()  # type: ignore[attr-defined]
 
+    # -- tenancy ------------------------------------------------------------------
+
+    async def usage(self, context: RequestContext | None) -> list[TenantUsage]:
+        """Every tenant's current windows, for an admin tenant's key only."""
+        caller = context.caller if context is not None else None
+        if caller is None:
+            raise MeshError(Reason.ADMIN_ONLY, "only an admin API key may read usage; "
+                            "this mesh has no tenants")
+        caller.require_admin()
+        tenants = self._tenants() if self._tenants is not None else None
+        if self._gate is None or tenants is None:
+            return []
+        return [await self._gate.store.usage(t) for t in tenants.tenants]
+
+    @contextlib.asynccontextmanager
+    async def _admission(
+        self, spec: ModelSpec, forward: GenerationRequest, context: RequestContext | None
+    ) -> AsyncIterator[Admission]:
+        """The request's reservation and queue slot (services.tenancy.gate)."""
+        assert self._gate is not None
+        caller = context.caller if context is not None else None
+        tenant = caller.tenant if caller is not None else ANONYMOUS
+        priority = caller.priority if caller is not None else tenant.priority
+        tokens = reservation(input_estimate(forward), self._max_new_tokens(spec, forward))
+        async with self._gate.admit(tenant, spec.id, priority, tokens=tokens) as admission:
+            if caller is not None:
+                caller.admission = admission
+            yield admission
+
+    @staticmethod
+    def _max_new_tokens(spec: ModelSpec, forward: GenerationRequest) -> int:
+        asked = forward.parameters.max_new_tokens
+        return asked if asked is not None else (
+            spec.defaults.max_new_tokens or spec.limits.max_new_tokens)
+
+    def _update_capacity(self) -> None:
+        """Each model's slots: per serving replica, less what other callers
+        hold on its engine as the engine reported."""
+        assert self._gate is not None
+        for spec in self._registry.models:
+            queue = self._gate.queues.get(spec.id)
+            if queue is None:
+                continue
+            replicas = [
+                (r.serving, (r.load.running + r.load.waiting) if r.load is not None else None,
+                 r.in_flight_at_report)
+                for r in self._pools[spec.id].replicas.values()
+            ]
+            # A model with no serving replica keeps one slot: its requests
+            # get MODEL_UNAVAILABLE at once instead of waiting for a slot.
+            queue.set_capacity(max(1, model_capacity(self._slots[spec.id], replicas)))
+
     # -- health -------------------------------------------------------------------
 
     async def refresh(self, timeout: float = 1.0) -> None:
         await asyncio.gather(*(pool.refresh(timeout) for pool in self._pools.values()))
+        if self._gate is not None:
+            self._update_capacity()
         for spec in self._registry.models:
             for replica in self._pools[spec.id].replicas.values():
                 self._metrics.engine_up.labels(
@@ -239,6 +327,13 @@ class RouterCore:
         finally:
             self._in_flight[spec.id] -= 1
 
+    def initial_slots(self) -> dict[str, int]:
+        """Each model's slots before the first health round: every replica serving."""
+        return {
+            spec.id: self._slots[spec.id] * max(1, len(spec.adapters))
+            for spec in self._registry.models
+        }
+
     def _deadline(self, timeout: float | None) -> float | None:
         return timeout if timeout is not None else self._default_timeout
 
@@ -257,3 +352,20 @@ class RouterCore:
             load=pool.load,
         )
 
+
+
+# Tokens a chat template may add around each message (role markers, separators),
+# beyond the message's own text: generous for every template the mesh ships.
+TEMPLATE_TOKENS_PER_MESSAGE = 16
+
+
+def input_estimate(request: GenerationRequest) -> int:
+    """At least as many input tokens as the rendered prompt has
+    (services.tenancy.tokens.upper_bound over the text, plus room for the
+    template's own tokens around each message); settling gives the excess back."""
+    if request.messages:
+        return sum(
+            upper_bound(m.content) + len(m.role) + TEMPLATE_TOKENS_PER_MESSAGE
+            for m in request.messages
+        ) + TEMPLATE_TOKENS_PER_MESSAGE
+    return upper_bound(request.inputs)
