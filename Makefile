@@ -14,7 +14,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 help:
 	@echo "make up        start the local mesh (CPU backends, adapters, router, Envoy)"
 	@echo "               [REPLICAS=N] [BACKENDS=\"qwen2=http://h:p,http://h2:p ...\"]"
-	@echo "               [API_KEYS_FILE=FILE] [TLS=1]"
+	@echo "               [API_KEYS_FILE=FILE] [TLS=1] [TENANTS_FILE=FILE [QUOTA_STORE=redis]]"
 	@echo "make test      install what is missing and run every check and test"
 	@echo "make test-fast unit and component tests only"
 	@echo "make gen       regenerate gen/ from protos/"
@@ -95,10 +95,13 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit tests/component
 
 # make up [REPLICAS=N] [BACKENDS="qwen2=http://h:p,http://h2:p ..."] [API_KEYS_FILE=keys.txt] [TLS=1]
-up: $(STAMP)
+#         [TENANTS_FILE=tenants.yaml [QUOTA_STORE=redis]]
+up: $(STAMP) $(if $(filter redis,$(QUOTA_STORE)),redis)
 	$(PY) -m services.launcher $(if $(BACKENDS),--backends "$(BACKENDS)") \
 		$(if $(REPLICAS),--replicas "$(REPLICAS)") \
 		$(if $(API_KEYS_FILE),--api-keys-file "$(API_KEYS_FILE)") \
+		$(if $(TENANTS_FILE),--tenants-file "$(TENANTS_FILE)") \
+		$(if $(QUOTA_STORE),--quota-store "$(QUOTA_STORE)") \
 		$(if $(filter 1 yes true on,$(TLS)),--tls)
 
 bench: $(STAMP) wrk
