@@ -18,7 +18,9 @@ it at once; when none is, requests wait and each freed slot goes to:
 3. within a tenant, first come first served (its tags only grow).
 
 Work conserving: a slot never stays free while anyone waits, so a lone batch
-tenant gets the whole model. The queue is bounded (OVERLOADED beyond it) and
+tenant gets the whole model, less `headroom`: slots the batch band may not
+take (0 by default), kept for interactive and standard requests, which then
+start at once instead of waiting for a batch request to end. The queue is bounded (OVERLOADED beyond it) and
 a waiter gives up after `timeout` (QUEUE_TIMEOUT); both say when to retry,
 from the rate at which slots were freed lately. A waiter that is cancelled
 or times out leaves at once.
@@ -101,8 +103,10 @@ class AdmissionQueue:
         max_waiting: int = 1024,
         timeout: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
+        headroom: int = 0,
     ) -> None:
         self.model = model
+        self._headroom = max(0, headroom)
         self._capacity = max(0, capacity)
         self._max_waiting = max_waiting
         self._timeout = timeout
@@ -161,7 +165,7 @@ class AdmissionQueue:
         band = self._bands[priority]
         cost = max(cost, 1e-9)
         weight = max(weight, 1e-9)
-        if self._in_use < self._capacity and self.waiting == 0:
+        if self._in_use < self._limit(priority) and self.waiting == 0:
             start, _ = band.tags(tenant, cost, weight)
             band.vtime = max(band.vtime, start)
             self._in_use += 1
@@ -227,11 +231,18 @@ class AdmissionQueue:
             waiter.future.cancel()
         return True
 
+    def _limit(self, priority: Priority) -> int:
+        """The slots `priority` may fill: batch leaves the headroom free (but
+        always has one slot when the model has any)."""
+        if priority is Priority.BATCH and self._headroom:
+            return max(min(1, self._capacity), self._capacity - self._headroom)
+        return self._capacity
+
     def _dispatch(self) -> None:
         while self._in_use < self._capacity:
             waiter = None
-            for band in self._bands.values():  # in priority order
-                if band.waiting:
+            for priority, band in self._bands.items():  # in priority order
+                if band.waiting and self._in_use < self._limit(priority):
                     waiter = band.pop()
                     if waiter is not None:
                         band.waiting -= 1

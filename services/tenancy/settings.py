@@ -37,6 +37,8 @@ class TenancySettings:
     queue_timeout: float = 30.0
     # Slots per replica for a model whose registry entry gives none.
     slots_per_replica: int = 8
+    # Slots of each model the batch band may not take (kept for the others).
+    headroom: int = 0
     reload_interval: float = 2.0
 
 
@@ -65,6 +67,9 @@ def add_tenancy_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--slots-per-replica", type=int, default=8,
                    help="requests a replica's engine runs at once, for models whose "
                         "registry entry gives none")
+    g.add_argument("--headroom", type=int, default=0,
+                   help="slots of each model that batch requests may not take, so "
+                        "interactive and standard ones start at once during a batch flood")
 
 
 def tenancy_settings(
@@ -82,6 +87,8 @@ def tenancy_settings(
     for flag in ("queue_size", "slots_per_replica"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.headroom < 0:
+        parser.error("--headroom must be >= 0")
     return TenancySettings(
         tenants_file=args.tenants_file,
         quota_store=store,
@@ -91,6 +98,7 @@ def tenancy_settings(
         queue_size=args.queue_size,
         queue_timeout=args.queue_timeout,
         slots_per_replica=args.slots_per_replica,
+        headroom=args.headroom,
     )
 
 
@@ -120,7 +128,8 @@ def make_gate(
     capacity (update it with gate.queues[model].set_capacity)."""
     queues = {
         model: AdmissionQueue(
-            model, capacity, max_waiting=settings.queue_size, timeout=settings.queue_timeout
+            model, capacity, max_waiting=settings.queue_size, timeout=settings.queue_timeout,
+            headroom=settings.headroom,
         )
         for model, capacity in slots.items()
     }

@@ -345,3 +345,30 @@ async def test_an_interactive_request_waits_for_one_slot_not_the_flood():
     assert waited <= 128
     assert asked.done()
     engine.stop()
+
+
+async def test_headroom_keeps_slots_for_urgent_bands_only():
+    """Batch fills capacity less the headroom and waits there; an interactive
+    request takes a kept slot at once; without other bands, batch still
+    has its share and the kept slots stay free for the next urgent caller."""
+    queue = AdmissionQueue("qwen2", 4, headroom=1)
+    for _ in range(3):
+        assert await queue.acquire("nightly", BATCH) == 0.0
+    recorder = Recorder(queue)
+    recorder.add("batch-4", "nightly", BATCH)
+    await settle()
+    assert queue.in_use == 3 and queue.waiting == 1 and recorder.order == []
+    # At once: batch waiting cannot take the slot kept for it.
+    assert await asyncio.wait_for(queue.acquire("search", INTERACTIVE), 0.5) < 0.1
+    assert queue.in_use == 4
+    queue.release()  # the interactive one ends: its slot is not batch's
+    await settle()
+    assert recorder.order == [] and queue.in_use == 3
+    queue.release()  # a batch one ends: the waiting batch request takes it
+    await settle()
+    assert recorder.order == ["batch-4"] and queue.in_use == 3
+
+
+async def test_headroom_never_starves_batch_of_its_last_slot():
+    queue = AdmissionQueue("qwen2", 1, headroom=4)
+    assert await queue.acquire("nightly", BATCH) == 0.0
