@@ -273,6 +273,7 @@ def main() -> dict[str, Any]:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     results = run(5.0 if args.quick else args.seconds)
+    results["path_cost"] = path_cost()
     s = results["summary"]
     print("\nTenants on a saturated model (8 slots, 20 ms/token; A floods with 80 batch "
           f"streams, B sends interactive requests at {B_RATE:g}/s)")
@@ -288,6 +289,9 @@ def main() -> dict[str, Any]:
     print(f"| weights 3:1, tokens served | - | {s['heavy_to_light']}:1 |")
     print(f"| tokens over a limit ({LIMITED_TOKENS_PER_MINUTE}/min; "
           f"{s['limited_tokens']} served) | - | {s['tokens_over_limit']} |")
+    cost = results["path_cost"]
+    print(f"CPU per request of the tenancy path: off {cost['off_ms']} ms, "
+          f"on {cost['on_ms']} ms (key, priority, estimate, reserve, slot, settle)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return results
@@ -295,3 +299,69 @@ def main() -> dict[str, Any]:
 
 if __name__ == "__main__":
     main()
+
+
+def path_cost(n: int = 20000) -> dict[str, float]:
+    """CPU ms per request of the router's tenancy path, in process: off (no
+    tenants: the checks that skip it) and on (resolve the caller from its key
+    and priority header, estimate, reserve in the router's memory, take and
+    give back a queue slot, record, settle)."""
+    import dataclasses
+
+    from services.common.request_context import RequestContext
+    from services.common.types import GenerationRequest, Parameters
+    from services.router.core import input_estimate
+    from services.tenancy.caller import Callers
+    from services.tenancy.settings import TenancySettings, make_gate
+    from services.tenancy.tenants import parse_tenants
+
+    tenants = parse_tenants(TENANTS.replace("priority: interactive",
+                                            "priority: interactive\n    limits: "
+                                            "{tokens_per_minute: 1000000000, "
+                                            "requests_per_minute: 1000000000}"))
+    callers = Callers(lambda: tenants)
+    metadata = (("authorization", "Bearer sk-b"), ("x-llmmesh-priority", "interactive"))
+    request = GenerationRequest("qwen2", inputs="a question " * 20,
+                                parameters=Parameters(max_new_tokens=64))
+    context = RequestContext(None, "qwen2", "chat")
+
+    async def on() -> float:
+        gate = make_gate(TenancySettings(), {"qwen2": 8})
+        began = time.process_time()
+        for _ in range(n):
+            caller = callers.resolve(metadata)
+            ctx = dataclasses.replace(context, caller=caller, tenant=caller.tenant.name)
+            tokens = input_estimate(request) + 64
+            assert ctx.caller is not None
+            async with gate.admit(ctx.caller.tenant, "qwen2", ctx.caller.priority,
+                                  tokens=tokens) as admission:
+                admission.record(40, 64)
+            await asyncio.sleep(0)  # the settle task runs
+        await gate.drain()
+        took = time.process_time() - began
+        await gate.close()
+        return took
+
+    async def off() -> float:
+        gate = None
+        callers_off = None
+        began = time.process_time()
+        for _ in range(n):
+            if callers_off is not None:
+                raise AssertionError
+            if gate is not None:
+                raise AssertionError
+            await asyncio.sleep(0)
+        return time.process_time() - began
+
+    async def empty() -> float:
+        began = time.process_time()
+        for _ in range(n):
+            await asyncio.sleep(0)
+        return time.process_time() - began
+
+    base = asyncio.run(empty())
+    return {
+        "off_ms": round(max(0.0, asyncio.run(off()) - base) / n * 1000, 4),
+        "on_ms": round(max(0.0, asyncio.run(on()) - base) / n * 1000, 4),
+    }
