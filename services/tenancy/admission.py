@@ -20,10 +20,10 @@ it at once; when none is, requests wait and each freed slot goes to:
 Work conserving: a slot never stays free while anyone waits, so a lone batch
 tenant gets the whole model, less `headroom`: slots the batch band may not
 take (0 by default), kept for interactive and standard requests, which then
-start at once instead of waiting for a batch request to end. The queue is bounded (OVERLOADED beyond it) and
-a waiter gives up after `timeout` (QUEUE_TIMEOUT); both say when to retry,
-from the rate at which slots were freed lately. A waiter that is cancelled
-or times out leaves at once.
+start at once instead of waiting for a batch request to end. The queue is
+bounded (OVERLOADED beyond it) and a waiter gives up after `timeout`
+(QUEUE_TIMEOUT); both say when to retry, from the rate at which slots were
+freed lately. A waiter that is cancelled or times out leaves at once.
 """
 
 from __future__ import annotations

@@ -218,7 +218,7 @@ def mesh(tmp: Path, *router_flags: str) -> Iterator[str]:
         stop_all(parts[::-1])
 
 
-def run(seconds: float) -> dict[str, Any]:
+def run(seconds: float, headroom: int = 1) -> dict[str, Any]:
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -235,7 +235,7 @@ def run(seconds: float) -> dict[str, Any]:
                                                 interactive=True, keys=False))
             print("without the queue:", json.dumps(off), flush=True)
         (tmp / "on").mkdir()
-        with mesh(tmp / "on", "--tenants-file", str(tenants), "--headroom", "1",
+        with mesh(tmp / "on", "--tenants-file", str(tenants), "--headroom", str(headroom),
                   "--slots-per-replica", str(SLOTS)) as address:
             on = results.setdefault("with_queue", {})
             on["b_alone"] = asyncio.run(scenario(address, seconds, flood=False, interactive=True))
@@ -270,14 +270,16 @@ def main() -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="python -m tests.bench.tenancy_bench", description=__doc__)
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--quick", action="store_true", help="5 s per scenario")
+    p.add_argument("--headroom", type=int, default=1,
+                   help="the router's --headroom: slots batch requests may not take")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
-    results = run(5.0 if args.quick else args.seconds)
+    results = run(5.0 if args.quick else args.seconds, args.headroom)
     results["path_cost"] = path_cost()
     s = results["summary"]
     print("\nTenants on a saturated model (8 slots, 20 ms/token; A floods with 80 batch "
           f"streams, B sends interactive requests at {B_RATE:g}/s)")
-    print("| | without the queue | with the queue (headroom 1) |")
+    print(f"| | without the queue | with the queue (headroom {args.headroom}) |")
     print("|---|---|---|")
     print(f"| B's TTFT p95, alone | {results['without_queue']['b_alone']['b_ttft_ms']['p95']} ms "
           f"| {s['b_ttft_p95_alone_ms']} ms |")
@@ -295,10 +297,6 @@ def main() -> dict[str, Any]:
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return results
-
-
-if __name__ == "__main__":
-    main()
 
 
 def path_cost(n: int = 20000) -> dict[str, float]:
@@ -365,3 +363,7 @@ def path_cost(n: int = 20000) -> dict[str, float]:
         "off_ms": round(max(0.0, asyncio.run(off()) - base) / n * 1000, 4),
         "on_ms": round(max(0.0, asyncio.run(on()) - base) / n * 1000, 4),
     }
+
+
+if __name__ == "__main__":
+    main()
