@@ -23,13 +23,15 @@ from services.router.replica import Replica
 from services.router.scenarios import DEFAULT_SCENARIO, Scenarios
 from services.tenancy.gate import Admission, TenancyGate, model_capacity
 from services.tenancy.quota import TenantUsage
-from services.tenancy.tenants import ANONYMOUS, Tenants
-from services.tenancy.tokens import reservation, upper_bound
+from services.tenancy.tenants import ANONYMOUS, Tenant, Tenants
+from services.tenancy.tokens import conversation_upper_bound, reservation, upper_bound
 
 log = logging.getLogger("llmmesh.router")
 
 # Seconds a request may wait for a just-started router's first health round.
 FIRST_CHECK_WAIT = 3.0
+# Seconds a replica may take to count a request's input tokens.
+COUNT_TIMEOUT = 1.0
 
 
 class RouterCore:
@@ -179,11 +181,38 @@ class RouterCore:
         caller = context.caller if context is not None else None
         tenant = caller.tenant if caller is not None else ANONYMOUS
         priority = caller.priority if caller is not None else tenant.priority
-        tokens = reservation(input_estimate(forward), self._max_new_tokens(spec, forward))
+        tokens = reservation(
+            await self._input_tokens(spec, forward, tenant), self._max_new_tokens(spec, forward))
         async with self._gate.admit(tenant, spec.id, priority, tokens=tokens) as admission:
             if caller is not None:
                 caller.admission = admission
             yield admission
+
+    async def _input_tokens(
+        self, spec: ModelSpec, forward: GenerationRequest, tenant: Tenant
+    ) -> int:
+        """The request's input tokens: counted by a replica's engine when the
+        tenant has a token limit, else (or when no count comes) the bound."""
+        limits = tenant.limits
+        if limits.tokens_per_minute is None and limits.tokens_per_day is None:
+            return input_estimate(forward)
+        replica = self._pools[spec.id].pick(set())
+        if replica is not None:
+            try:
+                count, _ = await replica.count_tokens(forward, COUNT_TIMEOUT)
+                return count
+            except MeshError as exc:
+                log.warning("counting input tokens failed; reserving the bound",
+                            extra={"model": spec.id, "error": exc.message})
+        return input_estimate(forward)
+
+    async def count_tokens(
+        self, request: GenerationRequest, context: RequestContext | None = None
+    ) -> tuple[int, bool]:
+        """CountTokens: a replica of the request's model counts."""
+        spec, forward = self._prepare(request, context)
+        replica = await self._pick(spec, set(), None)
+        return await replica.count_tokens(forward, COUNT_TIMEOUT)
 
     @staticmethod
     def _max_new_tokens(spec: ModelSpec, forward: GenerationRequest) -> int:
@@ -354,18 +383,10 @@ class RouterCore:
 
 
 
-# Tokens a chat template may add around each message (role markers, separators),
-# beyond the message's own text: generous for every template the mesh ships.
-TEMPLATE_TOKENS_PER_MESSAGE = 16
-
 
 def input_estimate(request: GenerationRequest) -> int:
-    """At least as many input tokens as the rendered prompt has
-    (services.tenancy.tokens.upper_bound over the text, plus room for the
-    template's own tokens around each message); settling gives the excess back."""
+    """At least as many input tokens as the rendered prompt has (see
+    services.tenancy.tokens); settling gives the excess back."""
     if request.messages:
-        return sum(
-            upper_bound(m.content) + len(m.role) + TEMPLATE_TOKENS_PER_MESSAGE
-            for m in request.messages
-        ) + TEMPLATE_TOKENS_PER_MESSAGE
+        return conversation_upper_bound((m.role, m.content) for m in request.messages)
     return upper_bound(request.inputs)

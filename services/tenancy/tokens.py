@@ -11,6 +11,8 @@ it counts too many (about 4x for English), and settling gives the rest back.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 # Tokens a tokenizer may add to a text of its own accord (BOS, EOS, a prefix space).
 ADDED_TOKENS = 2
 
@@ -18,6 +20,22 @@ ADDED_TOKENS = 2
 def upper_bound(prompt: str) -> int:
     """At least as many tokens as the rendered `prompt` has, in any such vocabulary."""
     return len(prompt.encode("utf-8")) + ADDED_TOKENS
+
+
+# Tokens a chat template may add around each message (role markers,
+# separators), beyond the message's own text: generous for every template the
+# mesh ships.
+TEMPLATE_TOKENS_PER_MESSAGE = 16
+
+
+def conversation_upper_bound(messages: Iterable[tuple[str, str]]) -> int:
+    """At least as many tokens as a conversation of (role, content) has once a
+    chat template has rendered it: each message's text, its role and room for
+    the template's own tokens around it, and room for the assistant's turn."""
+    return sum(
+        upper_bound(content) + len(role) + TEMPLATE_TOKENS_PER_MESSAGE
+        for role, content in messages
+    ) + TEMPLATE_TOKENS_PER_MESSAGE
 
 
 def reservation(input_tokens: int, max_new_tokens: int) -> int:

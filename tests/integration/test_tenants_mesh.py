@@ -306,3 +306,21 @@ def test_a_tenants_file_with_an_error_stops_the_router(tmp_path: Path) -> None:
     router.spawn()
     assert router.wait(30) != 0
     assert re.search(r"tenants\.yaml:4", router.tail()), router.tail()
+
+
+def test_input_tokens_are_counted_by_the_engine(mesh: TwoRouters) -> None:
+    """CountTokens through the router: the adapter renders the prompt and its
+    engine's /tokenize counts it, as many tokens as the generation's input."""
+    import grpc
+    from llmmesh.v1 import generate_pb2 as pb
+    from llmmesh.v1 import generate_pb2_grpc as pb_grpc
+
+    key = (("authorization", "Bearer sk-nightly"),)
+    request = pb.GenerateRequest(model_id="qwen2", inputs="one two three four",
+                                 parameters=pb.GenerationParameters(max_new_tokens=2))
+    with grpc.insecure_channel(mesh.routers[1].address) as channel:
+        stub = pb_grpc.GenerateServiceStub(channel)
+        counted = stub.CountTokens(pb.CountTokensRequest(request=request), metadata=key,
+                                   timeout=10)
+        generated = stub.Generate(request, metadata=key, timeout=10)
+    assert counted.exact and counted.input_tokens == generated.input_tokens > 0

@@ -161,6 +161,20 @@ class GetModelResponse(_message.Message):
     model: Model
     def __init__(self, model: _Optional[_Union[Model, _Mapping]] = ...) -> None: ...
 
+class CountTokensRequest(_message.Message):
+    __slots__ = ("request",)
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    request: GenerateRequest
+    def __init__(self, request: _Optional[_Union[GenerateRequest, _Mapping]] = ...) -> None: ...
+
+class CountTokensResponse(_message.Message):
+    __slots__ = ("input_tokens", "exact")
+    INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    EXACT_FIELD_NUMBER: _ClassVar[int]
+    input_tokens: int
+    exact: bool
+    def __init__(self, input_tokens: _Optional[int] = ..., exact: _Optional[bool] = ...) -> None: ...
+
 class GetUsageRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
