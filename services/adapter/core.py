@@ -197,10 +197,13 @@ class AdapterCore:
         count = getattr(self._engine, "count_tokens", None)
         if count is not None:
             try:
-                return await count(prompt, COUNT_TIMEOUT), True
+                counted = await count(prompt, COUNT_TIMEOUT)
             except MeshError as exc:
                 log.warning("the engine could not count tokens; answering the bound",
                             extra={"error": exc.message})
+            else:
+                if counted is not None:  # None: this engine has no tokenizer route
+                    return counted, True
         return upper_bound(prompt), False
 
     # -- helpers ------------------------------------------------------------------
