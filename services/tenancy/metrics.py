@@ -62,6 +62,7 @@ class TenancyMetrics:
             self.output_tokens.labels(self.service, tenant, model)
             for p in Priority:
                 self.requests.labels(self.service, tenant, model, p.label)
+                self.queue_time.labels(self.service, tenant, model, p.label)
         self.overshoot.labels(self.service, tenant)
 
     def record_admitted(self, tenant: str, model: str, priority: Priority, waited: float) -> None:
