@@ -29,6 +29,7 @@ import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Protocol
 
 from services.common.errors import MeshError, Reason
@@ -70,6 +71,13 @@ CONCURRENCY_RETRY = 1.0
 def limit_of(limits: TenantLimits, name: str) -> int | None:
     value: int | None = getattr(limits, name)
     return value
+
+
+class FailurePolicy(StrEnum):
+    """What a shared store does when it cannot be reached (see quota_redis)."""
+
+    OPEN = "open"
+    CLOSED = "closed"
 
 
 @dataclass(frozen=True)

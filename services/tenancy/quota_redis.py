@@ -24,7 +24,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from enum import StrEnum
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -38,6 +37,7 @@ from services.tenancy.quota import (
     CONCURRENT,
     WINDOWS,
     Assessment,
+    FailurePolicy,
     Reservation,
     TenantUsage,
     assess,
@@ -54,11 +54,6 @@ from services.tenancy.tenants import Tenant
 log = logging.getLogger("llmmesh.tenancy")
 
 UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError)
-
-
-class FailurePolicy(StrEnum):
-    OPEN = "open"
-    CLOSED = "closed"
 
 
 # KEYS: one hash per window, then the concurrency sorted set.

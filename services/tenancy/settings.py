@@ -15,9 +15,8 @@ from pathlib import Path
 from services.tenancy.admission import AdmissionQueue
 from services.tenancy.gate import TenancyGate
 from services.tenancy.metrics import TenancyMetrics
-from services.tenancy.quota import QuotaStore
+from services.tenancy.quota import FailurePolicy, QuotaStore
 from services.tenancy.quota_memory import MemoryQuotaStore
-from services.tenancy.quota_redis import FailurePolicy, RedisQuotaStore
 
 MEMORY = "memory"
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
@@ -109,6 +108,9 @@ def make_store(
 ) -> QuotaStore:
     if settings.quota_store == MEMORY:
         return MemoryQuotaStore(clock or time.time)
+    # Imported only when asked for: the Redis client loads OpenTelemetry.
+    from services.tenancy.quota_redis import RedisQuotaStore
+
     return RedisQuotaStore(
         settings.quota_store,
         policy=settings.quota_failure,
