@@ -9,12 +9,12 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: help venv gen check-gen lint fmt test test-fast up bench loadtest prometheus chromium wrk clean docs docs-check
+.PHONY: help venv gen check-gen lint fmt test test-fast up bench loadtest prometheus chromium wrk redis clean docs docs-check
 
 help:
 	@echo "make up        start the local mesh (CPU backends, adapters, router, Envoy)"
 	@echo "               [REPLICAS=N] [BACKENDS=\"qwen2=http://h:p,http://h2:p ...\"]"
-	@echo "               [API_KEYS_FILE=FILE] [TLS=1]"
+	@echo "               [API_KEYS_FILE=FILE] [TLS=1] [TENANTS_FILE=FILE [QUOTA_STORE=redis]]"
 	@echo "make test      install what is missing and run every check and test"
 	@echo "make test-fast unit and component tests only"
 	@echo "make gen       regenerate gen/ from protos/"
@@ -80,7 +80,14 @@ wrk:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -qq --no-install-recommends wrk >/dev/null; }
 
-test: $(STAMP) check-gen lint docs-check prometheus chromium wrk
+# redis-server is a Debian package: the shared quota store's tests start a real one.
+redis:
+	@command -v redis-server >/dev/null || { \
+		echo "installing redis-server (Debian package)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends redis-server >/dev/null; }
+
+test: $(STAMP) check-gen lint docs-check prometheus chromium wrk redis
 	$(PY) -m pytest -q -p no:cacheprovider -p tests.strict_skips
 
 # In-process tests only (tests/harness/__init__.py says what goes where).
@@ -88,10 +95,13 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit tests/component
 
 # make up [REPLICAS=N] [BACKENDS="qwen2=http://h:p,http://h2:p ..."] [API_KEYS_FILE=keys.txt] [TLS=1]
-up: $(STAMP)
+#         [TENANTS_FILE=tenants.yaml [QUOTA_STORE=redis]]
+up: $(STAMP) $(if $(filter redis,$(QUOTA_STORE)),redis)
 	$(PY) -m services.launcher $(if $(BACKENDS),--backends "$(BACKENDS)") \
 		$(if $(REPLICAS),--replicas "$(REPLICAS)") \
 		$(if $(API_KEYS_FILE),--api-keys-file "$(API_KEYS_FILE)") \
+		$(if $(TENANTS_FILE),--tenants-file "$(TENANTS_FILE)") \
+		$(if $(QUOTA_STORE),--quota-store "$(QUOTA_STORE)") \
 		$(if $(filter 1 yes true on,$(TLS)),--tls)
 
 bench: $(STAMP) wrk

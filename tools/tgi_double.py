@@ -205,9 +205,15 @@ def scripted_reply(prompt: str) -> str:
 class ScriptedEngine:
     """A deterministic `Engine`: whitespace tokens, echo replies, injectable faults."""
 
-    def __init__(self, *, model_id: str = "tgi-double", context_length: int = 8192) -> None:
+    def __init__(
+        self, *, model_id: str = "tgi-double", context_length: int = 8192,
+        batch_slots: int | None = None,
+    ) -> None:
         self._model_id = model_id
         self._context_length = context_length
+        # Like a GPU's batch: at most this many sequences generate at once,
+        # the rest wait first come first served (None: no limit).
+        self._batch = asyncio.Semaphore(batch_slots) if batch_slots else None
         self._pieces: dict[int, str] = {EOS_ID: EOS_TEXT}
         self.control = Control()
         self.stats = Stats()
@@ -283,7 +289,11 @@ class ScriptedEngine:
         stats.generations_started += 1
         stats.generations_active += 1
         outcome: str | None = None
+        held = False
         try:
+            if self._batch is not None:
+                await self._batch.acquire()
+                held = True
             if on_start is not None:
                 on_start()
             prompt = "".join(self._pieces.get(i, "") for i in prompt_ids)
@@ -324,6 +334,9 @@ class ScriptedEngine:
             outcome = "faulted"
             raise
         finally:
+            if held:
+                assert self._batch is not None
+                self._batch.release()
             stats.generations_active -= 1
             name = f"generations_{outcome or 'faulted'}"
             setattr(stats, name, getattr(stats, name) + 1)
@@ -464,12 +477,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-input-tokens", type=int, default=4095)
     parser.add_argument("--max-total-tokens", type=int, default=4096)
     parser.add_argument("--token-delay", type=float, default=0.0)
+    parser.add_argument("--batch-slots", type=int, default=None,
+                        help="sequences generating at once, like a GPU's batch; the rest "
+                             "wait in order (default: no limit)")
     parser.add_argument("--reply", default=None)
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
     logs.setup("tgi-double", args.log_level)
     tracing.setup("tgi-double")
-    engine = ScriptedEngine(model_id=args.model_id, context_length=args.max_total_tokens)
+    engine = ScriptedEngine(model_id=args.model_id, context_length=args.max_total_tokens,
+                            batch_slots=args.batch_slots)
     settings = ServerSettings(
         model_id=args.model_id,
         max_concurrent_requests=args.max_concurrent_requests,

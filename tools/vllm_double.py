@@ -130,6 +130,18 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
 
+async def tokenize(request: web.Request) -> web.Response:
+    """vLLM's /tokenize: the prompt's tokens (words here, as generation counts them)."""
+    s = request.app[STATE]
+    try:
+        body = await request.json()
+    except ValueError:
+        return error(400, "Expecting value: line 1 column 1 (char 0)", "BadRequestError")
+    count = len(_WORD.findall(str(body.get("prompt") or body.get("messages") or "")))
+    return web.json_response(
+        {"count": count, "max_model_len": s.max_model_len, "tokens": list(range(count))})
+
+
 async def generate(request: web.Request) -> web.StreamResponse:
     s = request.app[STATE]
     chat = request.path.endswith("/chat/completions")
@@ -322,6 +334,7 @@ def create_app(state: State) -> web.Application:
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/completions", generate)
     app.router.add_post("/v1/chat/completions", generate)
+    app.router.add_post("/tokenize", tokenize)
     app.router.add_post("/_control", control)
     app.router.add_get("/_stats", stats)
     return app

@@ -32,10 +32,13 @@ from services.common.types import (
     Parameters,
 )
 from services.common.validation import require, validate
+from services.tenancy.tokens import conversation_upper_bound, upper_bound
 
 log = logging.getLogger("llmmesh.adapter")
 
 SCENARIOS = ("", CHAT_SCENARIO, RAW_SCENARIO)
+# Seconds the engine may take to count a prompt's tokens.
+COUNT_TIMEOUT = 1.0
 
 
 class AdapterCore:
@@ -181,6 +184,26 @@ class AdapterCore:
                         yield self._finish(event)
             finally:
                 await events.aclose()  # type: ignore[attr-defined]
+
+    async def count_tokens(
+        self, request: GenerationRequest, context: RequestContext | None = None
+    ) -> tuple[int, bool]:
+        """The input tokens of the prompt as it would be sent: the engine's
+        tokenizer where it has one, else the stated upper bound."""
+        prompt, _ = self._prepare(request, context)
+        if not isinstance(prompt, str):  # the engine renders the conversation
+            return conversation_upper_bound((m.role, m.content) for m in prompt), False
+        count = getattr(self._engine, "count_tokens", None)
+        if count is not None:
+            try:
+                counted = await count(prompt, COUNT_TIMEOUT)
+            except MeshError as exc:
+                log.warning("the engine could not count tokens; answering the bound",
+                            extra={"error": exc.message})
+            else:
+                if counted is not None:  # None: this engine has no tokenizer route
+                    return counted, True
+        return upper_bound(prompt), False
 
     # -- helpers ------------------------------------------------------------------
 

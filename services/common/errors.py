@@ -30,6 +30,16 @@ class Reason(StrEnum):
     BACKEND_UNAVAILABLE = "BACKEND_UNAVAILABLE"
     MODEL_UNAVAILABLE = "MODEL_UNAVAILABLE"
     INTERNAL = "INTERNAL"
+    # Tenancy (services.tenancy): the tenant's budget has no room now (RetryInfo
+    # says when it will); the request alone is larger than a limit; it waited in
+    # the model's queue for its whole timeout; the tenant may not use the model;
+    # only an admin key may do this; the shared quota store cannot be reached.
+    QUOTA_EXCEEDED = "QUOTA_EXCEEDED"
+    QUOTA_NEVER_FITS = "QUOTA_NEVER_FITS"
+    QUEUE_TIMEOUT = "QUEUE_TIMEOUT"
+    MODEL_NOT_ALLOWED = "MODEL_NOT_ALLOWED"
+    ADMIN_ONLY = "ADMIN_ONLY"
+    QUOTA_STORE_UNAVAILABLE = "QUOTA_STORE_UNAVAILABLE"
     # Made by Envoy itself, before a request reaches the router (EDGE_ERRORS).
     ROUTE_NOT_FOUND = "ROUTE_NOT_FOUND"
     REQUEST_TOO_LARGE = "REQUEST_TOO_LARGE"
@@ -51,7 +61,7 @@ class ErrorKind:
 
 # Reason -> gRPC status code (by name, so the core needs no grpc import).
 # Envoy turns the code into HTTP: INVALID_ARGUMENT 400, NOT_FOUND 404,
-# UNAUTHENTICATED 401, RESOURCE_EXHAUSTED 429, CANCELLED 499, INTERNAL 500,
+# UNAUTHENTICATED 401, PERMISSION_DENIED 403, RESOURCE_EXHAUSTED 429, CANCELLED 499, INTERNAL 500,
 # UNAVAILABLE 503, DEADLINE_EXCEEDED 504.
 TABLE: Mapping[Reason, ErrorKind] = {
     Reason.INVALID_ARGUMENT: ErrorKind("INVALID_ARGUMENT", retryable=False),
@@ -65,6 +75,12 @@ TABLE: Mapping[Reason, ErrorKind] = {
     Reason.BACKEND_UNAVAILABLE: ErrorKind("UNAVAILABLE", retryable=True),
     Reason.MODEL_UNAVAILABLE: ErrorKind("UNAVAILABLE", retryable=True),
     Reason.INTERNAL: ErrorKind("INTERNAL", retryable=False),
+    Reason.QUOTA_EXCEEDED: ErrorKind("RESOURCE_EXHAUSTED", retryable=True),
+    Reason.QUOTA_NEVER_FITS: ErrorKind("RESOURCE_EXHAUSTED", retryable=False),
+    Reason.QUEUE_TIMEOUT: ErrorKind("RESOURCE_EXHAUSTED", retryable=True),
+    Reason.MODEL_NOT_ALLOWED: ErrorKind("PERMISSION_DENIED", retryable=False),
+    Reason.ADMIN_ONLY: ErrorKind("PERMISSION_DENIED", retryable=False),
+    Reason.QUOTA_STORE_UNAVAILABLE: ErrorKind("UNAVAILABLE", retryable=True),
     Reason.ROUTE_NOT_FOUND: ErrorKind("NOT_FOUND", retryable=False),
     Reason.REQUEST_TOO_LARGE: ErrorKind("RESOURCE_EXHAUSTED", retryable=False),
     Reason.ROUTER_UNAVAILABLE: ErrorKind("UNAVAILABLE", retryable=True),
@@ -135,6 +151,7 @@ CODE_FALLBACK: Mapping[str, Reason] = {
     "OUT_OF_RANGE": Reason.INVALID_ARGUMENT,
     "NOT_FOUND": Reason.MODEL_NOT_FOUND,
     "UNAUTHENTICATED": Reason.UNAUTHENTICATED,
+    "PERMISSION_DENIED": Reason.MODEL_NOT_ALLOWED,
     "RESOURCE_EXHAUSTED": Reason.OVERLOADED,
     "DEADLINE_EXCEEDED": Reason.TIMEOUT,
     "CANCELLED": Reason.CANCELLED,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -22,6 +22,9 @@ from services.common.registry import DEFAULT_REGISTRY
 from services.common.rpc_interceptor import MeshInterceptor
 from services.common.servicer import SERVICE_NAME, GenerateServicer, GenerationCore
 from services.common.tls import TlsFiles
+
+if TYPE_CHECKING:
+    from services.tenancy.caller import Callers
 
 
 @dataclass(frozen=True)
@@ -83,10 +86,12 @@ async def start_server(
     health: HealthBoard,
     settings: ServerSettings,
     api_keys: ApiKeys | None = None,
+    callers: Callers | None = None,
 ) -> RunningServer:
     """Start GenerateService, Health and reflection on settings.host:port.
 
-    With `api_keys`, every GenerateService call must carry one of them.
+    With `api_keys`, every GenerateService call must carry one of them; with
+    `callers` (tenants), the key names the call's tenant.
     """
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -101,7 +106,7 @@ async def start_server(
     ]
     server = grpc.aio.server(
         interceptors=[
-            MeshInterceptor(core, metrics, api_keys),
+            MeshInterceptor(core, metrics, api_keys, callers),
             # Inside the error interceptor: sees the core's own errors.
             *tracing.server_interceptors(),
         ],

@@ -56,6 +56,9 @@ class ModelSpec:
     # The parameter table's built-in defaults, under the registry's own.
     defaults: Parameters = BUILTIN_DEFAULTS
     engine: EngineSpec = field(default_factory=EngineSpec)
+    # Requests one replica's engine batches well: the router's queue admits
+    # this many per serving replica (None: the router's --slots-per-replica).
+    slots: int | None = None
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -123,6 +126,9 @@ def _model(entry: Any, base: Path) -> ModelSpec:
     if isinstance(adapters, str):
         adapters = [a.strip() for a in adapters.split(",") if a.strip()]
     template = entry.get("chat_template")
+    slots = entry.get("slots")
+    if slots is not None and (type(slots) is not int or slots < 1):
+        raise SystemExit(f"registry: model {entry['id']}: slots must be a whole number >= 1")
     return ModelSpec(
         id=str(entry["id"]),
         name=str(entry["name"]),
@@ -133,6 +139,7 @@ def _model(entry: Any, base: Path) -> ModelSpec:
         defaults=_build(Parameters, entry.get("defaults"), entry["id"]).with_defaults(
             BUILTIN_DEFAULTS),
         engine=_engine(entry.get("engine"), entry["id"]),
+        slots=slots,
     )
 
 

@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import contextvars
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from services.common.registry import ModelSpec
+
+if TYPE_CHECKING:
+    from services.tenancy.caller import Caller
 
 UNKNOWN = "unknown"
 
@@ -28,6 +32,8 @@ class RequestContext:
     scenario: str
     # Who asks, once tenants are known ("" until then).
     tenant: str = ""
+    # Who asks and how urgently (None: the mesh has no tenants and no keys).
+    caller: Caller | None = None
 
 
 _CURRENT: contextvars.ContextVar[RequestContext | None] = contextvars.ContextVar(

@@ -6,9 +6,10 @@ through the error table to a rich status, keeps the call's books
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from llmmesh.v1 import generate_pb2 as pb
@@ -21,6 +22,9 @@ from services.common.metrics import Metrics
 from services.common.rich_status import to_status
 from services.common.servicer import DEADLINE_SLACK_SECONDS, SERVICE_NAME, GenerationCore
 
+if TYPE_CHECKING:
+    from services.tenancy.caller import Callers
+
 log = logging.getLogger("llmmesh.rpc")
 
 
@@ -32,17 +36,25 @@ class MeshInterceptor(grpc.aio.ServerInterceptor):
     """
 
     def __init__(
-        self, core: GenerationCore, metrics: Metrics, api_keys: ApiKeys | None = None
+        self, core: GenerationCore, metrics: Metrics, api_keys: ApiKeys | None = None,
+        callers: Callers | None = None,
     ) -> None:
         self._core = core
         self._metrics = metrics
         self._api_keys = api_keys
+        # With tenants: who calls and how urgently, resolved once per call
+        # into the request context (it checks the key too).
+        self._callers = callers
         # Wrapped handlers by method path: a method's handler never changes,
         # so it is wrapped once, not on every call.
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
-    def _authenticate(self, context: grpc.aio.ServicerContext) -> None:
-        if self._api_keys is not None:
+    def _authenticate(self, rpc: _Rpc, context: grpc.aio.ServicerContext) -> None:
+        if self._callers is not None:
+            caller = self._callers.resolve(context.invocation_metadata())
+            request_context.enter(dataclasses.replace(
+                rpc.resolved, caller=caller, tenant=caller.tenant.name))
+        elif self._api_keys is not None:
             self._api_keys.check(context.invocation_metadata())
 
     async def intercept_service(
@@ -79,7 +91,7 @@ class MeshInterceptor(grpc.aio.ServerInterceptor):
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             rpc = _Rpc(self, method, request, context)
             try:
-                self._authenticate(context)
+                self._authenticate(rpc, context)
                 response = await behavior(request, context)
             except BaseException as exc:
                 await rpc.fail(exc)
@@ -95,7 +107,7 @@ class MeshInterceptor(grpc.aio.ServerInterceptor):
             rpc = _Rpc(self, method, request, context)
             last = None
             try:
-                self._authenticate(context)
+                self._authenticate(rpc, context)
                 async for message in behavior(request, context):
                     if last is None and message.text:
                         rpc.first_token()
@@ -152,6 +164,7 @@ class _Rpc(CallRecord):
         # The one lookup of the request's model: the core, tracing and the
         # books read it from here on.
         request_context.enter(resolved)
+        self.resolved = resolved
         # Read now: once gRPC has closed the call, its context must not be used.
         peer = context.peer()
         quiet = method in POLLED and any(

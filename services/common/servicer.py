@@ -43,6 +43,13 @@ class GenerationCore(Protocol):
 
     async def list_models(self) -> list[ModelInfo]: ...
 
+    async def count_tokens(
+        self, request: GenerationRequest, context: RequestContext | None = None
+    ) -> tuple[int, bool]:
+        """The input tokens `request` gives its model, and whether they were
+        counted by a tokenizer (else a stated upper bound)."""
+        ...
+
     async def get_model(self, model_id: str) -> ModelInfo: ...
 
     def resolve(self, model_id: str, scenario: str) -> RequestContext:
@@ -106,6 +113,35 @@ class GenerateServicer(pb_grpc.GenerateServiceServicer):
     ) -> pb.ListModelsResponse:
         models = await self._core.list_models()
         return pb.ListModelsResponse(models=[pb_convert.model_to_pb(m) for m in models])
+
+    async def CountTokens(
+        self, request: pb.CountTokensRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CountTokensResponse:
+        count, exact = await self._core.count_tokens(
+            pb_convert.request_from_pb(request.request), request_context.current())
+        return pb.CountTokensResponse(input_tokens=count, exact=exact)
+
+    async def GetUsage(
+        self, request: pb.GetUsageRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetUsageResponse:
+        usage = getattr(self._core, "usage", None)
+        if usage is None:  # an adapter: tenants are the router's
+            raise MeshError(Reason.ADMIN_ONLY, "usage is served by the router only")
+        report = await usage(request_context.current())
+        return pb.GetUsageResponse(tenants=[
+            pb.TenantUsage(
+                tenant=u.tenant, in_flight=u.concurrent, concurrent_limit=u.concurrent_limit,
+                windows=[
+                    pb.UsageWindow(
+                        name=w.name, limit=w.limit, used=w.used, remaining=w.remaining,
+                        frees_in_seconds=round(w.frees_in, 3),
+                        resets_in_seconds=round(w.resets_in, 3),
+                    )
+                    for w in u.windows
+                ],
+            )
+            for u in report
+        ])
 
     async def GetModel(
         self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext

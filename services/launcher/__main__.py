@@ -1,7 +1,7 @@
 """`make up`: start the whole local mesh and keep it in the foreground.
 
     python -m services.launcher [--backends "qwen2=vllm+http://HOST:PORT/v1 llama3=http://HOST:PORT"]
-        [--replicas N] [--api-keys-file FILE] [--tls]
+        [--replicas N] [--api-keys-file FILE] [--tenants-file FILE [--quota-store redis]] [--tls]
 
 Without --backends every model gets a CPU backend (TGI's HTTP API over
 llama.cpp, SmolLM2 standing in for the real model); --replicas N gives each
@@ -78,6 +78,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "batch yet")
     p.add_argument("--api-keys-file", type=Path, default=None,
                    help="require one of these API keys at the router (one per line)")
+    p.add_argument("--tenants-file", type=Path, default=None,
+                   help="tenants (keys, models, limits, priority, weight) for the router; "
+                        "see docs/tenancy.md")
+    p.add_argument("--quota-store", default=None,
+                   help="redis: start a redis-server (on --redis-port) for the tenants' "
+                        "counters; or a redis://HOST:PORT URL to use; default: the router's "
+                        "memory")
+    p.add_argument("--redis-port", type=int, default=Ports.redis)
     p.add_argument("--tls", action="store_true",
                    help="HTTPS and gRPC over TLS on the Envoy port, mutual TLS inside, with "
                         "development certificates from scripts/dev_ca.sh (made when missing)")
@@ -100,7 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Children run from the checkout's root: paths given relative to here must hold there.
-    for name in ("run_dir", "model_path", "api_keys_file", "tls_dir"):
+    for name in ("run_dir", "model_path", "api_keys_file", "tls_dir", "tenants_file"):
         if getattr(args, name) is not None:
             setattr(args, name, getattr(args, name).resolve())
     try:
@@ -120,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                 else args.router_port + 1,
                 adapter=args.adapter_port, backend=args.backend_port,
                 metrics=args.metrics_port, prometheus=args.prometheus_port,
+                redis=args.redis_port,
             ),
             backends=backends,
             model_path=args.model_path,
@@ -129,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
             api_keys_file=args.api_keys_file,
             tls_dir=tls_dir,
             replicas=args.replicas,
+            tenants_file=args.tenants_file,
+            quota_store=args.quota_store,
         )
         if plan.tls is not None and certs.ensure(plan.tls):
             print(f"made development certificates in {plan.tls.dir}", flush=True)

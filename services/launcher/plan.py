@@ -9,6 +9,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from services.common.registry import ENGINE_KINDS, Registry, load_registry
 from services.cpu_backend.settings import default_model_path
 
@@ -27,6 +29,7 @@ class Ports:
     backend: int = 8081
     metrics: int = 9464
     prometheus: int = 9090
+    redis: int = 6379
 
 
 @dataclass(frozen=True)
@@ -68,9 +71,10 @@ class MeshTls:
 
 @dataclass(frozen=True)
 class Ready:
-    """How to see that a process serves: `http` GET 200, or gRPC health SERVING."""
+    """How to see that a process serves: `http` GET 200, gRPC health SERVING,
+    or `tcp` a connection accepted."""
 
-    kind: str  # "http" | "grpc"
+    kind: str  # "http" | "grpc" | "tcp"
     target: str  # URL, or host:port
     services: tuple[str, ...] = ("",)  # gRPC health service names that must serve
     authorization: str | None = None  # an Authorization header for `http`
@@ -196,12 +200,16 @@ def build_plan(
     api_keys_file: Path | None = None,
     tls_dir: Path | None = None,
     replicas: int = 1,
+    tenants_file: Path | None = None,
+    quota_store: str | None = None,
 ) -> Plan:
     """Every process of the mesh, in start order. `tls_dir`: serve HTTPS and
     gRPC over TLS at the edge, mutual TLS inside, with the certificates of
     scripts/dev_ca.sh in that folder. `replicas`: CPU backends (each with its
     adapter) per model without BACKENDS; a model with BACKENDS gets one
-    adapter per URL.
+    adapter per URL. `tenants_file`: tenants, quotas and the router's queue;
+    `quota_store`: "redis" starts a redis-server for the counters, a redis://
+    URL uses that one.
 
     Ports: model i's r-th CPU backend takes `backend + i * replicas + r`;
     adapters take consecutive ports from `adapter` in model order, and their
@@ -223,6 +231,26 @@ def build_plan(
     tls = MeshTls(tls_dir) if tls_dir is not None else None
     py = sys.executable
     procs: list[Proc] = []
+    edge_key = _first_key(api_keys_file)
+    tenancy_flags: list[str] = []
+    if tenants_file is not None:
+        edge_key = _first_tenant_key(tenants_file)
+        tenancy_flags = ["--tenants-file", str(tenants_file)]
+    if quota_store is not None:
+        if tenants_file is None:
+            raise LaunchError("QUOTA_STORE needs TENANTS_FILE (quotas are the tenants')")
+        if quota_store == "redis":
+            redis_bin = _tool("redis-server")
+            procs.append(Proc(
+                name="redis", stage=0, ports=(ports.redis,),
+                argv=(redis_bin, "--port", str(ports.redis), "--bind", host, "--save", "",
+                      "--appendonly", "no"),
+                ready=Ready("tcp", f"{host}:{ports.redis}"),
+            ))
+            quota_store = f"redis://{host}:{ports.redis}"
+        elif not quota_store.startswith(("redis://", "rediss://", "unix://")):
+            raise LaunchError(f"QUOTA_STORE must be redis or a redis:// URL, not {quota_store!r}")
+        tenancy_flags += ["--quota-store", quota_store]
     addresses: dict[str, str] = {}
     replica_list: list[Replica] = []
     slot = 0  # the next adapter's offset from the first adapter port
@@ -280,6 +308,7 @@ def build_plan(
               # The router's own bound stays above what the adapters admit.
               "--max-in-flight", str(max(512, max_concurrent_requests or 0)),
               *(("--api-keys-file", str(api_keys_file)) if api_keys_file else ()),
+              *tenancy_flags,
               *(tls.flags("router") if tls is not None else ())),
         env=adapters_env(registry, addresses),
         ready=Ready("grpc", f"{host}:{ports.router}", services=("", *ids),
@@ -292,7 +321,7 @@ def build_plan(
         argv=(_tool("envoy"), "-c", str(envoy_config), "--log-level", "warn",
               "--disable-hot-restart"),
         ready=Ready("http", f"{scheme}://{host}:{ports.envoy}/v1/mesh/models", models=True,
-                    authorization=_first_key(api_keys_file),
+                    authorization=edge_key,
                     tls=tls.client(mutual=False) if tls else None),
     ))
     prometheus_bin = shutil.which("prometheus")
@@ -326,6 +355,23 @@ def build_plan(
 def _nth(index: int, count: int) -> str:
     """A replica's name suffix: none when a model has one, else -1, -2 ..."""
     return f"-{index + 1}" if count > 1 else ""
+
+
+def _first_tenant_key(tenants_file: Path) -> str:
+    """`Bearer <key>` of the first tenant with a plain key, for the edge's
+    ready check; the file itself is checked by the router."""
+    try:
+        data = yaml.safe_load(tenants_file.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise LaunchError(f"cannot read the tenants file {tenants_file}: {exc}") from exc
+    for tenant in (data or {}).get("tenants") or ():
+        keys = tenant.get("keys") if isinstance(tenant, dict) else None
+        if isinstance(keys, list) and keys and isinstance(keys[0], str):
+            return f"Bearer {keys[0]}"
+    raise LaunchError(
+        f"the tenants file {tenants_file} has no tenant with a plain key in `keys:`; "
+        "the launcher needs one to see the edge serve"
+    )
 
 
 def _first_key(api_keys_file: Path | None) -> str | None:

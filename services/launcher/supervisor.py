@@ -363,6 +363,13 @@ def is_ready(ready: Ready, whole: bool = True) -> bool:
     otherwise only the process itself (after a restart)."""
     if ready.kind == "http":
         return _http_ready(ready, whole)
+    if ready.kind == "tcp":
+        host, _, port = ready.target.rpartition(":")
+        try:
+            with socket.create_connection((host, int(port)), timeout=1):
+                return True
+        except OSError:
+            return False
     services = ready.services if whole else ready.services[:1]
     statuses = _grpc_health(ready, services)
     return statuses is not None and all(statuses.values())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -34,6 +35,8 @@ from services.openai import responses
 from services.openai.errors import error_reply
 from services.openai.requests import Kind, OpenAIRequest, parse_chat, parse_completion
 from services.openai.sse import SseWriter
+from services.tenancy.caller import Callers
+from services.tenancy.priority import HEADER as PRIORITY_HEADER
 
 log = logging.getLogger("llmmesh.openai")
 
@@ -111,6 +114,20 @@ def lone_surrogate(body: Any) -> str | None:
     return None
 
 
+def _metadata(request: web.Request) -> list[tuple[str, str]]:
+    """The headers tenancy reads, as gRPC metadata would carry them."""
+    return [(k, request.headers[k]) for k in ("authorization", PRIORITY_HEADER)
+            if k in request.headers]
+
+
+def _ratelimit_headers(resolved: RequestContext) -> dict[str, str] | None:
+    """OpenAI's x-ratelimit-* headers of the request's tenant (tenants on)."""
+    caller = resolved.caller
+    if caller is None or caller.admission is None:
+        return None
+    return caller.admission.headers()
+
+
 class OpenAIFace:
     def __init__(
         self,
@@ -118,11 +135,14 @@ class OpenAIFace:
         metrics: Metrics,
         settings: OpenAISettings,
         api_keys: ApiKeys | None = None,
+        callers: Callers | None = None,
     ) -> None:
         self._core = core
         self._metrics = metrics
         self._settings = settings
         self._api_keys = api_keys
+        # With tenants: the key names the caller's tenant (services.tenancy).
+        self._callers = callers
         # The `created` of every model object: when this face started.
         self._created = int(time.time())
 
@@ -187,7 +207,9 @@ class OpenAIFace:
         )
 
     def _authenticate(self, request: web.Request) -> None:
-        if self._api_keys is not None:
+        if self._callers is not None:
+            self._callers.resolve(_metadata(request))
+        elif self._api_keys is not None:
             header = request.headers.get("Authorization")
             self._api_keys.check([("authorization", header)] if header is not None else [])
 
@@ -259,7 +281,15 @@ class OpenAIFace:
         call = self._record(request, method, resolved)
         parsed: OpenAIRequest | None = None
         try:
-            self._authenticate(request)
+            if self._callers is not None:
+                tier = fields.get("service_tier")
+                caller = self._callers.resolve(
+                    _metadata(request), tier if tier is None or isinstance(tier, str)
+                    else str(tier))
+                resolved = dataclasses.replace(
+                    resolved, caller=caller, tenant=caller.tenant.name)
+            else:
+                self._authenticate(request)
             if refused is not None:
                 raise refused
             parsed = parse_chat(body) if kind == "chat" else parse_completion(body)
@@ -288,7 +318,7 @@ class OpenAIFace:
         return _json(responses.completions(
             kind, results, id=responses.new_id(kind), created=int(time.time()),
             top=_top(parsed),
-        ))
+        ), headers=_ratelimit_headers(resolved))
 
     async def _generate_choices(
         self, parsed: OpenAIRequest, resolved: RequestContext
@@ -324,6 +354,9 @@ class OpenAIFace:
             shapes = responses.ChunkShapes(parsed.kind, resolved.model_label,
                                            parsed.include_usage, _top(parsed))
             out = SseWriter(request)
+            limits = _ratelimit_headers(resolved)
+            if limits:
+                out.response.headers.update(limits)
             await out.start()
             await self._relay(merged, index, event, shapes, out, call, len(streams))
             return out.response

@@ -9,7 +9,9 @@ import argparse
 import asyncio
 import logging
 import os
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
 
 import uvloop
 
@@ -34,6 +36,16 @@ from services.router.core import DEFAULT_MAX_TOTAL_IN_FLIGHT, RouterCore
 from services.router.pool import ReplicaPool
 from services.router.resume import DEFAULT_MAX_RESUMES
 from services.router.scenarios import DEFAULT_FILE, Scenarios, load_scenarios
+from services.tenancy.book import TenantBook
+from services.tenancy.caller import Callers
+from services.tenancy.metrics import QueueCollector, TenancyMetrics
+from services.tenancy.settings import (
+    TenancySettings,
+    add_tenancy_arguments,
+    make_gate,
+    tenancy_settings,
+)
+from services.tenancy.tenants import Tenants, TenantsFileError, tenants_from_key_file
 
 log = logging.getLogger("llmmesh.router")
 
@@ -51,6 +63,11 @@ class RouterSettings:
     max_total_in_flight: int = DEFAULT_MAX_TOTAL_IN_FLIGHT
     replica_choice: str = "load"
     openai: OpenAISettings | None = None
+    tenancy: TenancySettings = field(default_factory=TenancySettings)
+    # The tenants file, read at start (None: no tenants file).
+    book: TenantBook | None = None
+    # API keys as tenants without limits (when there is no tenants file).
+    key_tenants: Tenants | None = None
 
 
 def parse_args(argv: list[str] | None = None) -> RouterSettings:
@@ -89,6 +106,7 @@ def parse_args(argv: list[str] | None = None) -> RouterSettings:
         help="serve the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, "
              "/v1/models) on this port of --host; off when unset",
     )
+    add_tenancy_arguments(p)
     envflags.apply(p, env)
     args = p.parse_args(argv)
     logs.setup("router", args.log_level)
@@ -96,8 +114,22 @@ def parse_args(argv: list[str] | None = None) -> RouterSettings:
     for spec in registry.models:
         if not spec.adapters:
             p.error(f"model {spec.id} has no adapters in {args.registry}")
+    tenancy = tenancy_settings(p, args)
+    book: TenantBook | None = None
+    key_tenants: Tenants | None = None
+    try:
+        if tenancy.tenants_file is not None:
+            book = TenantBook(tenancy.tenants_file, _canonical(registry))
+        else:
+            key_tenants = tenants_from_key_file(
+                args.api_keys_file, env.get("LLMMESH_API_KEYS"))
+    except TenantsFileError as exc:
+        raise SystemExit(f"cannot use the tenants: {exc}") from exc
     return RouterSettings(
-        api_keys=ApiKeys.load(args.api_keys_file, env.get("LLMMESH_API_KEYS")),
+        api_keys=None,
+        tenancy=tenancy,
+        book=book,
+        key_tenants=key_tenants,
         registry=registry,
         scenarios=load_scenarios(args.scenarios),
         server=server_settings(args),
@@ -115,6 +147,14 @@ def parse_args(argv: list[str] | None = None) -> RouterSettings:
     )
 
 
+def _canonical(registry: Registry) -> Callable[[str], str | None]:
+    def canonical(name: str) -> str | None:
+        spec = registry.find(name)
+        return spec.id if spec is not None else None
+
+    return canonical
+
+
 async def run(settings: RouterSettings) -> None:
     metrics = Metrics("router")
     server_tls = settings.server.tls
@@ -126,12 +166,30 @@ async def run(settings: RouterSettings) -> None:
         )
         for spec in settings.registry.models
     }
+    book = settings.book
+    gate = None
+    if book is not None:
+        # Tenants on: budgets, and a queue per model in front of its replicas.
+        tenancy_metrics = TenancyMetrics(metrics.registry)
+        slots = {
+            spec.id: (spec.slots or settings.tenancy.slots_per_replica) * len(spec.adapters)
+            for spec in settings.registry.models
+        }
+        gate = make_gate(settings.tenancy, slots, tenancy_metrics)
+        metrics.registry.register(QueueCollector(gate.queues))
+        for tenant in book.current.tenants:
+            tenancy_metrics.declare(tenant.name, [s.id for s in settings.registry.models])
+    tenants: Callable[[], Tenants | None] = (
+        (lambda: book.current) if book is not None else (lambda: settings.key_tenants)
+    )
     core = RouterCore(
         settings.registry, settings.scenarios, pools, metrics,
         default_timeout=settings.default_timeout, max_in_flight=settings.max_in_flight,
         max_resumes=settings.max_resumes,
         max_total_in_flight=settings.max_total_in_flight,
+        gate=gate, slots_per_replica=settings.tenancy.slots_per_replica, tenants=tenants,
     )
+    callers = Callers(tenants) if book is not None or settings.key_tenants is not None else None
     health = HealthBoard()
 
     async def on_change(servable: dict[str, bool]) -> None:
@@ -143,18 +201,34 @@ async def run(settings: RouterSettings) -> None:
         log.info("models servable", extra={"servable": servable})
 
     await on_change({spec.id: False for spec in settings.registry.models})
-    running = await start_server(core, metrics, health, settings.server, settings.api_keys)
+    running = await start_server(core, metrics, health, settings.server, callers=callers)
     if settings.openai is not None:
-        face = OpenAIFace(core, metrics, settings.openai, settings.api_keys)
+        face = OpenAIFace(core, metrics, settings.openai, callers=callers)
         listener = await start_listener(face, settings.openai)
         running = _WithOpenAI(**vars(running), openai=listener)
         log.info("serving the OpenAI-compatible API", extra={"openai_port": listener.port})
-    if settings.api_keys is not None:
-        log.info("API keys required", extra={"keys": len(settings.api_keys)})
+    if settings.key_tenants is not None:
+        log.info("API keys required", extra={"keys": len(settings.key_tenants)})
+    watches = [core.watch(settings.health_interval, on_change)]
+    if book is not None:
+        log.info("tenants in force", extra={
+            "file": str(book.path), "tenants": len(book.current),
+            "quota_store": "memory" if settings.tenancy.quota_store == "memory" else "redis"})
+        book.reload_on_sighup()
+        watches.append(book.watch(settings.tenancy.reload_interval))
+
+    async def stop() -> None:
+        await core.close()
+        if gate is not None:
+            await gate.close()
+
     await serve_until_signalled(
-        running, settings.server.grace_seconds,
-        watch=core.watch(settings.health_interval, on_change), on_stop=core.close,
+        running, settings.server.grace_seconds, watch=_together(*watches), on_stop=stop,
     )
+
+
+async def _together(*loops: Coroutine[Any, Any, None]) -> None:
+    await asyncio.gather(*loops)
 
 
 @dataclass

@@ -26,6 +26,10 @@ from services.router import resume
 from services.router.pool import ReplicaPool
 from services.router.replica import Replica
 from services.router.scenarios import DEFAULT_SCENARIO, Scenarios
+from services.tenancy.gate import Admission, TenancyGate, model_capacity
+from services.tenancy.quota import TenantUsage
+from services.tenancy.tenants import ANONYMOUS, Tenant, Tenants
+from services.tenancy.tokens import conversation_upper_bound, reservation, upper_bound
 
 log = logging.getLogger("llmmesh.router")
 
@@ -88,6 +92,8 @@ def _ago(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds // 60} min ago"
     return f"{seconds // 3600} h ago"
+# Seconds a replica may take to count a request's input tokens.
+COUNT_TIMEOUT = 1.0
 
 
 class RouterCore:
@@ -102,6 +108,9 @@ class RouterCore:
         max_in_flight: int = 512,
         max_resumes: int = resume.DEFAULT_MAX_RESUMES,
         max_total_in_flight: int = DEFAULT_MAX_TOTAL_IN_FLIGHT,
+        gate: TenancyGate | None = None,
+        slots_per_replica: int = 8,
+        tenants: Callable[[], Tenants | None] | None = None,
     ) -> None:
         self._max_resumes = max_resumes
         # The router's own bound over every model: what one process relays.
@@ -116,6 +125,11 @@ class RouterCore:
         self._in_flight = {spec.id: 0 for spec in registry.models}
         self._in_flight[TOTAL] = 0
         self._default_timeout = default_timeout
+        # With tenants: budgets and the per-model queue (services.tenancy); its
+        # queue bound takes the place of max_in_flight.
+        self._gate = gate
+        self._tenants = tenants
+        self._slots = {spec.id: spec.slots or slots_per_replica for spec in registry.models}
         for spec in registry.models:
             metrics.declare_model(spec.id)
 
@@ -141,29 +155,51 @@ class RouterCore:
         context: RequestContext | None = None,
     ) -> Generation:
         spec, forward = self._prepare(request, context)
+        if self._gate is None:
+            with self._admit(spec):
+                return await self._generate(spec, forward, timeout)
+        async with self._admission(spec, forward, context) as admission:
+            result = await self._generate(spec, forward, timeout)
+            admission.record(result.input_tokens, result.tokens)
+            return result
+
+    async def _generate(
+        self, spec: ModelSpec, forward: GenerationRequest, timeout: float | None
+    ) -> Generation:
         tried: set[Replica] = set()
         last: MeshError | None = None
-        with self._admit(spec):
-            while True:
-                replica = await self._pick(spec, tried, last)
-                try:
-                    with replica.track():
-                        result = await replica.generate(forward, self._deadline(timeout))
-                except MeshError as exc:
-                    last = exc
-                    if not self._failover(spec, replica, last, tried):
-                        raise
-                    continue
-                self._metrics.record_tokens(spec.id, result.input_tokens, result.tokens)
-                return result
+        while True:
+            replica = await self._pick(spec, tried, last)
+            try:
+                with replica.track():
+                    result = await replica.generate(forward, self._deadline(timeout))
+            except MeshError as exc:
+                last = exc
+                if not self._failover(spec, replica, last, tried):
+                    raise
+                continue
+            self._metrics.record_tokens(spec.id, result.input_tokens, result.tokens)
+            return result
 
     async def generate_stream(
         self, request: GenerationRequest, timeout: float | None,
         context: RequestContext | None = None,
     ) -> AsyncIterator[Chunk | Generation]:
         spec, forward = self._prepare(request, context)
-        with self._admit(spec):
+        if self._gate is None:
+            with self._admit(spec):
+                async for event in self._relay(spec, forward, timeout):
+                    yield event
+            return
+        async with self._admission(spec, forward, context) as admission:
+            # What the request reserved for its input stands for it until the
+            # engine's count arrives with the final event.
+            reserved_input = admission.reservation.tokens - self._max_new_tokens(spec, forward)
             async for event in self._relay(spec, forward, timeout):
+                if isinstance(event, Generation):
+                    admission.record(event.input_tokens, event.tokens)
+                else:
+                    admission.record(reserved_input, event.tokens)
                 yield event
 
     async def _relay(
@@ -273,6 +309,85 @@ class RouterCore:
         log.warning("stream broken, resuming on another replica", extra=attributes)
         return resume.continuation(forward, text, budget - tokens)
 
+    # -- tenancy ------------------------------------------------------------------
+
+    async def usage(self, context: RequestContext | None) -> list[TenantUsage]:
+        """Every tenant's current windows, for an admin tenant's key only."""
+        caller = context.caller if context is not None else None
+        if caller is None:
+            raise MeshError(Reason.ADMIN_ONLY, "only an admin API key may read usage; "
+                            "this mesh has no tenants")
+        caller.require_admin()
+        tenants = self._tenants() if self._tenants is not None else None
+        if self._gate is None or tenants is None:
+            return []
+        return [await self._gate.store.usage(t) for t in tenants.tenants]
+
+    @contextlib.asynccontextmanager
+    async def _admission(
+        self, spec: ModelSpec, forward: GenerationRequest, context: RequestContext | None
+    ) -> AsyncIterator[Admission]:
+        """The request's reservation and queue slot (services.tenancy.gate)."""
+        assert self._gate is not None
+        caller = context.caller if context is not None else None
+        tenant = caller.tenant if caller is not None else ANONYMOUS
+        priority = caller.priority if caller is not None else tenant.priority
+        tokens = reservation(
+            await self._input_tokens(spec, forward, tenant), self._max_new_tokens(spec, forward))
+        async with self._gate.admit(tenant, spec.id, priority, tokens=tokens) as admission:
+            if caller is not None:
+                caller.admission = admission
+            yield admission
+
+    async def _input_tokens(
+        self, spec: ModelSpec, forward: GenerationRequest, tenant: Tenant
+    ) -> int:
+        """The request's input tokens: counted by a replica's engine when the
+        tenant has a token limit, else (or when no count comes) the bound."""
+        limits = tenant.limits
+        if limits.tokens_per_minute is None and limits.tokens_per_day is None:
+            return input_estimate(forward)
+        replica = self._pools[spec.id].pick(set())
+        if replica is not None:
+            try:
+                count, _ = await replica.count_tokens(forward, COUNT_TIMEOUT)
+                return count
+            except MeshError as exc:
+                log.warning("counting input tokens failed; reserving the bound",
+                            extra={"model": spec.id, "error": exc.message})
+        return input_estimate(forward)
+
+    async def count_tokens(
+        self, request: GenerationRequest, context: RequestContext | None = None
+    ) -> tuple[int, bool]:
+        """CountTokens: a replica of the request's model counts."""
+        spec, forward = self._prepare(request, context)
+        replica = await self._pick(spec, set(), None)
+        return await replica.count_tokens(forward, COUNT_TIMEOUT)
+
+    @staticmethod
+    def _max_new_tokens(spec: ModelSpec, forward: GenerationRequest) -> int:
+        asked = forward.parameters.max_new_tokens
+        return asked if asked is not None else (
+            spec.defaults.max_new_tokens or spec.limits.max_new_tokens)
+
+    def _update_capacity(self) -> None:
+        """Each model's slots: per serving replica, less what other callers
+        hold on its engine as the engine reported."""
+        assert self._gate is not None
+        for spec in self._registry.models:
+            queue = self._gate.queues.get(spec.id)
+            if queue is None:
+                continue
+            replicas = [
+                (r.serving, (r.load.running + r.load.waiting) if r.load is not None else None,
+                 r.in_flight_at_report)
+                for r in self._pools[spec.id].replicas.values()
+            ]
+            # A model with no serving replica keeps one slot: its requests
+            # get MODEL_UNAVAILABLE at once instead of waiting for a slot.
+            queue.set_capacity(max(1, model_capacity(self._slots[spec.id], replicas)))
+
     # -- health -------------------------------------------------------------------
 
     async def refresh(self, timeout: float = 1.0) -> None:
@@ -287,6 +402,8 @@ class RouterCore:
             if isinstance(result, BaseException):
                 log.error("health round failed for a model", exc_info=result,
                           extra={"model": pool.model_id})
+        if self._gate is not None:
+            self._update_capacity()
         for spec in self._registry.models:
             for replica in self._pools[spec.id].replicas.values():
                 self._metrics.engine_up.labels(
@@ -403,6 +520,13 @@ class RouterCore:
             )
         return Counted(self._in_flight, spec.id)
 
+    def initial_slots(self) -> dict[str, int]:
+        """Each model's slots before the first health round: every replica serving."""
+        return {
+            spec.id: self._slots[spec.id] * max(1, len(spec.adapters))
+            for spec in self._registry.models
+        }
+
     def _deadline(self, timeout: float | None) -> float | None:
         return timeout if timeout is not None else self._default_timeout
 
@@ -421,3 +545,12 @@ class RouterCore:
             load=pool.load,
         )
 
+
+
+
+def input_estimate(request: GenerationRequest) -> int:
+    """At least as many input tokens as the rendered prompt has (see
+    services.tenancy.tokens); settling gives the excess back."""
+    if request.messages:
+        return conversation_upper_bound((m.role, m.content) for m in request.messages)
+    return upper_bound(request.inputs)

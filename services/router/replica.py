@@ -93,6 +93,18 @@ class Replica:
             raise from_rpc_error(exc) from None
         return pb_convert.generation_from_pb(reply)
 
+    async def count_tokens(
+        self, request: GenerationRequest, timeout: float | None
+    ) -> tuple[int, bool]:
+        """The input tokens of `request` as this replica's engine counts them."""
+        message = pb.CountTokensRequest(
+            request=pb_convert.request_to_pb(request, pb.GenerateRequest))
+        try:
+            reply = await self.stub.CountTokens(message, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+        return reply.input_tokens, reply.exact
+
     async def generate_stream(
         self, request: GenerationRequest, timeout: float | None
     ) -> AsyncIterator[Chunk | Generation]:

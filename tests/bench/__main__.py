@@ -10,7 +10,8 @@ writes every figure to .run/bench/results.json (keys `mesh`, `cpu_mesh`,
 against least-in-flight, simulated), `tracing` (off against on),
 `resume_seam` (greedy streams resumed mid-stream against uninterrupted),
 `relay` and `relay_bounded` (streams one router and adapter relay before
-time to first token doubles; a burst of 3,000 against the router's bound), and
+time to first token doubles; a burst of 3,000 against the router's bound),
+`tenancy` (a saturated model with and without the router's queue), and
 `machine`: the machine
 and its load average when the run began) and the tables to
 .run/bench/results.md.
@@ -32,6 +33,7 @@ from tests.bench import (
     relay_bench,
     replica_bench,
     resume_bench,
+    tenancy_bench,
     tracing_bench,
 )
 
@@ -73,6 +75,10 @@ def main() -> None:
         print()
         results["relay_bounded"] = relay_bench.main(
             ["--levels", "1,3000", "--router-bound", "256"])
+        print()
+        # Tenants on a saturated model: with and without the router's queue.
+        sys.argv = [sys.argv[0], *(["--quick"] if quick else [])]
+        results["tenancy"] = tenancy_bench.main()
     results["machine"] = results["mesh"].pop("machine")
     (OUT / "results.json").write_text(json.dumps(results, indent=2))
     (OUT / "results.md").write_text(text.getvalue())

@@ -104,8 +104,15 @@ class Stack:
         raise TimeoutError(f"recording rules not evaluated after {after}")
 
 
-def _get_json(url: str, timeout: float = 10.0) -> Any:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
+# The mesh runs with a tenants file (one tenant without limits), so the
+# tenancy panels have data: every call to the mesh carries its key.
+TENANTS = "tenants:\n  - name: observer\n    keys: [sk-observer]\n"
+AUTH = {"Authorization": "Bearer sk-observer"}
+
+
+def _get_json(url: str, timeout: float = 10.0, headers: dict[str, str] | None = None) -> Any:
+    request = urllib.request.Request(url, headers=headers or {})
+    with urllib.request.urlopen(request, timeout=timeout) as resp:
         return json.loads(resp.read())
 
 
@@ -120,7 +127,7 @@ def _post(url: str, body: dict[str, Any]) -> None:
 
 def _all_ready(http: str) -> bool:
     try:
-        models = _get_json(f"{http}/v1/mesh/models", timeout=2)["models"]
+        models = _get_json(f"{http}/v1/mesh/models", timeout=2, headers=AUTH)["models"]
     except (OSError, ValueError, KeyError):
         return False
     return {m["id"] for m in models} == set(MODELS) and all(m["ready"] for m in models)
@@ -146,6 +153,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         ports = {name: free_port() for name in ("envoy", "admin", "router", "prometheus")}
         adapters, metrics = free_run(len(MODELS)), free_run(1 + len(MODELS))
         log = tmp / "launcher.log"
+        tenants = tmp / "tenants.yaml"
+        tenants.write_text(TENANTS)
         launcher = start(
             python_module(
                 "services.launcher",
@@ -154,7 +163,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 "--envoy-port", str(ports["envoy"]), "--admin-port", str(ports["admin"]),
                 "--router-port", str(ports["router"]), "--adapter-port", str(adapters),
                 "--metrics-port", str(metrics), "--prometheus-port", str(ports["prometheus"]),
-                "--openai-port", str(free_port()),
+                "--openai-port", str(free_port()), "--tenants-file", str(tenants),
             ),
             # As on a terminal: the banner is in the log as soon as it is printed.
             env={"PYTHONUNBUFFERED": "1"},
@@ -244,7 +253,7 @@ def snapshot(stack: Stack) -> dict[str, dict[tuple[str, ...], float]]:
 def _call(stack: Stack, path: str, body: dict[str, Any]) -> tuple[int, bytes]:
     request = urllib.request.Request(
         f"{stack.http}{path}", data=json.dumps(body).encode(), method="POST",
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", **AUTH},
     )
     try:
         with urllib.request.urlopen(request, timeout=30) as resp:
@@ -568,7 +577,7 @@ def test_an_expired_deadline_counts_as_a_timeout(stack: Stack, sent: Sent) -> No
             f"{stack.http}/v1/generate", method="POST",
             data=json.dumps({"model_id": "llama3", "inputs": "hello"}).encode(),
             # An HTTP client's deadline: Envoy honours grpc-timeout and passes it on.
-            headers={"Content-Type": "application/json", "grpc-timeout": "1S"},
+            headers={"Content-Type": "application/json", "grpc-timeout": "1S", **AUTH},
         )
         with pytest.raises(urllib.error.HTTPError) as error:
             urllib.request.urlopen(request, timeout=10)

@@ -444,3 +444,24 @@ def test_logprobs_and_n_from_vllm(mesh: EngineMesh) -> None:
                for c in several.choices)
     assert several.usage is not None and several.usage.completion_tokens == 3 * len(words)
     assert mesh.vllm.stats()["requests"] - before == 3
+
+
+def test_input_tokens_are_counted_by_the_engine(mesh: EngineMesh) -> None:
+    """CountTokens: vLLM's /tokenize counts the prompt as the generation's input;
+    llama.cpp's adapter (no tokenizer route used) answers the stated bound."""
+    import grpc
+    from llmmesh.v1 import generate_pb2 as pb
+    from llmmesh.v1 import generate_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(mesh.router.address) as channel:
+        stub = pb_grpc.GenerateServiceStub(channel)
+        for model, exact in (("llama3", True), ("qwen2", False)):
+            request = pb.GenerateRequest(model_id=model, inputs="one two three four",
+                                         parameters=pb.GenerationParameters(max_new_tokens=2))
+            counted = stub.CountTokens(pb.CountTokensRequest(request=request), timeout=30)
+            generated = stub.Generate(request, timeout=60)
+            assert counted.exact is exact, model
+            if exact:
+                assert counted.input_tokens == generated.input_tokens > 0
+            else:
+                assert counted.input_tokens >= generated.input_tokens > 0

@@ -23,6 +23,12 @@ EXPECTED_CODES = {
     Reason.ROUTE_NOT_FOUND: "NOT_FOUND",
     Reason.REQUEST_TOO_LARGE: "RESOURCE_EXHAUSTED",
     Reason.ROUTER_UNAVAILABLE: "UNAVAILABLE",
+    Reason.QUOTA_EXCEEDED: "RESOURCE_EXHAUSTED",
+    Reason.QUOTA_NEVER_FITS: "RESOURCE_EXHAUSTED",
+    Reason.QUEUE_TIMEOUT: "RESOURCE_EXHAUSTED",
+    Reason.MODEL_NOT_ALLOWED: "PERMISSION_DENIED",
+    Reason.ADMIN_ONLY: "PERMISSION_DENIED",
+    Reason.QUOTA_STORE_UNAVAILABLE: "UNAVAILABLE",
 }
 
 
@@ -97,6 +103,7 @@ def test_documented_error_table_has_every_reason_with_its_code():
 def test_documented_http_status_is_envoys():
     """The HTTP column: what Envoy makes of the gRPC code, or Envoy's own status."""
     http = {"INVALID_ARGUMENT": "400", "NOT_FOUND": "404", "UNAUTHENTICATED": "401",
+            "PERMISSION_DENIED": "403",
             "RESOURCE_EXHAUSTED": "429", "INTERNAL": "500", "UNAVAILABLE": "503",
             "DEADLINE_EXCEEDED": "504", "CANCELLED": "499"}
     edge: dict[str, set[str]] = {}

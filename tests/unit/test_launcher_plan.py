@@ -157,3 +157,27 @@ def test_several_backends_urls_of_a_model_get_one_adapter_each(tmp_path: Path) -
     assert not [x for x in p.procs if x.name.startswith("backend-")]
 
 
+
+
+def test_tenants_reach_the_router_and_a_redis_is_started(tmp_path: Path) -> None:
+    tenants = tmp_path / "tenants.yaml"
+    tenants.write_text("tenants:\n  - name: a\n    key_sha256: ['" + "0" * 64 + "']\n"
+                       "  - name: b\n    keys: [sk-b]\n")
+    p = plan(tmp_path, tenants_file=tenants, quota_store="redis", ports=Ports(redis=6390))
+    redis = next(x for x in p.procs if x.name == "redis")
+    assert redis.stage == 0 and redis.ports == (6390,) and redis.ready.kind == "tcp"
+    router = next(x for x in p.procs if x.name == "router")
+    argv = " ".join(router.argv)
+    assert f"--tenants-file {tenants}" in argv
+    assert "--quota-store redis://127.0.0.1:6390" in argv
+    envoy = next(x for x in p.procs if x.name == "envoy")
+    assert envoy.ready.authorization == "Bearer sk-b"
+    # The router's memory by default; an external Redis by URL.
+    assert "redis" not in [x.name for x in plan(tmp_path, tenants_file=tenants).procs]
+    external = plan(tmp_path, tenants_file=tenants, quota_store="redis://10.0.0.5:6379")
+    assert "--quota-store redis://10.0.0.5:6379" in " ".join(
+        next(x for x in external.procs if x.name == "router").argv)
+    with pytest.raises(LaunchError, match="QUOTA_STORE"):
+        plan(tmp_path, tenants_file=tenants, quota_store="memcached://x")
+    with pytest.raises(LaunchError, match="needs TENANTS_FILE"):
+        plan(tmp_path, quota_store="redis")

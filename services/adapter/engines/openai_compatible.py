@@ -238,6 +238,26 @@ class OpenAICompatibleEngine(HttpEngine):
         if not body["model"]:
             body["model"] = await self.model_name()
 
+    async def count_tokens(self, prompt: str, timeout: float | None) -> int | None:
+        """The prompt's tokens by vLLM's tokenizer (`POST /tokenize` at the
+        server's root); None for the other kinds, which have no such route."""
+        if self.kind.name != "vllm":
+            return None
+        body: dict[str, Any] = {"model": self.served_model or "", "prompt": prompt}
+        try:
+            await self._model_for(body)
+            async with self.post_json(f"{self.root_url}/tokenize", body, timeout) as resp:
+                payload = await json_or_text(resp)
+                if resp.status != 200:
+                    raise error_from_engine(resp.status, payload, None)
+                if not isinstance(payload, dict) or not isinstance(payload.get("count"), int):
+                    raise ValueError("no count")
+                return int(payload["count"])
+        except (MeshError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            raise self.transport_error(exc) from exc
+
     async def generate(
         self, prompt: Prompt, params: Parameters, timeout: float | None
     ) -> EngineResult:

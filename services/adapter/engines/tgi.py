@@ -183,6 +183,21 @@ class TGIEngine(HttpEngine):
             parameters["top_n_tokens"] = params.top_logprobs
         return {"inputs": prompt, "parameters": parameters, "stream": stream}
 
+    async def count_tokens(self, prompt: str, timeout: float | None) -> int:
+        """The prompt's tokens by TGI's own tokenizer (`POST /tokenize`, which
+        the CPU backend serves too): what TGI counts as the input."""
+        try:
+            async with self.post_json(f"{self.base_url}/tokenize", {"inputs": prompt},
+                                      timeout) as resp:
+                payload = json.loads(await resp.read())
+                if resp.status != 200 or not isinstance(payload, list):
+                    raise error_from_tgi(resp.status, payload)
+                return len(payload)
+        except (MeshError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            raise self.transport_error(exc) from exc
+
     async def generate(
         self, prompt: Prompt, params: Parameters, timeout: float | None
     ) -> EngineResult:

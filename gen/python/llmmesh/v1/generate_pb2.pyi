@@ -194,6 +194,58 @@ class GetModelResponse(_message.Message):
     model: Model
     def __init__(self, model: _Optional[_Union[Model, _Mapping]] = ...) -> None: ...
 
+class CountTokensRequest(_message.Message):
+    __slots__ = ("request",)
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    request: GenerateRequest
+    def __init__(self, request: _Optional[_Union[GenerateRequest, _Mapping]] = ...) -> None: ...
+
+class CountTokensResponse(_message.Message):
+    __slots__ = ("input_tokens", "exact")
+    INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    EXACT_FIELD_NUMBER: _ClassVar[int]
+    input_tokens: int
+    exact: bool
+    def __init__(self, input_tokens: _Optional[int] = ..., exact: _Optional[bool] = ...) -> None: ...
+
+class GetUsageRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetUsageResponse(_message.Message):
+    __slots__ = ("tenants",)
+    TENANTS_FIELD_NUMBER: _ClassVar[int]
+    tenants: _containers.RepeatedCompositeFieldContainer[TenantUsage]
+    def __init__(self, tenants: _Optional[_Iterable[_Union[TenantUsage, _Mapping]]] = ...) -> None: ...
+
+class TenantUsage(_message.Message):
+    __slots__ = ("tenant", "windows", "in_flight", "concurrent_limit")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    WINDOWS_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    CONCURRENT_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    windows: _containers.RepeatedCompositeFieldContainer[UsageWindow]
+    in_flight: int
+    concurrent_limit: int
+    def __init__(self, tenant: _Optional[str] = ..., windows: _Optional[_Iterable[_Union[UsageWindow, _Mapping]]] = ..., in_flight: _Optional[int] = ..., concurrent_limit: _Optional[int] = ...) -> None: ...
+
+class UsageWindow(_message.Message):
+    __slots__ = ("name", "limit", "used", "remaining", "frees_in_seconds", "resets_in_seconds")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    USED_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_FIELD_NUMBER: _ClassVar[int]
+    FREES_IN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RESETS_IN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    limit: int
+    used: int
+    remaining: int
+    frees_in_seconds: float
+    resets_in_seconds: float
+    def __init__(self, name: _Optional[str] = ..., limit: _Optional[int] = ..., used: _Optional[int] = ..., remaining: _Optional[int] = ..., frees_in_seconds: _Optional[float] = ..., resets_in_seconds: _Optional[float] = ...) -> None: ...
+
 class Model(_message.Message):
     __slots__ = ("id", "aliases", "name", "backend_model", "max_input_tokens", "max_total_tokens", "max_new_tokens", "max_stop_sequences", "ready", "replicas", "ready_replicas", "load")
     ID_FIELD_NUMBER: _ClassVar[int]

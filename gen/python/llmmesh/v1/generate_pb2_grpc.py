@@ -56,6 +56,16 @@ class GenerateServiceStub:
                 request_serializer=llmmesh_dot_v1_dot_generate__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=llmmesh_dot_v1_dot_generate__pb2.GetModelResponse.FromString,
                 _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/llmmesh.v1.GenerateService/GetUsage',
+                request_serializer=llmmesh_dot_v1_dot_generate__pb2.GetUsageRequest.SerializeToString,
+                response_deserializer=llmmesh_dot_v1_dot_generate__pb2.GetUsageResponse.FromString,
+                _registered_method=True)
+        self.CountTokens = channel.unary_unary(
+                '/llmmesh.v1.GenerateService/CountTokens',
+                request_serializer=llmmesh_dot_v1_dot_generate__pb2.CountTokensRequest.SerializeToString,
+                response_deserializer=llmmesh_dot_v1_dot_generate__pb2.CountTokensResponse.FromString,
+                _registered_method=True)
 
 
 class GenerateServiceServicer:
@@ -97,6 +107,24 @@ class GenerateServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetUsage(self, request, context):
+        """GetUsage reports every tenant's current quota windows. Only an admin
+        tenant's API key may call it (else PERMISSION_DENIED, reason ADMIN_ONLY).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CountTokens(self, request, context):
+        """CountTokens counts the input tokens a request would give its model: the
+        adapter renders the prompt as it would for Generate and asks its engine's
+        tokenizer; where the engine has none it answers a stated upper bound
+        (`exact` false). The router calls it to reserve a tenant's tokens.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerateServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -119,6 +147,16 @@ def add_GenerateServiceServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=llmmesh_dot_v1_dot_generate__pb2.GetModelRequest.FromString,
                     response_serializer=llmmesh_dot_v1_dot_generate__pb2.GetModelResponse.SerializeToString,
+            ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=llmmesh_dot_v1_dot_generate__pb2.GetUsageRequest.FromString,
+                    response_serializer=llmmesh_dot_v1_dot_generate__pb2.GetUsageResponse.SerializeToString,
+            ),
+            'CountTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.CountTokens,
+                    request_deserializer=llmmesh_dot_v1_dot_generate__pb2.CountTokensRequest.FromString,
+                    response_serializer=llmmesh_dot_v1_dot_generate__pb2.CountTokensResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -231,6 +269,60 @@ class GenerateService:
             '/llmmesh.v1.GenerateService/GetModel',
             llmmesh_dot_v1_dot_generate__pb2.GetModelRequest.SerializeToString,
             llmmesh_dot_v1_dot_generate__pb2.GetModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmmesh.v1.GenerateService/GetUsage',
+            llmmesh_dot_v1_dot_generate__pb2.GetUsageRequest.SerializeToString,
+            llmmesh_dot_v1_dot_generate__pb2.GetUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CountTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmmesh.v1.GenerateService/CountTokens',
+            llmmesh_dot_v1_dot_generate__pb2.CountTokensRequest.SerializeToString,
+            llmmesh_dot_v1_dot_generate__pb2.CountTokensResponse.FromString,
             options,
             channel_credentials,
             insecure,
