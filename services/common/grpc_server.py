@@ -23,7 +23,6 @@ from services.common.rpc_interceptor import MeshInterceptor
 from services.common.servicer import SERVICE_NAME, GenerateServicer, GenerationCore
 from services.common.tls import TlsFiles
 
-
 # How many accepted calls may wait for the event loop to take them up.
 PENDING_CALLS = 65_536
 
