@@ -13,6 +13,7 @@ import argparse
 import base64
 import hashlib
 import json
+import math
 import string
 import sys
 from collections.abc import Mapping
@@ -96,8 +97,120 @@ def _reply_body(error: Any, pad: str) -> list[str]:
     if error.metadata:
         lines.append(f"{pad}      metadata:")
         lines += [f"{pad}        {k}: {_json_str(v)}" for k, v in error.metadata.items()]
+    lines += _retry_info(error, pad)
     lines.append(f"{pad}content_type: application/json")
     return lines
+
+
+def _retry_info(error: Any, pad: str) -> list[str]:
+    if error.retry_after is None:
+        return []
+    return [
+        f'{pad}    - "@type": type.googleapis.com/google.rpc.RetryInfo',
+        f"{pad}      retry_delay: {error.retry_after:g}s",
+    ]
+
+
+def _grpc_status_bin(error: Any) -> str:
+    """grpc-status-details-bin of the error: a google.rpc.Status with the
+    ErrorInfo and RetryInfo the router's own refusals carry."""
+    import grpc
+    from google.protobuf import duration_pb2
+    from google.rpc import error_details_pb2, status_pb2
+
+    from services.common.errors import DOMAIN, TABLE
+
+    status = status_pb2.Status(
+        code=grpc.StatusCode[TABLE[error.reason].code].value[0], message=error.message)
+    status.details.add().Pack(error_details_pb2.ErrorInfo(
+        reason=error.reason.value, domain=DOMAIN, metadata=dict(error.metadata or {})))
+    if error.retry_after is not None:
+        delay = duration_pb2.Duration()
+        delay.FromMilliseconds(int(error.retry_after * 1000))
+        status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    return base64.b64encode(status.SerializeToString()).decode()
+
+
+def _header(pad: str, key: str, value: str) -> list[str]:
+    return [
+        f"{pad}    - header: {{ key: {key}, value: {_json_str(value)} }}",
+        f"{pad}      append_action: OVERWRITE_IF_EXISTS_OR_ADD",
+    ]
+
+
+def _flag_mappers(indent: int = 20) -> str:
+    """Envoy's refusals by response flag (errors.EDGE_FLAGS), answered with
+    the reason's status in each API's shape: a gRPC status with ErrorInfo and
+    RetryInfo to gRPC clients, OpenAI's error JSON on the OpenAI routes, the
+    transcoder's JSON elsewhere; Retry-After on HTTP."""
+    _edge_errors()  # puts the checkout on sys.path
+    import grpc
+
+    from services.common.errors import EDGE_FLAGS, HTTP_STATUS, TABLE
+    from services.openai.errors import error_type
+
+    pad = " " * indent
+    out: list[str] = []
+    for flag, error in sorted(EDGE_FLAGS.items()):
+        code_name = TABLE[error.reason].code
+        status = HTTP_STATUS[code_name]
+        flag_filter = f"response_flag_filter: {{ flags: [{flag}] }}"
+        retry = ([] if error.retry_after is None else
+                 _header(pad, "retry-after", f"{max(1, math.ceil(error.retry_after))}"))
+        # gRPC clients: a gRPC request not transcoded (a transcoded one
+        # carries its original path in x-envoy-original-path).
+        out += [
+            f"{pad}- filter:",
+            f"{pad}    and_filter:",
+            f"{pad}      filters:",
+            f"{pad}      - {flag_filter}",
+            f"{pad}      - header_filter:",
+            f"{pad}          header:",
+            f"{pad}            name: content-type",
+            f"{pad}            string_match: {{ prefix: application/grpc }}",
+            f"{pad}      - header_filter:",
+            f"{pad}          header:",
+            f"{pad}            name: x-envoy-original-path",
+            f"{pad}            present_match: true",
+            f"{pad}            invert_match: true",
+            f"{pad}  status_code: {status}",
+            f"{pad}  headers_to_add:",
+            *_header(pad, "grpc-status", str(grpc.StatusCode[code_name].value[0])),
+            *_header(pad, "grpc-status-details-bin", _grpc_status_bin(error)),
+            f"{pad}  body_format_override:",
+            # Envoy sends the body as grpc-message: the Status's own message.
+            f"{pad}    text_format_source: {{ inline_string: {_json_str(error.message)} }}",
+        ]
+        # The OpenAI routes: OpenAI's error JSON.
+        out += [
+            f"{pad}- filter:",
+            f"{pad}    and_filter:",
+            f"{pad}      filters:",
+            f"{pad}      - {flag_filter}",
+            f"{pad}      - header_filter:",
+            f"{pad}          header:",
+            f'{pad}            name: ":path"',
+            f"{pad}            string_match: {{ safe_regex: {{ regex: '{OPENAI_PATHS}' }} }}",
+            f"{pad}  status_code: {status}",
+            *([f"{pad}  headers_to_add:", *retry] if retry else []),
+            f"{pad}  body_format_override:",
+            f"{pad}    json_format:",
+            f"{pad}      error:",
+            f"{pad}        message: {_json_str(error.message)}",
+            f"{pad}        type: {error_type(status)}",
+            f"{pad}        code: {error.reason.label}",
+            f"{pad}    content_type: application/json",
+        ]
+        # The native HTTP/JSON API: the transcoder's error JSON.
+        out += [
+            f"{pad}- filter:",
+            f"{pad}    {flag_filter}",
+            f"{pad}  status_code: {status}",
+            *([f"{pad}  headers_to_add:", *retry] if retry else []),
+            f"{pad}  body_format_override:",
+            *_reply_body(error, pad + "    "),
+        ]
+    return "\n".join(out)
 
 
 def _mappers(indent: int = 20) -> str:
@@ -268,11 +381,29 @@ def _openai_mappers(indent: int = 20) -> str:
     return "\n".join(out)
 
 
+def edge_max_requests(router_bound: int) -> int:
+    """Envoy's limit on requests in flight to the router (its circuit
+    breakers): just above the router's own bound, so the router's refusal
+    comes first, and Envoy's only for what arrives faster than the router
+    refuses."""
+    return router_bound + max(1, router_bound // 8)
+
+
+def _router_bound() -> int:
+    _edge_errors()  # puts the checkout on sys.path
+    from services.router.core import DEFAULT_MAX_TOTAL_IN_FLIGHT
+
+    return int(DEFAULT_MAX_TOTAL_IN_FLIGHT)
+
+
 def render(otel: Mapping[str, str] | None = None, **values: str | int) -> str:
     """The template with `values` over the local profile's; Envoy's tracer
     exports to the OTLP endpoint of `otel` (OTEL_* variables) when it has one."""
-    merged = {**PROFILES["local"], **{k: str(v) for k, v in values.items()}}
-    merged["LOCAL_REPLY_MAPPERS"] = _openai_mappers() + "\n" + _mappers()
+    merged = {**PROFILES["local"],
+              "EDGE_MAX_REQUESTS": str(edge_max_requests(_router_bound())),
+              **{k: str(v) for k, v in values.items()}}
+    # First match wins: the refusals by flag before the rows by status.
+    merged["LOCAL_REPLY_MAPPERS"] = "\n".join((_flag_mappers(), _openai_mappers(), _mappers()))
     merged["PLAYGROUND_ROUTES"] = _playground_routes()
     merged["PLAYGROUND_REPLY_MAPPER"] = _playground_mapper()
     merged["PLAYGROUND_MAX_BYTES"] = str(PLAYGROUND_MAX_BYTES)

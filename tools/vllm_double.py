@@ -94,6 +94,43 @@ def error(status: int, message: str, kind: str, param: str | None = None) -> web
     return web.json_response(body, status=status)
 
 
+# vLLM's request validator (entrypoints/openai/protocol.py), and the chat
+# template's refusal when `continue_final_message` comes without
+# `add_generation_prompt: false` (whose default is true).
+_BOTH_PROMPT_FLAGS = ("Cannot set both `continue_final_message` and "
+                      "`add_generation_prompt` to True.")
+_CONTINUE_WITH_PROMPT = ("continue_final_message and add_generation_prompt are not "
+                         "compatible. Use continue_final_message when you want the model "
+                         "to continue the final message, and add_generation_prompt when "
+                         "you want to add a header that will prompt it to start a new "
+                         "assistant message instead.")
+
+
+def _continue_refusal(body: dict[str, Any]) -> str | None:
+    if not body.get("continue_final_message"):
+        return None
+    if body.get("add_generation_prompt"):
+        return _BOTH_PROMPT_FLAGS
+    if body.get("add_generation_prompt", True):
+        return _CONTINUE_WITH_PROMPT
+    return None
+
+
+def _continued(body: dict[str, Any], words: list[str]) -> list[str]:
+    """The reply's words after a final assistant message the engine is asked
+    to continue (`continue_final_message`), as vLLM does: generation picks up
+    where that message ends. Without the flag a final assistant message is a
+    closed turn and the model answers afresh."""
+    messages = body.get("messages") or []
+    if not (body.get("continue_final_message") and messages
+            and messages[-1].get("role") == "assistant"):
+        if words:
+            words[0] = words[0].lstrip()
+        return words
+    done = len(_WORD.findall(str(messages[-1].get("content") or "")))
+    return words[done:]
+
+
 def _prompt_of(body: dict[str, Any], chat: bool) -> str:
     if chat:
         turns = [m for m in body.get("messages") or [] if m.get("role") == "user"]
@@ -164,6 +201,9 @@ async def generate(request: web.Request) -> web.StreamResponse:
     if isinstance(temperature, int | float) and temperature < 0:
         return error(400, f"temperature must be non-negative, got {temperature}.",
                      "BadRequestError")
+    refusal = _continue_refusal(body) if chat else None
+    if refusal is not None:
+        return error(400, refusal, "BadRequestError")
     prompt = _prompt_of(body, chat)
     prompt_tokens = len(_WORD.findall(str(body.get("prompt") or body.get("messages") or "")))
     max_tokens = int(body.get("max_tokens") or 16)
@@ -174,8 +214,8 @@ async def generate(request: web.Request) -> web.StreamResponse:
             f"requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, "
             f"{max_tokens} in the completion). Please reduce the length of the messages or "
             "completion.", "BadRequestError")
-    words = [w for w in _WORD.findall(prompt)]
-    if words:
+    words = _continued(body, _WORD.findall(prompt)) if chat else _WORD.findall(prompt)
+    if words and not chat:
         words[0] = words[0].lstrip()
     stops = body.get("stop") or []
     stops = [stops] if isinstance(stops, str) else list(stops)

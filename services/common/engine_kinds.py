@@ -43,6 +43,11 @@ class EngineKind:
     regex_grammar: str | None = None
     # Whether the engine serves Prometheus metrics at /metrics.
     metrics: bool = True
+    # Whether a conversation ending in an assistant message (a stream resumed
+    # after its text so far) must say so, as vLLM's chat API wants:
+    # `continue_final_message: true` with `add_generation_prompt: false`;
+    # without them the engine's template closes that turn and opens another.
+    continue_final_message: bool = False
 
     @property
     def url_hint(self) -> str:
@@ -62,7 +67,7 @@ KINDS: Mapping[str, EngineKind] = {
         # vLLM's extra sampling parameters and structured outputs
         # (vllm/entrypoints/openai/protocol.py: CompletionRequest).
         EngineKind("vllm", "openai", "vLLM's OpenAI-compatible server",
-                   regex_grammar="structured_outputs"),
+                   regex_grammar="structured_outputs", continue_final_message=True),
         # SGLang (python/sglang/srt/entrypoints/openai/protocol.py).
         EngineKind("sglang", "openai", "SGLang's OpenAI-compatible server",
                    regex_grammar="regex"),

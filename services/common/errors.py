@@ -96,6 +96,7 @@ class EdgeError:
     reason: Reason
     message: str
     metadata: Mapping[str, str] | None = None
+    retry_after: float | None = None
 
 
 # Envoy's own replies, by the HTTP status Envoy answers with. envoy/render.py
@@ -121,6 +122,18 @@ EDGE_ERRORS: Mapping[int, EdgeError] = {
         Reason.ROUTER_UNAVAILABLE, "the router cannot be reached: %LOCAL_REPLY_BODY%"
     ),
     504: EdgeError(Reason.TIMEOUT, "deadline exceeded: %LOCAL_REPLY_BODY%"),
+}
+# Envoy's refusals by response flag, answered with the reason's own status
+# whatever status Envoy chose (the row comes before EDGE_ERRORS' rows): UO,
+# the router cluster's circuit breaker full (more requests in flight than the
+# router admits, envoy.template.yaml's EDGE_MAX_REQUESTS). A gRPC client gets
+# RESOURCE_EXHAUSTED with ErrorInfo and RetryInfo, as from the router's bound.
+EDGE_FLAGS: Mapping[str, EdgeError] = {
+    "UO": EdgeError(
+        Reason.OVERLOADED,
+        "the mesh has as many requests in flight as it relays; retry shortly",
+        retry_after=1.0,
+    ),
 }
 # Any other status Envoy makes itself.
 EDGE_DEFAULT = EdgeError(Reason.INTERNAL, "the edge proxy failed: %LOCAL_REPLY_BODY%")

@@ -26,6 +26,9 @@ from services.common.tls import TlsFiles
 if TYPE_CHECKING:
     from services.tenancy.caller import Callers
 
+# How many accepted calls may wait for the event loop to take them up.
+PENDING_CALLS = 65_536
+
 
 @dataclass(frozen=True)
 class ServerSettings:
@@ -103,6 +106,13 @@ async def start_server(
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        # Calls gRPC has accepted but the event loop has not yet taken up.
+        # Past gRPC's defaults (1,000, and 3,000 for certain) it drops them at
+        # random with a bare CANCELLED before any handler runs; a burst of a
+        # few thousand streams must instead reach the core, whose bound
+        # refuses them plainly (OVERLOADED, RetryInfo).
+        ("grpc.server.max_pending_requests", PENDING_CALLS),
+        ("grpc.server.max_pending_requests_hard_limit", PENDING_CALLS),
     ]
     server = grpc.aio.server(
         interceptors=[

@@ -9,6 +9,9 @@ adapter's error on unchanged.
 
 from __future__ import annotations
 
+import collections
+import math
+
 import grpc
 from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
@@ -41,6 +44,12 @@ def _cut(text: str, limit: int) -> str:
     return raw[: limit - 3].decode("utf-8", errors="ignore") + "..."
 
 
+class _Status(
+    collections.namedtuple("_Status", ("code", "details", "trailing_metadata")), grpc.Status
+):
+    pass
+
+
 def to_status(error: MeshError) -> grpc.Status:
     """The rich gRPC status for `error`."""
     info = error_details_pb2.ErrorInfo(
@@ -66,7 +75,14 @@ def to_status(error: MeshError) -> grpc.Status:
         delay = duration_pb2.Duration()
         delay.FromMilliseconds(int(error.retry_after * 1000))
         status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
-    return rpc_status.to_status(status)
+    rich = rpc_status.to_status(status)
+    if error.retry_after is None:
+        return rich
+    # Also as HTTP's Retry-After (whole seconds): a refusal before the first
+    # message is a trailers-only response, whose metadata Envoy's transcoder
+    # passes on as the HTTP/JSON answer's headers.
+    retry = ("retry-after", str(max(1, math.ceil(error.retry_after))))
+    return _Status(rich.code, rich.details, (*rich.trailing_metadata, retry))
 
 
 def from_rpc_error(error: grpc.aio.AioRpcError) -> MeshError:

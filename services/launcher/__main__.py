@@ -76,6 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="per model: backends (CPU or TGI) and their adapters take 128 by "
                         "default, TGI's own default; the CPU backend queues what it cannot "
                         "batch yet")
+    p.add_argument("--max-in-flight-total", type=int, default=None,
+                   help="the router's bound on requests in flight (its own default: 256); "
+                        "Envoy's limit sits just above it")
     p.add_argument("--api-keys-file", type=Path, default=None,
                    help="require one of these API keys at the router (one per line)")
     p.add_argument("--tenants-file", type=Path, default=None,
@@ -134,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             model_path=args.model_path,
             threads=args.threads,
             max_concurrent_requests=args.max_concurrent_requests,
+            max_in_flight_total=args.max_in_flight_total,
             prometheus=not args.no_prometheus,
             api_keys_file=args.api_keys_file,
             tls_dir=tls_dir,

@@ -36,11 +36,14 @@ def _observability_render() -> ModuleType:
 
 def envoy_config(plan: Plan) -> str:
     render = _envoy_render()
+    edge: dict[str, int] = {}
+    if plan.max_in_flight_total is not None:
+        edge["EDGE_MAX_REQUESTS"] = render.edge_max_requests(plan.max_in_flight_total)
     text = str(render.render(
         ADMIN_ADDRESS=plan.host, ADMIN_PORT=plan.ports.admin,
         LISTEN_ADDRESS=plan.host, LISTEN_PORT=plan.ports.envoy,
         ROUTER_HOST=plan.host, ROUTER_PORT=plan.ports.router, OPENAI_PORT=plan.ports.openai,
-        ROUTER_DISCOVERY="STATIC", DESCRIPTOR=DESCRIPTOR,
+        ROUTER_DISCOVERY="STATIC", DESCRIPTOR=DESCRIPTOR, **edge,
         # The OTEL_* variables that the other processes inherit turn on Envoy's tracer too.
         otel=os.environ,
     ))

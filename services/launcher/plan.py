@@ -122,6 +122,7 @@ class Plan:
     notes: tuple[str, ...] = ()
     api_keys_file: Path | None = None
     tls: MeshTls | None = None
+    max_in_flight_total: int | None = None  # the router's bound; None: its default
 
     @property
     def scheme(self) -> str:
@@ -197,6 +198,7 @@ def build_plan(
     threads: int,
     max_concurrent_requests: int | None,
     prometheus: bool,
+    max_in_flight_total: int | None = None,
     api_keys_file: Path | None = None,
     tls_dir: Path | None = None,
     replicas: int = 1,
@@ -307,6 +309,8 @@ def build_plan(
               "--metrics-port", str(ports.metrics), "--openai-port", str(ports.openai),
               # The router's own bound stays above what the adapters admit.
               "--max-in-flight", str(max(512, max_concurrent_requests or 0)),
+              *(("--max-in-flight-total", str(max_in_flight_total))
+                if max_in_flight_total is not None else ()),
               *(("--api-keys-file", str(api_keys_file)) if api_keys_file else ()),
               *tenancy_flags,
               *(tls.flags("router") if tls is not None else ())),
@@ -348,7 +352,7 @@ def build_plan(
         procs=tuple(procs), host=host, ports=ports, run_dir=run_dir, models=ids,
         cpu_models=cpu_models, backends=backends, prometheus=want_prometheus,
         notes=tuple(notes), api_keys_file=api_keys_file, tls=tls,
-        replicas=tuple(replica_list),
+        replicas=tuple(replica_list), max_in_flight_total=max_in_flight_total,
     )
 
 

@@ -11,7 +11,8 @@ against least-in-flight, simulated), `tracing` (off against on),
 `resume_seam` (greedy streams resumed mid-stream against uninterrupted),
 `relay` and `relay_bounded` (streams one router and adapter relay before
 time to first token doubles; a burst of 3,000 against the router's bound),
-`tenancy` (a saturated model with and without the router's queue), and
+`relay_bounded_envoy` (that burst through Envoy), `tenancy` (a saturated
+model with and without the router's queue), and
 `machine`: the machine
 and its load average when the run began) and the tables to
 .run/bench/results.md.
@@ -75,6 +76,10 @@ def main() -> None:
         print()
         results["relay_bounded"] = relay_bench.main(
             ["--levels", "1,3000", "--router-bound", "256"])
+        print()
+        # The same burst through Envoy, whose limits sit just above the bound.
+        results["relay_bounded_envoy"] = relay_bench.main(
+            ["--levels", "1,3000", "--router-bound", "256", "--via-envoy"])
         print()
         # Tenants on a saturated model: with and without the router's queue.
         sys.argv = [sys.argv[0], *(["--quick"] if quick else [])]

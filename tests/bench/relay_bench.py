@@ -3,6 +3,7 @@ to first token doubles.
 
     .venv/bin/python -m tests.bench.relay_bench [--levels 1,50,100,200,400,800]
         [--tokens 60] [--token-delay 0.05] [--budget 150] [--json FILE]
+        [--router-bound N] [--via-envoy]
 
 One engine double that admits everything (tools.lean_tgi_double, each
 stream `--tokens` tokens at one per `--token-delay` seconds: 60 at 20/s),
@@ -12,7 +13,11 @@ over gRPC (one channel per 100 streams) and measures each stream's time to
 first token and its tokens per second. Levels run in order (all of them,
 within the time budget); the figure is the first level whose median TTFT is
 twice the single stream's, and the largest level below it. The client
-runs on the same cores as the mesh, as a local client would.
+runs on the same cores as the mesh, as a local client would. With
+`--via-envoy` the streams go through Envoy (the mesh's config, its limits
+just above the router's bound), as the mesh's clients' do. Every answer is
+counted by its outcome: OK, RESOURCE_EXHAUSTED (a refusal with its retry
+hint) or anything else, which should never happen.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import argparse
 import asyncio
 import json
 import statistics
+import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -31,7 +38,7 @@ from llmmesh.v1 import generate_pb2 as pb
 from llmmesh.v1 import generate_pb2_grpc as pb_grpc
 
 from tests.harness.parts import SERVING, health_status
-from tests.harness.procs import free_port, python_module, start, stop, wait_http
+from tests.harness.procs import ROOT, free_port, python_module, start, stop, wait_http
 
 PER_CHANNEL = 100
 DETAILS: set[str] = set()  # the messages of errors other than refusals
@@ -84,6 +91,28 @@ async def level(address: str, n: int, tokens: int) -> dict[str, Any]:
     }
 
 
+def start_envoy(procs: list[Any], router_port: int, router_bound: int) -> str:
+    """Envoy before the router, with the mesh's config; its gRPC address."""
+    sys.path.insert(0, str(ROOT / "envoy"))
+    import render  # envoy/render.py
+
+    listen, admin = free_port(), free_port()
+    config = Path(tempfile.mkdtemp(prefix="relay-envoy-")) / "envoy.yaml"
+    config.write_text(render.render(
+        ADMIN_PORT=admin, LISTEN_PORT=listen, ROUTER_PORT=router_port,
+        OPENAI_PORT=free_port(), DESCRIPTOR=ROOT / "gen" / "llmmesh.binpb",
+        EDGE_MAX_REQUESTS=render.edge_max_requests(router_bound)))
+    envoy = Path(sys.executable).parent / "envoy"
+    procs.append(start([str(envoy), "-c", str(config), "--log-level", "error",
+                        "--disable-hot-restart"], log_path=config.with_suffix(".log")))
+    deadline = time.monotonic() + 30
+    while health_status(f"127.0.0.1:{listen}", "qwen2", timeout=0.5) != SERVING:
+        if time.monotonic() > deadline:
+            raise SystemExit("Envoy never passed the router's health on")
+        time.sleep(0.2)
+    return f"127.0.0.1:{listen}"
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--levels", default="1,50,100,200,400,800,1600,3000")
@@ -93,6 +122,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--router-bound", type=int, default=100000,
                         help="the router's --max-in-flight-total (default: out of the way)")
+    parser.add_argument("--via-envoy", action="store_true",
+                        help="through Envoy, its limits just above the router's bound")
     args, _ = parser.parse_known_args(argv)
     double_port, adapter_port, router_port = free_port(), free_port(), free_port()
     double_url = f"http://127.0.0.1:{double_port}"
@@ -122,10 +153,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if time.monotonic() > deadline:
                 raise SystemExit("the router never served qwen2")
             time.sleep(0.2)
+        if args.via_envoy:
+            address = start_envoy(procs, router_port, args.router_bound)
+            figures["via"] = "envoy"
         ends = time.monotonic() + args.budget
         base: float | None = None
         print(f"Relay: N streams of {args.tokens} tokens at {1 / args.token_delay:.0f} tokens/s "
-              "through one router and one adapter")
+              f"through {'Envoy, ' if args.via_envoy else ''}one router and one adapter "
+              f"(router bound {args.router_bound})")
         print(f"{'streams':>8} {'TTFT p50 ms':>12} {'p90 ms':>8} {'tok/s p50':>10}  outcomes")
         for n in (int(x) for x in args.levels.split(",")):
             if time.monotonic() > ends:

@@ -157,7 +157,10 @@ def test_openai_routes_go_to_the_openai_listener_untranscoded():
 def test_envoys_own_replies_on_openai_routes_are_openai_errors():
     config = yaml.safe_load(render.render())
     hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
-    mappers = hcm["typed_config"]["local_reply_config"]["mappers"]
+    # The refusals by response flag come first (their own test, below).
+    flagged, _ = _flag_mappers(config)
+    mappers = [m for m in hcm["typed_config"]["local_reply_config"]["mappers"]
+               if m not in flagged]
     openai = [m for m in mappers
               if "error" in m.get("body_format_override", {}).get("json_format", {})]
     statuses = set()
@@ -180,3 +183,65 @@ def test_envoys_own_replies_on_openai_routes_are_openai_errors():
     native = [i for i, m in enumerate(mappers) if "code" in m.get(
         "body_format_override", {}).get("json_format", {})]
     assert max(mappers.index(m) for m in openai) < min(native)
+
+
+def _flag_mappers(config: dict) -> tuple[list[dict], list[dict]]:
+    mappers = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+        "typed_config"]["local_reply_config"]["mappers"]
+
+    def flags(f: dict) -> list[str]:
+        inner = f.get("and_filter", {}).get("filters", [f])
+        return [x["response_flag_filter"]["flags"][0] for x in inner
+                if "response_flag_filter" in x]
+
+    return [m for m in mappers if flags(m["filter"])], mappers
+
+
+def test_envoys_overflow_is_a_429_in_each_apis_shape():
+    import base64
+
+    from google.rpc import error_details_pb2, status_pb2
+
+    from services.common.errors import EDGE_FLAGS
+
+    refusal = EDGE_FLAGS["UO"]
+    assert refusal.reason is Reason.OVERLOADED and refusal.retry_after == 1.0
+    flagged, mappers = _flag_mappers(yaml.safe_load(render.render()))
+    assert len(flagged) == 3  # gRPC, OpenAI, HTTP/JSON
+    # Before the rows by status, which would answer 503 ROUTER_UNAVAILABLE.
+    assert mappers.index(flagged[-1]) < min(
+        i for i, m in enumerate(mappers) if "status_code_filter" in m["filter"])
+    assert {m["status_code"] for m in flagged} == {429}
+    grpc_reply, openai_reply, native = flagged
+    headers = {h["header"]["key"]: h["header"]["value"] for h in grpc_reply["headers_to_add"]}
+    assert headers["grpc-status"] == str(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
+    status = status_pb2.Status.FromString(base64.b64decode(headers["grpc-status-details-bin"]))
+    # gRPC clients check the Status against grpc-status and grpc-message (the body).
+    assert status.code == 8
+    assert status.message == grpc_reply["body_format_override"]["text_format_source"][
+        "inline_string"] == refusal.message
+    info, retry = error_details_pb2.ErrorInfo(), error_details_pb2.RetryInfo()
+    assert status.details[0].Unpack(info) and info.reason == "OVERLOADED"
+    assert status.details[1].Unpack(retry) and retry.retry_delay.seconds == 1
+    for reply in (openai_reply, native):
+        assert reply["headers_to_add"][0]["header"] == {"key": "retry-after", "value": "1"}
+    assert openai_reply["body_format_override"]["json_format"]["error"] == {
+        "message": refusal.message, "type": "rate_limit_error", "code": "overloaded"}
+    body = native["body_format_override"]["json_format"]
+    assert body["code"] == 8 and body["details"][0]["reason"] == "OVERLOADED"
+    assert body["details"][1] == {"@type": "type.googleapis.com/google.rpc.RetryInfo",
+                                  "retry_delay": "1s"}
+
+
+def test_envoys_limits_sit_just_above_the_routers_bound():
+    from services.router.core import DEFAULT_MAX_TOTAL_IN_FLIGHT
+
+    for bound, rendered in ((DEFAULT_MAX_TOTAL_IN_FLIGHT, render.render()),
+                            (4, render.render(EDGE_MAX_REQUESTS=render.edge_max_requests(4)))):
+        limit = render.edge_max_requests(bound)
+        assert bound < limit <= bound * 1.25 + 1
+        clusters = yaml.safe_load(rendered)["static_resources"]["clusters"]
+        for cluster in clusters:
+            if cluster["name"] in ("router", "openai"):
+                (thresholds,) = cluster["circuit_breakers"]["thresholds"]
+                assert thresholds["max_requests"] == thresholds["max_pending_requests"] == limit

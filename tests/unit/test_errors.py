@@ -72,6 +72,13 @@ def test_round_trip_keeps_violations_and_retry():
     assert from_rpc_error(_as_rpc_error(busy)).retry_after == 1.5
 
 
+def test_a_retry_hint_is_also_a_retry_after_header():
+    # Envoy's transcoder passes a trailers-only status's metadata on as HTTP headers.
+    busy = dict(to_status(MeshError(Reason.OVERLOADED, "busy", retry_after=1.5)).trailing_metadata)
+    assert busy["retry-after"] == "2"  # whole seconds, rounded up
+    assert "retry-after" not in dict(to_status(MeshError(Reason.INTERNAL, "x")).trailing_metadata)
+
+
 def test_status_without_details_falls_back_on_code():
     plain = AioRpcError(grpc.StatusCode.UNAVAILABLE, Metadata(), Metadata(), "connect failed")
     assert from_rpc_error(plain).reason is Reason.BACKEND_UNAVAILABLE

@@ -102,6 +102,49 @@ async def test_chat_api_sends_the_conversation_to_chat_completions():
             await b.close()
 
 
+async def test_a_resumed_conversation_continues_the_answer_so_far():
+    """A conversation ending in the answer so far (the router resuming a
+    stream) asks vLLM to continue that message, not to open a new turn."""
+    resumed = (Message("user", "one two three four"), Message("assistant", "one two"))
+    async with vllm() as v:
+        b = backend(v.url, chat_api=True)
+        try:
+            events = await collect(b, resumed, Parameters())
+            assert "".join(e.text for e in events if isinstance(e, EngineToken)) == (
+                " three four")
+            assert v.state.last_body["continue_final_message"] is True
+            assert v.state.last_body["add_generation_prompt"] is False
+            # A conversation that ends with the user's turn: vLLM's defaults.
+            await b.generate((Message("user", "hi you"),), Parameters(), 5)
+            assert "continue_final_message" not in v.state.last_body
+        finally:
+            await b.close()
+    # Engines without the extension get OpenAI's fields only.
+    _, body = backend("http://h/v1", "openai", chat_api=True).body(resumed, Parameters(), True)
+    assert "continue_final_message" not in body and "add_generation_prompt" not in body
+
+
+async def test_the_vllm_double_continues_only_when_asked_as_vllm_does():
+    messages = [{"role": "user", "content": "one two three"},
+                {"role": "assistant", "content": "one"}]
+    import aiohttp
+
+    async with vllm() as v, aiohttp.ClientSession() as http:
+        async def chat(**extra: object) -> tuple[int, dict]:
+            body = {"model": MODEL, "messages": messages, **extra}
+            async with http.post(f"{v.url}/chat/completions", json=body) as resp:
+                return resp.status, await resp.json()
+
+        status, body = await chat()  # a closed turn: a fresh answer
+        assert status == 200 and body["choices"][0]["message"]["content"] == "one two three"
+        status, body = await chat(continue_final_message=True, add_generation_prompt=False)
+        assert status == 200 and body["choices"][0]["message"]["content"] == " two three"
+        for refused in ({"continue_final_message": True, "add_generation_prompt": True},
+                        {"continue_final_message": True}):  # the prompt flag defaults to true
+            status, body = await chat(**refused)
+            assert status == 400 and "continue_final_message" in body["error"]["message"]
+
+
 @pytest.mark.parametrize(
     ("status", "reason"),
     [

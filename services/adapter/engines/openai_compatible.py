@@ -178,6 +178,10 @@ class OpenAICompatibleEngine(HttpEngine):
         else:
             route = "/chat/completions"
             body["messages"] = [{"role": m.role, "content": m.content} for m in prompt]
+            if prompt and prompt[-1].role == "assistant" and kind.continue_final_message:
+                # The answer so far (a resumed stream): continued, not a new turn.
+                body["continue_final_message"] = True
+                body["add_generation_prompt"] = False
         if stream:
             body["stream_options"] = {"include_usage": True}
         if params.max_new_tokens is not None:
