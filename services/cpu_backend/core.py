@@ -270,11 +270,13 @@ class TgiCore:
         m.queue_size.inc()
         queued = True
 
-        def on_start() -> None:
+        def on_start(cached_tokens: int = 0) -> None:
             nonlocal queued
             clock.mark_started()
             if queued:
                 queued = False
+                gen.cached_tokens = cached_tokens
+                m.prefix_cache(valid.input_length, cached_tokens)
                 m.queue_size.dec()
                 m.batch_current_size.inc()
                 self._running_tokens += budget

@@ -13,7 +13,7 @@ engine. Two implementations:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -67,6 +67,15 @@ class EngineError(Exception):
     """Generation failed inside the engine; TGI reports it as a 424 `generation` error."""
 
 
+class OnStart(Protocol):
+    """Called when a request joins the running batch."""
+
+    def __call__(self, cached_tokens: int = 0) -> None:
+        """`cached_tokens`: leading prompt tokens whose prefill the engine
+        skipped, their KV cells being cached from an earlier request."""
+        ...
+
+
 @runtime_checkable
 class Engine(Protocol):
     """What `server.create_app` needs from a model backend."""
@@ -94,14 +103,15 @@ class Engine(Protocol):
         prompt_ids: Sequence[int],
         params: SamplingParams,
         *,
-        on_start: Callable[[], None] | None = None,
+        on_start: OnStart | None = None,
     ) -> AsyncIterator[Token]:
         """Stream tokens until EOS or `params.max_new_tokens`.
 
         `on_start` is called on the event loop when the request leaves the
         waiting queue and joins the running batch (the end of its queue
-        time). Closing the iterator early (aclose, or cancelling the task
-        iterating it) must drop the request from the queue or the batch.
+        time), with how many prompt tokens it found cached. Closing the
+        iterator early (aclose, or cancelling the task iterating it) must
+        drop the request from the queue or the batch.
         """
         ...
 

@@ -8,6 +8,9 @@ faster when prompts share no prefix), one `llama_batch` per step holding
 tokens of every sequence (seq_id = slot), and one sampler chain
 per sequence (penalties, grammar, TGI's warpers, then greedy or a seeded
 `dist`), so a request's sampling does not depend on its neighbours.
+A finished sequence's cells stay in its stream when the scheduler asks
+(prefix caching); `begin` trims them to the reused prefix with
+`llama_memory_seq_rm(mem, slot, reused, -1)`.
 
 Every method except `tokenize` and `token_texts` runs on the scheduler's
 engine thread only; those two only read the vocabulary, which llama.cpp
@@ -77,6 +80,15 @@ class LlamaBatchModel:
         params.n_threads = settings.n_threads
         params.n_threads_batch = settings.n_threads
         params.kv_unified = False
+        # Without flash attention llama.cpp's CPU attention computes each
+        # query row the same way whatever the batch holds; its flash-attention
+        # kernel does not, so a prompt prefilled in other chunks (or partly
+        # taken from the prefix cache) could give other greedy tokens.
+        params.flash_attn_type = (
+            lib.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            if settings.flash_attn
+            else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
         params.no_perf = True
         ctx = lib.llama_init_from_model(model, params)
         if not ctx:
@@ -147,15 +159,22 @@ class LlamaBatchModel:
 
     # -- engine thread ------------------------------------------------------
 
-    def begin(self, slot: int, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+    def begin(
+        self, slot: int, prompt_ids: Sequence[int], params: SamplingParams, reused: int = 0
+    ) -> int:
         lib = self._lib
-        lib.llama_memory_seq_rm(self._mem, slot, -1, -1)
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         try:
             self._build_chain(chain, prompt_ids, params)
         except Exception:
             lib.llama_sampler_free(chain)
             raise
+        # Keep the cells of positions [0, reused): the prompt's cached prefix.
+        # A partial removal can be refused (e.g. by a recurrent model's
+        # memory); then the whole sequence is cleared and prefilled again.
+        if reused <= 0 or not lib.llama_memory_seq_rm(self._mem, slot, reused, -1):
+            lib.llama_memory_seq_rm(self._mem, slot, -1, -1)
+            reused = 0
         self._slots[slot] = _Slot(
             chain=chain,
             decoder=codecs.getincrementaldecoder("utf-8")(errors="replace"),
@@ -166,6 +185,7 @@ class LlamaBatchModel:
             and params.repetition_penalty == 1.0
             and params.frequency_penalty == 0.0,
         )
+        return reused
 
     def _build_chain(self, chain: Any, prompt_ids: Sequence[int], params: SamplingParams) -> None:
         lib = self._lib
@@ -295,12 +315,13 @@ class LlamaBatchModel:
             top_tokens=top,
         )
 
-    def end(self, slot: int) -> None:
+    def end(self, slot: int, keep_kv: bool = False) -> None:
         lib = self._lib
         state = self._slots.pop(slot, None)
         if state is not None:
             lib.llama_sampler_free(state.chain)
-        lib.llama_memory_seq_rm(self._mem, slot, -1, -1)
+        if not keep_kv:
+            lib.llama_memory_seq_rm(self._mem, slot, -1, -1)
 
     def close(self) -> None:
         lib = self._lib

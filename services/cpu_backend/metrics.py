@@ -8,7 +8,9 @@ TGI's exporter writes counters WITHOUT the `_total` suffix
 (`tgi_request_count 3`), while prometheus_client's Counter always appends it.
 To keep TGI's series names, counters are exposed by a small collector as
 untyped samples with the exact TGI names; gauges and histograms use the
-library's classes.
+library's classes. The prefix cache's two counters are ours (TGI exports
+none): `llmmesh_cpu_prefix_cache_queries_total` and `..._hits_total`, in
+prompt tokens like vLLM's `vllm:prefix_cache_queries` / `_hits`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Final
 
-from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
@@ -121,6 +123,24 @@ class Metrics:
             buckets=_linear_buckets(max_total_tokens),
             registry=reg,
         )
+
+        # Prefix cache, in prompt tokens, like vLLM's vllm:prefix_cache_queries
+        # and vllm:prefix_cache_hits (TGI exports none): hits / queries is the
+        # share of prompt tokens whose prefill was skipped.
+        self.prefix_cache_queries = Counter(
+            "llmmesh_cpu_prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache",
+            registry=reg,
+        )
+        self.prefix_cache_hits = Counter(
+            "llmmesh_cpu_prefix_cache_hits",
+            "Prompt tokens found in the prefix cache (prefill skipped)",
+            registry=reg,
+        )
+
+    def prefix_cache(self, prompt_tokens: int, cached_tokens: int) -> None:
+        self.prefix_cache_queries.inc(prompt_tokens)
+        self.prefix_cache_hits.inc(cached_tokens)
 
     def request(self) -> None:
         self._counters.count += 1

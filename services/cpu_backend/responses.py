@@ -41,6 +41,8 @@ class Generation:
     tokens: list[Token] = field(default_factory=list)
     text: str = ""
     finish_reason: str = "length"
+    # Prompt tokens whose prefill the engine skipped (prefix cache).
+    cached_tokens: int = 0
 
     def mean_logprob(self) -> float:
         """TGI's best_of score: mean log-probability of the generated tokens."""
@@ -61,6 +63,9 @@ def _details(
         "seed": valid.reported_seed,
         "prefill": list(prefill),
         "tokens": [token_json(t) for t in gen.tokens],
+        # Not in TGI, which reports no prefix-cache use per request; vLLM
+        # reports it as usage.prompt_tokens_details.cached_tokens.
+        "cached_tokens": gen.cached_tokens,
     }
 
 
@@ -110,6 +115,8 @@ def stream_event(
                 "generated_tokens": len(final.tokens),
                 "seed": valid.reported_seed,
                 "input_length": valid.input_length,
+                # Not in TGI (see _details): prompt tokens whose prefill was skipped.
+                "cached_tokens": final.cached_tokens,
             }
     return event
 

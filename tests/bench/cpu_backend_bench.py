@@ -11,11 +11,16 @@ stops it at the end. Four measurements, in one run on the same machine:
    cache cannot help), after one warm-up each: llama.cpp's `Llama` class
    in-process (the engine the backend used before batching) vs the backend;
 2. the raw ceiling: a bare `llama_decode` loop with N greedy sequences
-   stepping together (no server, no sampling chain, argmax in numpy);
+   stepping together (no server, no sampling chain, argmax in numpy), with
+   flash attention off as in the backend, and on, for its cost;
 3. the backend with N concurrent streams: aggregate generation tokens/s,
    against the raw loop at the same N, and the backend's own scheduler and
    llama.cpp model driven in-process (no HTTP) to tell the two costs apart;
-4. time to first token of a new request while 4 streams run, against idle.
+4. time to first token of a new request while 4 streams run, against idle;
+5. prefix caching: time to first token of turn 1 and turn 2 of a
+   conversation whose system prompt is ~1,200 tokens (turn 2 finds turn 1's
+   prompt cached), and what the slot lookup costs per request, with the
+   cache on and off (in-process, 8 slots each holding ~1,500 tokens).
 
 prompt tok/s = prompt tokens / time to first token
 gen tok/s    = (generated tokens - 1) / (time of last token - time of first)
@@ -125,9 +130,15 @@ async def bench_http(url: str, texts: list[str], max_new: int) -> list[Sample]:
 
 
 def raw_decode_loop(
-    model: Path, n_seqs: int, steps: int, threads: int, unified: bool = False
+    model: Path,
+    n_seqs: int,
+    steps: int,
+    threads: int,
+    unified: bool = False,
+    flash_attn: bool = False,
 ) -> float:
-    """Tokens/s of N greedy sequences stepping together in bare llama.cpp."""
+    """Tokens/s of N greedy sequences stepping together in bare llama.cpp
+    (flash attention off by default, as in the backend)."""
     import llama_cpp as lib
     import llama_cpp._logger
     import numpy as np
@@ -141,6 +152,9 @@ def raw_decode_loop(
     params.n_seq_max = n_seqs
     params.n_threads = params.n_threads_batch = threads
     params.kv_unified = unified
+    params.flash_attn_type = (
+        lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    )
     ctx = lib.llama_init_from_model(m, params)
     vocab = lib.llama_model_get_vocab(m)
     n_vocab = lib.llama_vocab_n_tokens(vocab)
@@ -348,6 +362,51 @@ async def bench_ttft_under_load(url: str, running: int, max_new: int) -> tuple[f
     return statistics.median(idle_ttft), statistics.median(busy_ttft)
 
 
+async def bench_prefix_turns(url: str) -> tuple[float, float, int, int]:
+    """TTFT of turn 1 and turn 2 of a conversation with a ~1,200-token system
+    prompt, and both prompts' token counts (on a backend with the cache on)."""
+    body = " ".join((FILLER * 60).split()[:930])
+    # A fresh name per run: turn 1 must not find an earlier run's prefix.
+    first = (
+        f"<|im_start|>system\nYou are guide {time.time_ns()}.\n{body}<|im_end|>\n"
+        "<|im_start|>user\nWhere do the fishermen work?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+        one = await _stream(session, url, first, 16)
+        resp = await session.post(url + "/generate", json={
+            "inputs": first, "parameters": {"max_new_tokens": 16},
+        })  # fmt: skip
+        answer = (await resp.json())["generated_text"]
+        second = (
+            f"{first}{answer}<|im_end|>\n<|im_start|>user\nWhat smells good?<|im_end|>\n"
+            "<|im_start|>assistant\n"
+        )
+        two = await _stream(session, url, second, 16)
+        sizes = []
+        for text in (first, second):
+            resp = await session.post(url + "/tokenize", json={"inputs": text})
+            sizes.append(len(await resp.json()))
+    return one.first - one.start, two.first - two.start, sizes[0], sizes[1]
+
+
+def lookup_cost_ms(enabled: bool, slots: int = 8, tokens: int = 1500, rounds: int = 200) -> float:
+    """Milliseconds per request of choosing a slot and recording what it holds."""
+    from services.cpu_backend.prefix_cache import SlotTable
+
+    table = SlotTable(slots, enabled=enabled)
+    # Every slot holds a long prompt sharing a head with the others.
+    held = [[*range(100), *(s * 100_000 + t for t in range(tokens - 100))] for s in range(slots)]
+    for s in range(slots):
+        lease = table.acquire(held[s])
+        table.release(lease.slot, held[s])
+    prompt = [*held[slots // 2][: tokens - 10], *range(-10, 0)]
+    t0 = time.perf_counter()
+    for _ in range(rounds):
+        lease = table.acquire(prompt)
+        table.release(lease.slot, prompt)
+    return (time.perf_counter() - t0) / rounds * 1000
+
+
 def report(name: str, samples: list[Sample]) -> str:
     prompt_tps = statistics.mean(s.prompt_tokens / s.ttft for s in samples)
     gen_tps = statistics.mean(
@@ -384,6 +443,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     local = bench_in_process(model, texts, args.max_new_tokens, args.threads)
     divergence = greedy_divergence(model, args.threads)
     raw = {n: raw_decode_loop(model, n, 64, args.threads) for n in (1, 4, 8)}
+    raw_fa = {n: raw_decode_loop(model, n, 64, args.threads, flash_attn=True) for n in (1, 4, 8)}
     in_process = scheduler_in_process(model, args.threads, (1, 4, 8), args.batch_tokens)
     proc = None
     url = args.url
@@ -400,6 +460,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         remote = asyncio.run(bench_http(url, texts, args.max_new_tokens))
         served = {n: asyncio.run(bench_concurrent(url, n, args.batch_tokens)) for n in (1, 4, 8)}
         idle_ttft, busy_ttft = asyncio.run(bench_ttft_under_load(url, 4, 400))
+        turn1, turn2, turn1_tokens, turn2_tokens = asyncio.run(bench_prefix_turns(url))
     finally:
         if proc is not None:
             stop(proc)
@@ -412,6 +473,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "backend_tokens_per_s": round(gen_rate(remote), 1),
         },
         "raw_decode_loop_tokens_per_s": {str(n): round(v, 1) for n, v in raw.items()},
+        "raw_decode_loop_flash_attn_tokens_per_s": {
+            str(n): round(v, 1) for n, v in raw_fa.items()
+        },
         "backend_aggregate_tokens_per_s": {str(n): round(v, 1) for n, v in served.items()},
         "backend_vs_raw": {str(n): round(served[n] / raw[n], 3) for n in raw},
         "scheduler_in_process_tokens_per_s": {str(n): round(v, 1) for n, v in in_process.items()},
@@ -424,6 +488,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         single["backend_tokens_per_s"] / single["llama_cpp_in_process_tokens_per_s"], 3
     )
     result["ttft_ratio"] = round(busy_ttft / idle_ttft, 2)
+    result["prefix_cache"] = {
+        "turn1_prompt_tokens": turn1_tokens,
+        "turn2_prompt_tokens": turn2_tokens,
+        "turn1_ttft_ms": round(turn1 * 1000, 1),
+        "turn2_ttft_ms": round(turn2 * 1000, 1),
+        "turn2_vs_turn1": round(turn2 / turn1, 3),
+        "lookup_ms_per_request_on": round(lookup_cost_ms(True), 4),
+        "lookup_ms_per_request_off": round(lookup_cost_ms(False), 4),
+    }
 
     print(f"model {model.name}, {args.threads} threads, {args.requests} requests, greedy")
     print(f"{'':<26}{'prompt tok/s':>14}{'gen tok/s':>12}{'ttft ms':>10}{'prompt':>10}{'gen':>8}")
@@ -431,12 +504,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(report("cpu_backend over HTTP", remote))
     print(f"one stream alone: backend/in-process = {single['ratio']}")
     print(
-        f"\n{'streams':<10}{'raw loop tok/s':>16}{'scheduler, no HTTP':>20}"
-        f"{'backend tok/s':>16}{'backend/raw':>13}"
+        f"\n{'streams':<10}{'raw loop tok/s':>16}{'raw, flash attn':>17}"
+        f"{'scheduler, no HTTP':>20}{'backend tok/s':>16}{'backend/raw':>13}"
     )
     for n in raw:
         print(
-            f"{n:<10}{raw[n]:>16.1f}{in_process[n]:>20.1f}{served[n]:>16.1f}"
+            f"{n:<10}{raw[n]:>16.1f}{raw_fa[n]:>17.1f}{in_process[n]:>20.1f}{served[n]:>16.1f}"
             f"{served[n] / raw[n]:>13.2f}"
         )
     print(
@@ -448,6 +521,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{divergence['differing']} of {divergence['prompts']} differ within "
         f"{divergence['tokens_each']} tokens, first differences at "
         f"{divergence['first_difference_at'] or 'none'}"
+    )
+    cache = result["prefix_cache"]
+    print(
+        f"prefix cache: turn 1 ({turn1_tokens} prompt tokens) first token in "
+        f"{cache['turn1_ttft_ms']:.0f} ms, turn 2 ({turn2_tokens}, turn 1's prompt cached) "
+        f"in {cache['turn2_ttft_ms']:.0f} ms (x{cache['turn2_vs_turn1']}); slot lookup "
+        f"{cache['lookup_ms_per_request_on']:.3f} ms per request on, "
+        f"{cache['lookup_ms_per_request_off']:.3f} ms off"
     )
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2))

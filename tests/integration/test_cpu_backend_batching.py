@@ -279,3 +279,50 @@ async def test_seeded_sampling_is_reproducible_in_a_batch(url: str) -> None:
         )
     assert ids(together[0])[:12] == alone[:12]
 
+
+
+async def test_one_step_decodes_every_running_sequence_in_one_llama_decode(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # In-process: the scheduler and llama.cpp model, with llama_decode
+    # wrapped to record which sequences each call carried.
+    from services.cpu_backend.engine import SamplingParams
+    from services.cpu_backend.llama_model import LlamaBatchModel
+    from services.cpu_backend.scheduler import BatchScheduler
+    from services.cpu_backend.settings import BatchSettings, LlamaSettings, default_model_path
+
+    model_path = default_model_path()
+    assert model_path is not None
+    calls: list[list[int]] = []
+    decode = llama_cpp.llama_decode
+
+    def recording_decode(ctx: Any, batch: Any) -> int:
+        calls.append([batch.seq_id[i][0] for i in range(batch.n_tokens)])
+        return int(decode(ctx, batch))
+
+    monkeypatch.setattr(llama_cpp, "llama_decode", recording_decode)
+    llama = LlamaBatchModel(
+        LlamaSettings(model_path=model_path, n_ctx=3 * 512, n_seq_max=3, n_threads=1)
+    )
+    sched = BatchScheduler(llama, BatchSettings(max_batch_size=3))
+    params = SamplingParams(max_new_tokens=12, do_sample=False)
+    release = asyncio.Event()
+
+    async def one(text: str) -> int:
+        ids = await sched.tokenize(text)
+        await release.wait()
+        return len([t async for t in sched.generate_tokens(ids, params)])
+
+    try:
+        tasks = [asyncio.create_task(one(p)) for p in PROMPTS[:3]]
+        await asyncio.sleep(0.2)
+        release.set()  # all three join the batch together
+        counts = await asyncio.gather(*tasks)
+    finally:
+        await sched.close()
+    assert counts == [12, 12, 12]
+    # One llama_decode per scheduler step, never one per sequence...
+    assert len(calls) == sched.steps
+    # ...and the steps where all three decode carry all three in that call.
+    together = [c for c in calls if sorted(set(c)) == [0, 1, 2] and len(c) == 3]
+    assert len(together) >= 8

@@ -27,6 +27,7 @@ class RecordingModel:
     def __init__(self, step_delay: float = 0.0, eos_after: int | None = None) -> None:
         self.steps: list[list[SlotWork]] = []
         self.begun: list[int] = []
+        self.reused: list[int] = []
         self.ended: list[int] = []
         self.step_delay = step_delay
         self.eos_after = eos_after
@@ -45,9 +46,13 @@ class RecordingModel:
     def token_texts(self, ids: Sequence[int]) -> list[str]:
         return [chr(i) for i in ids]
 
-    def begin(self, slot: int, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+    def begin(
+        self, slot: int, prompt_ids: Sequence[int], params: SamplingParams, reused: int = 0
+    ) -> int:
         self.begun.append(slot)
+        self.reused.append(reused)
         self._count[slot] = 0
+        return reused
 
     def step(self, work: Sequence[SlotWork]) -> dict[int, Token | Exception]:
         self.release.wait()
@@ -73,7 +78,7 @@ class RecordingModel:
             )
         return out
 
-    def end(self, slot: int) -> None:
+    def end(self, slot: int, keep_kv: bool = False) -> None:
         self.ended.append(slot)
 
     def close(self) -> None:
@@ -262,7 +267,7 @@ async def test_on_start_marks_joining_the_batch(model: RecordingModel) -> None:
     try:
 
         async def run(name: str) -> None:
-            def on_start() -> None:
+            def on_start(cached_tokens: int = 0) -> None:
                 started.append(name)
 
             async for _ in sched.generate_tokens([1], params(2), on_start=on_start):
@@ -287,12 +292,17 @@ async def test_closed_scheduler_refuses_new_work(model: RecordingModel) -> None:
         await collect(sched, [1], 1)
 
 
-async def test_decode_tokens_go_in_slot_order_and_the_lowest_free_slot_is_reused() -> None:
+@pytest.mark.parametrize("prefix_cache", [True, False])
+async def test_decode_tokens_go_in_slot_order_and_the_freed_slot_is_reused(
+    prefix_cache: bool,
+) -> None:
     # llama.cpp runs one compute pass per run of consecutive sequence ids in
-    # a batch: a newcomer takes the lowest free slot, and each step lists
-    # the decode tokens by slot, whatever the order the requests joined in.
+    # a batch: never-used slots go lowest first, a newcomer takes back the
+    # freed slot 0 (its cached prefix with the cache on, the lowest free
+    # slot with it off), and each step lists the decode tokens by slot,
+    # whatever the order the requests joined in.
     model = RecordingModel(step_delay=0.01)
-    sched = BatchScheduler(model, BatchSettings(max_batch_size=4))
+    sched = BatchScheduler(model, BatchSettings(max_batch_size=4, prefix_cache=prefix_cache))
     try:
         short = asyncio.create_task(collect(sched, [1, 2], 2))
         await asyncio.sleep(0)

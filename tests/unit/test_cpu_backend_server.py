@@ -10,7 +10,7 @@ import asyncio
 import json
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from text_generation.errors import (
     ValidationError,
 )
 
+from services.cpu_backend.engine import OnStart, SamplingParams, Token
 from services.cpu_backend.server import CORE, create_app
 from services.cpu_backend.settings import ServerSettings
 from tests.procs import ROOT, free_port, python_module, start, stop, wait_http
@@ -216,6 +217,7 @@ async def test_generate_returns_object_with_details_and_headers(client: TestClie
                 {"id": 1245397707, "text": " world", "logprob": -0.5, "special": False},
                 {"id": 0, "text": "</s>", "logprob": -0.1, "special": True},
             ],
+            "cached_tokens": 0,
         },
     }
     h = resp.headers
@@ -340,7 +342,7 @@ async def test_sse_framing_is_byte_exact(client: TestClient) -> None:
         b'"special":false},"generated_text":null,"details":null}\n\n'
         b'data:{"index":3,"token":{"id":0,"text":"</s>","logprob":-0.1,"special":true},'
         b'"generated_text":"Hi there","details":{"finish_reason":"eos_token",'
-        b'"generated_tokens":3,"seed":null,"input_length":3}}\n\n'
+        b'"generated_tokens":3,"seed":null,"input_length":3,"cached_tokens":0}}\n\n'
     )
 
 
@@ -884,6 +886,7 @@ async def test_best_of_runs_sequences_side_by_side_and_lists_the_others(
     (other,) = details["best_of_sequences"]
     assert list(other) == [
         "generated_text", "finish_reason", "generated_tokens", "seed", "prefill", "tokens",
+        "cached_tokens",
     ]  # fmt: skip
     assert other["seed"] != details["seed"]
     s = await stats(client)
@@ -897,3 +900,48 @@ async def test_best_of_takes_one_permit_per_sequence(client: TestClient) -> None
     resp = await client.post("/generate", json=payload)
     assert resp.status == 429
     assert (await stats(client))["in_flight"] == 0
+
+
+class CachingEngine(ScriptedEngine):
+    """The scripted engine, reporting 3 cached prompt tokens when a request starts."""
+
+    def generate_tokens(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        *,
+        on_start: OnStart | None = None,
+    ) -> AsyncIterator[Token]:
+        def started(cached_tokens: int = 0) -> None:
+            if on_start is not None:
+                on_start(3)
+
+        return super().generate_tokens(prompt_ids, params, on_start=started)
+
+
+async def test_cached_prompt_tokens_reach_details_and_metrics() -> None:
+    app = create_double_app(CachingEngine(model_id="scripted"), SETTINGS)
+    async with TestServer(app) as server, TestClient(server) as client:
+        payload = {"inputs": CHATML, "parameters": {"details": True, "max_new_tokens": 5}}
+        body = await (await client.post("/generate", json=payload)).json()
+        assert body["details"]["cached_tokens"] == 3
+        resp = await client.post("/generate_stream", json=payload)
+        events = parse_sse(await resp.read())
+        assert events[-1]["details"]["cached_tokens"] == 3
+        assert all(e["details"] is None for e in events[:-1])
+        text = await (await client.get("/metrics")).text()
+    samples = dict(
+        line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("llmmesh_cpu_prefix")
+    )
+    # Two requests of CHATML_TOKENS prompt tokens, 3 of each cached.
+    assert float(samples["llmmesh_cpu_prefix_cache_queries_total"]) == 2 * CHATML_TOKENS
+    assert float(samples["llmmesh_cpu_prefix_cache_hits_total"]) == 2 * 3
+
+
+@pytest.mark.parametrize("value", [True, False, 1.0, "1"])
+async def test_best_of_must_be_an_integer_not_a_boolean(client: TestClient, value: Any) -> None:
+    # Python's True == 1: a check by value alone would take `true` for 1.
+    payload = {"inputs": CHATML, "parameters": {"best_of": value}}
+    resp = await client.post("/generate", json=payload)
+    assert resp.status == 422
+    assert "parameters.best_of: invalid type" in (await resp.json())["error"]
