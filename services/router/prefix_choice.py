@@ -18,11 +18,14 @@ candidate's index. Then, in order:
    matches go to the preferred replica (below), then the least busy.
 3. Affinity. With no match, the preferred replica, chosen by rendezvous
    hashing of the first block over the candidates (services.router.hash_ring),
-   takes it if it is not too busy. Routers that share nothing therefore send
-   the turns of one conversation to one replica: they agree on the first
-   block's preferred replica, and when one leaves only its prefixes move.
-4. Load. Otherwise (no whole block, or the preferred replica too busy),
-   the `load` policy decides, as without this feature.
+   takes it if it has at most `affinity_slack` requests more than the least
+   busy replica. Routers that share nothing therefore send the turns of one
+   conversation to one replica: they agree on the first block's preferred
+   replica, and when one leaves only its prefixes move. The slack is small
+   because a conversation's first turn placed by hash alone can leave one
+   replica with several conversations while another idles.
+4. Load. Otherwise (no whole block, or the preferred replica busier than
+   that), the `load` policy decides, as without this feature.
 
 The chosen replica's index then records the request's blocks.
 """
@@ -70,12 +73,17 @@ class PrefixSettings:
     balance_rel: float = 1.5
     # The least share of the prompt's blocks a match must cover to count.
     min_match_share: float = 0.0
+    # With no match, the preferred replica takes the request only while its
+    # requests are at most this many above the least busy replica's: 0 (load
+    # decides, the preferred replica breaks its ties) keeps the balance of
+    # `load`; more lets routers agree under uneven load, at balance's cost.
+    affinity_slack: int = 0
 
     def __post_init__(self) -> None:
         if self.block_chars < 1 or self.capacity_blocks < 1:
             raise ValueError("block_chars and capacity_blocks must be at least 1")
-        if self.balance_abs < 0 or self.balance_rel < 1.0:
-            raise ValueError("balance_abs must be >= 0 and balance_rel >= 1")
+        if self.balance_abs < 0 or self.balance_rel < 1.0 or self.affinity_slack < 0:
+            raise ValueError("balance_abs and affinity_slack must be >= 0, balance_rel >= 1")
         if not 0.0 <= self.min_match_share <= 1.0:
             raise ValueError("min_match_share must be between 0 and 1")
 
@@ -168,8 +176,8 @@ class PrefixRouter:
             top = min((r.address != preferred, rank) for r, rank in tied)
             winners = [r for r, rank in tied if (r.address != preferred, rank) == top]
             return PrefixChoice(winners[turn % len(winners)], "prefix", hashes, best, best_anywhere)
-        for r, _ in eligible:
-            if r.address == preferred:
+        for r, (full, requests) in eligible:
+            if r.address == preferred and not full and requests <= least + s.affinity_slack:
                 return PrefixChoice(r, "affinity", hashes, matches[id(r)], best_anywhere)
         replica = choose([r for r, _ in eligible], "load", turn)
         assert replica is not None

@@ -28,6 +28,14 @@ these sources that has them:
 A turn counts as a hit when at least half of its prompt was reused; turns
 after the first of each conversation are the ones that could hit.
 
+Every run first prints what the router's choice costs per request
+(`routing_cost`: the load policy alone, and the cache-aware choice over a
+~1,200-token prompt) and the mesh's three policies (round robin, load only,
+cache-aware: the router's own code) over 2 and 4 modelled engines in
+virtual time (`simulate`): one request at a time each, prefill time
+proportional to uncached prompt tokens (the TGI double's prefix cache
+model), users thinking ~2 s between turns.
+
 `--anchor` runs the side-by-side reference on this machine: two
 llama-cpp-python servers (SmolLM2, `--cache True`, one thread each, started
 through tests.bench.llama_server, which adds the /health route vLLM's
@@ -434,6 +442,147 @@ def anchor(convs: list[Conversation], max_tokens: int) -> dict[str, Any]:
     return results
 
 
+# --- the mesh's policies in virtual time ---------------------------------------
+
+# One llama.cpp thread on SmolLM2, unloaded: ~600 prompt tokens/s, ~100 output tokens/s.
+SIM_PREFILL_S = 0.0016
+SIM_DECODE_S = 0.010
+SIM_POLICIES = ("round-robin", "load", "cache-aware")
+# Mean seconds a user takes between a reply and the next turn (exponential).
+SIM_THINK_S = 2.0
+
+
+@dataclass(eq=False)
+class SimEngine:
+    """An engine that runs one request at a time, FIFO, with a prefix cache
+    (the TGI double's model, over 4-character tokens of the ChatML prompt),
+    seen by the router as a Candidate of services.router.choice."""
+
+    address: str
+    cache: Any
+    queue: list[Any] = field(default_factory=list)
+    busy: bool = False
+    in_flight: int = 0
+    load: Any = None
+    in_flight_at_report: int = 0
+
+
+def _prompt_ids(messages: list[dict[str, str]]) -> list[int]:
+    import zlib
+
+    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    text += "<|im_start|>assistant\n"
+    return [zlib.crc32(text[i : i + 4].encode()) for i in range(0, len(text), 4)]
+
+
+def simulate(
+    policy: str, replicas: int, convs: list[Conversation], max_tokens: int,
+    settings: Any = None,
+) -> dict[str, Any]:
+    """Closed-loop conversations through one router in virtual time, the
+    router's own policy code choosing, and what each turn waited for its
+    first token."""
+    import heapq
+    import itertools
+
+    from services.common.types import GenerationRequest, Message
+    from services.router.choice import choose
+    from services.router.prefix_choice import PrefixRouter
+    from tools.tgi_double import PrefixCache
+
+    engines = [
+        SimEngine(f"10.0.0.{i}:50061", PrefixCache(65_536, prefill_per_token=SIM_PREFILL_S))
+        for i in range(replicas)
+    ]
+    router = PrefixRouter(settings)
+    think = random.Random(7)
+    turn_counter = itertools.count()
+    events: list[tuple[float, int, str, Any]] = []
+    seq = itertools.count()
+    histories = [[{"role": "system", "content": c.system}] for c in convs]
+    ttfts: list[tuple[int, float]] = []  # (turn, seconds)
+    hits = could = 0
+    outputs = 0
+    end = 0.0
+
+    def send(now: float, c: int, t: int) -> None:
+        history = histories[c]
+        history.append({"role": "user", "content": convs[c].questions[t]})
+        turn = next(turn_counter)
+        if policy == "round-robin":
+            engine = engines[turn % len(engines)]
+        elif policy == "load":
+            engine = choose(engines, "load", turn)
+        else:
+            request = GenerationRequest("m", messages=tuple(
+                Message(m["role"], m["content"]) for m in history))
+            choice = router.route(engines, request, turn)
+            engine = None if choice is None else choice.replica
+        assert engine is not None
+        engine.in_flight += 1
+        engine.queue.append((now, c, t, _prompt_ids(history)))
+        if not engine.busy:
+            start(now, engine)
+
+    def start(now: float, engine: SimEngine) -> None:
+        nonlocal hits, could
+        sent, c, t, ids = engine.queue.pop(0)
+        engine.busy = True
+        cached = engine.cache.lookup(ids)
+        engine.cache.store(ids)
+        first = now + (len(ids) - cached) * SIM_PREFILL_S
+        ttfts.append((t, first - sent))
+        if t > 0:
+            could += 1
+            hits += cached >= HIT_SHARE * len(ids)
+        heapq.heappush(events, (first + max_tokens * SIM_DECODE_S, next(seq), "done",
+                                (engine, c, t)))
+
+    for c in range(len(convs)):
+        heapq.heappush(events, (think.expovariate(1 / SIM_THINK_S), next(seq), "send", (c, 0)))
+    while events:
+        now, _, kind, data = heapq.heappop(events)
+        if kind == "send":
+            send(now, *data)
+            continue
+        engine, c, t = data
+        end = now
+        outputs += max_tokens
+        engine.in_flight -= 1
+        engine.busy = False
+        reply = f"Answer {t + 1} of company {c}: " + " ".join(_WORDS[(c + t + i) % len(_WORDS)]
+                                                          for i in range(max_tokens - 8))
+        histories[c].append({"role": "assistant", "content": reply})
+        if engine.queue:
+            start(now, engine)
+        if t + 1 < len(convs[c].questions):
+            at = now + think.expovariate(1 / SIM_THINK_S)
+            heapq.heappush(events, (at, next(seq), "send", (c, t + 1)))
+    every = [x for _, x in ttfts]
+    later = [x for t, x in ttfts if t > 0]
+    return {
+        "ttft_ms": {"p50": _ms(every, 50), "p90": _ms(every, 90)},
+        "ttft_later_turns_ms": {"p50": _ms(later, 50), "p90": _ms(later, 90)},
+        "output_tokens_per_s": round(outputs / end, 2) if end else 0.0,
+        "turn_hit_share": round(hits / could, 3) if could else None,
+        "seconds": round(end, 2),
+    }
+
+
+def simulated(convs: list[Conversation], max_tokens: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for replicas in (2, 4):
+        for policy in SIM_POLICIES:
+            r = simulate(policy, replicas, convs, max_tokens)
+            out[f"{replicas}x_{policy}"] = r
+            print(
+                f"simulated {replicas} replicas, {policy:<12} ttft p50 {r['ttft_ms']['p50']:>8} ms"
+                f"  p90 {r['ttft_ms']['p90']:>8} ms  {r['output_tokens_per_s']:>6} tok/s"
+                f"  turns hitting a cache {r['turn_hit_share']}", flush=True,
+            )
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m tests.bench.prefix_bench")
     parser.add_argument("--base-url", help="OpenAI-compatible server (no /v1)")
@@ -460,6 +609,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }}
     results["routing_cost"] = routing_cost()
     print(f"routing cost per request: {results['routing_cost']}", flush=True)
+    # The mesh's policies over modelled engines, until the router runs them live.
+    results["simulated"] = simulated(convs, args.max_tokens)
     if args.base_url:
         r = asyncio.run(run(args.base_url.rstrip("/"), args.model, convs, args.max_tokens,
                             args.metrics or None, args.llama_log or None))

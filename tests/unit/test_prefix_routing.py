@@ -197,6 +197,25 @@ def test_min_match_share_ignores_a_short_match():
     assert choice.replica.address == preferred
 
 
+def test_with_no_match_load_decides_and_the_preferred_replica_breaks_ties():
+    a, b = R("a:1"), R("b:1")
+    hashes = PrefixRouter().hashes(conversation(words(13), "q"))
+    preferred = a if hash_ring.preferred(hashes[0], ["a:1", "b:1"]) == "a:1" else b
+    other = b if preferred is a else a
+    choice = PrefixRouter().choose([a, b], hashes, 1)
+    assert choice is not None and choice.replica is preferred and choice.reason == "affinity"
+    preferred.in_flight = 1  # one more than the other: load decides
+    choice = PrefixRouter().choose([a, b], hashes, 0)
+    assert choice is not None and choice.replica is other and choice.reason == "load"
+    # A slack of one keeps the preferred replica while it is one request busier.
+    lenient = PrefixRouter(PrefixSettings(affinity_slack=1))
+    choice = lenient.choose([a, b], hashes, 0)
+    assert choice is not None and choice.replica is preferred
+    preferred.in_flight = 2
+    choice = lenient.choose([a, b], hashes, 0)
+    assert choice is not None and choice.replica is other
+
+
 # --- consistent hashing and agreement ----------------------------------------
 
 
@@ -261,6 +280,7 @@ def test_settings_are_checked():
         {"balance_abs": -1},
         {"balance_rel": 0.5},
         {"min_match_share": 2.0},
+        {"affinity_slack": -1},
     ):
         with pytest.raises(ValueError):
             PrefixSettings(**bad)  # type: ignore[arg-type]
