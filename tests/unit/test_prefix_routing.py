@@ -284,3 +284,55 @@ def test_settings_are_checked():
     ):
         with pytest.raises(ValueError):
             PrefixSettings(**bad)  # type: ignore[arg-type]
+
+
+# --- over engines that cache prefixes ------------------------------------------
+
+
+async def test_two_routers_make_the_engines_reuse_each_conversations_prefix():
+    """Two routers that share nothing take turns on each conversation; the
+    engines (TGI doubles that model a prefix cache) report what they reused."""
+    import aiohttp
+
+    from services.cpu_backend.settings import ServerSettings
+    from tools.tgi_double import PrefixCache, ScriptedEngine, serve
+
+    settings = ServerSettings(model_id="m", max_input_tokens=4000, max_total_tokens=4100)
+
+    def engine() -> ScriptedEngine:
+        return ScriptedEngine(model_id="m", context_length=4100, prefix_cache=PrefixCache(65_536))
+
+    async with serve(settings, engine()) as one, serve(settings, engine()) as two:
+        replicas = [R(one.url), R(two.url)]
+        routers = [PrefixRouter(), PrefixRouter()]
+
+        async def run(policy: str) -> list[tuple[int, int, int]]:
+            """(turn, prompt tokens, cached tokens) of every turn."""
+            out = []
+            async with aiohttp.ClientSession() as session:
+                for c in range(4):
+                    system = f"policy {policy}: " + words(300 + c, 200)
+                    history: list[str] = []
+                    for t in range(3):
+                        history.append(f"question {t} of {c}")
+                        request = conversation(system, *history)
+                        if policy == "round-robin":
+                            replica = replicas[t % 2]
+                        else:
+                            choice = routers[t % 2].route(replicas, request, t)
+                            assert choice is not None
+                            replica = choice.replica
+                        prompt = " ".join(m.content for m in request.messages)
+                        body = {"inputs": prompt, "parameters": {"max_new_tokens": 2,
+                                                                 "details": True}}
+                        async with session.post(f"{replica.address}/generate", json=body) as r:
+                            reply = await r.json()
+                        out.append((t, len(prompt.split()), reply["details"]["cached_tokens"]))
+                        history.append(reply["generated_text"])
+            return out
+
+        for t, prompt, cached in await run("cache-aware"):
+            if t > 0:
+                assert cached >= prompt * 0.8, (t, prompt, cached)
+        spread = await run("round-robin")
+        assert all(cached == 0 for t, _, cached in spread if t == 1)  # turn 2 on the other engine
