@@ -41,7 +41,7 @@ llama-cpp-python servers (SmolLM2, `--cache True`, one thread each, started
 through tests.bench.llama_server, which adds the /health route vLLM's
 router waits for) behind vLLM's router (pip `vllm-router`) with
 `--policy cache_aware`, then `round_robin`, each run on freshly started
-servers (empty caches). MESH_VARIANTS below is where the mesh's own
+servers (empty caches). The hook marked HOOK below is where the mesh's own
 policies over the same two servers join the same run.
 """
 
@@ -358,12 +358,16 @@ def report(name: str, r: dict[str, Any]) -> str:
 # --- the side-by-side reference: vLLM's router over llama-cpp-python --------
 
 VLLM_ROUTER_POLICIES = ("cache_aware", "round_robin")
-# The mesh's own policies over the same two servers (round robin, load only,
-# cache-aware) join here once the router takes several engine URLs per
-# model and offers the cache-aware choice: each entry names a variant and
-# the router policy to start the mesh with. Until then the list is empty and
-# the anchor runs vLLM's router alone.
-MESH_VARIANTS: tuple[tuple[str, str], ...] = ()
+# HOOK, the mesh's variants: (name, router --policy) run over the same two
+# llama-cpp-python servers, each a replica of one model (`make up BACKENDS=`
+# with several engine URLs per model, one adapter each), in `anchor` below.
+# They need the router to offer the cache-aware choice
+# (services.router.prefix_choice) as a policy, and a round robin.
+MESH_VARIANTS: tuple[tuple[str, str], ...] = (
+    ("round_robin", "round-robin"),
+    ("load_only", "load"),
+    ("cache_aware", "cache-aware"),
+)
 
 
 def smollm2_path() -> Path:
@@ -437,8 +441,11 @@ def anchor(convs: list[Conversation], max_tokens: int) -> dict[str, Any]:
                     r = asyncio.run(run(base, "m", convs, max_tokens, llama_logs=logs))
             results[f"vllm_router_{policy}"] = r
             print(report(f"vllm-router {policy}", r), flush=True)
-        for variant, _policy in MESH_VARIANTS:
-            results[f"mesh_{variant}"] = None  # filled in when the mesh runs here
+        # HOOK: for each of MESH_VARIANTS, on fresh servers as above, start the
+        # mesh over `urls` with that router policy (tests/integration/conftest.py
+        # starts meshes) and record
+        #   results[f"mesh_{variant}"] = asyncio.run(run(<the mesh's OpenAI URL>,
+        #       <model id>, convs, max_tokens, llama_logs=logs))
     return results
 
 
