@@ -15,9 +15,28 @@ Reply: the content of the last user turn of a ChatML or Llama 3 prompt
 EOS token. `max_new_tokens` and stop sequences apply as in TGI. A fixed
 reply can be set with `--reply` or `/_control`.
 
+Prefix cache (off unless `--prefix-cache-tokens` > 0): a model of an
+engine's automatic prefix caching, shaped after vLLM's (docs "Automatic
+Prefix Caching"; vllm/v1/core/kv_cache_utils.py): the prompt is cut into
+blocks of `--prefix-block-tokens` tokens (vLLM's default block size, 16),
+each block's hash chains the previous one's, and the double keeps the
+hashes of the blocks it has prefilled, least recently used evicted first,
+up to `--prefix-cache-tokens` tokens. A prompt reuses its leading blocks
+found there (never its last token, which must be computed, as in vLLM);
+prefill takes `--prefill-per-token` seconds per UNCACHED prompt token
+before the first token. Replies report the reused tokens as
+`details.cached_tokens` (the final stream event's details too; vLLM reports
+them as `usage.prompt_tokens_details.cached_tokens`), and /metrics carries
+the prompt tokens looked up and reused under the CPU backend's names
+`llmmesh_cpu_prefix_cache_queries_total` and
+`llmmesh_cpu_prefix_cache_hits_total` (vLLM's `vllm:prefix_cache_queries`
+and `vllm:prefix_cache_hits`, same meaning).
+
 Run as a process:
     python -m tools.tgi_double --port 8090 [--model-id NAME]
         [--max-concurrent-requests K] [--token-delay SECONDS] [--reply TEXT]
+        [--prefix-cache-tokens N [--prefix-block-tokens 16]
+         [--prefill-per-token SECONDS]]
 
 Control endpoints (double only, never on the real backend):
     POST /_control  {"mode": "ok", "after_tokens": 0, "token_delay": 0.0,
@@ -61,16 +80,19 @@ import json
 import os
 import re
 import zlib
-from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections import Counter, OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Final
 
 from aiohttp import web
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from services.common import logs, tracing
 from services.cpu_backend.engine import EngineError, SamplingParams, Token
+from services.cpu_backend.responses import dumps
 from services.cpu_backend.server import CORE, create_app
 from services.cpu_backend.settings import ServerSettings
 
@@ -171,6 +193,94 @@ _CURRENT: contextvars.ContextVar[tuple[web.Request, bool] | None] = contextvars.
 )
 
 
+# The prompt tokens the prefix cache reused for the request being served,
+# written by the engine and read when the reply goes out.
+_CACHED: contextvars.ContextVar[list[int | None] | None] = contextvars.ContextVar(
+    "tgi_double_cached", default=None
+)
+
+
+def _add_cached_tokens(reply: Any, cached: int) -> None:
+    """`details.cached_tokens` in a reply (a list of replies on TGI's `/`)."""
+    for item in reply if isinstance(reply, list) else [reply]:
+        if isinstance(item, dict) and isinstance(item.get("details"), dict):
+            item["details"].setdefault("cached_tokens", cached)
+
+
+class PrefixCache:
+    """The double's model of an engine's prefix cache (see the module doc).
+
+    Blocks are identified by chained hashes of their token ids, so a block
+    counts only after the same beginning; the index holds at most
+    `capacity_tokens // block_tokens` blocks, least recently used first.
+    """
+
+    def __init__(
+        self, capacity_tokens: int, *, block_tokens: int = 16, prefill_per_token: float = 0.0
+    ) -> None:
+        if block_tokens < 1 or capacity_tokens < block_tokens:
+            raise ValueError("the cache must hold at least one block of at least one token")
+        if prefill_per_token < 0:
+            raise ValueError("prefill_per_token must be >= 0")
+        self.block_tokens = block_tokens
+        self.capacity_blocks = capacity_tokens // block_tokens
+        self.prefill_per_token = prefill_per_token
+        self._blocks: OrderedDict[int, None] = OrderedDict()
+        # Prompt tokens looked up, and reused (vLLM's prefix_cache_queries/hits).
+        self.queries = 0
+        self.hits = 0
+
+    def _hashes(self, ids: Sequence[int]) -> Iterator[int]:
+        h = 0
+        b = self.block_tokens
+        for start in range(0, len(ids) - b + 1, b):
+            h = hash((h, *ids[start : start + b]))  # ints and tuples hash alike everywhere
+            yield h
+
+    def lookup(self, ids: Sequence[int]) -> int:
+        """Prompt tokens reused: the leading whole blocks held, short of the last token."""
+        held = 0
+        for h in self._hashes(ids):
+            if h not in self._blocks:
+                break
+            held += self.block_tokens
+        cached = min(held, max(len(ids) - 1, 0))
+        self.queries += len(ids)
+        self.hits += cached
+        return cached
+
+    def store(self, ids: Sequence[int]) -> None:
+        """The prompt's whole blocks were prefilled; a prefix stays newer than its tail."""
+        blocks = self._blocks
+        for h in reversed(list(self._hashes(ids))):
+            blocks[h] = None
+            blocks.move_to_end(h)
+        while len(blocks) > self.capacity_blocks:
+            blocks.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+
+class _PrefixCacheCounters(Collector):
+    """The cache's counters on the server's /metrics."""
+
+    def __init__(self, cache: PrefixCache) -> None:
+        self._cache = cache
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "llmmesh_cpu_prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache",
+            value=self._cache.queries,
+        )
+        yield CounterMetricFamily(
+            "llmmesh_cpu_prefix_cache_hits",
+            "Prompt tokens reused from the prefix cache",
+            value=self._cache.hits,
+        )
+
+
 def _piece_id(piece: str) -> int:
     # crc32 is stable across processes (unlike hash()); ids 0-2 are reserved.
     return max(zlib.crc32(piece.encode("utf-8")), 3)
@@ -188,9 +298,18 @@ def scripted_reply(prompt: str) -> str:
 class ScriptedEngine:
     """A deterministic `Engine`: whitespace tokens, echo replies, injectable faults."""
 
-    def __init__(self, *, model_id: str = "tgi-double", context_length: int = 8192) -> None:
+    def __init__(
+        self,
+        *,
+        model_id: str = "tgi-double",
+        context_length: int = 8192,
+        prefix_cache: PrefixCache | None = None,
+    ) -> None:
         self._model_id = model_id
         self._context_length = context_length
+        self.prefix_cache = prefix_cache
+        # How the engine waits out a prefill (tests record it instead).
+        self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
         self._pieces: dict[int, str] = {EOS_ID: EOS_TEXT}
         self.control = Control()
         self.stats = Stats()
@@ -274,6 +393,16 @@ class ScriptedEngine:
             words = _PIECE.findall(reply)
             if words:
                 words[0] = words[0].lstrip()
+            cache = self.prefix_cache
+            if cache is not None:
+                cached = cache.lookup(prompt_ids)
+                holder = _CACHED.get()
+                if holder is not None:
+                    holder[0] = cached
+                prefill = (len(prompt_ids) - cached) * cache.prefill_per_token
+                if prefill:
+                    await self.sleep(prefill)
+                cache.store(prompt_ids)
             if ctl.first_token_delay:
                 await asyncio.sleep(ctl.first_token_delay)
             for i in range(params.max_new_tokens):
@@ -355,10 +484,40 @@ def create_double_app(
             if request.path == "/" and isinstance(body, dict) and body.get("stream") is True:
                 is_stream = True
         token = _CURRENT.set((request, is_stream))
+        cached: list[int | None] = [None]
+        cached_token = _CACHED.set(cached)
         try:
-            return await handler(request)
+            response = await handler(request)
         finally:
             _CURRENT.reset(token)
+            _CACHED.reset(cached_token)
+        if (
+            cached[0] is not None
+            and isinstance(response, web.Response)
+            and response.content_type == "application/json"
+            and isinstance(response.body, bytes)
+        ):
+            reply = json.loads(response.body)
+            _add_cached_tokens(reply, cached[0])
+            response.body = dumps(reply)
+        return response
+
+    async def stream_cached_tokens(request: web.Request, response: web.StreamResponse) -> None:
+        """On a stream, put `details.cached_tokens` in the final event as it goes out."""
+        cached = _CACHED.get()
+        if cached is None or isinstance(response, web.Response):
+            return
+        write = response.write
+
+        async def write_with_cached_tokens(data: bytes | bytearray | memoryview) -> None:
+            raw = bytes(data)
+            if cached[0] is not None and raw.startswith(b"data:") and b'"details":{' in raw:
+                event = json.loads(raw[len(b"data:") :])
+                _add_cached_tokens(event, cached[0])
+                raw = b"data:" + dumps(event) + b"\n\n"
+            await write(raw)
+
+        response.write = write_with_cached_tokens  # type: ignore[method-assign]
 
     async def get_control(request: web.Request) -> web.Response:
         return web.json_response(asdict(engine.control))
@@ -388,6 +547,9 @@ def create_double_app(
         return web.json_response({"ok": True})
 
     app.middlewares.append(record)
+    if engine.prefix_cache is not None:
+        app[CORE].metrics.registry.register(_PrefixCacheCounters(engine.prefix_cache))
+        app.on_response_prepare.append(stream_cached_tokens)
     app.router.add_get("/_control", get_control)
     app.router.add_post("/_control", post_control)
     app.router.add_get("/_stats", get_stats)
@@ -447,11 +609,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-total-tokens", type=int, default=4096)
     parser.add_argument("--token-delay", type=float, default=0.0)
     parser.add_argument("--reply", default=None)
+    parser.add_argument("--prefix-cache-tokens", type=int, default=0,
+                        help="model a prefix cache of this many tokens (0: none)")
+    parser.add_argument("--prefix-block-tokens", type=int, default=16)
+    parser.add_argument("--prefill-per-token", type=float, default=0.0,
+                        help="seconds of prefill per uncached prompt token")
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
     logs.setup("tgi-double", args.log_level)
     tracing.setup("tgi-double")
-    engine = ScriptedEngine(model_id=args.model_id, context_length=args.max_total_tokens)
+    cache = None
+    if args.prefix_cache_tokens > 0:
+        cache = PrefixCache(
+            args.prefix_cache_tokens,
+            block_tokens=args.prefix_block_tokens,
+            prefill_per_token=args.prefill_per_token,
+        )
+    engine = ScriptedEngine(
+        model_id=args.model_id, context_length=args.max_total_tokens, prefix_cache=cache
+    )
     settings = ServerSettings(
         model_id=args.model_id,
         max_concurrent_requests=args.max_concurrent_requests,

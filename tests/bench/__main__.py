@@ -1,6 +1,6 @@
 """`make bench`: every benchmark, figures printed and saved.
 
-    python -m tests.bench [--quick]
+    python -m tests.bench [--quick] [--prefix]
 
 Runs the mesh benchmark (its cost hop by hop against a lean zero-delay TGI
 double, load from wrk), SmolLM2 through the mesh versus llama.cpp
@@ -10,7 +10,9 @@ writes every figure to .run/bench/results.json (keys `mesh`, `cpu_mesh`,
 against least-in-flight, simulated), `tracing` (off against on), and
 `machine`: the machine
 and its load average when the run began) and the tables to
-.run/bench/results.md.
+.run/bench/results.md. `--prefix` adds the shared-prefix conversations
+(tests/bench/prefix_bench.py, key `prefix`): vLLM's router, cache-aware
+and round robin, over two llama-cpp-python servers.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from tests.bench import (
     cpu_backend_bench,
     cpu_mesh_bench,
     mesh_bench,
+    prefix_bench,
     replica_bench,
     tracing_bench,
 )
@@ -36,6 +39,7 @@ OUT = Path(__file__).resolve().parents[2] / ".run" / "bench"
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     quick = "--quick" in sys.argv
+    prefix = "--prefix" in sys.argv
     sys.argv = [sys.argv[0], *(["--quick"] if quick else [])]
     text = io.StringIO()
     results: dict[str, Any] = {}
@@ -57,6 +61,10 @@ def main() -> None:
         # Tracing off against on (exporting to a local OTLP receiver).
         sys.argv = [sys.argv[0], *(["--quick", "--runs", "1"] if quick else [])]
         results["tracing"] = tracing_bench.main()
+        if prefix:
+            print()
+            # Conversations sharing long prefixes, by routing policy.
+            results["prefix"] = prefix_bench.main(["--anchor", *(["--quick"] if quick else [])])
     results["machine"] = results["mesh"].pop("machine")
     (OUT / "results.json").write_text(json.dumps(results, indent=2))
     (OUT / "results.md").write_text(text.getvalue())
