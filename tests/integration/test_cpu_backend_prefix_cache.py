@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.procs import free_port, python_module, start, stop, wait_http
+from tests.harness.procs import free_port, python_module, start, stop, wait_http
 
 pytest.importorskip(
     "llama_cpp", reason="llama_cpp is not importable: run scripts/install_llama_cpp.sh"
