@@ -87,12 +87,9 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Final
 
 from aiohttp import web
-from prometheus_client.core import CounterMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from services.common import logs, tracing
 from services.cpu_backend.engine import EngineError, SamplingParams, Token
-from services.cpu_backend.responses import dumps
 from services.cpu_backend.server import CORE, create_app
 from services.cpu_backend.settings import ServerSettings
 
@@ -193,20 +190,6 @@ _CURRENT: contextvars.ContextVar[tuple[web.Request, bool] | None] = contextvars.
 )
 
 
-# The prompt tokens the prefix cache reused for the request being served,
-# written by the engine and read when the reply goes out.
-_CACHED: contextvars.ContextVar[list[int | None] | None] = contextvars.ContextVar(
-    "tgi_double_cached", default=None
-)
-
-
-def _add_cached_tokens(reply: Any, cached: int) -> None:
-    """`details.cached_tokens` in a reply (a list of replies on TGI's `/`)."""
-    for item in reply if isinstance(reply, list) else [reply]:
-        if isinstance(item, dict) and isinstance(item.get("details"), dict):
-            item["details"].setdefault("cached_tokens", cached)
-
-
 class PrefixCache:
     """The double's model of an engine's prefix cache (see the module doc).
 
@@ -260,25 +243,6 @@ class PrefixCache:
 
     def __len__(self) -> int:
         return len(self._blocks)
-
-
-class _PrefixCacheCounters(Collector):
-    """The cache's counters on the server's /metrics."""
-
-    def __init__(self, cache: PrefixCache) -> None:
-        self._cache = cache
-
-    def collect(self) -> Iterator[Metric]:
-        yield CounterMetricFamily(
-            "llmmesh_cpu_prefix_cache_queries",
-            "Prompt tokens looked up in the prefix cache",
-            value=self._cache.queries,
-        )
-        yield CounterMetricFamily(
-            "llmmesh_cpu_prefix_cache_hits",
-            "Prompt tokens reused from the prefix cache",
-            value=self._cache.hits,
-        )
 
 
 def _piece_id(piece: str) -> int:
@@ -378,7 +342,7 @@ class ScriptedEngine:
         prompt_ids: Sequence[int],
         params: SamplingParams,
         *,
-        on_start: Callable[[], None] | None = None,
+        on_start: Callable[[int], None] | None = None,
     ) -> AsyncIterator[Token]:
         ctl = self.control
         stats = self.stats
@@ -386,19 +350,17 @@ class ScriptedEngine:
         stats.generations_active += 1
         outcome: str | None = None
         try:
+            cache = self.prefix_cache
+            # The server reports the reused tokens (details.cached_tokens, /metrics).
+            cached = cache.lookup(prompt_ids) if cache is not None else 0
             if on_start is not None:
-                on_start()
+                on_start(cached)
             prompt = "".join(self._pieces.get(i, "") for i in prompt_ids)
             reply = ctl.reply if ctl.reply is not None else scripted_reply(prompt)
             words = _PIECE.findall(reply)
             if words:
                 words[0] = words[0].lstrip()
-            cache = self.prefix_cache
             if cache is not None:
-                cached = cache.lookup(prompt_ids)
-                holder = _CACHED.get()
-                if holder is not None:
-                    holder[0] = cached
                 prefill = (len(prompt_ids) - cached) * cache.prefill_per_token
                 if prefill:
                     await self.sleep(prefill)
@@ -484,40 +446,10 @@ def create_double_app(
             if request.path == "/" and isinstance(body, dict) and body.get("stream") is True:
                 is_stream = True
         token = _CURRENT.set((request, is_stream))
-        cached: list[int | None] = [None]
-        cached_token = _CACHED.set(cached)
         try:
-            response = await handler(request)
+            return await handler(request)
         finally:
             _CURRENT.reset(token)
-            _CACHED.reset(cached_token)
-        if (
-            cached[0] is not None
-            and isinstance(response, web.Response)
-            and response.content_type == "application/json"
-            and isinstance(response.body, bytes)
-        ):
-            reply = json.loads(response.body)
-            _add_cached_tokens(reply, cached[0])
-            response.body = dumps(reply)
-        return response
-
-    async def stream_cached_tokens(request: web.Request, response: web.StreamResponse) -> None:
-        """On a stream, put `details.cached_tokens` in the final event as it goes out."""
-        cached = _CACHED.get()
-        if cached is None or isinstance(response, web.Response):
-            return
-        write = response.write
-
-        async def write_with_cached_tokens(data: bytes | bytearray | memoryview) -> None:
-            raw = bytes(data)
-            if cached[0] is not None and raw.startswith(b"data:") and b'"details":{' in raw:
-                event = json.loads(raw[len(b"data:") :])
-                _add_cached_tokens(event, cached[0])
-                raw = b"data:" + dumps(event) + b"\n\n"
-            await write(raw)
-
-        response.write = write_with_cached_tokens  # type: ignore[method-assign]
 
     async def get_control(request: web.Request) -> web.Response:
         return web.json_response(asdict(engine.control))
@@ -547,9 +479,6 @@ def create_double_app(
         return web.json_response({"ok": True})
 
     app.middlewares.append(record)
-    if engine.prefix_cache is not None:
-        app[CORE].metrics.registry.register(_PrefixCacheCounters(engine.prefix_cache))
-        app.on_response_prepare.append(stream_cached_tokens)
     app.router.add_get("/_control", get_control)
     app.router.add_post("/_control", post_control)
     app.router.add_get("/_stats", get_stats)
@@ -609,11 +538,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-total-tokens", type=int, default=4096)
     parser.add_argument("--token-delay", type=float, default=0.0)
     parser.add_argument("--reply", default=None)
-    parser.add_argument("--prefix-cache-tokens", type=int, default=0,
-                        help="model a prefix cache of this many tokens (0: none)")
+    parser.add_argument(
+        "--prefix-cache-tokens",
+        type=int,
+        default=0,
+        help="model a prefix cache of this many tokens (0: none)",
+    )
     parser.add_argument("--prefix-block-tokens", type=int, default=16)
-    parser.add_argument("--prefill-per-token", type=float, default=0.0,
-                        help="seconds of prefill per uncached prompt token")
+    parser.add_argument(
+        "--prefill-per-token",
+        type=float,
+        default=0.0,
+        help="seconds of prefill per uncached prompt token",
+    )
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
     logs.setup("tgi-double", args.log_level)

@@ -56,6 +56,8 @@ class ModelSpec:
     # The parameter table's built-in defaults, under the registry's own.
     defaults: Parameters = BUILTIN_DEFAULTS
     engine: EngineSpec = field(default_factory=EngineSpec)
+    # The router's choice of replica for this model; empty: the router's flag.
+    replica_choice: str = ""
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -133,6 +135,7 @@ def _model(entry: Any, base: Path) -> ModelSpec:
         defaults=_build(Parameters, entry.get("defaults"), entry["id"]).with_defaults(
             BUILTIN_DEFAULTS),
         engine=_engine(entry.get("engine"), entry["id"]),
+        replica_choice=str(entry.get("replica_choice") or ""),
     )
 
 

@@ -77,7 +77,7 @@ class RouterCore:
         last: MeshError | None = None
         with self._admit(spec):
             while True:
-                replica = await self._pick(spec, tried, last)
+                replica = await self._pick(spec, tried, last, forward)
                 try:
                     with replica.track():
                         result = await replica.generate(forward, self._deadline(timeout))
@@ -104,7 +104,7 @@ class RouterCore:
         tried: set[Replica] = set()
         last: MeshError | None = None
         while True:
-            replica = await self._pick(spec, tried, last)
+            replica = await self._pick(spec, tried, last, forward)
             events = replica.generate_stream(forward, self._deadline(timeout))
             sent = False
             try:
@@ -182,7 +182,8 @@ class RouterCore:
         return spec, forward
 
     async def _pick(
-        self, spec: ModelSpec, tried: set[Replica], last: MeshError | None
+        self, spec: ModelSpec, tried: set[Replica], last: MeshError | None,
+        request: GenerationRequest,
     ) -> Replica:
         pool = self._pools[spec.id]
         if not pool.checked.is_set():
@@ -191,7 +192,7 @@ class RouterCore:
             # MODEL_UNAVAILABLE to the requests that arrive before it.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(pool.checked.wait(), FIRST_CHECK_WAIT)
-        replica = pool.pick(tried)
+        replica = pool.pick(tried, request)
         if replica is not None:
             return replica
         if last is not None:
