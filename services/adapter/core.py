@@ -242,4 +242,5 @@ class AdapterCore:
             tokens=result.generated_tokens,
             input_tokens=result.input_tokens,
             finish_reason=result.finish_reason,
+            cached_input_tokens=result.cached_input_tokens,
         )

@@ -137,6 +137,7 @@ def generation_to_pb(g: Generation) -> pb.GenerateResponse:
         tokens=g.tokens,
         input_tokens=g.input_tokens,
         finish_reason=_FINISH_TO_PB[g.finish_reason],
+        cached_input_tokens=g.cached_input_tokens,
     )
 
 
@@ -148,6 +149,7 @@ def generation_from_pb(r: pb.GenerateResponse) -> Generation:
         tokens=r.tokens,
         input_tokens=r.input_tokens,
         finish_reason=_FINISH_FROM_PB.get(r.finish_reason, FinishReason.UNSPECIFIED),
+        cached_input_tokens=r.cached_input_tokens,
     )
 
 
@@ -163,6 +165,7 @@ def final_to_pb(g: Generation) -> pb.GenerateStreamResponse:
         model=g.model,
         model_id=g.model_id,
         input_tokens=g.input_tokens,
+        cached_input_tokens=g.cached_input_tokens,
     )
 
 
@@ -193,6 +196,7 @@ def stream_event_from_pb(m: pb.GenerateStreamResponse) -> Chunk | Generation | M
         tokens=m.tokens,
         input_tokens=m.input_tokens,
         finish_reason=_FINISH_FROM_PB[m.finish_reason],
+        cached_input_tokens=m.cached_input_tokens,
     )
 
 

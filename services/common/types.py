@@ -115,6 +115,8 @@ class Generation:
     tokens: int
     input_tokens: int
     finish_reason: FinishReason
+    # Prompt tokens the engine reused from its prefix cache.
+    cached_input_tokens: int = 0
 
 
 @dataclass(frozen=True)

@@ -30,11 +30,14 @@ def new_id(kind: Kind) -> str:
     return f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{secrets.token_hex(12)}"
 
 
-def usage(result: Generation) -> dict[str, int]:
+def usage(result: Generation) -> dict[str, Any]:
+    """OpenAI's usage, with the prompt tokens the engine reused from its prefix
+    cache as `prompt_tokens_details.cached_tokens` (as OpenAI, vLLM and SGLang say it)."""
     return {
         "prompt_tokens": result.input_tokens,
         "completion_tokens": result.tokens,
         "total_tokens": result.input_tokens + result.tokens,
+        "prompt_tokens_details": {"cached_tokens": result.cached_input_tokens},
     }
 
 

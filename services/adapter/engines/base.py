@@ -37,6 +37,9 @@ class EngineResult:
     generated_tokens: int
     input_tokens: int
     finish_reason: FinishReason
+    # Prompt tokens the engine reused from its prefix cache (TGI-shaped
+    # `details.cached_tokens`, OpenAI's `usage.prompt_tokens_details.cached_tokens`).
+    cached_input_tokens: int = 0
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,15 @@ def _grammar(grammar: Grammar) -> dict[str, Any]:
     return {"type": grammar.kind, "value": grammar.value}
 
 
+def _cached(details: Mapping[str, Any]) -> int:
+    """Prompt tokens reused from the engine's prefix cache: `details.cached_tokens`
+    (the CPU backend's; TGI itself reports none, so 0)."""
+    try:
+        return max(int(details.get("cached_tokens") or 0), 0)
+    except (TypeError, ValueError):
+        return 0
+
+
 def _result(status: int, headers: Mapping[str, str], payload: Any) -> EngineResult:
     """A whole generation from TGI's reply (the compat route answers a list)."""
     if status != 200:
@@ -90,6 +99,7 @@ def _result(status: int, headers: Mapping[str, str], payload: Any) -> EngineResu
         ),
         input_tokens=int(headers.get("x-prompt-tokens", 0)),
         finish_reason=_FINISH.get(details.get("finish_reason", ""), FinishReason.UNSPECIFIED),
+        cached_input_tokens=_cached(details),
     )
 
 
@@ -200,6 +210,7 @@ class TGIEngine(HttpEngine):
                             finish_reason=_FINISH.get(
                                 details.get("finish_reason", ""), FinishReason.UNSPECIFIED
                             ),
+                            cached_input_tokens=_cached(details),
                         )
                         break
                 if texts:
