@@ -199,7 +199,12 @@ class PrefixCache:
     """
 
     def __init__(
-        self, capacity_tokens: int, *, block_tokens: int = 16, prefill_per_token: float = 0.0
+        self,
+        capacity_tokens: int,
+        *,
+        block_tokens: int = 16,
+        prefill_per_token: float = 0.0,
+        serial: bool = False,
     ) -> None:
         if block_tokens < 1 or capacity_tokens < block_tokens:
             raise ValueError("the cache must hold at least one block of at least one token")
@@ -208,6 +213,8 @@ class PrefixCache:
         self.block_tokens = block_tokens
         self.capacity_blocks = capacity_tokens // block_tokens
         self.prefill_per_token = prefill_per_token
+        # One prefill at a time (a compute-bound engine), when set.
+        self.prefill_lock: asyncio.Lock | None = asyncio.Lock() if serial else None
         self._blocks: OrderedDict[int, None] = OrderedDict()
         # Prompt tokens looked up, and reused (vLLM's prefix_cache_queries/hits).
         self.queries = 0
@@ -362,7 +369,10 @@ class ScriptedEngine:
                 words[0] = words[0].lstrip()
             if cache is not None:
                 prefill = (len(prompt_ids) - cached) * cache.prefill_per_token
-                if prefill:
+                if prefill and cache.prefill_lock is not None:
+                    async with cache.prefill_lock:
+                        await self.sleep(prefill)
+                elif prefill:
                     await self.sleep(prefill)
                 cache.store(prompt_ids)
             if ctl.first_token_delay:
@@ -551,6 +561,11 @@ def main(argv: list[str] | None = None) -> None:
         default=0.0,
         help="seconds of prefill per uncached prompt token",
     )
+    parser.add_argument(
+        "--serial-prefill",
+        action="store_true",
+        help="prefill one prompt at a time, as a compute-bound engine does",
+    )
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
     logs.setup("tgi-double", args.log_level)
@@ -561,6 +576,7 @@ def main(argv: list[str] | None = None) -> None:
             args.prefix_cache_tokens,
             block_tokens=args.prefix_block_tokens,
             prefill_per_token=args.prefill_per_token,
+            serial=args.serial_prefill,
         )
     engine = ScriptedEngine(
         model_id=args.model_id, context_length=args.max_total_tokens, prefix_cache=cache

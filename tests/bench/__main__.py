@@ -11,8 +11,10 @@ against least-in-flight, simulated), `tracing` (off against on), and
 `machine`: the machine
 and its load average when the run began) and the tables to
 .run/bench/results.md. `--prefix` adds the shared-prefix conversations
-(tests/bench/prefix_bench.py, key `prefix`): vLLM's router, cache-aware
-and round robin, over two llama-cpp-python servers.
+(tests/bench/prefix_bench.py, key `prefix`, about ten minutes): the mesh's
+round robin, load only and cache-aware choice over 4 TGI doubles modelling
+a prefix cache and over 2 CPU backends, then vLLM's router (cache-aware and
+round robin) and the mesh over the same two llama-cpp-python servers.
 """
 
 from __future__ import annotations
@@ -64,7 +66,8 @@ def main() -> None:
         if prefix:
             print()
             # Conversations sharing long prefixes, by routing policy.
-            results["prefix"] = prefix_bench.main(["--anchor", *(["--quick"] if quick else [])])
+            results["prefix"] = prefix_bench.main(
+                ["--doubles", "--cpu", "--anchor", *(["--quick"] if quick else [])])
     results["machine"] = results["mesh"].pop("machine")
     (OUT / "results.json").write_text(json.dumps(results, indent=2))
     (OUT / "results.md").write_text(text.getvalue())

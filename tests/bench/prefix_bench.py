@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import re
@@ -358,16 +359,16 @@ def report(name: str, r: dict[str, Any]) -> str:
 # --- the side-by-side reference: vLLM's router over llama-cpp-python --------
 
 VLLM_ROUTER_POLICIES = ("cache_aware", "round_robin")
-# HOOK, the mesh's variants: (name, router --policy) run over the same two
-# llama-cpp-python servers, each a replica of one model (`make up BACKENDS=`
-# with several engine URLs per model, one adapter each), in `anchor` below.
-# They need the router to offer the cache-aware choice
-# (services.router.prefix_choice) as a policy, and a round robin.
+# The mesh's variants: (name, the router's --replica-choice).
 MESH_VARIANTS: tuple[tuple[str, str], ...] = (
     ("round_robin", "round-robin"),
     ("load_only", "load"),
     ("cache_aware", "cache-aware"),
 )
+# Over the llama-cpp-python servers, beside vLLM's router: its two policies'
+# counterparts (load only is in the CPU and TGI double sections).
+ANCHOR_MESH_VARIANTS = (MESH_VARIANTS[0], MESH_VARIANTS[2])
+MODEL = "qwen2"
 
 
 def smollm2_path() -> Path:
@@ -441,12 +442,118 @@ def anchor(convs: list[Conversation], max_tokens: int) -> dict[str, Any]:
                     r = asyncio.run(run(base, "m", convs, max_tokens, llama_logs=logs))
             results[f"vllm_router_{policy}"] = r
             print(report(f"vllm-router {policy}", r), flush=True)
-        # HOOK: for each of MESH_VARIANTS, on fresh servers as above, start the
-        # mesh over `urls` with that router policy (tests/integration/conftest.py
-        # starts meshes) and record
-        #   results[f"mesh_{variant}"] = asyncio.run(run(<the mesh's OpenAI URL>,
-        #       <model id>, convs, max_tokens, llama_logs=logs))
+        for name, policy in ANCHOR_MESH_VARIANTS:
+            run_dir = tmp / f"mesh-{name}"
+            run_dir.mkdir()
+            with llama_servers(2, run_dir) as (urls, logs):
+                asyncio.run(warm(urls))
+                backends = ",".join(f"llamacpp+{u}/v1" for u in urls)
+                with mesh(run_dir, policy, f"{MODEL}={backends}") as (base, _):
+                    r = asyncio.run(run(base, MODEL, convs, max_tokens, llama_logs=logs))
+            results[f"mesh_{name}"] = r
+            print(report(f"mesh {policy} (llama-cpp-python)", r), flush=True)
     return results
+
+
+# --- the mesh itself: CPU backends, TGI doubles, the servers above ------------
+
+
+@contextmanager
+def _double(tmp: Path, name: str, *flags: str) -> Iterator[str]:
+    port = free_port()
+    proc = start(python_module("tools.tgi_double", "--port", str(port),
+                               "--model-id", f"double/{name}", *flags),
+                 log_path=tmp / f"{name}.log")
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", 30, proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(proc)
+
+
+@contextmanager
+def mesh(
+    tmp: Path, policy: str, backends: str = "", replicas: int = 1
+) -> Iterator[tuple[str, list[str]]]:
+    """The launched mesh (`make up`'s entry point) with the router's
+    --replica-choice `policy`: its OpenAI base URL, and its CPU backends'
+    /metrics. Model MODEL is served by `backends` (a launcher --backends
+    entry) or by `replicas` CPU backends; the other model by a TGI double."""
+    from tests.harness.mesh import free_run, stop_launcher, wait_launcher
+
+    with _double(tmp, "other") as other:
+        openai, backend = free_port(), free_run(4)
+        spec = f"{backends} llama3={other}".strip()
+        log = tmp / "launcher.log"
+        launcher = start(python_module(
+            "services.launcher", "--run-dir", str(tmp / "run"), "--no-prometheus",
+            "--backends", spec, "--replicas", str(replicas), "--threads", "1",
+            "--envoy-port", str(free_port()), "--admin-port", str(free_port()),
+            "--router-port", str(free_port()), "--adapter-port", str(free_run(6)),
+            "--backend-port", str(backend), "--metrics-port", str(free_run(7)),
+            "--openai-port", str(openai),
+        ), env={"LLMMESH_REPLICA_CHOICE": policy}, log_path=log)
+        try:
+            wait_launcher(log, launcher, 240)
+            metrics = [] if backends else [
+                f"http://127.0.0.1:{backend + i}/metrics" for i in range(replicas)]
+            yield f"http://127.0.0.1:{openai}", metrics
+        finally:
+            stop_launcher(launcher)
+
+
+def cpu_profile(convs: list[Conversation], max_tokens: int) -> dict[str, Any]:
+    """The mesh's three policies over 2 CPU backends of one model (SmolLM2,
+    one llama.cpp thread each, prefix caching on), fresh for each policy."""
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="prefix-bench-cpu-") as name:
+        for variant, policy in MESH_VARIANTS:
+            run_dir = Path(name) / variant
+            run_dir.mkdir()
+            with mesh(run_dir, policy, replicas=2) as (base, metrics):
+                asyncio.run(warm_mesh(base))
+                r = asyncio.run(run(base, MODEL, convs, max_tokens, metrics=metrics))
+            results[variant] = r
+            print(report(f"cpu x2 {policy}", r), flush=True)
+    return results
+
+
+# The TGI doubles' prefix-cache model: SmolLM2's prefill and decode on one
+# thread (as in the simulation), one prefill at a time per engine.
+def double_flags() -> tuple[str, ...]:
+    return ("--prefix-cache-tokens", "65536", "--prefill-per-token", str(SIM_PREFILL_S),
+            "--token-delay", str(SIM_DECODE_S), "--serial-prefill")
+
+
+def doubles_profile(
+    convs: list[Conversation], max_tokens: int, replicas: int = 4
+) -> dict[str, Any]:
+    """The mesh's three policies over `replicas` TGI doubles modelling a
+    prefix cache (prefill time proportional to uncached prompt tokens)."""
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="prefix-bench-doubles-") as name:
+        for variant, policy in MESH_VARIANTS:
+            run_dir = Path(name) / variant
+            run_dir.mkdir()
+            with contextlib.ExitStack() as stack:
+                urls = [stack.enter_context(_double(run_dir, f"d{i}", *double_flags()))
+                        for i in range(replicas)]
+                with mesh(run_dir, policy, f"{MODEL}={','.join(urls)}") as (base, _):
+                    r = asyncio.run(run(base, MODEL, convs, max_tokens,
+                                        metrics=[f"{u}/metrics" for u in urls]))
+            results[variant] = r
+            print(report(f"tgi doubles x{replicas} {policy}", r), flush=True)
+    return results
+
+
+async def warm_mesh(base: str) -> None:
+    """A few short requests: each replica's first evaluation pays one-off costs."""
+    async with aiohttp.ClientSession() as session:
+        for _ in range(4):
+            body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}],
+                    "max_tokens": 2}
+            async with session.post(f"{base}/v1/chat/completions", json=body) as resp:
+                await resp.read()
 
 
 # --- the mesh's policies in virtual time ---------------------------------------
@@ -516,6 +623,7 @@ def simulate(
         history = histories[c]
         history.append({"role": "user", "content": convs[c].questions[t]})
         turn = next(turn_counter)
+        engine: SimEngine | None
         if policy == "round-robin":
             engine = engines[turn % len(engines)]
         elif policy == "load":
@@ -529,9 +637,9 @@ def simulate(
         engine.in_flight += 1
         engine.queue.append((now, c, t, _prompt_ids(history)))
         if not engine.busy:
-            start(now, engine)
+            begin(now, engine)
 
-    def start(now: float, engine: SimEngine) -> None:
+    def begin(now: float, engine: SimEngine) -> None:
         nonlocal hits, could
         sent, c, t, ids = engine.queue.pop(0)
         engine.busy = True
@@ -561,7 +669,7 @@ def simulate(
                                                           for i in range(max_tokens - 8))
         histories[c].append({"role": "assistant", "content": reply})
         if engine.queue:
-            start(now, engine)
+            begin(now, engine)
         if t + 1 < len(convs[c].questions):
             at = now + think.expovariate(1 / SIM_THINK_S)
             heapq.heappush(events, (at, next(seq), "send", (c, t + 1)))
@@ -597,7 +705,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--metrics", nargs="*", default=[], help="engines' /metrics URLs")
     parser.add_argument("--llama-log", nargs="*", default=[], type=Path)
     parser.add_argument("--anchor", action="store_true",
-                        help="vLLM's router over two llama-cpp-python servers")
+                        help="vLLM's router over two llama-cpp-python servers, and the mesh "
+                             "over the same two servers")
+    parser.add_argument("--cpu", action="store_true",
+                        help="the mesh's policies over 2 CPU backends of one model")
+    parser.add_argument("--doubles", action="store_true",
+                        help="the mesh's policies over 4 TGI doubles modelling a prefix cache")
     parser.add_argument("--conversations", type=int, default=CONVERSATIONS)
     parser.add_argument("--turns", type=int, default=TURNS)
     parser.add_argument("--system-chars", type=int, default=SYSTEM_CHARS)
@@ -616,13 +729,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }}
     results["routing_cost"] = routing_cost()
     print(f"routing cost per request: {results['routing_cost']}", flush=True)
-    # The mesh's policies over modelled engines, until the router runs them live.
+    # The mesh's policies over modelled engines in virtual time.
     results["simulated"] = simulated(convs, args.max_tokens)
     if args.base_url:
         r = asyncio.run(run(args.base_url.rstrip("/"), args.model, convs, args.max_tokens,
                             args.metrics or None, args.llama_log or None))
         results["target"] = r
         print(report(args.base_url, r))
+    if args.doubles:
+        results["doubles_x4"] = doubles_profile(convs, args.max_tokens)
+    if args.cpu:
+        results["cpu_x2"] = cpu_profile(convs, args.max_tokens)
     if args.anchor:
         results.update(anchor(convs, args.max_tokens))
     if args.json:
@@ -631,7 +748,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def routing_cost(n: int = 2000) -> dict[str, float]:
-    """Milliseconds per request the router spends on the choice of replica,
+    """CPU milliseconds per request the router spends on the choice of replica,
     for a ~1,200-token (5,000-character) prompt over 4 replicas: the load
     policy alone (the feature off), and the cache-aware choice (hashing the
     prompt, looking it up in every index, recording it)."""
@@ -652,15 +769,15 @@ def routing_cost(n: int = 2000) -> dict[str, float]:
         GenerationRequest("m", messages=(Message("system", c.system), Message("user", q)))
         for c in conv for q in c.questions
     ]
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     for i in range(n):
         choose(replicas, "load", i)
-    off = (time.perf_counter() - t0) / n * 1000
+    off = (time.process_time() - t0) / n * 1000
     router = PrefixRouter()
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     for i in range(n):
         router.route(replicas, requests[i % len(requests)], i)
-    on = (time.perf_counter() - t0) / n * 1000
+    on = (time.process_time() - t0) / n * 1000
     return {"off_ms": round(off, 4), "cache_aware_ms": round(on, 4)}
 
 
