@@ -11,10 +11,13 @@ against least-in-flight, simulated), `tracing` (off against on), and
 `machine`: the machine
 and its load average when the run began) and the tables to
 .run/bench/results.md. `--prefix` adds the shared-prefix conversations
-(tests/bench/prefix_bench.py, key `prefix`, about ten minutes): the mesh's
+(tests/bench/prefix_bench.py, key `prefix`): the mesh's
 round robin, load only and cache-aware choice over 4 TGI doubles modelling
 a prefix cache and over 2 CPU backends, then vLLM's router (cache-aware and
-round robin) and the mesh over the same two llama-cpp-python servers.
+round robin) and the mesh over the same two llama-cpp-python servers, these
+last two on real models with 4 conversations of 3 turns (a ~1,200-token
+prompt takes seconds to prefill on one shared core); its plot goes to
+.run/bench/prefix.png.
 """
 
 from __future__ import annotations
@@ -67,7 +70,9 @@ def main() -> None:
             print()
             # Conversations sharing long prefixes, by routing policy.
             results["prefix"] = prefix_bench.main(
-                ["--doubles", "--cpu", "--anchor", *(["--quick"] if quick else [])])
+                ["--doubles", "--cpu", "--anchor", "--plot", str(OUT / "prefix.png"),
+                 "--live-conversations", "4", "--live-turns", "3", "--max-tokens", "16",
+                 *(["--quick"] if quick else [])])
     results["machine"] = results["mesh"].pop("machine")
     (OUT / "results.json").write_text(json.dumps(results, indent=2))
     (OUT / "results.md").write_text(text.getvalue())

@@ -716,8 +716,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--system-chars", type=int, default=SYSTEM_CHARS)
     parser.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
     parser.add_argument("--quick", action="store_true", help="4 conversations of 3 turns")
+    parser.add_argument(
+        "--live-conversations", type=int, default=None,
+        help="conversations of the runs on real models (--cpu, --anchor), whose prefill "
+             "takes seconds a turn on shared cores (default: --conversations)")
+    parser.add_argument("--live-turns", type=int, default=None,
+                        help="turns of the runs on real models (default: --turns)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--plot", type=Path, help="a PNG of the live runs' figures")
+    parser.add_argument("--replot", type=Path, metavar="JSON",
+                        help="only draw --plot from an earlier run's --json")
     args = parser.parse_args(argv)
+    if args.replot:
+        earlier: dict[str, Any] = json.loads(args.replot.read_text())
+        plot(earlier, args.plot or args.replot.with_suffix(".png"))
+        return earlier
     if args.quick:
         args.conversations, args.turns = 4, 3
     convs = conversations(args.conversations, args.turns, args.system_chars)
@@ -738,13 +751,78 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(report(args.base_url, r))
     if args.doubles:
         results["doubles_x4"] = doubles_profile(convs, args.max_tokens)
+    live = convs
+    if args.live_conversations or args.live_turns:
+        live = conversations(args.live_conversations or args.conversations,
+                             args.live_turns or args.turns, args.system_chars)
+        results["workload"]["live"] = {"conversations": len(live),
+                                       "turns": len(live[0].questions)}
+        print(f"runs on real models: {len(live)} conversations x {len(live[0].questions)} turns",
+              flush=True)
     if args.cpu:
-        results["cpu_x2"] = cpu_profile(convs, args.max_tokens)
+        results["cpu_x2"] = cpu_profile(live, args.max_tokens)
     if args.anchor:
-        results.update(anchor(convs, args.max_tokens))
+        results.update(anchor(live, args.max_tokens))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+    if args.plot:
+        plot(results, args.plot)
     return results
+
+
+# The live runs a plot shows: (title, the runs' keys in `results`, label of each).
+_PLOTTED = (
+    ("4 TGI doubles (prefix-cache model)", "doubles_x4",
+     (("round_robin", "round robin"), ("load_only", "load only"), ("cache_aware", "cache-aware"))),
+    ("2 CPU backends (SmolLM2)", "cpu_x2",
+     (("round_robin", "round robin"), ("load_only", "load only"), ("cache_aware", "cache-aware"))),
+    ("2 llama-cpp-python servers", "",
+     (("vllm_router_round_robin", "vLLM router\nround robin"),
+      ("vllm_router_cache_aware", "vLLM router\ncache-aware"),
+      ("mesh_round_robin", "mesh\nround robin"), ("mesh_cache_aware", "mesh\ncache-aware"))),
+)
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Later turns' time to first token (p50, p90) and output tokens/s, per
+    policy, one column of panels per set of engines that ran."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = []
+    for title, key, runs in _PLOTTED:
+        source = results.get(key, {}) if key else results
+        found = [(label, source[name]) for name, label in runs if name in source]
+        if found:
+            sets.append((title, found))
+    if not sets:
+        return
+    fig, axes = plt.subplots(2, len(sets), figsize=(4.2 * len(sets), 6.5), squeeze=False)
+    for col, (title, found) in enumerate(sets):
+        labels = [label for label, _ in found]
+        x = range(len(found))
+        ttft = axes[0][col]
+        p50 = [(r["ttft_later_turns_ms"]["p50"] or 0) / 1000 for _, r in found]
+        p90 = [(r["ttft_later_turns_ms"]["p90"] or 0) / 1000 for _, r in found]
+        ttft.bar([i - 0.2 for i in x], p50, 0.4, label="p50")
+        ttft.bar([i + 0.2 for i in x], p90, 0.4, label="p90")
+        ttft.set_title(title, fontsize=10)
+        ttft.set_xticks(list(x), labels, fontsize=8)
+        ttft.legend(fontsize=8)
+        rate = axes[1][col]
+        rate.bar(list(x), [r["output_tokens_per_s"] for _, r in found], 0.5, color="tab:green")
+        rate.set_xticks(list(x), labels, fontsize=8)
+        if col == 0:
+            ttft.set_ylabel("later turns: time to first token (s)")
+            rate.set_ylabel("output tokens/s")
+    w = results.get("workload", {})
+    fig.suptitle(f"{w.get('conversations')} conversations x {w.get('turns')} turns, "
+                 f"own ~1,200-token system prompts", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def routing_cost(n: int = 2000) -> dict[str, float]:
