@@ -818,8 +818,12 @@ def plot(results: dict[str, Any], path: Path) -> None:
             ttft.set_ylabel("later turns: time to first token (s)")
             rate.set_ylabel("output tokens/s")
     w = results.get("workload", {})
-    fig.suptitle(f"{w.get('conversations')} conversations x {w.get('turns')} turns, "
-                 f"own ~1,200-token system prompts", fontsize=11)
+    shape = f"{w.get('conversations')} conversations x {w.get('turns')} turns"
+    live = w.get("live")
+    if live:
+        shape = (f"doubles: {shape}; real models: {live['conversations']} conversations x "
+                 f"{live['turns']} turns")
+    fig.suptitle(f"{shape}; each its own ~1,200-token system prompt", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
