@@ -105,7 +105,7 @@ up: $(STAMP) $(if $(filter redis,$(QUOTA_STORE)),redis)
 		$(if $(filter 1 yes true on,$(TLS)),--tls)
 
 bench: $(STAMP) wrk
-	$(PY) -m tests.bench
+	$(PY) -m tests.bench --prefix
 
 # Any deployment: make loadtest URL=http://gpu-host:8000 ARGS="--concurrency 1,4,8"
 # (python -m tools.loadtest --help lists every option).

@@ -17,9 +17,28 @@ EOS token. Each word's logprob is `piece_logprob(word)`, and its
 and stop sequences apply as in TGI. A fixed reply can be set with `--reply`
 or `/_control`.
 
+Prefix cache (off unless `--prefix-cache-tokens` > 0): a model of an
+engine's automatic prefix caching, shaped after vLLM's (docs "Automatic
+Prefix Caching"; vllm/v1/core/kv_cache_utils.py): the prompt is cut into
+blocks of `--prefix-block-tokens` tokens (vLLM's default block size, 16),
+each block's hash chains the previous one's, and the double keeps the
+hashes of the blocks it has prefilled, least recently used evicted first,
+up to `--prefix-cache-tokens` tokens. A prompt reuses its leading blocks
+found there (never its last token, which must be computed, as in vLLM);
+prefill takes `--prefill-per-token` seconds per UNCACHED prompt token
+before the first token. Replies report the reused tokens as
+`details.cached_tokens` (the final stream event's details too; vLLM reports
+them as `usage.prompt_tokens_details.cached_tokens`), and /metrics carries
+the prompt tokens looked up and reused under the CPU backend's names
+`llmmesh_cpu_prefix_cache_queries_total` and
+`llmmesh_cpu_prefix_cache_hits_total` (vLLM's `vllm:prefix_cache_queries`
+and `vllm:prefix_cache_hits`, same meaning).
+
 Run as a process:
     python -m tools.tgi_double --port 8090 [--model-id NAME]
         [--max-concurrent-requests K] [--token-delay SECONDS] [--reply TEXT]
+        [--prefix-cache-tokens N [--prefix-block-tokens 16]
+         [--prefill-per-token SECONDS]]
 
 Control endpoints (double only, never on the real backend):
     POST /_control  {"mode": "ok", "after_tokens": 0, "token_delay": 0.0,
@@ -63,8 +82,8 @@ import json
 import os
 import re
 import zlib
-from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections import Counter, OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Final
@@ -173,6 +192,68 @@ _CURRENT: contextvars.ContextVar[tuple[web.Request, bool] | None] = contextvars.
 )
 
 
+class PrefixCache:
+    """The double's model of an engine's prefix cache (see the module doc).
+
+    Blocks are identified by chained hashes of their token ids, so a block
+    counts only after the same beginning; the index holds at most
+    `capacity_tokens // block_tokens` blocks, least recently used first.
+    """
+
+    def __init__(
+        self,
+        capacity_tokens: int,
+        *,
+        block_tokens: int = 16,
+        prefill_per_token: float = 0.0,
+        serial: bool = False,
+    ) -> None:
+        if block_tokens < 1 or capacity_tokens < block_tokens:
+            raise ValueError("the cache must hold at least one block of at least one token")
+        if prefill_per_token < 0:
+            raise ValueError("prefill_per_token must be >= 0")
+        self.block_tokens = block_tokens
+        self.capacity_blocks = capacity_tokens // block_tokens
+        self.prefill_per_token = prefill_per_token
+        # One prefill at a time (a compute-bound engine), when set.
+        self.prefill_lock: asyncio.Lock | None = asyncio.Lock() if serial else None
+        self._blocks: OrderedDict[int, None] = OrderedDict()
+        # Prompt tokens looked up, and reused (vLLM's prefix_cache_queries/hits).
+        self.queries = 0
+        self.hits = 0
+
+    def _hashes(self, ids: Sequence[int]) -> Iterator[int]:
+        h = 0
+        b = self.block_tokens
+        for start in range(0, len(ids) - b + 1, b):
+            h = hash((h, *ids[start : start + b]))  # ints and tuples hash alike everywhere
+            yield h
+
+    def lookup(self, ids: Sequence[int]) -> int:
+        """Prompt tokens reused: the leading whole blocks held, short of the last token."""
+        held = 0
+        for h in self._hashes(ids):
+            if h not in self._blocks:
+                break
+            held += self.block_tokens
+        cached = min(held, max(len(ids) - 1, 0))
+        self.queries += len(ids)
+        self.hits += cached
+        return cached
+
+    def store(self, ids: Sequence[int]) -> None:
+        """The prompt's whole blocks were prefilled; a prefix stays newer than its tail."""
+        blocks = self._blocks
+        for h in reversed(list(self._hashes(ids))):
+            blocks[h] = None
+            blocks.move_to_end(h)
+        while len(blocks) > self.capacity_blocks:
+            blocks.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+
 def _piece_id(piece: str) -> int:
     # crc32 is stable across processes (unlike hash()); ids 0-2 are reserved.
     return max(zlib.crc32(piece.encode("utf-8")), 3)
@@ -206,14 +287,21 @@ class ScriptedEngine:
     """A deterministic `Engine`: whitespace tokens, echo replies, injectable faults."""
 
     def __init__(
-        self, *, model_id: str = "tgi-double", context_length: int = 8192,
+        self,
+        *,
+        model_id: str = "tgi-double",
+        context_length: int = 8192,
         batch_slots: int | None = None,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         self._model_id = model_id
         self._context_length = context_length
         # Like a GPU's batch: at most this many sequences generate at once,
         # the rest wait first come first served (None: no limit).
         self._batch = asyncio.Semaphore(batch_slots) if batch_slots else None
+        self.prefix_cache = prefix_cache
+        # How the engine waits out a prefill (tests record it instead).
+        self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
         self._pieces: dict[int, str] = {EOS_ID: EOS_TEXT}
         self.control = Control()
         self.stats = Stats()
@@ -282,7 +370,7 @@ class ScriptedEngine:
         prompt_ids: Sequence[int],
         params: SamplingParams,
         *,
-        on_start: Callable[[], None] | None = None,
+        on_start: Callable[[int], None] | None = None,
     ) -> AsyncIterator[Token]:
         ctl = self.control
         stats = self.stats
@@ -294,13 +382,24 @@ class ScriptedEngine:
             if self._batch is not None:
                 await self._batch.acquire()
                 held = True
+            cache = self.prefix_cache
+            # The server reports the reused tokens (details.cached_tokens, /metrics).
+            cached = cache.lookup(prompt_ids) if cache is not None else 0
             if on_start is not None:
-                on_start()
+                on_start(cached)
             prompt = "".join(self._pieces.get(i, "") for i in prompt_ids)
             reply = ctl.reply if ctl.reply is not None else scripted_reply(prompt)
             words = _PIECE.findall(reply)
             if words:
                 words[0] = words[0].lstrip()
+            if cache is not None:
+                prefill = (len(prompt_ids) - cached) * cache.prefill_per_token
+                if prefill and cache.prefill_lock is not None:
+                    async with cache.prefill_lock:
+                        await self.sleep(prefill)
+                elif prefill:
+                    await self.sleep(prefill)
+                cache.store(prompt_ids)
             if ctl.first_token_delay:
                 await asyncio.sleep(ctl.first_token_delay)
             for i in range(params.max_new_tokens):
@@ -481,12 +580,40 @@ def main(argv: list[str] | None = None) -> None:
                         help="sequences generating at once, like a GPU's batch; the rest "
                              "wait in order (default: no limit)")
     parser.add_argument("--reply", default=None)
+    parser.add_argument(
+        "--prefix-cache-tokens",
+        type=int,
+        default=0,
+        help="model a prefix cache of this many tokens (0: none)",
+    )
+    parser.add_argument("--prefix-block-tokens", type=int, default=16)
+    parser.add_argument(
+        "--prefill-per-token",
+        type=float,
+        default=0.0,
+        help="seconds of prefill per uncached prompt token",
+    )
+    parser.add_argument(
+        "--serial-prefill",
+        action="store_true",
+        help="prefill one prompt at a time, as a compute-bound engine does",
+    )
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
     logs.setup("tgi-double", args.log_level)
     tracing.setup("tgi-double")
-    engine = ScriptedEngine(model_id=args.model_id, context_length=args.max_total_tokens,
-                            batch_slots=args.batch_slots)
+    cache = None
+    if args.prefix_cache_tokens > 0:
+        cache = PrefixCache(
+            args.prefix_cache_tokens,
+            block_tokens=args.prefix_block_tokens,
+            prefill_per_token=args.prefill_per_token,
+            serial=args.serial_prefill,
+        )
+    engine = ScriptedEngine(
+        model_id=args.model_id, context_length=args.max_total_tokens,
+        batch_slots=args.batch_slots, prefix_cache=cache
+    )
     settings = ServerSettings(
         model_id=args.model_id,
         max_concurrent_requests=args.max_concurrent_requests,

@@ -7,7 +7,10 @@ The shapes are vLLM's own, read from its source (vllm-project/vllm):
   "vllm"`, `root` and `max_model_len`; `CompletionResponse` and its stream
   chunks (`text_completion`, `finish_reason`, `stop_reason`: the stop string
   that matched, or None at EOS); `UsageInfo`; `stream_options.include_usage`
-  adds a last chunk with empty `choices` and the usage.
+  adds a last chunk with empty `choices` and the usage, whose
+  `prompt_tokens_details.cached_tokens` says what an automatic prefix cache
+  (whole blocks of 16 tokens shared with an earlier prompt) reused, as vLLM
+  reports it with `--enable-prompt-tokens-details`.
 - `serving_engine.py` (`create_error_response`, `_validate_input`): a prompt
   plus max_tokens over max_model_len is a 400 `BadRequestError` "This
   model's maximum context length is N tokens. However, you requested M
@@ -60,6 +63,9 @@ from aiohttp import web
 from tools.tgi_double import alternatives, piece_logprob, scripted_reply
 
 _WORD = re.compile(r"\s*\S+")
+# vLLM's block size in tokens, and the prompts the double compares against.
+PREFIX_BLOCK = 16
+SEEN_PROMPTS = 64
 
 
 @dataclass
@@ -80,6 +86,24 @@ class State:
     last_traceparent: str | None = None
     slots: asyncio.Semaphore = field(init=False)
     base_delay: float = 0.0
+    # The prompts served, as words, for the prefix-cache report (newest last).
+    seen: list[list[str]] = field(default_factory=list)
+
+    def reuse(self, prompt: list[str]) -> int:
+        """Prompt tokens an automatic prefix cache would reuse: the longest
+        shared beginning with a prompt served before, in whole blocks of
+        PREFIX_BLOCK, never the last token (vLLM's rule)."""
+        best = 0
+        for earlier in self.seen:
+            n = 0
+            for a, b in zip(earlier, prompt, strict=False):
+                if a != b:
+                    break
+                n += 1
+            best = max(best, n)
+        self.seen.append(prompt)
+        del self.seen[:-SEEN_PROMPTS]
+        return min(best // PREFIX_BLOCK * PREFIX_BLOCK, max(len(prompt) - 1, 0))
 
     def __post_init__(self) -> None:
         self.slots = asyncio.Semaphore(self.max_num_seqs)
@@ -286,6 +310,7 @@ async def _run(request: web.Request, s: State, chat: bool, stream: bool, rid: st
                words: list[str], stops: list[str], max_tokens: int, prompt_tokens: int,
                body: dict[str, Any]) -> web.StreamResponse:
     resp: web.StreamResponse | None = None
+    cached = s.reuse(_WORD.findall(str(body.get("prompt") or body.get("messages") or "")))
     if stream:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
@@ -327,7 +352,9 @@ async def _run(request: web.Request, s: State, chat: bool, stream: bool, rid: st
                      "choices": [_choice(chat, piece, None, None, True, logprobs)]}
             await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
     usage = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + n,
-             "completion_tokens": n}
+             "completion_tokens": n,
+             # vLLM with --enable-prompt-tokens-details: the prefix cache's reuse.
+             "prompt_tokens_details": {"cached_tokens": cached}}
     if resp is None:
         return web.json_response({
             "id": rid, "object": kind, "created": int(time.time()), "model": s.model,

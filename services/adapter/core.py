@@ -267,6 +267,7 @@ class AdapterCore:
             input_tokens=result.input_tokens,
             finish_reason=result.finish_reason,
             logprobs=result.logprobs,
+            cached_input_tokens=result.cached_input_tokens,
         )
 
 

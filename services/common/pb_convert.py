@@ -171,6 +171,7 @@ def generation_to_pb(g: Generation) -> pb.GenerateResponse:
         input_tokens=g.input_tokens,
         finish_reason=_FINISH_TO_PB[g.finish_reason],
         logprobs=[logprob_to_pb(t) for t in g.logprobs],
+        cached_input_tokens=g.cached_input_tokens,
     )
 
 
@@ -183,6 +184,7 @@ def generation_from_pb(r: pb.GenerateResponse) -> Generation:
         input_tokens=r.input_tokens,
         finish_reason=_FINISH_FROM_PB.get(r.finish_reason, FinishReason.UNSPECIFIED),
         logprobs=tuple(logprob_from_pb(t) for t in r.logprobs),
+        cached_input_tokens=r.cached_input_tokens,
     )
 
 
@@ -203,6 +205,7 @@ def final_to_pb(g: Generation) -> pb.GenerateStreamResponse:
         model_id=g.model_id,
         input_tokens=g.input_tokens,
         resumes=g.resumes,
+        cached_input_tokens=g.cached_input_tokens,
     )
 
 
@@ -235,6 +238,7 @@ def stream_event_from_pb(m: pb.GenerateStreamResponse) -> Chunk | Generation | M
         input_tokens=m.input_tokens,
         finish_reason=_FINISH_FROM_PB[m.finish_reason],
         resumes=m.resumes,
+        cached_input_tokens=m.cached_input_tokens,
     )
 
 

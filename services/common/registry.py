@@ -59,6 +59,8 @@ class ModelSpec:
     # Requests one replica's engine batches well: the router's queue admits
     # this many per serving replica (None: the router's --slots-per-replica).
     slots: int | None = None
+    # The router's choice of replica for this model; empty: the router's flag.
+    replica_choice: str = ""
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -140,6 +142,7 @@ def _model(entry: Any, base: Path) -> ModelSpec:
             BUILTIN_DEFAULTS),
         engine=_engine(entry.get("engine"), entry["id"]),
         slots=slots,
+        replica_choice=str(entry.get("replica_choice") or ""),
     )
 
 

@@ -151,6 +151,8 @@ class Generation:
     resumes: int = 0
     # Each generated token's logprob, when the request asked for them.
     logprobs: tuple[TokenLogprob, ...] = ()
+    # Prompt tokens the engine reused from its prefix cache.
+    cached_input_tokens: int = 0
 
 
 @dataclass(frozen=True)

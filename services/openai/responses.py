@@ -31,16 +31,20 @@ def new_id(kind: Kind) -> str:
     return f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{secrets.token_hex(12)}"
 
 
-def usage(result: Generation | Sequence[Generation]) -> dict[str, int]:
+def usage(result: Generation | Sequence[Generation]) -> dict[str, Any]:
     """Token counts; over several choices, the completion tokens summed and the
-    prompt counted once, as OpenAI counts them."""
+    prompt counted once, as OpenAI counts them; the prompt tokens the engine
+    reused from its prefix cache as `prompt_tokens_details.cached_tokens` (as
+    OpenAI, vLLM and SGLang say it)."""
     results = [result] if isinstance(result, Generation) else list(result)
     prompt = max((r.input_tokens for r in results), default=0)
     generated = sum(r.tokens for r in results)
+    cached = max((r.cached_input_tokens for r in results), default=0)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": generated,
         "total_tokens": prompt + generated,
+        "prompt_tokens_details": {"cached_tokens": cached},
     }
 
 

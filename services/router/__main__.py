@@ -31,7 +31,8 @@ from services.common.servicer import SERVICE_NAME
 from services.common.signals import serve_until_signalled
 from services.openai.app import OpenAIFace, OpenAISettings
 from services.openai.server import OpenAIListener, start_listener
-from services.router.choice import POLICIES
+from services.router import prefix_metrics
+from services.router.choice import CACHE_AWARE, POLICIES, policy_name
 from services.router.core import DEFAULT_MAX_TOTAL_IN_FLIGHT, RouterCore
 from services.router.pool import ReplicaPool
 from services.router.resume import DEFAULT_MAX_RESUMES
@@ -61,7 +62,7 @@ class RouterSettings:
     health_interval: float
     max_resumes: int = DEFAULT_MAX_RESUMES
     max_total_in_flight: int = DEFAULT_MAX_TOTAL_IN_FLIGHT
-    replica_choice: str = "load"
+    replica_choice: str = CACHE_AWARE
     openai: OpenAISettings | None = None
     tenancy: TenancySettings = field(default_factory=TenancySettings)
     # The tenants file, read at start (None: no tenants file).
@@ -97,9 +98,12 @@ def parse_args(argv: list[str] | None = None) -> RouterSettings:
     p.add_argument("--health-interval", type=float, default=1.0,
                    help="seconds between health checks of each adapter replica")
     p.add_argument(
-        "--replica-choice", choices=POLICIES, default="load",
-        help="load: rank replicas by their engines' reported load and the router's own "
-             "requests; in-flight: by the router's own requests alone",
+        "--replica-choice", type=_policy, default=CACHE_AWARE, metavar="|".join(POLICIES),
+        help="cache-aware: the replica whose engine probably holds the request's prefix, "
+             "unless much busier than the others, else by load; load: rank replicas by their "
+             "engines' reported load and the router's own requests; in-flight: by the "
+             "router's own requests alone; round-robin: in turn. A model's `replica_choice` "
+             "in the registry overrides it",
     )
     p.add_argument(
         "--openai-port", type=int, default=None,
@@ -114,6 +118,11 @@ def parse_args(argv: list[str] | None = None) -> RouterSettings:
     for spec in registry.models:
         if not spec.adapters:
             p.error(f"model {spec.id} has no adapters in {args.registry}")
+        if spec.replica_choice:
+            try:
+                policy_name(spec.replica_choice)
+            except ValueError as exc:
+                p.error(f"model {spec.id} in {args.registry}: {exc}")
     tenancy = tenancy_settings(p, args)
     book: TenantBook | None = None
     key_tenants: Tenants | None = None
@@ -162,7 +171,8 @@ async def run(settings: RouterSettings) -> None:
     credentials = server_tls.channel_credentials() if server_tls is not None else None
     pools = {
         spec.id: ReplicaPool(
-            spec.id, spec.adapters, spec.limits, credentials, policy=settings.replica_choice
+            spec.id, spec.adapters, spec.limits, credentials,
+            policy=policy_name(spec.replica_choice or settings.replica_choice),
         )
         for spec in settings.registry.models
     }
@@ -182,6 +192,7 @@ async def run(settings: RouterSettings) -> None:
     tenants: Callable[[], Tenants | None] = (
         (lambda: book.current) if book is not None else (lambda: settings.key_tenants)
     )
+    prefix_metrics.register(metrics.registry, pools, metrics.service)
     core = RouterCore(
         settings.registry, settings.scenarios, pools, metrics,
         default_timeout=settings.default_timeout, max_in_flight=settings.max_in_flight,
@@ -229,6 +240,13 @@ async def run(settings: RouterSettings) -> None:
 
 async def _together(*loops: Coroutine[Any, Any, None]) -> None:
     await asyncio.gather(*loops)
+
+
+def _policy(value: str) -> str:
+    try:
+        return policy_name(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 @dataclass

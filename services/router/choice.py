@@ -16,6 +16,11 @@ dropped) is ranked by the router's own count alone. Ties take turns.
 
 `in-flight` ranks by the router's own count alone: the policy before engine
 load was reported, kept for comparison (`make bench`) and as a switch.
+`round-robin` ranks every replica alike, so they take turns (the baseline
+of vLLM's router, kept for comparison).
+
+`cache-aware` (the router's default, services.router.prefix_choice) sends a
+request where its prefix is probably cached and falls back to `load`.
 """
 
 from __future__ import annotations
@@ -25,7 +30,10 @@ from typing import Protocol, TypeVar
 
 from services.common.types import EngineLoad
 
-POLICIES = ("load", "in-flight")
+# The policies ranked here; `cache-aware` builds on `load`.
+RANKED = ("load", "in-flight", "round-robin")
+CACHE_AWARE = "cache-aware"
+POLICIES = (CACHE_AWARE, *RANKED)
 # The fraction of the KV cache in use from which a replica ranks last.
 KV_FULL = 0.9
 
@@ -60,10 +68,23 @@ def in_flight_rank(r: Candidate) -> tuple[bool, int]:
     return False, r.in_flight
 
 
+def same_rank(r: Candidate) -> tuple[bool, int]:
+    return False, 0
+
+
 RANKS: dict[str, Callable[[Candidate], tuple[bool, int]]] = {
     "load": load_rank,
     "in-flight": in_flight_rank,
+    "round-robin": same_rank,
 }
+
+
+def policy_name(value: str) -> str:
+    """A policy's name as given (`cache_aware` or `cache-aware`), checked."""
+    name = value.strip().lower().replace("_", "-")
+    if name not in POLICIES:
+        raise ValueError(f"replica choice {value!r} is not one of {', '.join(POLICIES)}")
+    return name
 
 
 def choose(candidates: Sequence[C], policy: str, turn: int) -> C | None:

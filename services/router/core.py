@@ -169,7 +169,7 @@ class RouterCore:
         tried: set[Replica] = set()
         last: MeshError | None = None
         while True:
-            replica = await self._pick(spec, tried, last)
+            replica = await self._pick(spec, tried, last, forward)
             try:
                 with replica.track():
                     result = await replica.generate(forward, self._deadline(timeout))
@@ -221,7 +221,7 @@ class RouterCore:
         broken: MeshError | None = None  # the error that broke the stream first
         while True:
             try:
-                replica = await self._pick(spec, tried, last)
+                replica = await self._pick(spec, tried, last, request)
             except MeshError:
                 if broken is not None:
                     raise broken from None
@@ -362,7 +362,7 @@ class RouterCore:
     ) -> tuple[int, bool]:
         """CountTokens: a replica of the request's model counts."""
         spec, forward = self._prepare(request, context)
-        replica = await self._pick(spec, set(), None)
+        replica = await self._pick(spec, set(), None, forward)
         return await replica.count_tokens(forward, COUNT_TIMEOUT)
 
     @staticmethod
@@ -460,7 +460,8 @@ class RouterCore:
         return spec, forward
 
     async def _pick(
-        self, spec: ModelSpec, tried: set[Replica], last: MeshError | None
+        self, spec: ModelSpec, tried: set[Replica], last: MeshError | None,
+        request: GenerationRequest,
     ) -> Replica:
         pool = self._pools[spec.id]
         if not pool.checked.is_set():
@@ -469,7 +470,7 @@ class RouterCore:
             # MODEL_UNAVAILABLE to the requests that arrive before it.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(pool.checked.wait(), FIRST_CHECK_WAIT)
-        replica = pool.pick(tried)
+        replica = pool.pick(tried, request)
         if replica is not None:
             return replica
         if last is not None:

@@ -4,8 +4,13 @@ Each replica keeps one long-lived gRPC channel. A background loop checks
 every replica's grpc.health.v1 status, resolves `dns:///` entries again (so
 scaling a Deployment behind a headless Service adds replicas without a config
 change), and asks every serving replica for the model's details, which carry
-its engine's load. Requests go to the serving replica services.router.choice
-ranks first.
+its engine's load. Requests go to the serving replica the pool's policy
+chooses: services.router.choice ranks replicas by load (or in turn), and the
+`cache-aware` policy (services.router.prefix_choice) first looks for the
+replica whose engine probably holds the request's prefix.
+
+A replica that leaves, or stops serving, loses its prefix index: when it
+comes back its engine's cache is likely empty.
 """
 
 from __future__ import annotations
@@ -19,11 +24,13 @@ import time
 import grpc
 
 from services.common.errors import MeshError
-from services.common.types import EngineLoad, Limits, ModelInfo
-from services.router.choice import choose
+from services.common.types import EngineLoad, GenerationRequest, Limits, ModelInfo
+from services.router.choice import CACHE_AWARE, choose
+from services.router.prefix_choice import PrefixRouter, PrefixSettings
 from services.router.replica import Replica
 
 log = logging.getLogger("llmmesh.router")
+
 
 class ReplicaPool:
     def __init__(
@@ -32,10 +39,13 @@ class ReplicaPool:
         targets: tuple[str, ...],
         limits: Limits,
         credentials: grpc.ChannelCredentials | None = None,
-        policy: str = "load",
+        policy: str = CACHE_AWARE,
+        prefix: PrefixSettings | None = None,
     ) -> None:
         self._credentials = credentials
         self.policy = policy
+        # The per-replica prefix indexes (cache-aware choice only).
+        self.prefix = PrefixRouter(prefix) if policy == CACHE_AWARE else None
         self.model_id = model_id
         self.targets = targets
         self.replicas: dict[str, Replica] = {}
@@ -71,23 +81,35 @@ class ReplicaPool:
             kv_cache_usage=max(kv) if kv else None,
         )
 
-    def pick(self, exclude: set[Replica]) -> Replica | None:
-        """The serving replica the pool's policy ranks first; ties take turns."""
+    def pick(
+        self, exclude: set[Replica], request: GenerationRequest | None = None
+    ) -> Replica | None:
+        """The serving replica the pool's policy chooses for `request`; ties take turns."""
         candidates = [r for r in self.replicas.values() if r.serving and r not in exclude]
-        return choose(candidates, self.policy, next(self._turn))
+        turn = next(self._turn)
+        if self.prefix is None or request is None:
+            return choose(candidates, "load" if self.prefix else self.policy, turn)
+        choice = self.prefix.route(candidates, request, turn)
+        return None if choice is None else choice.replica
 
     def mark_down(self, replica: Replica) -> None:
         if replica.serving:
             log.warning(
                 "replica marked down", extra={"model": self.model_id, "replica": replica.address}
             )
+            self._forget(replica.address)
         replica.serving = False
+
+    def _forget(self, address: str) -> None:
+        if self.prefix is not None:
+            self.prefix.forget(address)
 
     async def refresh(self, timeout: float) -> None:
         """Resolve targets, check every replica, and fetch details when serving."""
         addresses = await _resolve(self.targets)
         for address in set(self.replicas) - addresses:
             replica = self.replicas.pop(address)
+            self._forget(address)
             await replica.close(grace=30)
         for address in addresses - set(self.replicas):
             self.replicas[address] = Replica.connect(address, self._credentials)
@@ -99,6 +121,8 @@ class ReplicaPool:
                     "replica health changed",
                     extra={"model": self.model_id, "replica": replica.address, "serving": serving},
                 )
+                if not serving:
+                    self._forget(replica.address)
             replica.serving = serving
         if self.ready_count:
             self.down_since = None

@@ -1,6 +1,6 @@
 """`make bench`: every benchmark, figures printed and saved.
 
-    python -m tests.bench [--quick]
+    python -m tests.bench [--quick] [--prefix]
 
 Runs the mesh benchmark (its cost hop by hop against a lean zero-delay TGI
 double, load from wrk), SmolLM2 through the mesh versus llama.cpp
@@ -15,7 +15,14 @@ time to first token doubles; a burst of 3,000 against the router's bound),
 model with and without the router's queue), and
 `machine`: the machine
 and its load average when the run began) and the tables to
-.run/bench/results.md.
+.run/bench/results.md. `--prefix` adds the shared-prefix conversations
+(tests/bench/prefix_bench.py, key `prefix`): the mesh's
+round robin, load only and cache-aware choice over 4 TGI doubles modelling
+a prefix cache and over 2 CPU backends, then vLLM's router (cache-aware and
+round robin) and the mesh over the same two llama-cpp-python servers, these
+last two on real models with 4 conversations of 3 turns (a ~1,200-token
+prompt takes seconds to prefill on one shared core); its plot goes to
+.run/bench/prefix.png.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from tests.bench import (
     cpu_backend_bench,
     cpu_mesh_bench,
     mesh_bench,
+    prefix_bench,
     relay_bench,
     replica_bench,
     resume_bench,
@@ -44,6 +52,7 @@ OUT = Path(__file__).resolve().parents[2] / ".run" / "bench"
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     quick = "--quick" in sys.argv
+    prefix = "--prefix" in sys.argv
     sys.argv = [sys.argv[0], *(["--quick"] if quick else [])]
     text = io.StringIO()
     results: dict[str, Any] = {}
@@ -84,6 +93,13 @@ def main() -> None:
         # Tenants on a saturated model: with and without the router's queue.
         sys.argv = [sys.argv[0], *(["--quick"] if quick else [])]
         results["tenancy"] = tenancy_bench.main()
+        if prefix:
+            print()
+            # Conversations sharing long prefixes, by routing policy.
+            results["prefix"] = prefix_bench.main(
+                ["--doubles", "--cpu", "--anchor", "--plot", str(OUT / "prefix.png"),
+                 "--live-conversations", "4", "--live-turns", "3", "--max-tokens", "16",
+                 *(["--quick"] if quick else [])])
     results["machine"] = results["mesh"].pop("machine")
     (OUT / "results.json").write_text(json.dumps(results, indent=2))
     (OUT / "results.md").write_text(text.getvalue())

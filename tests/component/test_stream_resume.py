@@ -94,7 +94,7 @@ def _first_untried(address: str, router):
     """A pick that takes the replica at `address` first, then any other."""
     pool = router.core._pools["qwen2"]
 
-    def pick(exclude):
+    def pick(exclude, request=None):
         candidates = [r for r in pool.replicas.values() if r.serving and r not in exclude]
         candidates.sort(key=lambda r: r.address != address)
         return candidates[0] if candidates else None
@@ -166,7 +166,7 @@ async def test_resumes_are_bounded(start_adapter, start_router):
     order = [x.address for x in adapters]
     pool = router.core._pools["qwen2"]
 
-    def pick(exclude):
+    def pick(exclude, request=None):
         left = [r for r in pool.replicas.values() if r.serving and r not in exclude]
         left.sort(key=lambda r: order.index(r.address))
         return left[0] if left else None

@@ -126,6 +126,7 @@ def test_guide_curl_examples(mesh: Mesh, name: str) -> None:
         "finish_reason": "FINISH_REASON_EOS_TOKEN",
         "model_id": request["model_id"],
         "logprobs": [],  # unary replies carry every field; none asked for
+        "cached_input_tokens": 0,  # the double keeps no prefix cache here
     }
     assert reply["input_tokens"] > len(WORDS.findall(echo))  # the chat template's tokens too
 

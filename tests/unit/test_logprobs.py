@@ -196,7 +196,8 @@ def test_several_choices_are_indexed_and_their_usage_summed() -> None:
     body = responses.completions("chat", results, id="c", created=1)
     assert [c["index"] for c in body["choices"]] == [0, 1, 2]
     assert [c["message"]["content"] for c in body["choices"]] == ["a", "b c", "d"]
-    assert body["usage"] == {"prompt_tokens": 9, "completion_tokens": 9, "total_tokens": 18}
+    assert body["usage"] == {"prompt_tokens": 9, "completion_tokens": 9, "total_tokens": 18,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 def test_stream_chunks_carry_their_choice_index_and_their_tokens_logprobs() -> None:

@@ -88,6 +88,24 @@ async def test_stream_yields_text_then_the_usage_counts():
             await b.close()
 
 
+async def test_the_engines_prefix_cache_reuse_reaches_the_result():
+    long = "<|im_start|>system\n" + " ".join(f"rule {i}" for i in range(40)) + "<|im_end|>\n"
+    async with vllm(max_model_len=512) as v:
+        b = backend(v.url, served_model=MODEL)
+        try:
+            first = await b.generate(long + CHATML, Parameters(max_new_tokens=4), 5)
+            assert first.cached_input_tokens == 0
+            whole = await b.generate(long + CHATML, Parameters(max_new_tokens=4), 5)
+            events = await collect(b, long + CHATML, Parameters(max_new_tokens=4))
+            streamed = events[-1]
+            assert isinstance(streamed, EngineResult)
+            for result in (whole, streamed):
+                # Whole blocks of 16 of the 87-token prompt: 80.
+                assert (result.input_tokens, result.cached_input_tokens) == (87, 80)
+        finally:
+            await b.close()
+
+
 async def test_chat_api_sends_the_conversation_to_chat_completions():
     async with vllm() as v:
         b = backend(v.url, chat_api=True)

@@ -33,8 +33,18 @@ def test_chat_completion_shape():
         "id": "chatcmpl-1", "object": "chat.completion", "created": 5, "model": "qwen2",
         "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello there"},
                      "logprobs": None, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11},
+        "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11,
+                  "prompt_tokens_details": {"cached_tokens": 0}},
     }
+
+
+def test_usage_says_the_prompt_tokens_the_engine_reused_whole_and_streamed():
+    reused = Generation(text="Hi", model="M", model_id="m", tokens=2, input_tokens=1200,
+                        finish_reason=FinishReason.EOS_TOKEN, cached_input_tokens=1152)
+    body = responses.completion("chat", reused, id="x", created=0)
+    assert body["usage"]["prompt_tokens_details"] == {"cached_tokens": 1152}
+    shapes = responses.ChunkShapes("chat", "m", include_usage=True)
+    assert shapes.usage(reused)["usage"]["prompt_tokens_details"] == {"cached_tokens": 1152}
 
 
 def test_text_completion_shape():

@@ -41,6 +41,9 @@ class EngineResult:
     finish_reason: FinishReason
     # Each generated token's logprob (unary only), when the request asked for them.
     logprobs: tuple[TokenLogprob, ...] = ()
+    # Prompt tokens the engine reused from its prefix cache (TGI-shaped
+    # `details.cached_tokens`, OpenAI's `usage.prompt_tokens_details.cached_tokens`).
+    cached_input_tokens: int = 0
 
 
 @dataclass(frozen=True)

@@ -286,6 +286,7 @@ class OpenAICompatibleEngine(HttpEngine):
                     finish_reason=_finish(choice),
                     logprobs=choice_logprobs(choice, params.top_logprobs or 0)
                     if params.wants_logprobs else (),
+                    cached_input_tokens=_cached(usage),
                 )
         except (MeshError, asyncio.CancelledError):
             raise
@@ -361,6 +362,7 @@ class OpenAICompatibleEngine(HttpEngine):
                 generated_tokens=int((usage or {}).get("completion_tokens") or chunks),
                 input_tokens=int((usage or {}).get("prompt_tokens") or 0),
                 finish_reason=finish,
+                cached_input_tokens=_cached(usage or {}),
             )
         except (MeshError, asyncio.CancelledError, GeneratorExit):
             raise
@@ -550,3 +552,15 @@ def _finish(choice: dict[str, Any]) -> FinishReason:
                                        str):
         return FinishReason.STOP_SEQUENCE
     return _FINISH.get(reason, FinishReason.UNSPECIFIED)
+
+
+def _cached(usage: Mapping[str, Any]) -> int:
+    """Prompt tokens reused from the engine's prefix cache, as vLLM and SGLang
+    report them (`usage.prompt_tokens_details.cached_tokens`); 0 when absent."""
+    details = usage.get("prompt_tokens_details")
+    if not isinstance(details, Mapping):
+        return 0
+    try:
+        return max(int(details.get("cached_tokens") or 0), 0)
+    except (TypeError, ValueError):
+        return 0

@@ -80,6 +80,15 @@ def _grammar(grammar: Grammar) -> dict[str, Any]:
     return {"type": grammar.kind, "value": grammar.value}
 
 
+def _cached(details: Mapping[str, Any]) -> int:
+    """Prompt tokens reused from the engine's prefix cache: `details.cached_tokens`
+    (the CPU backend's; TGI itself reports none, so 0)."""
+    try:
+        return max(int(details.get("cached_tokens") or 0), 0)
+    except (TypeError, ValueError):
+        return 0
+
+
 def _token(token: Mapping[str, Any]) -> TokenLogprob:
     text = str(token.get("text") or "")
     logprob = token.get("logprob")
@@ -128,6 +137,7 @@ def _result(
         input_tokens=int(headers.get("x-prompt-tokens", 0)),
         finish_reason=_FINISH.get(details.get("finish_reason", ""), FinishReason.UNSPECIFIED),
         logprobs=_logprobs(details) if logprobs else (),
+        cached_input_tokens=_cached(details),
     )
 
 
@@ -263,6 +273,7 @@ class TGIEngine(HttpEngine):
                             finish_reason=_FINISH.get(
                                 details.get("finish_reason", ""), FinishReason.UNSPECIFIED
                             ),
+                            cached_input_tokens=_cached(details),
                         )
                         break
                 if texts:

@@ -47,7 +47,7 @@ class GenerateRequest(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., inputs: _Optional[str] = ..., scenario: _Optional[str] = ..., parameters: _Optional[_Union[GenerationParameters, _Mapping]] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("generated_text", "model", "tokens", "input_tokens", "finish_reason", "model_id", "logprobs")
+    __slots__ = ("generated_text", "model", "tokens", "input_tokens", "finish_reason", "model_id", "logprobs", "cached_input_tokens")
     GENERATED_TEXT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +55,7 @@ class GenerateResponse(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     generated_text: str
     model: str
     tokens: int
@@ -62,7 +63,8 @@ class GenerateResponse(_message.Message):
     finish_reason: FinishReason
     model_id: str
     logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
-    def __init__(self, generated_text: _Optional[str] = ..., model: _Optional[str] = ..., tokens: _Optional[int] = ..., input_tokens: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., model_id: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ...) -> None: ...
+    cached_input_tokens: int
+    def __init__(self, generated_text: _Optional[str] = ..., model: _Optional[str] = ..., tokens: _Optional[int] = ..., input_tokens: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., model_id: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., cached_input_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateStreamRequest(_message.Message):
     __slots__ = ("model_id", "inputs", "scenario", "parameters", "messages", "resume")
@@ -81,7 +83,7 @@ class GenerateStreamRequest(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., inputs: _Optional[str] = ..., scenario: _Optional[str] = ..., parameters: _Optional[_Union[GenerationParameters, _Mapping]] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., resume: _Optional[_Union[ResumePolicy, str]] = ...) -> None: ...
 
 class GenerateStreamResponse(_message.Message):
-    __slots__ = ("text", "tokens", "finish_reason", "generated_text", "model", "input_tokens", "model_id", "error", "resumes", "logprobs")
+    __slots__ = ("text", "tokens", "finish_reason", "generated_text", "model", "input_tokens", "model_id", "error", "resumes", "logprobs", "cached_input_tokens")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +94,7 @@ class GenerateStreamResponse(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     RESUMES_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     text: str
     tokens: int
     finish_reason: FinishReason
@@ -102,7 +105,8 @@ class GenerateStreamResponse(_message.Message):
     error: StreamError
     resumes: int
     logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
-    def __init__(self, text: _Optional[str] = ..., tokens: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., generated_text: _Optional[str] = ..., model: _Optional[str] = ..., input_tokens: _Optional[int] = ..., model_id: _Optional[str] = ..., error: _Optional[_Union[StreamError, _Mapping]] = ..., resumes: _Optional[int] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ...) -> None: ...
+    cached_input_tokens: int
+    def __init__(self, text: _Optional[str] = ..., tokens: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., generated_text: _Optional[str] = ..., model: _Optional[str] = ..., input_tokens: _Optional[int] = ..., model_id: _Optional[str] = ..., error: _Optional[_Union[StreamError, _Mapping]] = ..., resumes: _Optional[int] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., cached_input_tokens: _Optional[int] = ...) -> None: ...
 
 class TokenLogprob(_message.Message):
     __slots__ = ("token", "logprob", "token_bytes", "top_logprobs")
