@@ -87,14 +87,14 @@ def schema_problem(schema: Any) -> str:
     """Why `schema` cannot describe a call's arguments ("" when it can)."""
     if not isinstance(schema, dict):
         return "must be a JSON Schema object"
-    kind = schema.get("type")
-    if kind is not None and kind != "object":
-        return f"must describe an object (arguments are named), got type {clip(repr(kind))}"
     try:
         validator_for(schema).check_schema(schema)
     except SchemaError as exc:
         at = "/".join(str(p) for p in exc.path)
         return f"is not valid JSON Schema: {clip(exc.message, 200)}" + (f" (at {at})" if at else "")
+    kind = schema.get("type")
+    if kind is not None and kind != "object":
+        return f"must describe an object (arguments are named), got type {clip(repr(kind))}"
     return ""
 
 
