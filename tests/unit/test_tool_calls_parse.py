@@ -185,3 +185,10 @@ def test_forced_call_cut_short_is_counted_not_raised():
 def test_no_tools_means_no_parsing():
     parser = StreamParser(Family.HERMES, ())
     assert parser.feed("<tool_call>") == [Delta(content="<tool_call>")]
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call():
+    _, tools, cases = _load("hermes")
+    parsed = parse(Family.HERMES, cases[0]["text"], tools, parallel=False)
+    assert [c.name for c in parsed.tool_calls] == ["get_current_temperature"]
+    assert parsed.content is None and parsed.malformed == 0

@@ -100,6 +100,8 @@ class StreamParser:
     choice: ToolChoice = field(default_factory=ToolChoice)
     on_malformed: Callable[[str], None] | None = None
     new_id: Callable[[], str] = new_call_id
+    # `parallel_tool_calls: false`: calls after the first are dropped.
+    parallel: bool = True
 
     def __post_init__(self) -> None:
         self._names = {t.name for t in self.tools}
@@ -172,6 +174,8 @@ class StreamParser:
         self._content(out, text)
 
     def _call(self, out: list[Delta], name: str, arguments: str) -> None:
+        if self._calls and not self.parallel:
+            return
         call = _Call(len(self._calls), self.new_id(), name, arguments)
         self._calls.append(call)
         out.append(Delta(tool_calls=(ToolCallDelta(call.index, "", call.id, name),)))
@@ -425,9 +429,10 @@ def _one_call(text: str, names: set[str]) -> tuple[str, str] | str:
 def parse(family: Family, text: str, tools: Sequence[Tool],
           choice: ToolChoice | None = None, *,
           on_malformed: Callable[[str], None] | None = None,
-          new_id: Callable[[], str] = new_call_id) -> Parsed:
+          new_id: Callable[[], str] = new_call_id, parallel: bool = True) -> Parsed:
     """A whole output: content and calls (the stream parser fed at once)."""
-    parser = StreamParser(family, tools, choice or ToolChoice(), on_malformed, new_id)
+    parser = StreamParser(family, tools, choice or ToolChoice(), on_malformed, new_id,
+                          parallel)
     deltas = parser.feed(text) + parser.finish()
     content = "".join(d.content for d in deltas)
     return Parsed(content or None, parser.tool_calls, parser.malformed)
