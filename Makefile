@@ -83,6 +83,7 @@ wrk:
 test: $(STAMP) check-gen lint docs-check prometheus chromium wrk
 	$(PY) -m pytest -q -p no:cacheprovider -p tests.strict_skips
 
+# In-process tests only (tests/harness/__init__.py says what goes where).
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit tests/component
 

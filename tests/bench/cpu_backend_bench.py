@@ -38,7 +38,7 @@ from typing import Any
 import aiohttp
 
 from services.cpu_backend.settings import default_model_path
-from tests.procs import free_port, python_module, start, stop, wait_http
+from tests.harness.procs import free_port, python_module, start, stop, wait_http
 
 FILLER = (
     "The harbour town woke slowly, fishermen mending nets while gulls argued over "

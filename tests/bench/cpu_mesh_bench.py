@@ -25,8 +25,8 @@ import aiohttp
 
 from services.cpu_backend.settings import default_model_path
 from tests.bench.cpu_backend_bench import Sample, bench_in_process, prompts
-from tests.integration.conftest import free_run, stop_launcher, wait_launcher
-from tests.procs import free_port, python_module, start
+from tests.harness.mesh import free_run, stop_launcher, wait_launcher
+from tests.harness.procs import free_port, python_module, start
 
 
 async def bench_mesh(url: str, texts: list[str], max_new: int) -> list[Sample]:

@@ -46,8 +46,8 @@ import grpc
 from llmmesh.v1 import generate_pb2 as pb
 from llmmesh.v1 import generate_pb2_grpc as pb_grpc
 
-from tests.integration.conftest import MODELS, Double, Mesh, start_mesh, stop_mesh
-from tests.procs import free_port, python_module, start, stop, wait_http
+from tests.harness.mesh import MODELS, Double, Mesh, start_mesh, stop_mesh
+from tests.harness.procs import free_port, python_module, start, stop, wait_http
 from tools.loadtest.stats import nearest_rank
 
 TOKENS = 16  # new tokens per reply; the lean double answers exactly this many

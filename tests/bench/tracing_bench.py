@@ -35,8 +35,8 @@ from llmmesh.v1 import generate_pb2_grpc as pb_grpc
 
 from scripts.otlp_receiver import OtlpReceiver
 from tests.bench.mesh_bench import cpu_seconds, processes
-from tests.integration.conftest import Mesh, start_doubles, start_mesh, stop_mesh
-from tests.procs import ROOT, stop
+from tests.harness.mesh import Mesh, start_doubles, start_mesh, stop_mesh
+from tests.harness.procs import ROOT, stop
 from tools.loadtest.stats import nearest_rank
 
 PROMPT = "one two three four five six seven eight"  # the double echoes it: 8 tokens

@@ -14,7 +14,7 @@ from llmmesh.v1 import generate_pb2 as pb
 
 from services.common.errors import MeshError, Reason
 from tests.fakes.backend import FakeBackend
-from tests.procs import ROOT
+from tests.harness.procs import ROOT
 
 
 def details(exc: grpc.aio.AioRpcError) -> tuple[error_details_pb2.ErrorInfo, list[str]]:

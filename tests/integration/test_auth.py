@@ -7,7 +7,6 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -16,19 +15,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmmesh.v1 import generate_pb2 as pb
 from llmmesh.v1 import generate_pb2_grpc as pb_grpc
 
-from tests.integration.conftest import Mesh, running_mesh
+from tests.harness.fixtures import API_KEY
+from tests.harness.mesh import Mesh
 
 pytestmark = pytest.mark.integration
-KEY = "s3cret-key-4242"
-
-
-@pytest.fixture(scope="module")
-def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    tmp = tmp_path_factory.mktemp("auth")
-    keys = tmp / "api-keys"
-    keys.write_text(f"# test key\n{KEY}\n")
-    with running_mesh(tmp, "--api-keys-file", str(keys)) as mesh:
-        yield mesh
+KEY = API_KEY
 
 
 def http(mesh: Mesh, headers: dict[str, str]) -> tuple[int, dict[str, object]]:

@@ -22,8 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from llmmesh.v1 import generate_pb2 as pb
 
-from tests.integration.conftest import Mesh
-from tests.integration.meshparts import error_details, http_json, stub
+from tests.harness.mesh import Mesh
+from tests.harness.parts import error_details, http_json, stub
 
 pytestmark = pytest.mark.integration
 

@@ -23,7 +23,7 @@ import pytest
 from text_generation import AsyncClient
 from text_generation.types import Grammar, GrammarType
 
-from tests.procs import free_port, python_module, start, stop, wait_http
+from tests.harness.procs import free_port, python_module, start, stop, wait_http
 
 llama_cpp = pytest.importorskip(
     "llama_cpp", reason="llama_cpp is not importable: run scripts/install_llama_cpp.sh"

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.procs import free_port, python_module, start, stop, wait_http
+from tests.harness.procs import free_port, python_module, start, stop, wait_http
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

@@ -20,8 +20,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.integration.conftest import free_run, stop_launcher, wait_launcher
-from tests.procs import free_port, python_module, start
+from tests.harness.mesh import free_run, stop_launcher, wait_launcher
+from tests.harness.procs import free_port, python_module, start
 
 pytest.importorskip("llama_cpp", reason="make test installs llama-cpp-python")
 jsonschema = pytest.importorskip("jsonschema")

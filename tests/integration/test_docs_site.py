@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from tests.docs_markdown import DOCS, README, ROOT, TEXTS, fenced_blocks, shell_lines
-from tests.integration.conftest import Mesh
-from tests.procs import free_port
+from tests.harness.mesh import Mesh
+from tests.harness.procs import free_port
 
 pytestmark = pytest.mark.integration
 

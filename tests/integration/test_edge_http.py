@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.integration.conftest import Mesh
-from tests.procs import ROOT, free_port, start, stop, wait_http
+from tests.harness.mesh import Mesh
+from tests.harness.procs import ROOT, free_port, start, stop, wait_http
 
 pytestmark = pytest.mark.integration
 

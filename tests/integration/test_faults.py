@@ -2,7 +2,7 @@
 middle of a stream or stops answering, an adapter replica killed, the router
 restarted under load, and graceful shutdown (SIGTERM) of router and adapter.
 
-The mesh here is assembled part by part (see meshparts): two TGI doubles,
+The mesh here is assembled part by part (see tests/harness/parts.py): two TGI doubles,
 two adapter replicas of qwen2 in front of them, the router and Envoy, so that
 any one process can be killed and started again on the same port.
 """
@@ -23,7 +23,7 @@ import grpc
 import pytest
 from llmmesh.v1 import generate_pb2 as pb
 
-from tests.integration.meshparts import (
+from tests.harness.parts import (
     NOT_SERVING,
     SERVING,
     AdapterPart,
@@ -33,7 +33,6 @@ from tests.integration.meshparts import (
     Part,
     RouterPart,
     error_details,
-    eventually,
     health_status,
     http_json,
     ready_replicas,
@@ -42,6 +41,7 @@ from tests.integration.meshparts import (
     stop_all,
     stub,
 )
+from tests.harness.wait import eventually
 
 pytestmark = pytest.mark.integration
 

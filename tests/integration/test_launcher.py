@@ -30,8 +30,9 @@ import pytest
 from llmmesh.v1 import generate_pb2 as pb
 from llmmesh.v1 import generate_pb2_grpc as pb_grpc
 
-from tests.integration.conftest import free_run, running_mesh, stop_launcher, wait_launcher
-from tests.procs import ROOT, free_port, python_module, start, stop, wait_http
+from tests.harness.mesh import free_run, running_mesh, stop_launcher, wait_launcher
+from tests.harness.procs import ROOT, free_port, python_module, start, stop, wait_http
+from tests.harness.wait import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -212,15 +213,6 @@ def mixed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mixed]:
         stop(double)
 
 
-def wait_until(check: Callable[[], bool], timeout: float, what: str) -> float:
-    """Seconds until `check` holds."""
-    started = time.monotonic()
-    while not check():
-        assert time.monotonic() - started < timeout, f"{what}: not after {timeout}s"
-        time.sleep(0.1)
-    return time.monotonic() - started
-
-
 # Killed process -> (who must serve throughout, what must serve again after).
 KILLS: dict[str, tuple[list[str], list[str]]] = {
     "backend-llama3": (["envoy/qwen2"], ["envoy/llama3"]),
@@ -253,7 +245,7 @@ def checker(mesh: Mixed, spec: str) -> Callable[[], bool]:
 def test_a_killed_process_comes_back_while_the_rest_serves(mixed: Mixed, name: str) -> None:
     keep, back = KILLS[name]
     for spec in KILLS["envoy"][1]:  # the whole mesh serves before the kill
-        wait_until(checker(mixed, spec), 90, f"{spec} before killing {name}")
+        eventually(checker(mixed, spec), 90, f"{spec} before killing {name}")
     old = mixed.pid(name)
     probers = [Prober(checker(mixed, spec)) for spec in keep]
     outcomes: list[str] = []
@@ -265,7 +257,7 @@ def test_a_killed_process_comes_back_while_the_rest_serves(mixed: Mixed, name: s
         time.sleep(0.5)
         killed_at = time.monotonic()
         os.kill(old, signal.SIGKILL)
-        recovered = {spec: wait_until(checker(mixed, spec), 90, f"{spec} after {name}")
+        recovered = {spec: eventually(checker(mixed, spec), 90, f"{spec} after {name}")
                      for spec in back}
         time.sleep(0.5)
     finally:
@@ -286,7 +278,7 @@ def test_a_killed_process_comes_back_while_the_rest_serves(mixed: Mixed, name: s
     assert f"{name} exited with code -9 (SIGKILL)" in text
     assert f"restarting {name} in 1 s" in text
     assert f"restarted {name} (pid {new})" in text
-    wait_until(lambda: f"{name} serves again" in mixed.log.read_text(), 30, "report")
+    eventually(lambda: f"{name} serves again" in mixed.log.read_text(), 30, "report")
 
 
 def test_ctrl_c_still_stops_everything_restarted_processes_included(mixed: Mixed) -> None:
@@ -309,15 +301,15 @@ def test_a_process_that_keeps_dying_is_given_up_plainly(tmp_path: Path) -> None:
         pid = next(p for p, c in children(mesh.launcher.pid).items()
                    if MATCH["adapter-qwen2"](c))
         os.kill(pid, signal.SIGKILL)
-        wait_until(lambda: "restarted adapter-qwen2" in log.read_text(), 30, "restart")
+        eventually(lambda: "restarted adapter-qwen2" in log.read_text(), 30, "restart")
         pid = next(p for p, c in children(mesh.launcher.pid).items()
                    if MATCH["adapter-qwen2"](c))
         seen |= set(children(mesh.launcher.pid))
         os.kill(pid, signal.SIGKILL)
-        wait_until(lambda: "GIVING UP on adapter-qwen2" in log.read_text(), 30, "give up")
+        eventually(lambda: "GIVING UP on adapter-qwen2" in log.read_text(), 30, "give up")
         assert "it died 2 times within 60 s" in log.read_text()
         # The rest keeps serving; qwen2 answers a clear 503 instead of hanging.
-        wait_until(lambda: http_generate(mesh.envoy, "llama3"), 30, "llama3")
+        eventually(lambda: http_generate(mesh.envoy, "llama3"), 30, "llama3")
         time.sleep(2.5)  # longer than the first backoff: no restart comes
         assert mesh.launcher.poll() is None
         assert not any(MATCH["adapter-qwen2"](c) for c in children(mesh.launcher.pid).values())

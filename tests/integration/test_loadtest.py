@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 
 from services.cpu_backend.settings import default_model_path
-from tests.integration.conftest import Mesh, running_mesh
-from tests.procs import free_port, python_module, start, stop, wait_http
+from tests.harness.mesh import Mesh, running_mesh
+from tests.harness.procs import free_port, python_module, start, stop, wait_http
 
 pytestmark = pytest.mark.integration
 

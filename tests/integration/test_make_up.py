@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import free_run, stop_launcher, wait_launcher
-from tests.procs import ROOT, free_port, python_module, start, stop, wait_http
+from tests.harness.mesh import free_run, stop_launcher, wait_launcher
+from tests.harness.procs import ROOT, free_port, python_module, start, stop, wait_http
 
 pytestmark = pytest.mark.integration
 

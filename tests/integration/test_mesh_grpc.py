@@ -17,8 +17,9 @@ from grpc_status import rpc_status
 from llmmesh.v1 import generate_pb2 as pb
 from llmmesh.v1 import generate_pb2_grpc as pb_grpc
 
-from tests.integration.conftest import Mesh
-from tests.procs import free_port, python_module, start, stop
+from tests.harness.mesh import Mesh
+from tests.harness.procs import free_port, python_module, start, stop
+from tests.harness.wait import eventually
 
 pytestmark = pytest.mark.integration
 GRPCURL = str(Path(sys.executable).parent / "grpcurl")
@@ -140,7 +141,7 @@ def test_hung_backend_is_deadline_exceeded_and_cancelled(clean: Mesh) -> None:
     error = fail(clean.router, pb.GenerateRequest(model_id="qwen2", inputs="hi"), timeout=1.0)
     assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert time.monotonic() - started < 3
-    _eventually(lambda: double.stats()["generations_cancelled"] == 1)
+    eventually(lambda: double.stats()["generations_cancelled"] == 1)
 
 
 def test_dropped_connection_midstream_is_reported(clean: Mesh) -> None:
@@ -183,14 +184,14 @@ def test_health_follows_tgi_without_restart(clean: Mesh) -> None:
         return int(h.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status)
 
     double.control(mode="unhealthy")
-    _eventually(lambda: status(adapter) != serving)
-    _eventually(lambda: status(router, "llama3") != serving)
+    eventually(lambda: status(adapter) != serving)
+    eventually(lambda: status(router, "llama3") != serving)
     assert status(router) == serving  # qwen2 still serves
     error = fail(clean.router, pb.GenerateRequest(model_id="llama3", inputs="hi"))
     assert error.code() == grpc.StatusCode.UNAVAILABLE
     double.control(mode="ok")
-    _eventually(lambda: status(adapter) == serving)
-    _eventually(lambda: status(router, "llama3") == serving)
+    eventually(lambda: status(adapter) == serving)
+    eventually(lambda: status(router, "llama3") == serving)
 
 
 def test_cancelled_stream_closes_the_tgi_connection(clean: Mesh) -> None:
@@ -200,7 +201,7 @@ def test_cancelled_stream_closes_the_tgi_connection(clean: Mesh) -> None:
         pb.GenerateStreamRequest(model_id="qwen2", inputs=" ".join(["w"] * 50)), timeout=30)
     assert next(call).text == "w"
     call.cancel()
-    _eventually(lambda: double.stats()["generations_cancelled"] == 1)
+    eventually(lambda: double.stats()["generations_cancelled"] == 1)
     stats = double.stats()
     assert stats["generations_completed"] == 0 and stats["generations_active"] == 0
 
@@ -216,12 +217,3 @@ def test_invalid_request_never_reaches_tgi(clean: Mesh) -> None:
         model_id="qwen2", inputs="hi", parameters=pb.GenerationParameters(top_p=1.0)))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert generations() == before
-
-
-def _eventually(condition, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    assert condition()

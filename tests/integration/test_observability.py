@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 import signal
 import subprocess
 import time
@@ -33,17 +32,10 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import free_run
-from tests.procs import ROOT, free_port, python_module, start, stop, wait_http
+from tests.harness.mesh import free_run
+from tests.harness.procs import ROOT, free_port, python_module, start, stop, wait_http
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(
-        shutil.which("prometheus") is None,
-        reason="prometheus is not installed; `make prometheus` (part of `make test`) "
-        "installs the Debian package",
-    ),
-]
+pytestmark = [pytest.mark.integration, pytest.mark.needs("prometheus")]
 
 DASHBOARDS = sorted((ROOT / "observability" / "grafana" / "dashboards").glob("*.json"))
 MODELS = ("qwen2", "llama3")

@@ -8,17 +8,18 @@ from __future__ import annotations
 import json
 import time
 import urllib.request
-from collections.abc import Iterator
 
 import openai
 import pytest
 
-from tests.integration.conftest import Mesh, running_mesh
-from tests.integration.meshparts import eventually, http_json
+from tests.harness.fixtures import API_KEY
+from tests.harness.mesh import Mesh
+from tests.harness.parts import http_json
+from tests.harness.wait import eventually
 
 pytestmark = pytest.mark.integration
 
-KEY = "sk-test-openai-face"
+KEY = API_KEY
 USER = [{"role": "user", "content": "Say hi to the mesh"}]
 SCHEMA = {
     "type": "object",
@@ -27,13 +28,11 @@ SCHEMA = {
 }
 
 
-@pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    tmp = tmp_path_factory.mktemp("openai")
-    keys = tmp / "keys"
-    keys.write_text(f"{KEY}\n")
-    with running_mesh(tmp, "--api-keys-file", str(keys), "--max-concurrent-requests", "2") as m:
-        yield m
+@pytest.fixture
+def mesh(secured: Mesh) -> Mesh:
+    """The secured mesh: API keys on, two requests per model admitted at once
+    (`clean` resets it before and after each test)."""
+    return secured
 
 
 @pytest.fixture
@@ -44,21 +43,6 @@ def client(mesh: Mesh) -> openai.OpenAI:
 @pytest.fixture
 def aclient(mesh: Mesh) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=f"{mesh.http}/v1", api_key=KEY, max_retries=0, timeout=30)
-
-
-def all_ready(client: openai.OpenAI) -> bool:
-    return all(m.model_extra["ready"] for m in client.models.list().data)
-
-
-@pytest.fixture
-def clean(mesh: Mesh, client: openai.OpenAI) -> Iterator[Mesh]:
-    """Doubles back to normal, and every model ready, before and after."""
-    for double in mesh.doubles.values():
-        double.reset()
-    eventually(lambda: all_ready(client), timeout=30)
-    yield mesh
-    for double in mesh.doubles.values():
-        double.reset()
 
 
 def router_metrics(mesh: Mesh) -> str:

@@ -12,8 +12,8 @@ import jsonschema
 import openai
 import pytest
 
-from tests.integration.conftest import free_run, stop_launcher, wait_launcher
-from tests.procs import free_port, python_module, start
+from tests.harness.mesh import free_run, stop_launcher, wait_launcher
+from tests.harness.procs import free_port, python_module, start
 
 pytestmark = pytest.mark.integration
 

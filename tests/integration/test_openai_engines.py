@@ -23,13 +23,12 @@ import pytest
 from llmmesh.v1 import generate_pb2 as pb
 
 from services.cpu_backend.settings import default_model_path
-from tests.integration.meshparts import (
+from tests.harness.parts import (
     NOT_SERVING,
     EnvoyPart,
     Part,
     RouterPart,
     error_details,
-    eventually,
     health_status,
     http_json,
     ready_replicas,
@@ -38,7 +37,8 @@ from tests.integration.meshparts import (
     stop_all,
     stub,
 )
-from tests.procs import free_port, python_module, wait_http
+from tests.harness.procs import free_port, python_module, wait_http
+from tests.harness.wait import eventually
 
 pytestmark = pytest.mark.integration
 VLLM_MODEL = "hugging-quants/Meta-Llama-3.1-8B-Instruct-GPTQ-INT4"
@@ -108,7 +108,7 @@ class EngineAdapterPart(Part):
 
 
 def _serving(address: str) -> None:
-    from tests.integration.meshparts import SERVING
+    from tests.harness.parts import SERVING
 
     assert health_status(address, timeout=0.5) == SERVING
 

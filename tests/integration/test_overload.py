@@ -21,8 +21,9 @@ import grpc
 import pytest
 from llmmesh.v1 import generate_pb2 as pb
 
-from tests.integration.conftest import Mesh, running_mesh
-from tests.integration.meshparts import error_details, eventually, http_json, rss_kib, stub
+from tests.harness.mesh import Mesh, running_mesh
+from tests.harness.parts import error_details, http_json, rss_kib, stub
+from tests.harness.wait import eventually
 
 pytestmark = pytest.mark.integration
 

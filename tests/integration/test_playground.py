@@ -28,17 +28,19 @@ from typing import Any
 import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Page, sync_playwright
 
-from tests.integration.conftest import (
+from tests.harness.fixtures import API_KEY
+from tests.harness.mesh import (
     Mesh,
     free_run,
     running_mesh,
     stop_launcher,
     wait_launcher,
 )
-from tests.integration.meshparts import eventually, http_json, sse_events
-from tests.procs import ROOT, free_port, python_module, start
+from tests.harness.parts import http_json, sse_events
+from tests.harness.procs import ROOT, free_port, python_module, start
+from tests.harness.wait import eventually
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.needs("chromium")]
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -48,7 +50,7 @@ CHROMIUM_ARGS = [
 # Seconds the doubles wait before each token: slow enough for a browser to
 # see an answer arrive in several steps, fast enough for a short test.
 TOKEN_DELAY = "0.03"
-KEY = "playground-key-7"
+KEY = API_KEY
 WIDE = {"width": 1100, "height": 720}
 NARROW = {"width": 360, "height": 740}
 SCREENSHOT = ROOT / "docs" / "playground.png"
@@ -58,16 +60,6 @@ SCREENSHOT = ROOT / "docs" / "playground.png"
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     with running_mesh(tmp_path_factory.mktemp("playground"), token_delay=TOKEN_DELAY) as mesh:
         yield mesh
-
-
-@pytest.fixture
-def clean(mesh: Mesh) -> Iterator[Mesh]:
-    for double in mesh.doubles.values():
-        double.reset()
-    eventually(lambda: all(m["ready"] for m in models(mesh)))
-    yield mesh
-    for double in mesh.doubles.values():
-        double.reset()
 
 
 @pytest.fixture(scope="module")
@@ -378,15 +370,6 @@ def test_keyboard_and_narrow_window(clean: Mesh, open_page: Any) -> None:
         box = page.locator(button).bounding_box()
         assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= NARROW["width"]
     assert console.unexpected() == []
-
-
-@pytest.fixture(scope="module")
-def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    tmp = tmp_path_factory.mktemp("playground-keys")
-    keys = tmp / "api-keys"
-    keys.write_text(f"{KEY}\n")
-    with running_mesh(tmp, "--api-keys-file", str(keys)) as mesh:
-        yield mesh
 
 
 def test_api_key_kept_for_the_tab_only(secured: Mesh, open_page: Any) -> None:

@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmmesh.v1 import generate_pb2 as pb
 from llmmesh.v1 import generate_pb2_grpc as pb_grpc
 
-from tests.procs import ROOT, free_port, python_module, start, stop, wait_http
+from tests.harness.procs import ROOT, free_port, python_module, start, stop, wait_http
 
 pytestmark = pytest.mark.integration
 sys.path.insert(0, str(ROOT / "envoy"))

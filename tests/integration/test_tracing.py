@@ -13,11 +13,8 @@ from __future__ import annotations
 import json
 import re
 import secrets
-import sys
 import time
 import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,72 +23,24 @@ import pytest
 from llmmesh.v1 import generate_pb2 as pb
 
 from scripts.otlp_receiver import OtlpReceiver
-from tests.integration.conftest import running_mesh
-from tests.integration.meshparts import (
-    ROOT,
+from tests.harness.fixtures import Traced, otel_env
+from tests.harness.mesh import running_mesh
+from tests.harness.parts import (
     AdapterPart,
-    DoublePart,
-    EnvoyPart,
     Part,
     RouterPart,
-    eventually,
     http_json,
     sse_events,
     start_all,
     stop_all,
     stub,
 )
-from tests.procs import free_port, python_module, wait_http
+from tests.harness.procs import free_port, python_module, wait_http
+from tests.harness.wait import eventually
 
 pytestmark = pytest.mark.integration
 
 REPLY = "alpha beta gamma delta epsilon zeta eta theta iota kappa"
-
-
-@dataclass
-class Traced:
-    receiver: OtlpReceiver
-    double: DoublePart
-    adapter: AdapterPart
-    router: RouterPart
-    envoy: EnvoyPart
-
-
-def otel_env(receiver: OtlpReceiver, protocol: str) -> dict[str, str]:
-    port = receiver.grpc_port if protocol == "grpc" else receiver.http_port
-    return {
-        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
-        "OTEL_EXPORTER_OTLP_PROTOCOL": protocol,
-        "OTEL_BSP_SCHEDULE_DELAY": "100",
-    }
-
-
-@pytest.fixture(scope="module")
-def traced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traced]:
-    tmp = tmp_path_factory.mktemp("tracing")
-    receiver = OtlpReceiver()
-    receiver.start()
-    double = DoublePart("qwen2", tmp, "--log-level", "INFO")
-    double.env = otel_env(receiver, "grpc")
-    adapter = AdapterPart("adapter-qwen2", tmp, "qwen2", double)
-    adapter.env = otel_env(receiver, "http/protobuf")
-    router = RouterPart(tmp, {"qwen2": [adapter.address]})
-    router.env.update(otel_env(receiver, "grpc"))
-    envoy = EnvoyPart(tmp, router.port)
-    sys.path.insert(0, str(ROOT / "envoy"))
-    import render  # envoy/render.py
-
-    (tmp / "envoy.yaml").write_text(render.render(
-        otel=otel_env(receiver, "http/protobuf"),
-        LISTEN_PORT=envoy.port, ADMIN_PORT=envoy.admin, ROUTER_PORT=router.port,
-        DESCRIPTOR=ROOT / "gen" / "llmmesh.binpb"))
-    parts = [double, adapter, router, envoy]
-    try:
-        start_all(parts)
-        yield Traced(receiver, double, adapter, router, envoy)
-    finally:
-        stop_all(parts)
-        receiver.stop()
 
 
 def by_id(spans: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import time
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -29,7 +27,7 @@ from text_generation.errors import (
 
 from services.cpu_backend.server import CORE, create_app
 from services.cpu_backend.settings import ServerSettings
-from tests.procs import ROOT, free_port, python_module, start, stop, wait_http
+from tests.harness.wait import eventually_async
 from tools.tgi_double import ScriptedEngine, create_double_app, parse_sse
 
 pytestmark = pytest.mark.timeout(30)
@@ -68,17 +66,6 @@ async def control(client: TestClient, **state: Any) -> None:
 async def stats(client: TestClient) -> dict[str, Any]:
     resp = await client.get("/_stats")
     return dict(await resp.json())
-
-
-async def eventually(check: Callable[[], Any], timeout: float = 3.0) -> None:
-    """Poll an async predicate until it holds (for effects of a disconnect)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if await check():
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
 
 
 def base_url(client: TestClient) -> str:
@@ -608,7 +595,7 @@ async def test_requests_beyond_the_limit_get_429_at_once(client: TestClient) -> 
     assert parse_sse(await resp.read()) == [OVERLOADED]
     for resp in streams:
         resp.close()
-    await eventually(lambda: _in_flight_is(client, 0))
+    await eventually_async(lambda: _in_flight_is(client, 0))
     await control(client)
     assert (await client.post("/generate", json={"inputs": "a"})).status == 200
     s = await stats(client)
@@ -679,7 +666,7 @@ async def test_die_midstream_drops_the_connection(client: TestClient) -> None:
     assert b'"text":"a"' in first
     with pytest.raises(aiohttp.ClientPayloadError):
         await resp.read()
-    await eventually(lambda: _in_flight_is(client, 0))
+    await eventually_async(lambda: _in_flight_is(client, 0))
 
 
 async def test_die_midstream_on_unary_gives_no_response(client: TestClient) -> None:
@@ -702,7 +689,7 @@ async def test_stream_disconnect_cancels_generation(client: TestClient) -> None:
         s = await stats(client)
         return s["generations_cancelled"] == 1 and s["generations_active"] == 0
 
-    await eventually(cancelled)
+    await eventually_async(cancelled)
     s = await stats(client)
     assert s["dropped"] == 1
     assert s["in_flight"] == 0
@@ -722,7 +709,7 @@ async def test_unary_disconnect_cancels_generation(client: TestClient) -> None:
         s = await stats(client)
         return s["generations_cancelled"] == 1 and s["in_flight"] == 0
 
-    await eventually(cancelled)
+    await eventually_async(cancelled)
     assert (await stats(client))["dropped"] == 1
 
 
@@ -757,7 +744,7 @@ async def test_disconnect_is_noticed_without_handler_cancellation(state: dict) -
         async def cancelled() -> bool:
             return engine.stats.generations_cancelled == 1 and app[CORE].limiter.in_use == 0
 
-        await eventually(cancelled, timeout=1.0)
+        await eventually_async(cancelled, timeout=1.0)
         assert app[CORE].metrics.failures()["dropped"] == 1
         assert engine.stats.generations_completed == 0
     finally:
@@ -822,48 +809,6 @@ async def test_text_generation_client_sees_incomplete_generation(client: TestCli
 
 
 # -- processes ---------------------------------------------------------------------
-
-
-async def test_double_runs_as_a_process_and_can_crash_midstream(tmp_path: Path) -> None:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = python_module(
-        "tools.tgi_double", "--port", str(port), "--model-id", "proc-model",
-        "--max-concurrent-requests", "3", "--token-delay", "0.01",
-    )  # fmt: skip
-    proc = start(cmd, log_path=tmp_path / "double.log")
-    try:
-        await asyncio.to_thread(wait_http, url + "/health", 20, proc)
-        async with aiohttp.ClientSession() as session:
-            info = await (await session.get(url + "/info")).json()
-            assert (info["model_id"], info["max_concurrent_requests"]) == ("proc-model", 3)
-            # `{}` goes back to the start values given on the command line.
-            resp = await session.post(url + "/_control", json={})
-            assert (await resp.json())["token_delay"] == 0.01
-            resp = await session.post(url + "/_control", json={"mode": "nope"})
-            assert resp.status == 400
-            state = {"mode": "crash_midstream", "after_tokens": 1}
-            assert (await session.post(url + "/_control", json=state)).status == 200
-            resp = await session.post(url + "/generate_stream", json={"inputs": "a b c"})
-            with pytest.raises(aiohttp.ClientPayloadError):
-                await resp.read()
-        assert await asyncio.to_thread(proc.wait, 10) == 3
-    finally:
-        stop(proc)
-
-
-def test_backend_without_a_model_file_fails_clearly(tmp_path: Path) -> None:
-    missing = tmp_path / "absent.gguf"
-    result = subprocess.run(
-        python_module("services.cpu_backend", "--port", "0", "--model-path", str(missing)),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 2
-    assert f"model file not found: {missing}" in result.stderr
 
 
 # -- best_of and top_n_tokens ------------------------------------------------------

@@ -6,7 +6,7 @@ from grpc.aio import AioRpcError, Metadata
 
 from services.common.errors import EDGE_ERRORS, TABLE, FieldViolation, MeshError, Reason, invalid
 from services.common.rich_status import from_rpc_error, to_status
-from tests.procs import ROOT
+from tests.harness.procs import ROOT
 
 EXPECTED_CODES = {
     Reason.INVALID_ARGUMENT: "INVALID_ARGUMENT",

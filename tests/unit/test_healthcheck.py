@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import http.server
 import socket
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from concurrent import futures
@@ -106,18 +104,3 @@ def test_http_2xx_is_healthy_and_others_are_not(http_base: str) -> None:
     assert healthcheck.main([closed, "--timeout", "1"]) == healthcheck.UNHEALTHY
 
 
-def test_runs_as_a_module_like_docker_does(
-    grpc_health: tuple[str, health.HealthServicer],
-) -> None:
-    address, servicer = grpc_health
-    servicer.set("", SERVING)
-    done = subprocess.run(
-        [sys.executable, "-m", "services.common.healthcheck", address],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "SERVING" in done.stdout

@@ -13,7 +13,7 @@ import pytest
 from services.adapter.engines.tgi import TGIEngine
 from services.common.errors import MeshError, Reason
 from services.common.types import FinishReason, Parameters
-from tests.procs import free_port
+from tests.harness.procs import free_port
 
 REPLY = json.dumps([{"generated_text": "hi there",
                      "details": {"finish_reason": "length", "generated_tokens": 2}}]).encode()

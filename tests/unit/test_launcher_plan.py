@@ -4,15 +4,14 @@ tests/integration/test_launcher.py."""
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from services.launcher import certs, configs
+from services.launcher import configs
 from services.launcher.plan import LaunchError, Plan, Ports, build_plan, parse_backends
-from tests.procs import ROOT
+from tests.harness.procs import ROOT
 
 BACKENDS = {"qwen2": "http://127.0.0.1:1", "llama3": "http://127.0.0.1:2"}
 
@@ -83,35 +82,11 @@ def test_tls_plan_serves_https_and_mutual_tls_inside(tmp_path: Path) -> None:
     assert f"grpcurl -cacert {tls.ca} 127.0.0.1:8000 list" in banner
 
 
-def test_dev_certificates_are_made_once_and_reused(tmp_path: Path) -> None:
-    p = plan(tmp_path, tls_dir=tmp_path / "tls")
-    assert p.tls is not None
-    assert certs.ensure(p.tls) is True
-    ca = p.tls.ca.read_bytes()
-    assert certs.ensure(p.tls) is False
-    assert p.tls.ca.read_bytes() == ca
-    p.tls.cert("router").unlink()
-    assert certs.ensure(p.tls) is True
-
-
 def test_the_banner_calls_grpcurl_from_the_venv(tmp_path: Path) -> None:
     banner = configs.banner(plan(tmp_path))
     assert "grpcurl -plaintext 127.0.0.1:8000 list" in banner
     line = next(x for x in banner.splitlines() if "grpcurl -plaintext" in x)
     assert line.split()[0].endswith("bin/grpcurl"), line  # a path, not the bare name
-
-
-def test_make_up_passes_the_switches_on() -> None:
-    dry = subprocess.run(
-        ["make", "-n", "up", "API_KEYS_FILE=k.txt", "TLS=1", 'BACKENDS=qwen2=http://h:1'],
-        cwd=ROOT, capture_output=True, text=True, check=True, timeout=30,
-    ).stdout
-    command = " ".join(dry.replace("\\\n", " ").split())
-    assert '-m services.launcher --backends "qwen2=http://h:1" --api-keys-file "k.txt" --tls' \
-        in command
-    plain = subprocess.run(["make", "-n", "up"], cwd=ROOT, capture_output=True, text=True,
-                           check=True, timeout=30).stdout
-    assert "--tls" not in plain and "--api-keys-file" not in plain
 
 
 def test_replicas_give_each_cpu_model_backends_and_adapters_on_the_port_scheme(
@@ -182,10 +157,3 @@ def test_several_backends_urls_of_a_model_get_one_adapter_each(tmp_path: Path) -
     assert not [x for x in p.procs if x.name.startswith("backend-")]
 
 
-def test_make_up_passes_replicas_on() -> None:
-    dry = subprocess.run(["make", "-n", "up", "REPLICAS=2"], cwd=ROOT, capture_output=True,
-                         text=True, check=True, timeout=30).stdout
-    assert '--replicas "2"' in " ".join(dry.replace("\\\n", " ").split())
-    plain = subprocess.run(["make", "-n", "up"], cwd=ROOT, capture_output=True, text=True,
-                           check=True, timeout=30).stdout
-    assert "--replicas" not in plain

@@ -11,14 +11,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import pytest
 import yaml
 
 from services.launcher import configs
@@ -32,19 +29,6 @@ RULE_TESTS = sorted((PROM / "tests").glob("*.yml"))
 DASHBOARDS = sorted((OBS / "grafana" / "dashboards").glob("*.json"))
 PROVISIONING = OBS / "grafana" / "provisioning"
 GRAFANA_VARS = {"__rate_interval": "1m", "__range": "1h", "__interval": "15s"}
-
-PROMTOOL = shutil.which("promtool")
-needs_promtool = pytest.mark.skipif(
-    PROMTOOL is None,
-    reason="promtool is not installed; `make prometheus` (part of `make test`) installs it",
-)
-
-
-def promtool(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    assert PROMTOOL is not None
-    return subprocess.run(
-        [PROMTOOL, *map(str, args)], capture_output=True, text=True, timeout=60, check=False
-    )
 
 
 def render_module() -> ModuleType:
@@ -85,27 +69,6 @@ def exprs() -> list[tuple[str, str, str]]:
 # -- Prometheus --------------------------------------------------------------------
 
 
-@needs_promtool
-@pytest.mark.parametrize("name", ["prometheus.local.yml", "prometheus.compose.yml"])
-def test_committed_scrape_configs_pass_promtool(name: str) -> None:
-    result = promtool("check", "config", PROM / name)
-    assert result.returncode == 0, result.stdout + result.stderr
-    # Rule files are found relative to the config, and all of them are loaded.
-    assert f"SUCCESS: {len(RULES)} rule files found" in result.stdout
-
-
-@needs_promtool
-def test_rules_pass_promtool() -> None:
-    result = promtool("check", "rules", *RULES)
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
-@needs_promtool
-def test_rule_unit_tests_pass() -> None:
-    result = promtool("test", "rules", *RULE_TESTS)
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
 def test_every_alert_has_a_firing_and_a_quiet_case() -> None:
     firing: set[str] = set()
     quiet: set[str] = set()
@@ -142,27 +105,6 @@ def test_launcher_renders_the_committed_local_config(tmp_path: Path) -> None:
     # Only the rules' path differs: absolute for the launcher, which writes to .run/.
     assert rendered["rule_files"] == [str(PROM / "rules" / "*.yml")]
     assert {**rendered, "rule_files": committed["rule_files"]} == committed
-
-
-@needs_promtool
-def test_launcher_config_with_other_ports_passes_promtool(tmp_path: Path) -> None:
-    plan = build_plan(
-        root=ROOT, run_dir=tmp_path, host="127.0.0.1",
-        ports=Ports(metrics=19464, admin=19901),
-        backends={"qwen2": "http://gpu-a:8080", "llama3": "http://gpu-b:8080/"},
-        model_path=None, threads=1, max_concurrent_requests=4, prometheus=False,
-    )
-    config = configs.prometheus_config(plan)
-    jobs = {job["job_name"]: job["static_configs"] for job in config["scrape_configs"]}
-    assert jobs["adapter"] == [{"targets": ["127.0.0.1:19465", "127.0.0.1:19466"]}]
-    assert jobs["backend"] == [
-        {"targets": ["gpu-a:8080"], "labels": {"model": "qwen2"}},
-        {"targets": ["gpu-b:8080"], "labels": {"model": "llama3"}},
-    ]
-    path = tmp_path / "prometheus.yml"
-    path.write_text(render_module().dump(config), encoding="utf-8")
-    result = promtool("check", "config", path)
-    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_only_backends_get_a_model_target_label() -> None:
@@ -237,18 +179,3 @@ def test_panels_use_the_recording_rules() -> None:
             name, title)
 
 
-@needs_promtool
-def test_every_panel_query_parses(tmp_path: Path) -> None:
-    # promtool has no offline query parser; as recording rules, the panels'
-    # queries go through the same parser Prometheus uses.
-    rules = []
-    for i, (name, title, expr) in enumerate(exprs()):
-        for var, value in {**GRAFANA_VARS, "model": "qwen2|llama3"}.items():
-            expr = expr.replace(f"${var}", value)
-        rules.append({"record": f"panel:query_{i}", "expr": expr,
-                      "labels": {"panel": f"{name}/{title}"}})
-    path = tmp_path / "panels.yml"
-    path.write_text(yaml.safe_dump({"groups": [{"name": "panels", "rules": rules}]}))
-    result = promtool("check", "rules", path)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert f"SUCCESS: {len(rules)} rules found" in result.stdout

@@ -17,7 +17,7 @@ from services.common.engine_kinds import KINDS
 from services.common.errors import MeshError, Reason
 from services.common.registry import ENGINE_KINDS
 from services.common.types import FinishReason, Grammar, Message, Parameters
-from tests.procs import free_port
+from tests.harness.procs import free_port
 from tools.vllm_double import State, create_app
 
 MODEL = "Qwen/Qwen2-7B-Instruct-GPTQ-Int4"

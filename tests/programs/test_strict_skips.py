@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from tests.procs import ROOT
+from tests.harness.procs import ROOT
 
 
 def run(tmp_path, *plugin: str) -> subprocess.CompletedProcess[str]:

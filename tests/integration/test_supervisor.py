@@ -19,7 +19,7 @@ from services.launcher import __main__ as launcher_main
 from services.launcher.model_watch import ModelWatch
 from services.launcher.plan import LaunchError, Plan, Ports, Proc, Ready
 from services.launcher.supervisor import RestartPolicy, Supervisor
-from tests.procs import ROOT, free_port
+from tests.harness.procs import ROOT, free_port
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -1,4 +1,4 @@
-"""Start, wait for and stop the real processes integration tests talk to."""
+"""Start, wait for and stop the real processes that tests talk to."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:

@@ -16,7 +16,7 @@ from services.adapter.engines.base import EngineResult, EngineToken
 from services.adapter.engines.tgi import TGIEngine
 from services.common.errors import MeshError, Reason
 from services.common.types import FinishReason, Parameters
-from tests.procs import free_port, python_module, start, stop, wait_http
+from tests.harness.procs import free_port, python_module, start, stop, wait_http
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.bench.mesh_bench import BACKEND, PATHS, nearest_rank, wrk
-from tests.procs import free_port, python_module, start, stop, wait_http
+from tests.harness.procs import free_port, python_module, start, stop, wait_http
 
 
 def test_python_checks_accept_any_spacing_and_refuse_wrong_figures() -> None:
@@ -40,6 +40,7 @@ def lean() -> Iterator[tuple[str, int]]:
         stop(proc)
 
 
+@pytest.mark.needs("wrk")
 def test_wrk_counts_successes_and_refuses_wrong_replies(
     lean: tuple[str, int], tmp_path: Path
 ) -> None:

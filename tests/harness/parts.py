@@ -2,7 +2,7 @@
 restart any one part of it: TGI doubles, several adapter replicas of one
 model, the router and Envoy.
 
-The launcher (conftest.start_mesh) starts exactly one adapter per model and
+The launcher (mesh.start_mesh) starts exactly one adapter per model and
 restarts whatever dies on its own schedule, which is right for `make up` and
 wrong for fault injection that decides when a part comes back; these helpers
 start the same commands (`python -m services.router`, `python -m
@@ -32,22 +32,12 @@ from grpc_status import rpc_status
 from llmmesh.v1 import generate_pb2 as pb
 from llmmesh.v1 import generate_pb2_grpc as pb_grpc
 
-from tests.integration.conftest import Double
-from tests.procs import ROOT, free_port, python_module, start, wait_http
+from tests.harness.mesh import Double
+from tests.harness.procs import ROOT, free_port, python_module, start, wait_http
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 ENVOY = str(Path(sys.executable).parent / "envoy")
-
-
-def eventually(condition: Callable[[], object], timeout: float = 15.0, step: float = 0.05) -> None:
-    """Poll `condition` until it is true; fail with its last value."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(step)
-    assert condition(), f"not true after {timeout}s"
 
 
 def health_status(address: str, service: str = "", timeout: float = 2.0) -> int | None:
@@ -161,7 +151,7 @@ def _grpc_ready(address: str, service: str = "") -> Callable[[Part], None]:
 
 
 class DoublePart(Part):
-    """A TGI double process, with the control and stats of conftest.Double."""
+    """A TGI double process, with the control and stats of mesh.Double."""
 
     def __init__(self, name: str, tmp: Path, *flags: str) -> None:
         self.port = free_port()
@@ -371,7 +361,6 @@ __all__ = [
     "Part",
     "RouterPart",
     "error_details",
-    "eventually",
     "health_status",
     "http_json",
     "ready_replicas",
