@@ -32,6 +32,7 @@ from services.openai import responses
 from services.openai.errors import error_reply
 from services.openai.requests import Kind, OpenAIRequest, parse_chat, parse_completion
 from services.openai.sse import SseWriter
+from services.openai.stop_filter import StopFilter, cut_at_stop
 
 log = logging.getLogger("llmmesh.openai")
 
@@ -231,8 +232,10 @@ class OpenAIFace:
         except Exception as exc:
             return self._unexpected(call, exc)
         call.finish("OK", tokens=result.tokens)
+        # OpenAI leaves a matched stop sequence out of the text.
+        text, _ = cut_at_stop(result.text, parsed.generation.parameters.stop)
         return _json(responses.completion(
-            kind, result, id=responses.new_id(kind), created=int(time.time())
+            kind, result, id=responses.new_id(kind), created=int(time.time()), text=text
         ))
 
     async def _stream(
@@ -250,7 +253,8 @@ class OpenAIFace:
                                            parsed.include_usage)
             out = SseWriter(request)
             await out.start()
-            await self._relay(events, event, shapes, out, call)
+            stops = StopFilter(parsed.generation.parameters.stop)
+            await self._relay(events, event, shapes, out, call, stops)
             return out.response
         finally:
             # Stops the generation behind it when the client has gone.
@@ -265,23 +269,32 @@ class OpenAIFace:
         shapes: responses.ChunkShapes,
         out: SseWriter,
         call: CallRecord,
+        stops: StopFilter,
     ) -> None:
         sent = ""
         tokens = 0
         first = True
+        timed = False
         try:
             while True:
                 if isinstance(event, Chunk):
-                    if event.text and not sent:
+                    if (event.text or event.tool_calls) and not timed:
                         call.first_token()
+                        timed = True
                     sent += event.text
                     tokens = event.tokens
-                    await out.send(shapes.first(event.text) if first else shapes.text(event.text))
-                    first = False
+                    # A matched stop sequence stays out of the text, streamed too.
+                    text = stops.feed(event.text)
+                    if first:
+                        await out.send(shapes.first(text, event.tool_calls))
+                        first = False
+                    elif text or event.tool_calls:
+                        await out.send(shapes.text(text, event.tool_calls))
                 else:
                     # The final result repeats the whole text; anything the
                     # chunks did not carry goes out before the end.
                     rest = event.text[len(sent):] if event.text.startswith(sent) else ""
+                    rest = stops.feed(rest) + stops.finish()
                     if first:
                         await out.send(shapes.first(rest))
                     elif rest:

@@ -12,6 +12,7 @@ import secrets
 import time
 from typing import Any
 
+from services.adapter.tool_calls.types import ToolCallDelta
 from services.common.types import FinishReason, Generation, ModelInfo
 from services.openai.requests import Kind
 
@@ -23,6 +24,7 @@ FINISH = {
     FinishReason.EOS_TOKEN: "stop",
     FinishReason.STOP_SEQUENCE: "stop",
     FinishReason.UNSPECIFIED: "stop",
+    FinishReason.TOOL_CALLS: "tool_calls",
 }
 
 
@@ -38,15 +40,21 @@ def usage(result: Generation) -> dict[str, int]:
     }
 
 
-def completion(kind: Kind, result: Generation, *, id: str, created: int) -> dict[str, Any]:
-    """A whole answer: `chat.completion` or `text_completion`."""
+def completion(kind: Kind, result: Generation, *, id: str, created: int,
+               text: str | None = None) -> dict[str, Any]:
+    """A whole answer: `chat.completion` or `text_completion`. `text` replaces
+    the result's (the text without a matched stop sequence)."""
     finish = FINISH.get(result.finish_reason, "stop")
+    text = result.text if text is None else text
     choice: dict[str, Any]
     if kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
-                  "logprobs": None, "finish_reason": finish}
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if result.tool_calls:
+            message["content"] = text or None
+            message["tool_calls"] = [c.openai() for c in result.tool_calls]
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
     else:
-        choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": finish}
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
     return {
         "id": id,
         "object": "chat.completion" if kind == "chat" else "text_completion",
@@ -79,22 +87,28 @@ class ChunkShapes:
             out["usage"] = None
         return out
 
-    def _choice(self, text: str | None, finish: str | None, role: bool = False) -> dict[str, Any]:
+    def _choice(self, text: str | None, finish: str | None, role: bool = False,
+                calls: tuple[ToolCallDelta, ...] = ()) -> dict[str, Any]:
         if self.kind == "chat":
             delta: dict[str, Any] = {}
             if role:
                 delta["role"] = "assistant"
             if text is not None:
-                delta["content"] = text
+                # A first chunk that opens a call has no content (OpenAI's null).
+                delta["content"] = None if calls and not text and role else text
+            if calls:
+                if not text and not role:
+                    del delta["content"]
+                delta["tool_calls"] = [c.openai() for c in calls]
             return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
         return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
 
-    def first(self, text: str) -> dict[str, Any]:
+    def first(self, text: str, calls: tuple[ToolCallDelta, ...] = ()) -> dict[str, Any]:
         """The first chunk; in a chat it carries the role."""
-        return self._chunk([self._choice(text, None, role=True)])
+        return self._chunk([self._choice(text, None, role=True, calls=calls)])
 
-    def text(self, text: str) -> dict[str, Any]:
-        return self._chunk([self._choice(text, None)])
+    def text(self, text: str, calls: tuple[ToolCallDelta, ...] = ()) -> dict[str, Any]:
+        return self._chunk([self._choice(text, None, calls=calls)])
 
     def last(self, result: Generation) -> dict[str, Any]:
         """The chunk with the finish reason (and no new text)."""

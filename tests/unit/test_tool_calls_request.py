@@ -1,7 +1,6 @@
 """Tool fields of a request: tools, tool_choice, history calls, tool results,
 and the grammar that forces a call."""
 
-import json
 
 import pytest
 from jsonschema import Draft202012Validator
@@ -140,5 +139,5 @@ def test_grammar_only_when_forced_and_name_comes_first():
     assert calls_grammar(tools, ToolChoice("none")) is None
     grammar = calls_grammar(tools, ToolChoice("required"))
     assert grammar is not None and grammar.kind == "json"
-    properties = list(json.loads(grammar.value)["properties"])
+    properties = list(grammar.schema()["properties"])
     assert properties == ["name", "arguments"]

@@ -11,7 +11,6 @@ then replaced by `tool_calls`).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,9 +42,9 @@ def calls_schema(tools: Sequence[Tool], choice: ToolChoice) -> dict[str, Any] | 
 
 
 def calls_grammar(tools: Sequence[Tool], choice: ToolChoice) -> Grammar | None:
-    """`calls_schema` as the mesh's grammar parameter. Keys keep their order
-    (`Grammar.json_schema` sorts them, which would put `arguments` first)."""
+    """`calls_schema` as the mesh's grammar parameter. The schema's keys keep
+    their order (`name` before `arguments`) on their way to the engine."""
     schema = calls_schema(tools, choice)
     if schema is None:
         return None
-    return Grammar("json", json.dumps(schema, separators=(",", ":")))
+    return Grammar.json_schema(schema)

@@ -32,33 +32,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.adapter.tool_calls.render import Family
-from services.adapter.tool_calls.types import Tool, ToolCall, ToolChoice, new_call_id
+from services.adapter.tool_calls.types import (
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+    ToolChoice,
+    new_call_id,
+)
 
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 PYTHON_TAG = "<|python_tag|>"
 ARGUMENT_KEYS = ("arguments", "parameters")
 _WS = " \t\r\n"
-
-
-@dataclass(frozen=True)
-class ToolCallDelta:
-    """A piece of one call: the first has `id` and `name`, later ones arguments."""
-
-    index: int
-    arguments: str = ""
-    id: str | None = None
-    name: str | None = None
-
-    def openai(self) -> dict[str, Any]:
-        """As an item of `choices[].delta.tool_calls` in a chunk."""
-        function: dict[str, Any] = {"arguments": self.arguments}
-        out: dict[str, Any] = {"index": self.index}
-        if self.id is not None:
-            out["id"] = self.id
-            out["type"] = "function"
-            function = {"name": self.name, "arguments": self.arguments}
-        out["function"] = function
-        return out
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,27 @@ class ToolCall:
 
 
 @dataclass(frozen=True)
+class ToolCallDelta:
+    """A piece of one call: the first has `id` and `name`, later ones arguments."""
+
+    index: int
+    arguments: str = ""
+    id: str | None = None
+    name: str | None = None
+
+    def openai(self) -> dict[str, Any]:
+        """As an item of `choices[].delta.tool_calls` in a chunk."""
+        function: dict[str, Any] = {"arguments": self.arguments}
+        out: dict[str, Any] = {"index": self.index}
+        if self.id is not None:
+            out["id"] = self.id
+            out["type"] = "function"
+            function = {"name": self.name, "arguments": self.arguments}
+        out["function"] = function
+        return out
+
+
+@dataclass(frozen=True)
 class Turn:
     """One message of a conversation with tools.
 

@@ -27,7 +27,7 @@ from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior_
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19llmmesh/v1/generate.proto\x12\nllmmesh.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1cgoogle/protobuf/struct.proto\"\xac\x01\n\x0fGenerateRequest\x12\x16\n\x08model_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0e\n\x06inputs\x18\x02 \x01(\t\x12\x10\n\x08scenario\x18\x03 \x01(\t\x12\x34\n\nparameters\x18\x04 \x01(\x0b\x32 .llmmesh.v1.GenerationParameters\x12)\n\x08messages\x18\x05 \x03(\x0b\x32\x17.llmmesh.v1.ChatMessage\"\xa2\x01\n\x10GenerateResponse\x12\x16\n\x0egenerated_text\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06tokens\x18\x03 \x01(\x05\x12\x14\n\x0cinput_tokens\x18\x04 \x01(\x05\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.llmmesh.v1.FinishReason\x12\x10\n\x08model_id\x18\x06 \x01(\t\"\xb2\x01\n\x15GenerateStreamRequest\x12\x16\n\x08model_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0e\n\x06inputs\x18\x02 \x01(\t\x12\x10\n\x08scenario\x18\x03 \x01(\t\x12\x34\n\nparameters\x18\x04 \x01(\x0b\x32 .llmmesh.v1.GenerationParameters\x12)\n\x08messages\x18\x05 \x03(\x0b\x32\x17.llmmesh.v1.ChatMessage\"\xde\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x01(\x05\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.llmmesh.v1.FinishReason\x12\x16\n\x0egenerated_text\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x14\n\x0cinput_tokens\x18\x06 \x01(\x05\x12\x10\n\x08model_id\x18\x07 \x01(\t\x12&\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x17.llmmesh.v1.StreamError\"<\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xc4\x03\n\x14GenerationParameters\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x05\x88\x01\x01\x12\x16\n\tdo_sample\x18\x08 \x01(\x08H\x06\x88\x01\x01\x12$\n\x07grammar\x18\t \x01(\x0b\x32\x13.llmmesh.v1.Grammar\x12\x1e\n\x11\x66requency_penalty\x18\n \x01(\x01H\x07\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0b \x01(\x01H\x08\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0c\n\n_do_sampleB\x14\n\x12_frequency_penaltyB\x13\n\x11_presence_penalty\"R\n\x07Grammar\x12.\n\x0bjson_schema\x18\x01 \x01(\x0b\x32\x17.google.protobuf.StructH\x00\x12\x0f\n\x05regex\x18\x02 \x01(\tH\x00\x42\x06\n\x04kind\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x13\n\x11ListModelsRequest\"7\n\x12ListModelsResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.llmmesh.v1.Model\")\n\x0fGetModelRequest\x12\x16\n\x08model_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"4\n\x10GetModelResponse\x12 \n\x05model\x18\x01 \x01(\x0b\x32\x11.llmmesh.v1.Model\"\x90\x02\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61liases\x18\x02 \x03(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x15\n\rbackend_model\x18\x04 \x01(\t\x12\x18\n\x10max_input_tokens\x18\x05 \x01(\x05\x12\x18\n\x10max_total_tokens\x18\x06 \x01(\x05\x12\x16\n\x0emax_new_tokens\x18\x07 \x01(\x05\x12\x1a\n\x12max_stop_sequences\x18\x08 \x01(\x05\x12\r\n\x05ready\x18\t \x01(\x08\x12\x10\n\x08replicas\x18\n \x01(\x05\x12\x16\n\x0eready_replicas\x18\x0b \x01(\x05\x12$\n\x04load\x18\x0c \x01(\x0b\x32\x16.llmmesh.v1.EngineLoad\"^\n\nEngineLoad\x12\x0f\n\x07waiting\x18\x01 \x01(\x05\x12\x0f\n\x07running\x18\x02 \x01(\x05\x12\x1b\n\x0ekv_cache_usage\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\x11\n\x0f_kv_cache_usage*\x9e\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x1b\n\x17\x46INISH_REASON_EOS_TOKEN\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\xbd\x03\n\x0fGenerateService\x12^\n\x08Generate\x12\x1b.llmmesh.v1.GenerateRequest\x1a\x1c.llmmesh.v1.GenerateResponse\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/generate:\x01*\x12y\n\x0eGenerateStream\x12!.llmmesh.v1.GenerateStreamRequest\x1a\".llmmesh.v1.GenerateStreamResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\"\x13/v1/generate_stream:\x01*0\x01\x12\x64\n\nListModels\x12\x1d.llmmesh.v1.ListModelsRequest\x1a\x1e.llmmesh.v1.ListModelsResponse\"\x17\x82\xd3\xe4\x93\x02\x11\x12\x0f/v1/mesh/models\x12i\n\x08GetModel\x12\x1b.llmmesh.v1.GetModelRequest\x1a\x1c.llmmesh.v1.GetModelResponse\"\"\x82\xd3\xe4\x93\x02\x1c\x12\x1a/v1/mesh/models/{model_id}b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19llmmesh/v1/generate.proto\x12\nllmmesh.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1cgoogle/protobuf/struct.proto\"\xb4\x02\n\x0fGenerateRequest\x12\x16\n\x08model_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0e\n\x06inputs\x18\x02 \x01(\t\x12\x10\n\x08scenario\x18\x03 \x01(\t\x12\x34\n\nparameters\x18\x04 \x01(\x0b\x32 .llmmesh.v1.GenerationParameters\x12)\n\x08messages\x18\x05 \x03(\x0b\x32\x17.llmmesh.v1.ChatMessage\x12\x1f\n\x05tools\x18\x06 \x03(\x0b\x32\x10.llmmesh.v1.Tool\x12+\n\x0btool_choice\x18\x07 \x01(\x0b\x32\x16.llmmesh.v1.ToolChoice\x12 \n\x13parallel_tool_calls\x18\x08 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_parallel_tool_calls\"\xcc\x01\n\x10GenerateResponse\x12\x16\n\x0egenerated_text\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06tokens\x18\x03 \x01(\x05\x12\x14\n\x0cinput_tokens\x18\x04 \x01(\x05\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.llmmesh.v1.FinishReason\x12\x10\n\x08model_id\x18\x06 \x01(\t\x12(\n\ntool_calls\x18\x07 \x03(\x0b\x32\x14.llmmesh.v1.ToolCall\"\xba\x02\n\x15GenerateStreamRequest\x12\x16\n\x08model_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0e\n\x06inputs\x18\x02 \x01(\t\x12\x10\n\x08scenario\x18\x03 \x01(\t\x12\x34\n\nparameters\x18\x04 \x01(\x0b\x32 .llmmesh.v1.GenerationParameters\x12)\n\x08messages\x18\x05 \x03(\x0b\x32\x17.llmmesh.v1.ChatMessage\x12\x1f\n\x05tools\x18\x06 \x03(\x0b\x32\x10.llmmesh.v1.Tool\x12+\n\x0btool_choice\x18\x07 \x01(\x0b\x32\x16.llmmesh.v1.ToolChoice\x12 \n\x13parallel_tool_calls\x18\x08 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_parallel_tool_calls\"\x8d\x02\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x01(\x05\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.llmmesh.v1.FinishReason\x12\x16\n\x0egenerated_text\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x14\n\x0cinput_tokens\x18\x06 \x01(\x05\x12\x10\n\x08model_id\x18\x07 \x01(\t\x12&\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x17.llmmesh.v1.StreamError\x12-\n\ntool_calls\x18\t \x03(\x0b\x32\x19.llmmesh.v1.ToolCallDelta\"<\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xc4\x03\n\x14GenerationParameters\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x05\x88\x01\x01\x12\x16\n\tdo_sample\x18\x08 \x01(\x08H\x06\x88\x01\x01\x12$\n\x07grammar\x18\t \x01(\x0b\x32\x13.llmmesh.v1.Grammar\x12\x1e\n\x11\x66requency_penalty\x18\n \x01(\x01H\x07\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0b \x01(\x01H\x08\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0c\n\n_do_sampleB\x14\n\x12_frequency_penaltyB\x13\n\x11_presence_penalty\"R\n\x07Grammar\x12.\n\x0bjson_schema\x18\x01 \x01(\x0b\x32\x17.google.protobuf.StructH\x00\x12\x0f\n\x05regex\x18\x02 \x01(\tH\x00\x42\x06\n\x04kind\"l\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12(\n\ntool_calls\x18\x03 \x03(\x0b\x32\x14.llmmesh.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\"R\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x17\n\x0fparameters_json\x18\x03 \x01(\t\x12\x0e\n\x06strict\x18\x04 \x01(\x08\"\xa4\x01\n\nToolChoice\x12)\n\x04mode\x18\x01 \x01(\x0e\x32\x1b.llmmesh.v1.ToolChoice.Mode\x12\x0c\n\x04name\x18\x02 \x01(\t\"]\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\r\n\tMODE_NONE\x10\x01\x12\r\n\tMODE_AUTO\x10\x02\x12\x11\n\rMODE_REQUIRED\x10\x03\x12\x0e\n\nMODE_NAMED\x10\x04\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"K\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\x05\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"\x13\n\x11ListModelsRequest\"7\n\x12ListModelsResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.llmmesh.v1.Model\")\n\x0fGetModelRequest\x12\x16\n\x08model_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"4\n\x10GetModelResponse\x12 \n\x05model\x18\x01 \x01(\x0b\x32\x11.llmmesh.v1.Model\"\x90\x02\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61liases\x18\x02 \x03(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x15\n\rbackend_model\x18\x04 \x01(\t\x12\x18\n\x10max_input_tokens\x18\x05 \x01(\x05\x12\x18\n\x10max_total_tokens\x18\x06 \x01(\x05\x12\x16\n\x0emax_new_tokens\x18\x07 \x01(\x05\x12\x1a\n\x12max_stop_sequences\x18\x08 \x01(\x05\x12\r\n\x05ready\x18\t \x01(\x08\x12\x10\n\x08replicas\x18\n \x01(\x05\x12\x16\n\x0eready_replicas\x18\x0b \x01(\x05\x12$\n\x04load\x18\x0c \x01(\x0b\x32\x16.llmmesh.v1.EngineLoad\"^\n\nEngineLoad\x12\x0f\n\x07waiting\x18\x01 \x01(\x05\x12\x0f\n\x07running\x18\x02 \x01(\x05\x12\x1b\n\x0ekv_cache_usage\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\x11\n\x0f_kv_cache_usage*\xbc\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x1b\n\x17\x46INISH_REASON_EOS_TOKEN\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x05\x32\xbd\x03\n\x0fGenerateService\x12^\n\x08Generate\x12\x1b.llmmesh.v1.GenerateRequest\x1a\x1c.llmmesh.v1.GenerateResponse\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/generate:\x01*\x12y\n\x0eGenerateStream\x12!.llmmesh.v1.GenerateStreamRequest\x1a\".llmmesh.v1.GenerateStreamResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\"\x13/v1/generate_stream:\x01*0\x01\x12\x64\n\nListModels\x12\x1d.llmmesh.v1.ListModelsRequest\x1a\x1e.llmmesh.v1.ListModelsResponse\"\x17\x82\xd3\xe4\x93\x02\x11\x12\x0f/v1/mesh/models\x12i\n\x08GetModel\x12\x1b.llmmesh.v1.GetModelRequest\x1a\x1c.llmmesh.v1.GetModelResponse\"\"\x82\xd3\xe4\x93\x02\x1c\x12\x1a/v1/mesh/models/{model_id}b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,36 +48,46 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATESERVICE'].methods_by_name['ListModels']._serialized_options = b'\202\323\344\223\002\021\022\017/v1/mesh/models'
   _globals['_GENERATESERVICE'].methods_by_name['GetModel']._loaded_options = None
   _globals['_GENERATESERVICE'].methods_by_name['GetModel']._serialized_options = b'\202\323\344\223\002\034\022\032/v1/mesh/models/{model_id}'
-  _globals['_FINISHREASON']._serialized_start=2074
-  _globals['_FINISHREASON']._serialized_end=2232
+  _globals['_FINISHREASON']._serialized_start=2884
+  _globals['_FINISHREASON']._serialized_end=3072
   _globals['_GENERATEREQUEST']._serialized_start=135
-  _globals['_GENERATEREQUEST']._serialized_end=307
-  _globals['_GENERATERESPONSE']._serialized_start=310
-  _globals['_GENERATERESPONSE']._serialized_end=472
-  _globals['_GENERATESTREAMREQUEST']._serialized_start=475
-  _globals['_GENERATESTREAMREQUEST']._serialized_end=653
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=656
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=878
-  _globals['_STREAMERROR']._serialized_start=880
-  _globals['_STREAMERROR']._serialized_end=940
-  _globals['_GENERATIONPARAMETERS']._serialized_start=943
-  _globals['_GENERATIONPARAMETERS']._serialized_end=1395
-  _globals['_GRAMMAR']._serialized_start=1397
-  _globals['_GRAMMAR']._serialized_end=1479
-  _globals['_CHATMESSAGE']._serialized_start=1481
-  _globals['_CHATMESSAGE']._serialized_end=1525
-  _globals['_LISTMODELSREQUEST']._serialized_start=1527
-  _globals['_LISTMODELSREQUEST']._serialized_end=1546
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1548
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1603
-  _globals['_GETMODELREQUEST']._serialized_start=1605
-  _globals['_GETMODELREQUEST']._serialized_end=1646
-  _globals['_GETMODELRESPONSE']._serialized_start=1648
-  _globals['_GETMODELRESPONSE']._serialized_end=1700
-  _globals['_MODEL']._serialized_start=1703
-  _globals['_MODEL']._serialized_end=1975
-  _globals['_ENGINELOAD']._serialized_start=1977
-  _globals['_ENGINELOAD']._serialized_end=2071
-  _globals['_GENERATESERVICE']._serialized_start=2235
-  _globals['_GENERATESERVICE']._serialized_end=2680
+  _globals['_GENERATEREQUEST']._serialized_end=443
+  _globals['_GENERATERESPONSE']._serialized_start=446
+  _globals['_GENERATERESPONSE']._serialized_end=650
+  _globals['_GENERATESTREAMREQUEST']._serialized_start=653
+  _globals['_GENERATESTREAMREQUEST']._serialized_end=967
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=970
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1239
+  _globals['_STREAMERROR']._serialized_start=1241
+  _globals['_STREAMERROR']._serialized_end=1301
+  _globals['_GENERATIONPARAMETERS']._serialized_start=1304
+  _globals['_GENERATIONPARAMETERS']._serialized_end=1756
+  _globals['_GRAMMAR']._serialized_start=1758
+  _globals['_GRAMMAR']._serialized_end=1840
+  _globals['_CHATMESSAGE']._serialized_start=1842
+  _globals['_CHATMESSAGE']._serialized_end=1950
+  _globals['_TOOL']._serialized_start=1952
+  _globals['_TOOL']._serialized_end=2034
+  _globals['_TOOLCHOICE']._serialized_start=2037
+  _globals['_TOOLCHOICE']._serialized_end=2201
+  _globals['_TOOLCHOICE_MODE']._serialized_start=2108
+  _globals['_TOOLCHOICE_MODE']._serialized_end=2201
+  _globals['_TOOLCALL']._serialized_start=2203
+  _globals['_TOOLCALL']._serialized_end=2258
+  _globals['_TOOLCALLDELTA']._serialized_start=2260
+  _globals['_TOOLCALLDELTA']._serialized_end=2335
+  _globals['_LISTMODELSREQUEST']._serialized_start=2337
+  _globals['_LISTMODELSREQUEST']._serialized_end=2356
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2358
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2413
+  _globals['_GETMODELREQUEST']._serialized_start=2415
+  _globals['_GETMODELREQUEST']._serialized_end=2456
+  _globals['_GETMODELRESPONSE']._serialized_start=2458
+  _globals['_GETMODELRESPONSE']._serialized_end=2510
+  _globals['_MODEL']._serialized_start=2513
+  _globals['_MODEL']._serialized_end=2785
+  _globals['_ENGINELOAD']._serialized_start=2787
+  _globals['_ENGINELOAD']._serialized_end=2881
+  _globals['_GENERATESERVICE']._serialized_start=3075
+  _globals['_GENERATESERVICE']._serialized_end=3520
 # @@protoc_insertion_point(module_scope)
