@@ -13,7 +13,10 @@ deterministically, and faults can be switched on at run time.
 Reply: the content of the last user turn of a ChatML or Llama 3 prompt
 (or the whole prompt when it has no such turn), one token per word, then an
 EOS token. `max_new_tokens` and stop sequences apply as in TGI. A fixed
-reply can be set with `--reply` or `/_control`.
+reply can be set with `--reply` or `/_control`, and a script of replies with
+`replies`: one per generation in turn, the last repeated. Scripted replies
+are how a model's tool-call text reaches the mesh: the shapes tests send are
+each model family's own (tests/data/tool_calls, which names every source).
 
 Run as a process:
     python -m tools.tgi_double --port 8090 [--model-id NAME]
@@ -21,7 +24,7 @@ Run as a process:
 
 Control endpoints (double only, never on the real backend):
     POST /_control  {"mode": "ok", "after_tokens": 0, "token_delay": 0.0,
-                     "first_token_delay": 0.0, "reply": null}
+                     "first_token_delay": 0.0, "reply": null, "replies": []}
         Sets the WHOLE fault state: omitted keys take their start values
         (the defaults above, or --token-delay/--reply), so `{}` resets. Modes:
           ok                normal replies
@@ -112,6 +115,9 @@ class Control:
     first_token_delay: float = 0.0
     # Fixed reply text instead of echoing the prompt.
     reply: str | None = None
+    # Replies for the generations to come, in turn (the last one repeats);
+    # set, they win over `reply`.
+    replies: tuple[str, ...] = ()
 
     @classmethod
     def from_json(cls, data: Any, base: Control) -> Control:
@@ -132,7 +138,10 @@ class Control:
                 raise ValueError(f"{name} must be a number >= 0")
         if ctl.reply is not None and not isinstance(ctl.reply, str):
             raise ValueError("reply must be a string or null")
-        return ctl
+        if not isinstance(ctl.replies, list | tuple) or not all(
+                isinstance(r, str) for r in ctl.replies):
+            raise ValueError("replies must be an array of strings")
+        return replace(ctl, replies=tuple(ctl.replies))
 
 
 INITIAL_CONTROL: Final = web.AppKey("tgi_double.initial_control", Control)
@@ -194,6 +203,8 @@ class ScriptedEngine:
         self._pieces: dict[int, str] = {EOS_ID: EOS_TEXT}
         self.control = Control()
         self.stats = Stats()
+        # Generations served from `control.replies` so far.
+        self.turn = 0
 
     @property
     def model_id(self) -> str:
@@ -270,7 +281,11 @@ class ScriptedEngine:
             if on_start is not None:
                 on_start()
             prompt = "".join(self._pieces.get(i, "") for i in prompt_ids)
-            reply = ctl.reply if ctl.reply is not None else scripted_reply(prompt)
+            if ctl.replies:
+                reply = ctl.replies[min(self.turn, len(ctl.replies) - 1)]
+                self.turn += 1
+            else:
+                reply = ctl.reply if ctl.reply is not None else scripted_reply(prompt)
             words = _PIECE.findall(reply)
             if words:
                 words[0] = words[0].lstrip()
@@ -313,6 +328,7 @@ class ScriptedEngine:
 
 def _apply_control(app: web.Application, engine: ScriptedEngine, ctl: Control) -> None:
     engine.control = ctl
+    engine.turn = 0
     core = app[CORE]
     # TGI answers 429 when its semaphore is exhausted; shrinking it to zero
     # produces exactly that path, on unary and streaming routes alike.
