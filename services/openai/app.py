@@ -31,6 +31,8 @@ from services.common.types import RAW_SCENARIO, Chunk, Generation
 from services.openai import responses
 from services.openai.errors import error_reply
 from services.openai.requests import Kind, OpenAIRequest, parse_chat, parse_completion
+from services.openai.responses_api import ResponsesRequest, build_response, translate_request
+from services.openai.responses_writer import ResponsesWriter
 from services.openai.sse import SseWriter
 from services.openai.stop_filter import StopFilter, cut_at_stop
 
@@ -42,6 +44,7 @@ INTERNAL_MESSAGE = "internal error; see the service log"
 ROUTES = (
     ("POST", "/v1/chat/completions"),
     ("POST", "/v1/completions"),
+    ("POST", "/v1/responses"),
     ("GET", "/v1/models"),
     ("GET", "/v1/models/{model}"),
 )
@@ -97,6 +100,7 @@ class OpenAIFace:
         app.router.add_get("/health", self.health)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/responses", self.responses_api)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/models/{model:.+}", self.model)
         app.router.add_route("*", "/{tail:.*}", self.unknown)
@@ -112,6 +116,10 @@ class OpenAIFace:
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, "completion")
+
+    async def responses_api(self, request: web.Request) -> web.StreamResponse:
+        """The Responses API, translated to and from a chat completion."""
+        return await self._generate(request, "chat", responses_api=True)
 
     async def models(self, request: web.Request) -> web.StreamResponse:
         async def answer() -> dict[str, Any]:
@@ -195,7 +203,8 @@ class OpenAIFace:
         except ValueError as exc:
             return None, invalid([FieldViolation("body", f"not valid JSON: {exc}")])
 
-    async def _generate(self, request: web.Request, kind: Kind) -> web.StreamResponse:
+    async def _generate(self, request: web.Request, kind: Kind,
+                        responses_api: bool = False) -> web.StreamResponse:
         body, refused = await self._body(request)
         fields = body if isinstance(body, dict) else {}
         model = fields.get("model")
@@ -208,13 +217,17 @@ class OpenAIFace:
         )
         call = self._record(request, method, resolved)
         parsed: OpenAIRequest | None = None
+        translated: ResponsesRequest | None = None
         try:
             self._authenticate(request)
             if refused is not None:
                 raise refused
+            if responses_api:
+                translated = translate_request(body)
+                body = translated.chat
             parsed = parse_chat(body) if kind == "chat" else parse_completion(body)
             if parsed.stream:
-                return await self._stream(request, parsed, call, resolved)
+                return await self._stream(request, parsed, call, resolved, translated)
             result = await self._core.generate(
                 parsed.generation, self._settings.request_timeout, resolved
             )
@@ -234,13 +247,14 @@ class OpenAIFace:
         call.finish("OK", tokens=result.tokens)
         # OpenAI leaves a matched stop sequence out of the text.
         text, _ = cut_at_stop(result.text, parsed.generation.parameters.stop)
-        return _json(responses.completion(
+        answer = responses.completion(
             kind, result, id=responses.new_id(kind), created=int(time.time()), text=text
-        ))
+        )
+        return _json(answer if translated is None else build_response(answer, translated))
 
     async def _stream(
         self, request: web.Request, parsed: OpenAIRequest, call: CallRecord,
-        resolved: RequestContext,
+        resolved: RequestContext, translated: ResponsesRequest | None = None,
     ) -> web.StreamResponse:
         """Server-Sent Events. An error before the first event is a real HTTP
         status (raised to the caller); after it, an error event the SDKs raise."""
@@ -251,7 +265,8 @@ class OpenAIFace:
             event = await anext(events)
             shapes = responses.ChunkShapes(parsed.kind, resolved.model_label,
                                            parsed.include_usage)
-            out = SseWriter(request)
+            out = (SseWriter(request) if translated is None
+                   else ResponsesWriter(request, translated, resolved.model_label))
             await out.start()
             stops = StopFilter(parsed.generation.parameters.stop)
             await self._relay(events, event, shapes, out, call, stops)
@@ -322,4 +337,4 @@ class OpenAIFace:
         call.finish(error.code, reason=error.reason, message=error.message, tokens=tokens)
         # The 200 is gone: the error is the stream's last event, which the SDKs raise.
         with contextlib.suppress(ConnectionResetError):
-            await out.send(error_reply(error).body)
+            await out.send_error(error)
