@@ -139,7 +139,9 @@ class OpenAIFace:
         error = MeshError(
             Reason.ROUTE_NOT_FOUND,
             f"unknown route {request.method} {request.path}; this server serves "
-            + ", ".join(f"{m} {p}" for m, p in ROUTES),
+            + ", ".join(f"{m} {p}" for m, p in ROUTES)
+            + "; the mesh's native API: POST /v1/generate, POST /v1/generate_stream, "
+            "GET /v1/mesh/models",
         )
         return self._error(error)
 
