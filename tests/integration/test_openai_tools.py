@@ -249,3 +249,14 @@ def test_long_agent_conversations_pass(clean: Mesh, client: openai.OpenAI) -> No
     answer = client.chat.completions.create(model="qwen2", messages=messages)
     assert answer.choices[0].message.content == "fine"
 
+
+
+def test_a_conversation_over_the_context_is_the_engines_400(
+        clean: Mesh, client: openai.OpenAI) -> None:
+    # 300 messages of 15 words: within the message cap, over the double's
+    # 4,095 input tokens (a token per word).
+    messages = [{"role": "user" if i % 2 == 0 else "assistant",
+                 "content": " ".join(["word"] * 15)} for i in range(301)]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="qwen2", messages=messages)
+    assert "tokens" in caught.value.message, caught.value.body
