@@ -7,8 +7,8 @@ double, load from wrk), SmolLM2 through the mesh versus llama.cpp
 in-process, and the CPU backend's own prompt and generation tokens/s, then
 writes every figure to .run/bench/results.json (keys `mesh`, `cpu_mesh`,
 `cpu_backend` when that bench returns figures, `replica_choice` (load-aware
-against least-in-flight, simulated), `tracing` (off against on), and
-`machine`: the machine
+against least-in-flight, simulated), `tracing` (off against on), `tools` (a chat
+request with three function tools against none), and `machine`: the machine
 and its load average when the run began) and the tables to
 .run/bench/results.md.
 """
@@ -27,6 +27,7 @@ from tests.bench import (
     cpu_mesh_bench,
     mesh_bench,
     replica_bench,
+    tools_bench,
     tracing_bench,
 )
 
@@ -57,6 +58,10 @@ def main() -> None:
         # Tracing off against on (exporting to a local OTLP receiver).
         sys.argv = [sys.argv[0], *(["--quick", "--runs", "1"] if quick else [])]
         results["tracing"] = tracing_bench.main()
+        print()
+        # Tools on the OpenAI path: three function tools against none.
+        sys.argv = [sys.argv[0], *(["--quick"] if quick else [])]
+        results["tools"] = tools_bench.main()
     results["machine"] = results["mesh"].pop("machine")
     (OUT / "results.json").write_text(json.dumps(results, indent=2))
     (OUT / "results.md").write_text(text.getvalue())

@@ -83,10 +83,30 @@ def _function(function: dict[str, Any], where: str, bad: list[FieldViolation]) -
     return Tool(name, description, parameters, bool(strict))
 
 
+# Checking a schema against its metaschema costs about a millisecond; agents
+# send the same tools on every turn, so each schema's verdict is kept.
+_VERDICTS: dict[str, str] = {}
+_MAX_VERDICTS = 4096
+
+
 def schema_problem(schema: Any) -> str:
     """Why `schema` cannot describe a call's arguments ("" when it can)."""
     if not isinstance(schema, dict):
         return "must be a JSON Schema object"
+    try:
+        key = json.dumps(schema, sort_keys=True, separators=(",", ":"))
+    except (TypeError, ValueError):
+        return "must be a JSON Schema object"
+    verdict = _VERDICTS.get(key)
+    if verdict is None:
+        verdict = _schema_problem(schema)
+        if len(_VERDICTS) >= _MAX_VERDICTS:
+            _VERDICTS.clear()
+        _VERDICTS[key] = verdict
+    return verdict
+
+
+def _schema_problem(schema: dict[str, Any]) -> str:
     try:
         validator_for(schema).check_schema(schema)
     except SchemaError as exc:
