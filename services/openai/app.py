@@ -31,7 +31,12 @@ from services.common.types import RAW_SCENARIO, Chunk, Generation
 from services.openai import responses
 from services.openai.errors import error_reply
 from services.openai.requests import Kind, OpenAIRequest, parse_chat, parse_completion
-from services.openai.responses_api import ResponsesRequest, build_response, translate_request
+from services.openai.responses_api import (
+    ResponsesRequest,
+    build_response,
+    in_responses_terms,
+    translate_request,
+)
 from services.openai.responses_writer import ResponsesWriter
 from services.openai.sse import SseWriter
 from services.openai.stop_filter import StopFilter, cut_at_stop
@@ -226,8 +231,12 @@ class OpenAIFace:
                 raise refused
             if responses_api:
                 translated = translate_request(body)
-                body = translated.chat
-            parsed = parse_chat(body) if kind == "chat" else parse_completion(body)
+                try:
+                    parsed = parse_chat(translated.chat)
+                except MeshError as exc:
+                    raise in_responses_terms(exc) from None
+            else:
+                parsed = parse_chat(body) if kind == "chat" else parse_completion(body)
             if parsed.stream:
                 return await self._stream(request, parsed, call, resolved, translated)
             result = await self._core.generate(

@@ -117,6 +117,34 @@ def translate_request(body: Any) -> ResponsesRequest:
     return ResponsesRequest(chat=chat, echo=_echo(body), stream=stream)
 
 
+# The chat request's fields as the Responses API names them (errors found
+# once the translated body is read as a chat request).
+_RESPONSES_NAMES = (
+    ("max_completion_tokens", "max_output_tokens"),
+    ("response_format", "text.format"),
+    ("messages", "input"),
+)
+
+
+def responses_field(field: str) -> str:
+    """A chat request's field in the Responses API's spelling (`tools[i].function.x`
+    is `tools[i].x`; a message index is left as it is)."""
+    for chat, name in _RESPONSES_NAMES:
+        if field == chat or field.startswith((chat + ".", chat + "[")):
+            return name + field[len(chat):]
+    if field.startswith("tools[") and ".function." in field:
+        return field.replace(".function.", ".", 1)
+    return field
+
+
+def in_responses_terms(error: MeshError) -> MeshError:
+    """A chat request's field violations, named as the Responses API names them."""
+    if not error.violations:
+        return error
+    return invalid([FieldViolation(responses_field(v.field), v.description)
+                    for v in error.violations])
+
+
 def _text(content: Any, where: str, bad: list[FieldViolation]) -> str | None:
     """A message's content: a string, or text parts joined by newlines."""
     if isinstance(content, str):

@@ -228,3 +228,22 @@ def test_an_error_after_the_start_is_an_error_event():
     stream.start()
     event = EVENTS.validate_python(stream.error(MeshError(Reason.TIMEOUT, "deadline"))[0])
     assert event.type == "error" and event.message == "deadline" and event.sequence_number == 2
+
+
+def test_chat_field_errors_are_named_as_the_responses_api_names_them():
+    from services.common.errors import FieldViolation, invalid
+    from services.openai.requests import parse_chat
+    from services.openai.responses_api import in_responses_terms, responses_field
+
+    assert responses_field("max_completion_tokens") == "max_output_tokens"
+    assert responses_field("response_format.json_schema") == "text.format.json_schema"
+    assert responses_field("messages[2].content") == "input[2].content"
+    assert responses_field("tools[0].function.parameters") == "tools[0].parameters"
+    assert responses_field("temperature") == "temperature"
+    chat = translate_request({"model": "qwen2", "input": "hi", "max_output_tokens": -1}).chat
+    with pytest.raises(MeshError) as caught:
+        parse_chat(chat)
+    renamed = in_responses_terms(caught.value)
+    assert [v.field for v in renamed.violations] == ["max_output_tokens"]
+    error = in_responses_terms(invalid([FieldViolation("tool_choice", "x")]))
+    assert error.violations[0].field == "tool_choice"
