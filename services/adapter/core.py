@@ -277,8 +277,10 @@ class AdapterCore:
         calls = parser.tool_calls
         if not calls:
             return replace(generation, text=content)
-        return replace(generation, text=content, tool_calls=calls,
-                       finish_reason=FinishReason.TOOL_CALLS)
+        # A call cut short by the token limit ends with `length`, as OpenAI's do.
+        finish = (generation.finish_reason if generation.finish_reason is FinishReason.LENGTH
+                  else FinishReason.TOOL_CALLS)
+        return replace(generation, text=content, tool_calls=calls, finish_reason=finish)
 
     def _deadline(self, timeout: float | None) -> float | None:
         return timeout if timeout is not None else self._default_timeout

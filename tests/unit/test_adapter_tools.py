@@ -13,7 +13,14 @@ from services.adapter.tool_calls.types import Tool, ToolCall, ToolChoice
 from services.common.errors import MeshError
 from services.common.metrics import Metrics
 from services.common.registry import load_registry
-from services.common.types import Chunk, FinishReason, Generation, GenerationRequest, Message
+from services.common.types import (
+    Chunk,
+    FinishReason,
+    Generation,
+    GenerationRequest,
+    Message,
+    Parameters,
+)
 from tests.fakes.backend import FakeBackend
 
 ROOT = Path(__file__).parents[2]
@@ -138,3 +145,16 @@ async def test_bad_tool_requests_name_the_field(kw, field):
         await core.generate(request("qwen2", **kw), timeout=5)
     assert field in [v.field for v in caught.value.violations]
     assert backend.prompts == []
+
+
+async def test_a_forced_call_cut_by_the_token_limit_ends_with_length():
+    text = '{"name": "get_weather", "arguments": {"city": "Os'
+    core, _, metrics = make("qwen2", [*pieces(text), "lo"])
+    answer = await core.generate(request("qwen2", tools=(WEATHER,), tool_choice=ToolChoice(
+        "required"), parameters=Parameters(max_new_tokens=len(pieces(text)))), timeout=5)
+    assert answer.finish_reason is FinishReason.LENGTH
+    assert [c.name for c in answer.tool_calls] == ["get_weather"]
+    assert answer.tool_calls[0].arguments == '{"city": "Os'
+    assert metrics.registry.get_sample_value(
+        "llmmesh_tool_call_malformed_total",
+        {"service": "adapter-test", "model": "qwen2", "family": "hermes"}) == 1
