@@ -153,3 +153,16 @@ def test_other_openai_paths_are_openai_404s(client: openai.OpenAI, path: str) ->
         client.post(path, body={"model": "qwen2", "input": "x"}, cast_to=dict)
     body = caught.value.body
     assert isinstance(body, dict) and "unknown route" in body["message"], body
+
+
+def test_responses_stream_failing_after_the_start_ends_with_an_error_event(
+        clean: Mesh, client: openai.OpenAI) -> None:
+    clean.doubles["qwen2"].control(reply="one two three four five", mode="generation_error",
+                                   after_tokens=2)
+    with client.responses.stream(model="qwen2", input="Count.", store=False) as stream:
+        events = list(stream)
+    kinds = [event.type for event in events]
+    assert kinds[0] == "response.created" and "response.output_text.delta" in kinds
+    # The Responses API's own error event ends it (the SDK yields it as one).
+    assert kinds[-1] == "error" and "response.completed" not in kinds
+    assert events[-1].code == "model_error" and events[-1].message
