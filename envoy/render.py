@@ -338,7 +338,7 @@ def _default_body(indent: int = 20) -> str:
 # The OpenAI-compatible routes (the router's OpenAI listener): Envoy's own
 # replies there are OpenAI's error JSON, which OpenAI's SDKs read, with the
 # same rows of the error table.
-OPENAI_PATHS = r"^/v1/(chat/completions|completions|models(/.*)?)([?].*)?$"
+OPENAI_PATHS = r"^/v1/(chat/completions|completions|responses|models(/.*)?)([?].*)?$"
 
 
 def _openai_mappers(indent: int = 20) -> str:

@@ -160,7 +160,7 @@ def main() -> int:
     checks.run("body that is not JSON -> 400",
                lambda: check_error(base, b"this is not json", 400, timeout))
     checks.run("unknown route -> 404",
-               lambda: check_error(base, b"{}", 404, timeout, path="/v1/nope"))
+               lambda: check_error(base, b"{}", 404, timeout, path="/v1/mesh/nope"))
     print(f"{checks.passed} passed, {checks.failed} failed")
     return 1 if checks.failed else 0
 

@@ -15,7 +15,10 @@ Reply: the content of the last user turn of a ChatML or Llama 3 prompt
 EOS token. Each word's logprob is `piece_logprob(word)`, and its
 `top_n_tokens` alternatives are `alternatives(word, n)`. `max_new_tokens`
 and stop sequences apply as in TGI. A fixed reply can be set with `--reply`
-or `/_control`.
+or `/_control`, and a script of replies with `replies`: one per generation
+in turn, the last repeated. Scripted replies are how a model's tool-call
+text reaches the mesh: the shapes tests send are each model family's own
+(tests/data/tool_calls, which names every source).
 
 Prefix cache (off unless `--prefix-cache-tokens` > 0): a model of an
 engine's automatic prefix caching, shaped after vLLM's (docs "Automatic
@@ -42,7 +45,7 @@ Run as a process:
 
 Control endpoints (double only, never on the real backend):
     POST /_control  {"mode": "ok", "after_tokens": 0, "token_delay": 0.0,
-                     "first_token_delay": 0.0, "reply": null}
+                     "first_token_delay": 0.0, "reply": null, "replies": []}
         Sets the WHOLE fault state: omitted keys take their start values
         (the defaults above, or --token-delay/--reply), so `{}` resets. Modes:
           ok                normal replies
@@ -133,6 +136,9 @@ class Control:
     first_token_delay: float = 0.0
     # Fixed reply text instead of echoing the prompt.
     reply: str | None = None
+    # Replies for the generations to come, in turn (the last one repeats);
+    # set, they win over `reply`.
+    replies: tuple[str, ...] = ()
 
     @classmethod
     def from_json(cls, data: Any, base: Control) -> Control:
@@ -153,7 +159,10 @@ class Control:
                 raise ValueError(f"{name} must be a number >= 0")
         if ctl.reply is not None and not isinstance(ctl.reply, str):
             raise ValueError("reply must be a string or null")
-        return ctl
+        if not isinstance(ctl.replies, list | tuple) or not all(
+                isinstance(r, str) for r in ctl.replies):
+            raise ValueError("replies must be an array of strings")
+        return replace(ctl, replies=tuple(ctl.replies))
 
 
 INITIAL_CONTROL: Final = web.AppKey("tgi_double.initial_control", Control)
@@ -305,6 +314,8 @@ class ScriptedEngine:
         self._pieces: dict[int, str] = {EOS_ID: EOS_TEXT}
         self.control = Control()
         self.stats = Stats()
+        # Generations served from `control.replies` so far.
+        self.turn = 0
 
     @property
     def model_id(self) -> str:
@@ -388,7 +399,11 @@ class ScriptedEngine:
             if on_start is not None:
                 on_start(cached)
             prompt = "".join(self._pieces.get(i, "") for i in prompt_ids)
-            reply = ctl.reply if ctl.reply is not None else scripted_reply(prompt)
+            if ctl.replies:
+                reply = ctl.replies[min(self.turn, len(ctl.replies) - 1)]
+                self.turn += 1
+            else:
+                reply = ctl.reply if ctl.reply is not None else scripted_reply(prompt)
             words = _PIECE.findall(reply)
             if words:
                 words[0] = words[0].lstrip()
@@ -443,6 +458,7 @@ class ScriptedEngine:
 
 def _apply_control(app: web.Application, engine: ScriptedEngine, ctl: Control) -> None:
     engine.control = ctl
+    engine.turn = 0
     core = app[CORE]
     # TGI answers 429 when its semaphore is exhausted; shrinking it to zero
     # produces exactly that path, on unary and streaming routes alike.

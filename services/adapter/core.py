@@ -1,9 +1,10 @@
 """The adapter's core: one model over one engine, with no transport.
 
 It validates a request against the model's limits, renders the model's chat
-template, calls the engine within the caller's deadline, counts tokens as
-the engine reports them, and keeps the model's readiness in step with the
-engine's health.
+template (with the tools offered, in the model family's format), calls the
+engine within the caller's deadline, reads tool calls back out of the output
+(services.adapter.tool_calls), counts tokens as the engine reports them, and
+keeps the model's readiness in step with the engine's health.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ from dataclasses import replace
 
 from services.adapter.chat_template import ChatTemplate
 from services.adapter.engines.base import Engine, EngineInfo, EngineResult, EngineToken, Prompt
+from services.adapter.tool_calls.grammar import calls_grammar
+from services.adapter.tool_calls.parse import StreamParser
+from services.adapter.tool_calls.render import Family, family_of, hermes_messages, render
+from services.adapter.tool_calls.types import ToolChoice, Turn
 from services.common.errors import MeshError, Reason, clip
 from services.common.metrics import Metrics
 from services.common.registry import ModelSpec
@@ -24,6 +29,7 @@ from services.common.types import (
     RAW_SCENARIO,
     Chunk,
     EngineLoad,
+    FinishReason,
     Generation,
     GenerationRequest,
     Limits,
@@ -70,6 +76,8 @@ class AdapterCore:
         self._names = frozenset(n.lower() for n in spec.names)
         # The limits, computed once per engine_info.
         self._limits: tuple[EngineInfo | None, Limits] = (None, spec.limits)
+        # How the model writes tools and calls, from its chat template.
+        self.family = family_of(template.source)
         metrics.declare_model(spec.id)
 
     # -- limits and readiness -------------------------------------------------
@@ -161,27 +169,44 @@ class AdapterCore:
         self, request: GenerationRequest, timeout: float | None,
         context: RequestContext | None = None,
     ) -> Generation:
-        prompt, params = self._prepare(request, context)
+        prompt, params, parser = self._prepare(request, context)
         with self._slot():
             result = await self._engine.generate(prompt, params, self._deadline(timeout))
-        return self._finish(result)
+        generation = self._finish(result)
+        if parser is None:
+            return generation
+        deltas = parser.feed(result.text) + parser.finish()
+        return self._with_calls(generation, "".join(d.content for d in deltas), parser)
 
     async def generate_stream(
         self, request: GenerationRequest, timeout: float | None,
         context: RequestContext | None = None,
     ) -> AsyncIterator[Chunk | Generation]:
-        prompt, params = self._prepare(request, context)
+        prompt, params, parser = self._prepare(request, context)
         with self._slot():
             tokens = 0
+            content: list[str] = []
             events = self._engine.generate_stream(prompt, params, self._deadline(timeout))
             try:
                 async for event in events:
                     if isinstance(event, EngineToken):
                         tokens += event.count
-                        if event.text or event.logprobs:
-                            yield Chunk(event.text, tokens, event.logprobs)
-                    else:
+                        if parser is None:
+                            if event.text or event.logprobs:
+                                yield Chunk(event.text, tokens, logprobs=event.logprobs)
+                            continue
+                        if not event.text:
+                            continue
+                        for delta in parser.feed(event.text):
+                            content.append(delta.content)
+                            yield Chunk(delta.content, tokens, tool_calls=delta.tool_calls)
+                    elif parser is None:
                         yield self._finish(event)
+                    else:
+                        for delta in parser.finish():
+                            content.append(delta.content)
+                            yield Chunk(delta.content, tokens, tool_calls=delta.tool_calls)
+                        yield self._with_calls(self._finish(event), "".join(content), parser)
             finally:
                 await events.aclose()  # type: ignore[attr-defined]
 
@@ -190,7 +215,7 @@ class AdapterCore:
     ) -> tuple[int, bool]:
         """The input tokens of the prompt as it would be sent: the engine's
         tokenizer where it has one, else the stated upper bound."""
-        prompt, _ = self._prepare(request, context)
+        prompt, _, _ = self._prepare(request, context)
         if not isinstance(prompt, str):  # the engine renders the conversation
             return conversation_upper_bound((m.role, m.content) for m in prompt), False
         count = getattr(self._engine, "count_tokens", None)
@@ -218,7 +243,7 @@ class AdapterCore:
 
     def _prepare(
         self, request: GenerationRequest, context: RequestContext | None
-    ) -> tuple[Prompt, Parameters]:
+    ) -> tuple[Prompt, Parameters, StreamParser | None]:
         if context is None or context.model is not self.spec:
             self._check_model(request.model_id)
         require(
@@ -235,13 +260,57 @@ class AdapterCore:
         validate(request, self.limits, continuation=True)
         params = request.parameters.with_defaults(self.spec.defaults)
         if request.scenario == RAW_SCENARIO and not request.messages:
-            return request.inputs, params
+            return request.inputs, params, None
         messages = request.messages or (Message("user", request.inputs),)
+        if not request.tools and not any(m.tool_calls or m.role == "tool" for m in messages):
+            if self._engine.applies_template:
+                return messages, params, None
+            if messages[-1].role == "assistant":
+                return self._template.render(messages[:-1]) + messages[-1].content, params, None
+            return self._template.render(messages), params, None
+        return self._prepare_tools(request, messages, params)
+
+    def _prepare_tools(
+        self, request: GenerationRequest, messages: tuple[Message, ...], params: Parameters
+    ) -> tuple[Prompt, Parameters, StreamParser | None]:
+        """A conversation with tools: rendered in the family's format, a forced
+        choice enforced with a grammar, the output read by a parser."""
+        choice = request.tool_choice or ToolChoice("auto" if request.tools else "none")
+        offered = request.tools if choice.mode != "none" else ()
+        grammar = calls_grammar(request.tools, choice)
+        if grammar is not None:
+            params = replace(params, grammar=grammar)
+        turns = [Turn(m.role, m.content, m.tool_calls, m.tool_call_id) for m in messages]
+        # An engine that applies its own template gets the calls and results
+        # as plain messages in the generic (Hermes) markup.
+        family = Family.GENERIC if self._engine.applies_template else self.family
+        prompt: Prompt
         if self._engine.applies_template:
-            return messages, params
-        if messages[-1].role == "assistant":
-            return self._template.render(messages[:-1]) + messages[-1].content, params
-        return self._template.render(messages), params
+            prompt = tuple(hermes_messages(turns, offered))
+        else:
+            prompt = render(family, turns, offered, self._template.render)
+        malformed = self._metrics.tool_call_malformed.labels(
+            self._metrics.service, self.spec.id, family.value)
+
+        def on_malformed(why: str) -> None:
+            malformed.inc()
+            log.warning("malformed tool call returned as content",
+                        extra={"model": self.spec.id, "family": family.value, "why": why})
+
+        parser = StreamParser(family, request.tools, choice, on_malformed,
+                              parallel=request.parallel_tool_calls)
+        return prompt, params, parser
+
+    def _with_calls(
+        self, generation: Generation, content: str, parser: StreamParser
+    ) -> Generation:
+        calls = parser.tool_calls
+        if not calls:
+            return replace(generation, text=content)
+        # A call cut short by the token limit ends with `length`, as OpenAI's do.
+        finish = (generation.finish_reason if generation.finish_reason is FinishReason.LENGTH
+                  else FinishReason.TOOL_CALLS)
+        return replace(generation, text=content, tool_calls=calls, finish_reason=finish)
 
     def _deadline(self, timeout: float | None) -> float | None:
         return timeout if timeout is not None else self._default_timeout

@@ -90,6 +90,11 @@ class Metrics:
             "llmmesh_backend_up", "1 when the engine (or a replica) is serving.",
             ["service", "model", "backend"], registry=r,
         )
+        self.tool_call_malformed = Counter(
+            "llmmesh_tool_call_malformed",
+            "Tool-call text from a model that was no valid call (returned as content).",
+            ["service", "model", "family"], registry=r,
+        )
         self.build = Info("llmmesh_build", "Build information.", registry=r)
         self.build.info({"service": service, "version": version})
         # Make the error series exist before the first error, so rate() and

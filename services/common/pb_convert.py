@@ -7,13 +7,15 @@ share.
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from typing import Any, TypeVar
 
 from google.protobuf import struct_pb2
 from llmmesh.v1 import generate_pb2 as pb
 
-from services.common.errors import MeshError, Reason
+from services.adapter.tool_calls.types import Tool, ToolCall, ToolCallDelta, ToolChoice
+from services.common.errors import FieldViolation, MeshError, Reason, invalid
 from services.common.parameters import NAMES
 from services.common.types import (
     Chunk,
@@ -36,6 +38,7 @@ _FINISH_TO_PB = {
     FinishReason.EOS_TOKEN: pb.FINISH_REASON_EOS_TOKEN,
     FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE,
     FinishReason.ERROR: pb.FINISH_REASON_ERROR,
+    FinishReason.TOOL_CALLS: pb.FINISH_REASON_TOOL_CALLS,
 }
 _FINISH_FROM_PB = {v: k for k, v in _FINISH_TO_PB.items()}
 
@@ -108,13 +111,69 @@ def parameters_to_pb(p: Parameters) -> pb.GenerationParameters:
     return out
 
 
+_MODE_TO_PB = {
+    "none": pb.ToolChoice.MODE_NONE,
+    "auto": pb.ToolChoice.MODE_AUTO,
+    "required": pb.ToolChoice.MODE_REQUIRED,
+    "named": pb.ToolChoice.MODE_NAMED,
+}
+_MODE_FROM_PB = {v: k for k, v in _MODE_TO_PB.items()}
+
+
+def tool_from_pb(t: pb.Tool, i: int) -> Tool:
+    """A tool; its schema's JSON text is decoded here (checked by the caller)."""
+    parameters: Any = {}
+    if t.parameters_json:
+        try:
+            parameters = json.loads(t.parameters_json)
+        except ValueError as exc:
+            raise invalid([FieldViolation(f"tools[{i}].parameters_json",
+                                          f"is not valid JSON: {exc}")]) from None
+    return Tool(t.name, t.description, parameters, t.strict)
+
+
+def tool_to_pb(t: Tool) -> pb.Tool:
+    return pb.Tool(name=t.name, description=t.description,
+                   parameters_json=json.dumps(t.parameters, ensure_ascii=False)
+                   if t.parameters else "", strict=t.strict)
+
+
+def call_from_pb(c: pb.ToolCall) -> ToolCall:
+    return ToolCall(c.id, c.name, c.arguments)
+
+
+def call_to_pb(c: ToolCall) -> pb.ToolCall:
+    return pb.ToolCall(id=c.id, name=c.name, arguments=c.arguments)
+
+
+def _message_from_pb(m: pb.ChatMessage) -> Message:
+    if not m.tool_calls and not m.tool_call_id:
+        return Message(m.role, m.content)
+    return Message(m.role, m.content, tuple(call_from_pb(c) for c in m.tool_calls),
+                   m.tool_call_id)
+
+
+def _message_to_pb(m: Message) -> pb.ChatMessage:
+    return pb.ChatMessage(role=m.role, content=m.content,
+                          tool_calls=[call_to_pb(c) for c in m.tool_calls],
+                          tool_call_id=m.tool_call_id)
+
+
 def request_from_pb(r: AnyGenerateRequest) -> GenerationRequest:
+    tools = tuple(tool_from_pb(t, i) for i, t in enumerate(r.tools))
+    choice = None
+    if r.HasField("tool_choice") and r.tool_choice.mode != pb.ToolChoice.MODE_UNSPECIFIED:
+        choice = ToolChoice(_MODE_FROM_PB.get(r.tool_choice.mode, "auto"),  # type: ignore[arg-type]
+                            r.tool_choice.name)
     return GenerationRequest(
         model_id=r.model_id,
         inputs=r.inputs,
         scenario=r.scenario,
         parameters=parameters_from_pb(r.parameters),
-        messages=tuple(Message(m.role, m.content) for m in r.messages),
+        messages=tuple(_message_from_pb(m) for m in r.messages),
+        tools=tools,
+        tool_choice=choice,
+        parallel_tool_calls=r.parallel_tool_calls if r.HasField("parallel_tool_calls") else True,
         resume=_RESUME_FROM_PB.get(r.resume, ResumePolicy.DEFAULT)
         if isinstance(r, pb.GenerateStreamRequest) else ResumePolicy.DEFAULT,
     )
@@ -129,8 +188,14 @@ def request_to_pb(r: GenerationRequest, cls: type[R]) -> R:
         inputs=r.inputs,
         scenario=r.scenario,
         parameters=parameters_to_pb(r.parameters),
-        messages=[pb.ChatMessage(role=m.role, content=m.content) for m in r.messages],
+        messages=[_message_to_pb(m) for m in r.messages],
+        tools=[tool_to_pb(t) for t in r.tools],
     )
+    if r.tool_choice is not None:
+        out.tool_choice.CopyFrom(pb.ToolChoice(mode=_MODE_TO_PB[r.tool_choice.mode],
+                                               name=r.tool_choice.name))
+    if not r.parallel_tool_calls:
+        out.parallel_tool_calls = False
     if r.resume is not ResumePolicy.DEFAULT and isinstance(out, pb.GenerateStreamRequest):
         out.resume = _RESUME_TO_PB[r.resume]
     return out
@@ -172,6 +237,7 @@ def generation_to_pb(g: Generation) -> pb.GenerateResponse:
         finish_reason=_FINISH_TO_PB[g.finish_reason],
         logprobs=[logprob_to_pb(t) for t in g.logprobs],
         cached_input_tokens=g.cached_input_tokens,
+        tool_calls=[call_to_pb(c) for c in g.tool_calls],
     )
 
 
@@ -185,13 +251,24 @@ def generation_from_pb(r: pb.GenerateResponse) -> Generation:
         finish_reason=_FINISH_FROM_PB.get(r.finish_reason, FinishReason.UNSPECIFIED),
         logprobs=tuple(logprob_from_pb(t) for t in r.logprobs),
         cached_input_tokens=r.cached_input_tokens,
+        tool_calls=tuple(call_from_pb(c) for c in r.tool_calls),
     )
 
 
+def delta_to_pb(d: ToolCallDelta) -> pb.ToolCallDelta:
+    return pb.ToolCallDelta(index=d.index, id=d.id or "", name=d.name or "",
+                            arguments=d.arguments)
+
+
+def delta_from_pb(d: pb.ToolCallDelta) -> ToolCallDelta:
+    return ToolCallDelta(d.index, d.arguments, d.id or None, d.name or None if d.id else None)
+
+
 def chunk_to_pb(c: Chunk) -> pb.GenerateStreamResponse:
-    if c.logprobs:
+    if c.logprobs or c.tool_calls:
         return pb.GenerateStreamResponse(
-            text=c.text, tokens=c.tokens, logprobs=[logprob_to_pb(t) for t in c.logprobs]
+            text=c.text, tokens=c.tokens, logprobs=[logprob_to_pb(t) for t in c.logprobs],
+            tool_calls=[delta_to_pb(d) for d in c.tool_calls],
         )
     return pb.GenerateStreamResponse(text=c.text, tokens=c.tokens)
 
@@ -206,6 +283,9 @@ def final_to_pb(g: Generation) -> pb.GenerateStreamResponse:
         input_tokens=g.input_tokens,
         resumes=g.resumes,
         cached_input_tokens=g.cached_input_tokens,
+        # The last message holds the whole calls, as generated_text the whole text.
+        tool_calls=[pb.ToolCallDelta(index=i, id=c.id, name=c.name, arguments=c.arguments)
+                    for i, c in enumerate(g.tool_calls)],
     )
 
 
@@ -227,7 +307,8 @@ def stream_event_from_pb(m: pb.GenerateStreamResponse) -> Chunk | Generation | M
     """Decode one stream message: a chunk, the final result, or an in-band error."""
     if m.finish_reason == pb.FINISH_REASON_UNSPECIFIED:
         return Chunk(text=m.text, tokens=m.tokens,
-                     logprobs=tuple(logprob_from_pb(t) for t in m.logprobs))
+                     logprobs=tuple(logprob_from_pb(t) for t in m.logprobs),
+                     tool_calls=tuple(delta_from_pb(d) for d in m.tool_calls))
     if m.finish_reason == pb.FINISH_REASON_ERROR:
         return stream_error_from_pb(m.error)
     return Generation(
@@ -239,6 +320,7 @@ def stream_event_from_pb(m: pb.GenerateStreamResponse) -> Chunk | Generation | M
         finish_reason=_FINISH_FROM_PB[m.finish_reason],
         resumes=m.resumes,
         cached_input_tokens=m.cached_input_tokens,
+        tool_calls=tuple(ToolCall(d.id, d.name, d.arguments) for d in m.tool_calls),
     )
 
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
 from typing import Any, Literal
 
+from services.adapter.tool_calls.types import Tool, ToolCall, ToolCallDelta, ToolChoice
+
 
 class FinishReason(StrEnum):
     UNSPECIFIED = "unspecified"
@@ -17,9 +19,10 @@ class FinishReason(StrEnum):
     EOS_TOKEN = "eos_token"
     STOP_SEQUENCE = "stop_sequence"
     ERROR = "error"
+    TOOL_CALLS = "tool_calls"
 
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 # The scenarios every service knows: `chat` (the default: the text is a user
 # turn, rendered with the model's chat template) and `raw` (the text goes to
@@ -32,6 +35,9 @@ RAW_SCENARIO = "raw"
 class Message:
     role: str
     content: str
+    # An assistant turn's calls, and on a `tool` turn the call it answers.
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -132,6 +138,10 @@ class GenerationRequest:
     parameters: Parameters = field(default_factory=Parameters)
     messages: tuple[Message, ...] = ()
     resume: ResumePolicy = ResumePolicy.DEFAULT
+    tools: tuple[Tool, ...] = ()
+    # None: `auto` with tools, `none` without.
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     def evolve(self, **changes: object) -> GenerationRequest:
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -153,6 +163,7 @@ class Generation:
     logprobs: tuple[TokenLogprob, ...] = ()
     # Prompt tokens the engine reused from its prefix cache.
     cached_input_tokens: int = 0
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -163,6 +174,7 @@ class Chunk:
     tokens: int
     # The logprobs of this chunk's tokens, when the request asked for them.
     logprobs: tuple[TokenLogprob, ...] = ()
+    tool_calls: tuple[ToolCallDelta, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -174,7 +186,8 @@ class Limits:
     max_input_chars: int = 32_000
     max_input_tokens: int = 0
     max_total_tokens: int = 0
-    max_messages: int = 64
+    # Bounds parsing only: the context bounds a conversation, in tokens.
+    max_messages: int = 1000
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,8 @@ parameters' rules are their table's (services.common.parameters).
 
 from __future__ import annotations
 
+from services.adapter.tool_calls.request import NAME, check_tool_results, schema_problem
+from services.adapter.tool_calls.types import Turn
 from services.common.errors import FieldViolation, MeshError, clip, invalid
 from services.common.parameters import check_parameters
 from services.common.types import ROLES, GenerationRequest, Limits, ResumePolicy
@@ -38,9 +40,8 @@ def check_text(
                     )
                 )
         if request.messages[-1].role == "assistant" and not continuation:
-            out.append(
-                FieldViolation("messages", "the last message must be from the user or the system")
-            )
+            out.append(FieldViolation(
+                "messages", "the last message must be from the user, the system or a tool"))
         size = sum(len(m.content) for m in request.messages)
     else:
         if not request.inputs.strip():
@@ -56,11 +57,42 @@ def check_text(
     return out
 
 
+def check_tools(request: GenerationRequest) -> list[FieldViolation]:
+    """Tools with valid names and schemas, a choice that names one of them or
+    forces nothing without them, and tool results that answer earlier calls."""
+    out: list[FieldViolation] = []
+    names: set[str] = set()
+    for i, tool in enumerate(request.tools):
+        if not NAME.match(tool.name):
+            out.append(FieldViolation(f"tools[{i}].name", "must be 1 to 64 letters, digits, "
+                                      f"underscores or dashes, got {clip(tool.name)!r}"))
+        elif tool.name in names:
+            out.append(FieldViolation(f"tools[{i}].name", f"two tools are named {tool.name!r}"))
+        names.add(tool.name)
+        problem = schema_problem(tool.parameters) if tool.parameters else ""
+        if problem:
+            out.append(FieldViolation(f"tools[{i}].parameters", problem))
+    choice = request.tool_choice
+    if choice is not None and choice.mode == "named" and choice.name not in names:
+        out.append(FieldViolation("tool_choice.name", f"{clip(choice.name)!r} is not in `tools`"))
+    elif choice is not None and choice.mode == "required" and not request.tools:
+        out.append(FieldViolation("tool_choice", "`required` needs `tools`"))
+    if choice is not None and choice.forced and request.parameters.grammar is not None:
+        out.append(FieldViolation("tool_choice", "a forced tool call cannot be combined with "
+                                  "a grammar (response_format)"))
+    if any(m.role == "tool" or m.tool_calls for m in request.messages):
+        turns = [Turn(m.role, m.content, m.tool_calls, m.tool_call_id) for m in request.messages]
+        out += check_tool_results(turns)
+    return out
+
+
 def validate(request: GenerationRequest, limits: Limits, *, continuation: bool = False) -> None:
     """Raise INVALID_ARGUMENT listing every problem of `request`."""
     violations = check_text(request, limits, continuation=continuation) + check_parameters(
         request.parameters, limits
     )
+    if request.tools or request.tool_choice is not None or request.messages:
+        violations += check_tools(request)
     if violations:
         raise invalid(violations)
 

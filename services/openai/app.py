@@ -34,7 +34,15 @@ from services.common.validation import RESUME_HEADER, resume_policy
 from services.openai import responses
 from services.openai.errors import error_reply
 from services.openai.requests import Kind, OpenAIRequest, parse_chat, parse_completion
+from services.openai.responses_api import (
+    ResponsesRequest,
+    build_response,
+    in_responses_terms,
+    translate_request,
+)
+from services.openai.responses_writer import ResponsesWriter
 from services.openai.sse import SseWriter
+from services.openai.stop_filter import StopFilter, cut_at_stop
 from services.tenancy.caller import Callers
 from services.tenancy.priority import HEADER as PRIORITY_HEADER
 
@@ -46,6 +54,7 @@ INTERNAL_MESSAGE = "internal error; see the service log"
 ROUTES = (
     ("POST", "/v1/chat/completions"),
     ("POST", "/v1/completions"),
+    ("POST", "/v1/responses"),
     ("GET", "/v1/models"),
     ("GET", "/v1/models/{model}"),
 )
@@ -157,6 +166,7 @@ class OpenAIFace:
         app.router.add_get("/health", self.health)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/responses", self.responses_api)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/models/{model:.+}", self.model)
         app.router.add_route("*", "/{tail:.*}", self.unknown)
@@ -172,6 +182,10 @@ class OpenAIFace:
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, "completion")
+
+    async def responses_api(self, request: web.Request) -> web.StreamResponse:
+        """The Responses API, translated to and from a chat completion."""
+        return await self._generate(request, "chat", responses_api=True)
 
     async def models(self, request: web.Request) -> web.StreamResponse:
         async def answer() -> dict[str, Any]:
@@ -191,7 +205,9 @@ class OpenAIFace:
         error = MeshError(
             Reason.ROUTE_NOT_FOUND,
             f"unknown route {request.method} {request.path}; this server serves "
-            + ", ".join(f"{m} {p}" for m, p in ROUTES),
+            + ", ".join(f"{m} {p}" for m, p in ROUTES)
+            + "; the mesh's native API: POST /v1/generate, POST /v1/generate_stream, "
+            "GET /v1/mesh/models",
         )
         return self._error(error)
 
@@ -267,7 +283,8 @@ class OpenAIFace:
             )])
         return body, None
 
-    async def _generate(self, request: web.Request, kind: Kind) -> web.StreamResponse:
+    async def _generate(self, request: web.Request, kind: Kind,
+                        responses_api: bool = False) -> web.StreamResponse:
         body, refused = await self._body(request)
         fields = body if isinstance(body, dict) else {}
         model = fields.get("model")
@@ -280,6 +297,7 @@ class OpenAIFace:
         )
         call = self._record(request, method, resolved)
         parsed: OpenAIRequest | None = None
+        translated: ResponsesRequest | None = None
         try:
             if self._callers is not None:
                 tier = fields.get("service_tier")
@@ -292,14 +310,21 @@ class OpenAIFace:
                 self._authenticate(request)
             if refused is not None:
                 raise refused
-            parsed = parse_chat(body) if kind == "chat" else parse_completion(body)
+            if responses_api:
+                translated = translate_request(body)
+                try:
+                    parsed = parse_chat(translated.chat)
+                except MeshError as exc:
+                    raise in_responses_terms(exc) from None
+            else:
+                parsed = parse_chat(body) if kind == "chat" else parse_completion(body)
             header = request.headers.get(RESUME_HEADER)
             if header is not None:
                 parsed = replace(
                     parsed, generation=parsed.generation.evolve(resume=resume_policy(header))
                 )
             if parsed.stream:
-                return await self._stream(request, parsed, call, resolved)
+                return await self._stream(request, parsed, call, resolved, translated)
             results = await self._generate_choices(parsed, resolved)
         except MeshError as exc:
             call.finish(exc.code, reason=exc.reason, message=exc.message)
@@ -315,10 +340,14 @@ class OpenAIFace:
         except Exception as exc:
             return self._unexpected(call, exc)
         call.finish("OK", tokens=sum(r.tokens for r in results))
-        return _json(responses.completions(
+        # OpenAI leaves a matched stop sequence out of the text.
+        stop = parsed.generation.parameters.stop
+        answer = responses.completions(
             kind, results, id=responses.new_id(kind), created=int(time.time()),
-            top=_top(parsed),
-        ), headers=_ratelimit_headers(resolved))
+            top=_top(parsed), texts=[cut_at_stop(r.text, stop)[0] for r in results],
+        )
+        return _json(answer if translated is None else build_response(answer, translated),
+                     headers=_ratelimit_headers(resolved))
 
     async def _generate_choices(
         self, parsed: OpenAIRequest, resolved: RequestContext
@@ -339,7 +368,7 @@ class OpenAIFace:
 
     async def _stream(
         self, request: web.Request, parsed: OpenAIRequest, call: CallRecord,
-        resolved: RequestContext,
+        resolved: RequestContext, translated: ResponsesRequest | None = None,
     ) -> web.StreamResponse:
         """Server-Sent Events. An error before the first event is a real HTTP
         status (raised to the caller); after it, an error event the SDKs raise."""
@@ -353,12 +382,14 @@ class OpenAIFace:
             index, event = await anext(merged)
             shapes = responses.ChunkShapes(parsed.kind, resolved.model_label,
                                            parsed.include_usage, _top(parsed))
-            out = SseWriter(request)
+            out = (SseWriter(request) if translated is None
+                   else ResponsesWriter(request, translated, resolved.model_label))
             limits = _ratelimit_headers(resolved)
             if limits:
                 out.response.headers.update(limits)
             await out.start()
-            await self._relay(merged, index, event, shapes, out, call, len(streams))
+            stops = [StopFilter(parsed.generation.parameters.stop) for _ in streams]
+            await self._relay(merged, index, event, shapes, out, call, stops)
             return out.response
         finally:
             # Stops the generations behind it when the client has gone.
@@ -372,9 +403,12 @@ class OpenAIFace:
         shapes: responses.ChunkShapes,
         out: SseWriter,
         call: CallRecord,
-        n: int = 1,
+        stops: list[StopFilter],
     ) -> None:
-        """Relay the events of `n` choices (each tagged with its index) as chunks."""
+        """Relay the events of the choices (each tagged with its index; one stop
+        filter each) as chunks."""
+        n = len(stops)
+        timed = False
         sent = [""] * n
         counts = [0] * n
         first = [True] * n
@@ -383,21 +417,28 @@ class OpenAIFace:
         try:
             while True:
                 if isinstance(event, Chunk):
-                    if event.text and not any(sent):
+                    if (event.text or event.tool_calls) and not timed:
                         call.first_token()
+                        timed = True
                     offset = len(sent[index])
                     sent[index] += event.text
                     counts[index] = event.tokens
                     tokens = sum(counts)
-                    await out.send(
-                        shapes.first(event.text, index, event.logprobs) if first[index]
-                        else shapes.text(event.text, index, event.logprobs, offset))
-                    first[index] = False
+                    # A matched stop sequence stays out of the text, streamed too.
+                    text = stops[index].feed(event.text)
+                    if first[index]:
+                        await out.send(shapes.first(text, index, event.logprobs,
+                                                    event.tool_calls))
+                        first[index] = False
+                    elif text or event.tool_calls or event.logprobs:
+                        await out.send(shapes.text(text, index, event.logprobs, offset,
+                                                   event.tool_calls))
                 else:
                     # The final result repeats the whole text; anything the
                     # chunks did not carry goes out before the end.
                     done = sent[index]
                     rest = event.text[len(done):] if event.text.startswith(done) else ""
+                    rest = stops[index].feed(rest) + stops[index].finish()
                     if first[index]:
                         await out.send(shapes.first(rest, index))
                     elif rest:
@@ -428,7 +469,7 @@ class OpenAIFace:
         call.finish(error.code, reason=error.reason, message=error.message, tokens=tokens)
         # The 200 is gone: the error is the stream's last event, which the SDKs raise.
         with contextlib.suppress(ConnectionResetError):
-            await out.send(error_reply(error).body)
+            await out.send_error(error)
 
 
 async def _merge(

@@ -16,6 +16,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from services.adapter.tool_calls.request import (
+    check_tool_results,
+    parse_tool_calls,
+    parse_tool_choice,
+    parse_tools,
+)
+from services.adapter.tool_calls.types import Turn
 from services.common.errors import FieldViolation, MeshError, Reason, clip, invalid
 from services.common.parameters import MAX_TOP_LOGPROBS, PARAMS
 from services.common.types import RAW_SCENARIO, GenerationRequest, Grammar, Message, Parameters
@@ -26,19 +33,20 @@ Kind = Literal["chat", "completion"]
 MAX_CHOICES = 8
 
 # OpenAI's `developer` role is the newer name of `system`.
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
+         "tool": "tool"}
 
 # `json_object`: any JSON object. TGI refuses a schema without `properties`;
 # `additionalProperties` lets the object hold any keys.
 ANY_OBJECT: Mapping[str, Any] = {"type": "object", "properties": {}, "additionalProperties": True}
 
 # Fields that cannot change the generated text: accepted and left aside.
-IGNORED = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls"})
+IGNORED = frozenset({"user", "metadata", "store", "service_tier"})
 
 # Fields the mesh cannot honour: accepted only with a value that asks for
 # nothing (null, false, 0, empty, or the listed neutral values).
 _NEUTRAL: Mapping[str, tuple[object, ...]] = {
-    "tools": (), "tool_choice": ("none",), "functions": (), "function_call": ("none",),
+    "functions": (), "function_call": ("none",),
     "logit_bias": (), "modalities": (["text"],),
     "audio": (), "prediction": (), "reasoning_effort": (), "web_search_options": (),
     # completions only
@@ -325,6 +333,9 @@ def _stream(r: _Reader) -> tuple[bool, bool]:
     return stream, include_usage
 
 
+# A bound on parsing; a conversation's length is bounded by the model's context.
+MAX_MESSAGES = 1000
+
 _MESSAGE_KEYS = frozenset({"role", "content", "name", "refusal", "tool_calls", "function_call",
                            "tool_call_id", "audio"})
 
@@ -354,6 +365,10 @@ def _messages(r: _Reader) -> tuple[Message, ...]:
     if not isinstance(raw, list) or not raw:
         r.fail("messages", "must be a non-empty array of messages")
         return ()
+    if len(raw) > MAX_MESSAGES:
+        # Bounds parsing only: the model's context bounds a conversation.
+        r.fail("messages", f"at most {MAX_MESSAGES} messages, got {len(raw)}")
+        return ()
     out = []
     for i, message in enumerate(raw):
         where = f"messages[{i}]"
@@ -363,17 +378,51 @@ def _messages(r: _Reader) -> tuple[Message, ...]:
         for key, value in message.items():
             if key not in _MESSAGE_KEYS:
                 r.fail(f"{where}.{key}", "unrecognized message field")
-            elif key in ("tool_calls", "function_call", "tool_call_id", "audio") and value:
-                r.fail(f"{where}.{key}", "tools and audio are not supported by this server")
+            elif key in ("function_call", "audio") and value:
+                r.fail(f"{where}.{key}", "not supported by this server (use `tool_calls`)")
         role = message.get("role")
         if role not in ROLES:
             r.fail(f"{where}.role",
                    f"must be one of {', '.join(ROLES)}, got {_show(role)}")
             continue
-        content = _content(r, f"{where}.content", message.get("content"))
+        calls, bad = parse_tool_calls(message.get("tool_calls"), f"{where}.tool_calls")
+        r.bad += bad
+        if calls and role != "assistant":
+            r.fail(f"{where}.tool_calls", "only assistant messages make tool calls")
+        call_id = message.get("tool_call_id")
+        if role == "tool" and not isinstance(call_id, str):
+            r.fail(f"{where}.tool_call_id", "is required on a tool message (a string)")
+            call_id = ""
+        elif role != "tool" and call_id is not None:
+            r.fail(f"{where}.tool_call_id", "only tool messages answer a tool call")
+        raw_content = message.get("content")
+        if raw_content is None and calls:
+            content: str | None = ""
+        else:
+            content = _content(r, f"{where}.content", raw_content)
         if content is not None:
-            out.append(Message(ROLES[role], content))
+            out.append(Message(ROLES[role], content, calls, call_id or ""))
     return tuple(out)
+
+
+def _chat(r: _Reader) -> dict[str, Any]:
+    """The messages and the tool fields of a chat request."""
+    messages = _messages(r)
+    tools, bad = parse_tools(r.get("tools"))
+    r.bad += bad
+    choice, bad = parse_tool_choice(r.get("tool_choice"), tools)
+    r.bad += bad
+    parallel = r.boolean("parallel_tool_calls")
+    if any(m.role == "tool" or m.tool_calls for m in messages):
+        r.bad += check_tool_results(
+            [Turn(m.role, m.content, m.tool_calls, m.tool_call_id) for m in messages])
+    if choice.forced and r.get("response_format") not in (None, {"type": "text"}):
+        r.fail("tool_choice", "a forced tool call cannot be combined with `response_format`")
+    return {
+        "messages": messages, "tools": tools,
+        "tool_choice": choice if tools or r.get("tool_choice") is not None else None,
+        "parallel_tool_calls": parallel is not False,
+    }
 
 
 def _prompt(r: _Reader) -> str:
@@ -414,7 +463,7 @@ def _parse(body: Any, kind: Kind, text: Callable[[_Reader], dict[str, Any]]) -> 
 def parse_chat(body: Any) -> OpenAIRequest:
     """A `POST /v1/chat/completions` body: the messages go through the model's
     chat template in its adapter, as the native API's do."""
-    return _parse(body, "chat", lambda r: {"messages": _messages(r)})
+    return _parse(body, "chat", _chat)
 
 
 def parse_completion(body: Any) -> OpenAIRequest:

@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from services.adapter.tool_calls.types import ToolCallDelta
 from services.common.types import FinishReason, Generation, ModelInfo, TokenLogprob
 from services.openai.requests import Kind
 
@@ -24,6 +25,7 @@ FINISH = {
     FinishReason.EOS_TOKEN: "stop",
     FinishReason.STOP_SEQUENCE: "stop",
     FinishReason.UNSPECIFIED: "stop",
+    FinishReason.TOOL_CALLS: "tool_calls",
 }
 
 
@@ -79,16 +81,22 @@ def logprobs(
 
 
 def completion(
-    kind: Kind, result: Generation, *, id: str, created: int, top: int | None = None
+    kind: Kind, result: Generation, *, id: str, created: int, top: int | None = None,
+    text: str | None = None,
 ) -> dict[str, Any]:
-    """A whole answer: `chat.completion` or `text_completion`."""
+    """A whole answer: `chat.completion` or `text_completion`. `text` replaces
+    the result's (the text without a matched stop sequence)."""
     finish = FINISH.get(result.finish_reason, "stop")
+    text = result.text if text is None else text
     choice: dict[str, Any]
     if kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
-                  "logprobs": None, "finish_reason": finish}
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if result.tool_calls:
+            message["content"] = text or None
+            message["tool_calls"] = [c.openai() for c in result.tool_calls]
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
     else:
-        choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": finish}
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
     if top is not None:
         choice["logprobs"] = logprobs(kind, result.logprobs, top)
     return {
@@ -103,13 +111,16 @@ def completion(
 
 def completions(
     kind: Kind, results: Sequence[Generation], *, id: str, created: int,
-    top: int | None = None,
+    top: int | None = None, texts: Sequence[str | None] | None = None,
 ) -> dict[str, Any]:
-    """A whole answer of several choices (`n`), indexed in order."""
-    out = completion(kind, results[0], id=id, created=created, top=top)
+    """A whole answer of several choices (`n`), indexed in order; `texts`
+    replace the results' (without a matched stop sequence)."""
+    shown = list(texts) if texts is not None else [None] * len(results)
+    out = completion(kind, results[0], id=id, created=created, top=top, text=shown[0])
     out["choices"] = [
-        {**completion(kind, r, id=id, created=created, top=top)["choices"][0], "index": i}
-        for i, r in enumerate(results)
+        {**completion(kind, r, id=id, created=created, top=top, text=t)["choices"][0],
+         "index": i}
+        for i, (r, t) in enumerate(zip(results, shown, strict=True))
     ]
     out["usage"] = usage(results)
     return out
@@ -143,7 +154,7 @@ class ChunkShapes:
 
     def _choice(self, text: str | None, finish: str | None, role: bool = False,
                 index: int = 0, tokens: Sequence[TokenLogprob] = (),
-                offset: int = 0) -> dict[str, Any]:
+                offset: int = 0, calls: tuple[ToolCallDelta, ...] = ()) -> dict[str, Any]:
         shown = logprobs(self.kind, tokens, self.top, offset) if self.top is not None and (
             tokens) else None
         if self.kind == "chat":
@@ -151,20 +162,26 @@ class ChunkShapes:
             if role:
                 delta["role"] = "assistant"
             if text is not None:
-                delta["content"] = text
+                # A first chunk that opens a call has no content (OpenAI's null).
+                delta["content"] = None if calls and not text and role else text
+            if calls:
+                if not text and not role:
+                    delta.pop("content", None)
+                delta["tool_calls"] = [c.openai() for c in calls]
             return {"index": index, "delta": delta, "logprobs": shown, "finish_reason": finish}
         return {"index": index, "text": text or "", "logprobs": shown, "finish_reason": finish}
 
-    def first(self, text: str, index: int = 0,
-              tokens: Sequence[TokenLogprob] = ()) -> dict[str, Any]:
+    def first(self, text: str, index: int = 0, tokens: Sequence[TokenLogprob] = (),
+              calls: tuple[ToolCallDelta, ...] = ()) -> dict[str, Any]:
         """The first chunk (of a choice); in a chat it carries the role."""
-        return self._chunk([self._choice(text, None, role=True, index=index, tokens=tokens)])
+        return self._chunk([self._choice(text, None, role=True, index=index, tokens=tokens,
+                                         calls=calls)])
 
     def text(self, text: str, index: int = 0, tokens: Sequence[TokenLogprob] = (),
-             offset: int = 0) -> dict[str, Any]:
+             offset: int = 0, calls: tuple[ToolCallDelta, ...] = ()) -> dict[str, Any]:
         """More text of a choice; `offset`: its characters sent before."""
         return self._chunk([self._choice(text, None, index=index, tokens=tokens,
-                                         offset=offset)])
+                                         offset=offset, calls=calls)])
 
     def last(self, result: Generation, index: int = 0) -> dict[str, Any]:
         """The chunk with the finish reason (and no new text)."""

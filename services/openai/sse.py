@@ -8,6 +8,9 @@ from typing import Any
 
 from aiohttp import web
 
+from services.common.errors import MeshError
+from services.openai.errors import error_reply
+
 DONE = b"data: [DONE]\n\n"
 
 
@@ -37,3 +40,7 @@ class SseWriter:
         """Write events (several in one write), and `[DONE]` after them if `done`."""
         data = b"".join(event(v) for v in values)
         await self.response.write(data + DONE if done else data)
+
+    async def send_error(self, error: MeshError) -> None:
+        """An error after the 200: the stream's last event, which the SDKs raise."""
+        await self.send(error_reply(error).body)

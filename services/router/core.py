@@ -245,7 +245,7 @@ class RouterCore:
                             return
                         tokens = base + event.tokens
                         relayed.append(event.text)
-                        yield Chunk(event.text, tokens) if resumes else event
+                        yield replace(event, tokens=tokens) if resumes else event
                 return
             except MeshError as exc:
                 last = exc

@@ -12,7 +12,8 @@ against least-in-flight, simulated), `tracing` (off against on),
 `relay` and `relay_bounded` (streams one router and adapter relay before
 time to first token doubles; a burst of 3,000 against the router's bound),
 `relay_bounded_envoy` (that burst through Envoy), `tenancy` (a saturated
-model with and without the router's queue), and
+model with and without the router's queue), `tools` (a chat request with
+three function tools against none), and
 `machine`: the machine
 and its load average when the run began) and the tables to
 .run/bench/results.md. `--prefix` adds the shared-prefix conversations
@@ -43,6 +44,7 @@ from tests.bench import (
     replica_bench,
     resume_bench,
     tenancy_bench,
+    tools_bench,
     tracing_bench,
 )
 
@@ -100,6 +102,10 @@ def main() -> None:
                 ["--doubles", "--cpu", "--anchor", "--plot", str(OUT / "prefix.png"),
                  "--live-conversations", "4", "--live-turns", "3", "--max-tokens", "16",
                  *(["--quick"] if quick else [])])
+        print()
+        # Tools on the OpenAI path: three function tools against none.
+        sys.argv = [sys.argv[0], *(["--quick"] if quick else [])]
+        results["tools"] = tools_bench.main()
     results["machine"] = results["mesh"].pop("machine")
     (OUT / "results.json").write_text(json.dumps(results, indent=2))
     (OUT / "results.md").write_text(text.getvalue())

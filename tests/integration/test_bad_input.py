@@ -310,7 +310,7 @@ CASES: dict[str, tuple[dict[str, Any], int, str]] = {
         {"model_id": "qwen2", "inputs": "x", "parameters": "hot"}, 400, "parameters"),
     "unknown role": (
         {"model_id": "qwen2", "messages": [{"role": "robot", "content": "x"}]}, 400,
-        "messages[0].role: must be one of system, user, assistant, got 'robot'"),
+        "messages[0].role: must be one of system, user, assistant, tool, got 'robot'"),
 }
 
 

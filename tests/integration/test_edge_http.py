@@ -125,6 +125,7 @@ def test_guide_curl_examples(mesh: Mesh, name: str) -> None:
         "input_tokens": reply["input_tokens"],
         "finish_reason": "FINISH_REASON_EOS_TOKEN",
         "model_id": request["model_id"],
+        "tool_calls": [],  # unary replies print every field, empty ones too
         "logprobs": [],  # unary replies carry every field; none asked for
         "cached_input_tokens": 0,  # the double keeps no prefix cache here
     }
@@ -223,12 +224,17 @@ def test_bad_json_is_400_json(mesh: Mesh, body: bytes, needle: str) -> None:
 
 
 def test_unknown_route_and_model_are_404(mesh: Mesh) -> None:
-    status, ctype, body = post(f"{mesh.http}/v1/nope", "{}")
+    status, ctype, body = post(f"{mesh.http}/v1/mesh/nope", "{}")
     assert (status, ctype) == (404, "application/json") and body["code"] == 5
-    assert body["message"] == "no such route: POST /v1/nope"
+    assert body["message"] == "no such route: POST /v1/mesh/nope"
     info = _detail(body, "ErrorInfo")
     assert (info["reason"], info["domain"]) == ("ROUTE_NOT_FOUND", "llmmesh.v1")
-    assert info["metadata"] == {"method": "POST", "path": "/v1/nope"}
+    assert info["metadata"] == {"method": "POST", "path": "/v1/mesh/nope"}
+    # Every other path under /v1/ is OpenAI's namespace: OpenAI's 404.
+    status, ctype, body = post(f"{mesh.http}/v1/nope", "{}")
+    assert status == 404 and ctype.startswith("application/json")
+    assert body["error"]["code"] == "route_not_found"
+    assert "POST /v1/generate" in body["error"]["message"]
     status, ctype, body = post(f"{mesh.http}/v1/generate",
                                json.dumps({"model_id": "gpt-4", "inputs": "x"}))
     assert (status, ctype) == (404, "application/json")

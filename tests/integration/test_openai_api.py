@@ -205,8 +205,9 @@ async def test_bad_parameters_name_their_param(clean: Mesh, aclient: openai.Asyn
     with pytest.raises(openai.BadRequestError) as err:
         await aclient.chat.completions.create(
             model="qwen2", messages=USER,
-            tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
-    assert err.value.body["param"] == "tools"
+            tools=[{"type": "function", "function": {"name": "f", "parameters": {
+                "type": "object", "properties": 3}}}])
+    assert err.value.body["param"] == "tools[0].function.parameters"
     # Refused by the adapter (TGI has no presence penalty), named in OpenAI's terms.
     with pytest.raises(openai.BadRequestError) as err:
         await aclient.chat.completions.create(model="qwen2", messages=USER,

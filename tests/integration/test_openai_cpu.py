@@ -113,3 +113,40 @@ def test_top_logprobs_from_the_cpu_backend(client: openai.OpenAI) -> None:
         assert best.token == token.token
         assert token.logprob == pytest.approx(max(a.logprob for a in token.top_logprobs))
         assert all(a.logprob <= 0 for a in token.top_logprobs)
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"},
+                           "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"],
+        },
+    },
+}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_required_tool_call_validates_against_its_schema(
+        client: openai.OpenAI, stream: bool) -> None:
+    """SmolLM2 answers with a call whatever it learnt: the grammar of
+    `required` holds it to the tool's schema."""
+    request = {"model": "qwen2", "max_tokens": 60, "temperature": 0, "tools": [WEATHER],
+               "tool_choice": "required",
+               "messages": [{"role": "user", "content": "What is the weather in Paris?"}]}
+    if stream:
+        with client.chat.completions.stream(**request) as events:
+            for _ in events:
+                pass
+            answer = events.get_final_completion()
+    else:
+        answer = client.chat.completions.create(**request)
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])

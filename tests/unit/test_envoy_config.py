@@ -55,9 +55,9 @@ def test_transcoder_settings():
         assert retry_on <= {"connect-failure", "refused-stream", "reset-before-request"}
     # The body limit is on for HTTP/JSON routes only (gRPC has its own).
     assert filters["envoy.filters.http.buffer"]["disabled"] is True
-    limited = [r["match"]["prefix"] for r in proxied
+    limited = [r["match"].get("prefix") or r["match"]["path"] for r in proxied
                if "typed_per_filter_config" in r and r["route"]["cluster"] == "router"]
-    assert limited == ["/v1/generate_stream", "/v1/"]
+    assert limited == ["/v1/generate_stream", "/v1/generate", "/v1/mesh/"]
 
 
 def _hcm() -> dict:
@@ -127,7 +127,11 @@ def test_the_413_message_names_envoys_real_limit():
     assert f"({limit} bytes)" in EDGE_ERRORS[413].message
 
 
-OPENAI_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/models/"}
+OPENAI_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/models",
+                "/v1/models/"}
+# Every other path under /v1/ is OpenAI's too (its 404 in OpenAI's shape),
+# after the native HTTP/JSON routes.
+OPENAI_REST = "/v1/"
 
 
 def test_openai_routes_go_to_the_openai_listener_untranscoded():
@@ -136,10 +140,16 @@ def test_openai_routes_go_to_the_openai_listener_untranscoded():
     routes = hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
     routes = [r for r in routes if "route" in r]  # not the playground's direct responses
     openai = [r for r in routes if r["route"]["cluster"] == "openai"]
-    assert {r["match"].get("path") or r["match"].get("prefix") for r in openai} == OPENAI_PATHS
-    # They come before the transcoded /v1/ routes, which would take them.
+    paths = [r["match"].get("path") or r["match"].get("prefix") for r in openai]
+    assert set(paths[:-1]) == OPENAI_PATHS and paths[-1] == OPENAI_REST
+    # They come before the transcoded routes, and the rest of /v1/ after them.
     first_router = next(i for i, r in enumerate(routes) if r["route"]["cluster"] == "router")
-    assert all(routes.index(r) < first_router for r in openai)
+    assert all(routes.index(r) < first_router for r in openai[:-1])
+    native = [r["match"].get("path") or r["match"].get("prefix") for r in routes
+              if r["route"]["cluster"] == "router"]
+    assert routes.index(openai[-1]) > routes.index(
+        next(r for r in routes if r["match"].get("prefix") == "/v1/mesh/"))
+    assert {"/v1/generate", "/v1/generate_stream", "/v1/mesh/"} <= set(native)
     for route in openai:
         filters = route["typed_per_filter_config"]
         assert filters["envoy.filters.http.grpc_json_transcoder"]["disabled"] is True

@@ -120,7 +120,7 @@ def test_completion_prompt_goes_raw():
         ({"n": 9}, "n"),
         ({"n": 0}, "n"),
         ({"n": "2"}, "n"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"tools": [{"type": "code_interpreter"}]}, "tools[0].type"),
         ({"tool_choice": "required"}, "tool_choice"),
         ({"logprobs": "yes"}, "logprobs"),
         ({"logprobs": 3}, "logprobs"),
@@ -156,6 +156,8 @@ def test_completion_prompt_goes_raw():
         ({"messages": "Hi"}, "messages"),
         ({"messages": ["Hi"]}, "messages[0]"),
         ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]},
+         "messages[0].tool_call_id"),
+        ({"messages": [{"role": "function", "content": "x"}]},
          "messages[0].role"),
         ({"messages": [{"role": "user", "content": None}]}, "messages[0].content"),
         ({"messages": [{"role": "user", "content": []}]}, "messages[0].content"),
@@ -165,7 +167,7 @@ def test_completion_prompt_goes_raw():
         ({"messages": [{"role": "user", "content": [{"type": "text"}]}]},
          "messages[0].content[0].text"),
         ({"messages": [{"role": "assistant", "content": "x", "tool_calls": [{"id": "1"}]},
-                       {"role": "user", "content": "y"}]}, "messages[0].tool_calls"),
+                       {"role": "user", "content": "y"}]}, "messages[0].tool_calls[0]"),
         ({"messages": [{"role": "user", "content": "x", "mood": "sunny"}]},
          "messages[0].mood"),
     ],
@@ -206,7 +208,7 @@ def test_neutral_values_of_unsupported_fields_are_accepted():
 
 def test_every_problem_is_reported_at_once():
     problems = refused(chat(n=30, temperature=9, tools=[{"type": "function"}]))
-    assert {"n", "temperature", "tools"} <= set(problems)
+    assert {"n", "temperature", "tools[0].function"} <= set(problems)
 
 
 def test_a_body_that_is_not_an_object():
