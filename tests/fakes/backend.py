@@ -32,9 +32,11 @@ class FakeBackend:
     cancelled: int = 0
     closed: bool = False
     applies_template: bool = False
+    # The tool choices the engine's own chat API takes (native tool calling).
+    native: frozenset[str] = frozenset()
 
     def native_tools(self, choice: ToolChoice) -> bool:
-        return False
+        return choice.mode in self.native
 
     def _words(self, params: Parameters) -> list[str]:
         return self.words[: params.max_new_tokens or len(self.words)]

@@ -60,14 +60,14 @@ class LlamaServerPart(Part):
     /v1/models included); with it off, requests wait their turn.
     """
 
-    def __init__(self, tmp: Path, name: str = "llama-server") -> None:
+    def __init__(self, tmp: Path, name: str = "llama-server", *flags: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
         super().__init__(
             name,
             python_module("llama_cpp.server", "--model", str(gguf()), "--host", "127.0.0.1",
                           "--port", str(self.port), "--n_threads", "2", "--n_ctx", "2048",
-                          "--interrupt_requests", "False"),
+                          "--interrupt_requests", "False", *flags),
             tmp / f"{name}.log",
             lambda part: wait_http(f"{self.url}/models", 0.5),
         )
