@@ -188,6 +188,10 @@ async def test_engine_with_its_own_tools_gets_them_and_its_calls_pass_through():
     assert whole.tool_calls == final.tool_calls == (call,)
     assert whole.finish_reason is final.finish_reason is FinishReason.TOOL_CALLS
     assert next(d for c in chunks for d in c.tool_calls).name == "get_weather"
+    # Its input is bounded with the tools counted in.
+    bare, _ = await core.count_tokens(request("qwen2"))
+    counted, exact = await core.count_tokens(request("qwen2", tools=(WEATHER,)))
+    assert not exact and counted > bare
 
 
 async def test_a_choice_the_engine_cannot_force_falls_back_to_the_mesh():
