@@ -119,6 +119,11 @@ def test_request_fields_and_history_in_openai_shape() -> None:
     # `none`: no tools offered; the history still goes.
     _, body = engine.body(EngineTools(HISTORY, (TOOL,), ToolChoice("none")), Parameters(), False)
     assert "tools" not in body and "tool_choice" not in body and len(body["messages"]) == 3
+    assert "continue_final_message" not in body
+    # An answer begun (a resumed stream) is continued, as vLLM wants it said.
+    begun = EngineTools((*HISTORY, Turn("assistant", "It is")), (TOOL,), ToolChoice("auto"))
+    _, body = engine.body(begun, Parameters(), True)
+    assert body["continue_final_message"] is True and body["add_generation_prompt"] is False
 
 
 def test_capabilities_by_kind() -> None:

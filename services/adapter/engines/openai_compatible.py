@@ -185,6 +185,11 @@ class OpenAICompatibleEngine(HttpEngine):
             route = "/chat/completions"
             body["messages"] = prompt.messages()
             body.update(prompt.fields(send_choice=kind.tool_choice_field))
+            last = prompt.turns[-1] if prompt.turns else None
+            if (last is not None and last.role == "assistant" and not last.tool_calls
+                    and kind.continue_final_message):
+                body["continue_final_message"] = True  # a resumed answer, continued
+                body["add_generation_prompt"] = False
         else:
             route = "/chat/completions"
             body["messages"] = [{"role": m.role, "content": m.content} for m in prompt]
