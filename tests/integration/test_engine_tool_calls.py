@@ -16,14 +16,14 @@ from typing import Any
 import openai
 import pytest
 
-from tests.harness.parts import EnvoyPart, RouterPart, start_all, stop_all
-from tests.harness.procs import free_port
-from tests.integration.test_openai_engines import (
+from tests.harness.engine_parts import (
     EngineAdapterPart,
     LlamaServerPart,
     VLLMPart,
     gguf,
 )
+from tests.harness.parts import EnvoyPart, RouterPart, start_all, stop_all
+from tests.harness.procs import free_port
 
 pytestmark = pytest.mark.integration
 ID = re.compile(r"^call_[0-9a-f]{24}$")
