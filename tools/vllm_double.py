@@ -19,6 +19,15 @@ The shapes are vLLM's own, read from its source (vllm-project/vllm):
   "The model `X` does not exist.".
 - `serving_completion.py` / `serving_chat.py`: an error after a stream has
   started is sent as `data: {"error": ...}`, then `data: [DONE]`.
+- Tool calls (`serving_chat.py`, `protocol.py`: `ToolCall`, `DeltaToolCall`,
+  `DeltaFunctionCall`; ids from `random_tool_call_id`, `chatcmpl-tool-` and
+  32 hex digits): a whole answer's `message.tool_calls` with `arguments` as
+  JSON text and `content` None; streamed, the first delta of a call carries
+  `index`, `id`, `type` and the name with empty arguments, later ones only
+  `index` and an arguments fragment (the tool parsers' shape). With a named
+  `tool_choice` vLLM's named-function path streams the name again in every
+  delta, without an id, and ends with `finish_reason` `stop`; with
+  `auto`/`required`, `tool_calls`.
 - `api_server.py`: `GET /health` is 200 while the engine lives, 503 once it
   is dead; `GET /metrics` is Prometheus text.
 - `vllm/v1/metrics/loggers.py`: the gauges `vllm:num_requests_running`,
@@ -26,7 +35,10 @@ The shapes are vLLM's own, read from its source (vllm-project/vllm):
   labelled `model_name` and `engine`.
 
 The engine is scripted: it echoes the last user turn (or the prompt), one
-token per word, `--token-delay` seconds per token; at most `--max-num-seqs`
+token per word; offered tools, it calls those the last user turn names (in
+that order; the first alone with `parallel_tool_calls: false`), and under a
+forced choice the named (or first) tool, each string argument being the last
+word of the user turn; `--token-delay` seconds per token; at most `--max-num-seqs`
 requests run at once and the rest wait, so the metrics count real requests.
 KV-cache usage is the running requests' share of `--max-num-seqs`.
 
@@ -256,6 +268,9 @@ async def generate(request: web.Request) -> web.StreamResponse:
     s.waiting -= 1
     s.running += 1
     try:
+        calls = _tool_calls(body) if chat else []
+        if calls:
+            return await _run_calls(request, s, stream, rid, calls, prompt_tokens, body)
         return await _run(request, s, chat, stream, rid, kind, words, stops, max_tokens,
                           prompt_tokens, body)
     except asyncio.CancelledError:
@@ -366,6 +381,89 @@ async def _run(request: web.Request, s: State, chat: bool, stream: bool, rid: st
     await resp.write(f"data: {json.dumps(last)}\n\n".encode())
     if (body.get("stream_options") or {}).get("include_usage"):
         tail = {"id": rid, "object": last["object"], "created": last["created"],
+                "model": s.model, "choices": [], "usage": usage}
+        await resp.write(f"data: {json.dumps(tail)}\n\n".encode())
+    await resp.write(b"data: [DONE]\n\n")
+    await resp.write_eof()
+    return resp
+
+
+def _tool_calls(body: dict[str, Any]) -> list[tuple[str, str]]:
+    """The calls (name, JSON arguments) the script makes, if any."""
+    tools = [t.get("function") or {} for t in body.get("tools") or [] if isinstance(t, dict)]
+    choice = body.get("tool_choice", "auto")
+    if not tools or choice == "none":
+        return []
+    messages = body.get("messages") or []
+    last = messages[-1] if messages else {}
+    user = str(last.get("content") or "") if last.get("role") == "user" else ""
+    if isinstance(choice, dict):
+        wanted = str((choice.get("function") or {}).get("name") or "")
+        chosen = [t for t in tools if t.get("name") == wanted]
+    else:
+        named = sorted((user.find(t["name"]), i) for i, t in enumerate(tools)
+                       if t.get("name") and t["name"] in user)
+        chosen = [tools[i] for _, i in named]
+        if not chosen and choice == "required":
+            chosen = tools[:1]
+    if body.get("parallel_tool_calls") is False:
+        chosen = chosen[:1]
+    words = re.findall(r"\w+", user or _prompt_of(body, True))
+    out = []
+    for tool in chosen:
+        properties = (tool.get("parameters") or {}).get("properties") or {}
+        arguments = {name: (words[-1] if words else "") if spec.get("type") == "string"
+                     else len(words) for name, spec in properties.items()}
+        out.append((str(tool["name"]), json.dumps(arguments)))
+    return out
+
+
+async def _run_calls(request: web.Request, s: State, stream: bool, rid: str,
+                     calls: list[tuple[str, str]], prompt_tokens: int,
+                     body: dict[str, Any]) -> web.StreamResponse:
+    """An answer of tool calls, in vLLM's shapes."""
+    named = isinstance(body.get("tool_choice"), dict)
+    finish = "stop" if named else "tool_calls"
+    ids = [f"chatcmpl-tool-{uuid.uuid4().hex}" for _ in calls]
+    # Arguments go out in fragments of up to 8 characters, one token each.
+    fragments = [[args[i:i + 8] for i in range(0, len(args), 8)] for _, args in calls]
+    n = sum(len(f) for f in fragments)
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n,
+             "total_tokens": prompt_tokens + n}
+    created = int(time.time())
+    if not stream:
+        if s.token_delay:
+            await asyncio.sleep(s.token_delay * n)
+        message = {"role": "assistant", "content": None, "tool_calls": [
+            {"id": i, "type": "function", "function": {"name": name, "arguments": args}}
+            for i, (name, args) in zip(ids, calls, strict=True)]}
+        return web.json_response({
+            "id": rid, "object": "chat.completion", "created": created, "model": s.model,
+            "choices": [{"index": 0, "message": message, "logprobs": None,
+                         "finish_reason": finish, "stop_reason": None}],
+            "usage": usage})
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await resp.prepare(request)
+
+    async def send(delta: dict[str, Any], finish_reason: str | None = None) -> None:
+        chunk = {"id": rid, "object": "chat.completion.chunk", "created": created,
+                 "model": s.model, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                                "finish_reason": finish_reason}]}
+        await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+
+    await send({"role": "assistant", "content": ""})
+    for index, ((name, _), pieces) in enumerate(zip(calls, fragments, strict=True)):
+        if not named:
+            await send({"tool_calls": [{"id": ids[index], "type": "function", "index": index,
+                                        "function": {"name": name, "arguments": ""}}]})
+        for piece in pieces:
+            if s.token_delay:
+                await asyncio.sleep(s.token_delay)
+            function = {"name": name, "arguments": piece} if named else {"arguments": piece}
+            await send({"tool_calls": [{"index": index, "function": function}]})
+    await send({}, finish)
+    if (body.get("stream_options") or {}).get("include_usage"):
+        tail = {"id": rid, "object": "chat.completion.chunk", "created": created,
                 "model": s.model, "choices": [], "usage": usage}
         await resp.write(f"data: {json.dumps(tail)}\n\n".encode())
     await resp.write(b"data: [DONE]\n\n")

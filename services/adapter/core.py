@@ -10,12 +10,14 @@ keeps the model's readiness in step with the engine's health.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 
 from services.adapter.chat_template import ChatTemplate
 from services.adapter.engines.base import Engine, EngineInfo, EngineResult, EngineToken, Prompt
+from services.adapter.tool_calls.engine import EngineTools
 from services.adapter.tool_calls.grammar import calls_grammar
 from services.adapter.tool_calls.parse import StreamParser
 from services.adapter.tool_calls.render import Family, family_of, hermes_messages, render
@@ -192,8 +194,9 @@ class AdapterCore:
                     if isinstance(event, EngineToken):
                         tokens += event.count
                         if parser is None:
-                            if event.text or event.logprobs:
-                                yield Chunk(event.text, tokens, logprobs=event.logprobs)
+                            if event.text or event.logprobs or event.tool_calls:
+                                yield Chunk(event.text, tokens, logprobs=event.logprobs,
+                                            tool_calls=event.tool_calls)
                             continue
                         if not event.text:
                             continue
@@ -216,6 +219,11 @@ class AdapterCore:
         """The input tokens of the prompt as it would be sent: the engine's
         tokenizer where it has one, else the stated upper bound."""
         prompt, _, _ = self._prepare(request, context)
+        if isinstance(prompt, EngineTools):  # the engine renders tools and calls
+            offered = json.dumps(prompt.fields())
+            return conversation_upper_bound(
+                [(m["role"], json.dumps(m)) for m in prompt.messages()] + [("system", offered)]
+            ), False
         if not isinstance(prompt, str):  # the engine renders the conversation
             return conversation_upper_bound((m.role, m.content) for m in prompt), False
         count = getattr(self._engine, "count_tokens", None)
@@ -277,10 +285,17 @@ class AdapterCore:
         choice enforced with a grammar, the output read by a parser."""
         choice = request.tool_choice or ToolChoice("auto" if request.tools else "none")
         offered = request.tools if choice.mode != "none" else ()
+        turns = [Turn(m.role, m.content, m.tool_calls, m.tool_call_id) for m in messages]
+        if self._engine.native_tools(choice):
+            # The engine's own tool support: it reads the tools, makes the
+            # calls, and its driver normalises them (tool_calls.engine).
+            return EngineTools(tuple(turns), request.tools, choice,
+                               request.parallel_tool_calls), params, None
+        # Otherwise (and where the engine cannot honour this choice) the
+        # mesh renders the tools, forces a choice with a grammar, and parses.
         grammar = calls_grammar(request.tools, choice)
         if grammar is not None:
             params = replace(params, grammar=grammar)
-        turns = [Turn(m.role, m.content, m.tool_calls, m.tool_call_id) for m in messages]
         # An engine that applies its own template gets the calls and results
         # as plain messages in the generic (Hermes) markup.
         family = Family.GENERIC if self._engine.applies_template else self.family
@@ -337,6 +352,7 @@ class AdapterCore:
             finish_reason=result.finish_reason,
             logprobs=result.logprobs,
             cached_input_tokens=result.cached_input_tokens,
+            tool_calls=result.tool_calls,
         )
 
 

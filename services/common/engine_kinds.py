@@ -48,6 +48,13 @@ class EngineKind:
     # `continue_final_message: true` with `add_generation_prompt: false`;
     # without them the engine's template closes that turn and opens another.
     continue_final_message: bool = False
+    # The tool choices (`none`, `auto`, `required`, `named`) the engine's own
+    # chat API honours, for `chat_api: engine`: a request with another choice
+    # (or with tools at all, when empty) falls back to the mesh's rendering,
+    # grammar and parser. `tool_choice_field` False: the engine takes `tools`
+    # but not `tool_choice` (it always chooses for itself).
+    tool_choices: frozenset[str] = frozenset({"none", "auto", "required", "named"})
+    tool_choice_field: bool = True
 
     @property
     def url_hint(self) -> str:
@@ -61,7 +68,7 @@ KINDS: Mapping[str, EngineKind] = {
     kind.name: kind
     for kind in (
         EngineKind("tgi", "tgi", "Text Generation Inference's own API (or the CPU backend)",
-                   json_grammar="tgi", regex_grammar="tgi"),
+                   json_grammar="tgi", regex_grammar="tgi", tool_choices=frozenset()),
         # Only OpenAI's own fields: any server that implements the API.
         EngineKind("openai", "openai", "any OpenAI-compatible server", _NO_EXTRAS),
         # vLLM's extra sampling parameters and structured outputs
@@ -75,13 +82,18 @@ KINDS: Mapping[str, EngineKind] = {
         # `repeat_penalty`, a GBNF `grammar` on both routes (llama-cpp-python's
         # /v1/completions has no other way to constrain output), no regex;
         # /metrics only from a llama-server started with --metrics.
+        # llama-cpp-python's chatml-function-calling format takes `auto` and
+        # a named function, not `required`.
         EngineKind("llamacpp", "openai", "llama.cpp's llama-server or llama-cpp-python",
-                   {"repetition_penalty": "repeat_penalty"}, json_grammar="gbnf"),
+                   {"repetition_penalty": "repeat_penalty"}, json_grammar="gbnf",
+                   tool_choices=frozenset({"none", "auto", "named"})),
         # Ollama's OpenAI compatibility layer: OpenAI's fields only, no
-        # structured output on /v1/completions, and no logprobs.
+        # structured output on /v1/completions, and no logprobs; `tools`
+        # but no `tool_choice` (the model always chooses for itself).
         EngineKind("ollama", "openai", "Ollama's OpenAI compatibility layer",
                    {**_NO_EXTRAS, "logprobs": None, "top_logprobs": None},
-                   json_grammar=None, metrics=False),
+                   json_grammar=None, metrics=False,
+                   tool_choices=frozenset({"none", "auto"}), tool_choice_field=False),
     )
 }
 

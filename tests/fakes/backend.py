@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from services.adapter.engines.base import EngineInfo, EngineResult, EngineToken, Prompt
+from services.adapter.tool_calls.types import ToolChoice
 from services.common.errors import MeshError
 from services.common.types import FinishReason, Parameters
 
@@ -31,6 +32,11 @@ class FakeBackend:
     cancelled: int = 0
     closed: bool = False
     applies_template: bool = False
+    # The tool choices the engine's own chat API takes (native tool calling).
+    native: frozenset[str] = frozenset()
+
+    def native_tools(self, choice: ToolChoice) -> bool:
+        return choice.mode in self.native
 
     def _words(self, params: Parameters) -> list[str]:
         return self.words[: params.max_new_tokens or len(self.words)]

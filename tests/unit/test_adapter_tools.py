@@ -158,3 +158,48 @@ async def test_a_forced_call_cut_by_the_token_limit_ends_with_length():
     assert metrics.registry.get_sample_value(
         "llmmesh_tool_call_malformed_total",
         {"service": "adapter-test", "model": "qwen2", "family": "hermes"}) == 1
+
+
+async def test_engine_with_its_own_tools_gets_them_and_its_calls_pass_through():
+    from services.adapter.engines.base import EngineResult, EngineToken
+    from services.adapter.tool_calls.engine import EngineTools
+    from services.adapter.tool_calls.types import ToolCallDelta
+
+    core, backend, _ = make("qwen2", [], applies_template=True)
+    backend.native = frozenset({"auto"})
+    call = ToolCall("call_" + "1" * 24, "get_weather", '{"city": "Oslo"}')
+
+    async def generate(prompt, params, timeout):  # type: ignore[no-untyped-def]
+        backend.prompts.append(prompt)
+        backend.params.append(params)
+        return EngineResult("", 3, 7, FinishReason.TOOL_CALLS, tool_calls=(call,))
+
+    async def generate_stream(prompt, params, timeout):  # type: ignore[no-untyped-def]
+        yield EngineToken("", 1, tool_calls=(ToolCallDelta(0, "", call.id, call.name),))
+        yield EngineToken("", 1, tool_calls=(ToolCallDelta(0, call.arguments),))
+        yield EngineResult("", 2, 7, FinishReason.TOOL_CALLS, tool_calls=(call,))
+
+    backend.generate = generate  # type: ignore[method-assign]
+    backend.generate_stream = generate_stream  # type: ignore[method-assign]
+    whole, chunks, final = await whole_and_streamed(core, request("qwen2", tools=(WEATHER,)))
+    prompt = backend.prompts[0]
+    assert isinstance(prompt, EngineTools) and prompt.tools == (WEATHER,)
+    assert backend.params[0].grammar is None  # the engine forces nothing of the mesh's
+    assert whole.tool_calls == final.tool_calls == (call,)
+    assert whole.finish_reason is final.finish_reason is FinishReason.TOOL_CALLS
+    assert next(d for c in chunks for d in c.tool_calls).name == "get_weather"
+    # Its input is bounded with the tools counted in.
+    bare, _ = await core.count_tokens(request("qwen2"))
+    counted, exact = await core.count_tokens(request("qwen2", tools=(WEATHER,)))
+    assert not exact and counted > bare
+
+
+async def test_a_choice_the_engine_cannot_force_falls_back_to_the_mesh():
+    text = '{"name": "get_weather", "arguments": {"city": "Oslo"}}'  # as the grammar forces
+    core, backend, _ = make("qwen2", pieces(text), applies_template=True)
+    backend.native = frozenset({"none", "auto"})  # as Ollama: no forced choice
+    answer = await core.generate(
+        request("qwen2", tools=(WEATHER,), tool_choice=ToolChoice("required")), timeout=5)
+    assert [c.name for c in answer.tool_calls] == ["get_weather"]
+    assert isinstance(backend.prompts[0], tuple)  # Hermes messages, the mesh's parser
+    assert backend.params[0].grammar is not None

@@ -50,17 +50,19 @@ def test_a_schema_that_is_no_json_is_refused_by_field():
 
 
 def test_reply_and_stream_events_carry_calls():
-    result = Generation("Checking.", "Qwen2", "qwen2", 9, 5, FinishReason.TOOL_CALLS, (CALL,))
+    result = Generation("Checking.", "Qwen2", "qwen2", 9, 5, FinishReason.TOOL_CALLS,
+                        tool_calls=(CALL,))
     assert pb_convert.generation_from_pb(pb_convert.generation_to_pb(result)) == result
     final = pb_convert.stream_event_from_pb(pb_convert.final_to_pb(result))
     assert final == result
-    chunk = Chunk("", 3, (ToolCallDelta(0, "", "call_1", "get_weather"),
-                          ToolCallDelta(0, '{"city"')))
+    chunk = Chunk("", 3, tool_calls=(ToolCallDelta(0, "", "call_1", "get_weather"),
+                                     ToolCallDelta(0, '{"city"')))
     assert pb_convert.stream_event_from_pb(pb_convert.chunk_to_pb(chunk)) == chunk
 
 
 def test_openai_reply_with_calls_has_null_content():
-    result = Generation("", "Qwen2", "qwen2", 9, 5, FinishReason.TOOL_CALLS, (CALL,))
+    result = Generation("", "Qwen2", "qwen2", 9, 5, FinishReason.TOOL_CALLS,
+                        tool_calls=(CALL,))
     body = responses.completion("chat", result, id="chatcmpl-1", created=1)
     (choice,) = body["choices"]
     assert choice["finish_reason"] == "tool_calls"
@@ -71,15 +73,16 @@ def test_openai_reply_with_calls_has_null_content():
 
 def test_openai_chunks_name_a_call_once():
     shapes = responses.ChunkShapes("chat", "qwen2", include_usage=False)
-    first = shapes.first("", (ToolCallDelta(0, "", "call_1", "get_weather"),))
+    first = shapes.first("", calls=(ToolCallDelta(0, "", "call_1", "get_weather"),))
     assert first["choices"][0]["delta"] == {
         "role": "assistant", "content": None,
         "tool_calls": [{"index": 0, "id": "call_1", "type": "function",
                         "function": {"name": "get_weather", "arguments": ""}}]}
-    more = shapes.text("", (ToolCallDelta(0, '{"city"'),))
+    more = shapes.text("", calls=(ToolCallDelta(0, '{"city"'),))
     assert more["choices"][0]["delta"] == {
         "tool_calls": [{"index": 0, "function": {"arguments": '{"city"'}}]}
-    last = shapes.last(Generation("", "Q", "qwen2", 1, 1, FinishReason.TOOL_CALLS, (CALL,)))
+    last = shapes.last(Generation("", "Q", "qwen2", 1, 1, FinishReason.TOOL_CALLS,
+                        tool_calls=(CALL,)))
     assert last["choices"][0]["finish_reason"] == "tool_calls"
 
 

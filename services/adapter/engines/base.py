@@ -13,12 +13,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
+from services.adapter.tool_calls.engine import EngineTools
+from services.adapter.tool_calls.types import ToolCall, ToolCallDelta, ToolChoice
 from services.common.types import FinishReason, Message, Parameters, TokenLogprob
 
 # What an engine generates from: a prompt the adapter rendered with the
 # model's chat template (or a raw one), or, for an engine that applies the
-# template itself, the conversation.
-Prompt = str | tuple[Message, ...]
+# template itself, the conversation, with the tools offered when the engine
+# handles tool calling itself.
+Prompt = str | tuple[Message, ...] | EngineTools
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,8 @@ class EngineToken:
     count: int = 1
     # The tokens' logprobs, when the request asked for them.
     logprobs: tuple[TokenLogprob, ...] = ()
+    # Pieces of the tool calls the engine made itself (EngineTools prompts).
+    tool_calls: tuple[ToolCallDelta, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,8 @@ class EngineResult:
     # Prompt tokens the engine reused from its prefix cache (TGI-shaped
     # `details.cached_tokens`, OpenAI's `usage.prompt_tokens_details.cached_tokens`).
     cached_input_tokens: int = 0
+    # The tool calls the engine made itself (EngineTools prompts).
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,11 @@ class Engine(Protocol):
     def applies_template(self) -> bool:
         """True when the engine renders the chat template: it is then given
         the conversation instead of a rendered prompt."""
+        ...
+
+    def native_tools(self, choice: ToolChoice) -> bool:
+        """True when the engine's own chat API takes tools with this choice:
+        it is then given an EngineTools prompt and returns calls itself."""
         ...
 
     async def generate(

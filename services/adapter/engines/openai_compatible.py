@@ -28,6 +28,8 @@ import aiohttp
 
 from services.adapter.engines.base import EngineInfo, EngineResult, EngineToken, Prompt
 from services.adapter.engines.http import DONE, HttpEngine, SSEParser, json_or_text
+from services.adapter.tool_calls.engine import CallAssembler, EngineTools
+from services.adapter.tool_calls.types import ToolCallDelta, ToolChoice
 from services.common.engine_kinds import KINDS, EngineKind
 from services.common.errors import FieldViolation, MeshError, Reason, invalid
 from services.common.parameters import BY_NAME
@@ -149,6 +151,10 @@ class OpenAICompatibleEngine(HttpEngine):
         """Whether the engine, not the adapter, renders the chat template."""
         return self.chat_api
 
+    def native_tools(self, choice: ToolChoice) -> bool:
+        """Whether the engine's own chat API takes tools with this choice."""
+        return self.chat_api and choice.mode in self.kind.tool_choices
+
     # -- requests -----------------------------------------------------------------
 
     def body(
@@ -175,6 +181,15 @@ class OpenAICompatibleEngine(HttpEngine):
         if isinstance(prompt, str):
             route = "/completions"
             body["prompt"] = prompt
+        elif isinstance(prompt, EngineTools):
+            route = "/chat/completions"
+            body["messages"] = prompt.messages()
+            body.update(prompt.fields(send_choice=kind.tool_choice_field))
+            last = prompt.turns[-1] if prompt.turns else None
+            if (last is not None and last.role == "assistant" and not last.tool_calls
+                    and kind.continue_final_message):
+                body["continue_final_message"] = True  # a resumed answer, continued
+                body["add_generation_prompt"] = False
         else:
             route = "/chat/completions"
             body["messages"] = [{"role": m.role, "content": m.content} for m in prompt]
@@ -279,11 +294,14 @@ class OpenAICompatibleEngine(HttpEngine):
                 choice = payload["choices"][0]
                 usage = payload.get("usage") or {}
                 text = _choice_text(choice)
+                calls = (CallAssembler().message(choice.get("message"))
+                         if isinstance(prompt, EngineTools) else ())
                 return EngineResult(
                     text=text,
                     generated_tokens=int(usage.get("completion_tokens") or 0),
                     input_tokens=int(usage.get("prompt_tokens") or 0),
-                    finish_reason=_finish(choice),
+                    finish_reason=_finish(choice, bool(calls)),
+                    tool_calls=calls,
                     logprobs=choice_logprobs(choice, params.top_logprobs or 0)
                     if params.wants_logprobs else (),
                     cached_input_tokens=_cached(usage),
@@ -307,6 +325,7 @@ class OpenAICompatibleEngine(HttpEngine):
         """
         route, body = self.body(prompt, params, stream=True)
         want_logprobs, top = params.wants_logprobs, params.top_logprobs or 0
+        assembler = CallAssembler() if isinstance(prompt, EngineTools) else None
         resp: aiohttp.ClientResponse | None = None
         finished = False
         self._active += 1
@@ -328,6 +347,7 @@ class OpenAICompatibleEngine(HttpEngine):
                     break
                 texts: list[str] = []
                 logprobs: list[TokenLogprob] = []
+                calls: list[ToolCallDelta] = []
                 for event in events.feed(data):
                     if event is DONE:
                         done = True
@@ -344,12 +364,18 @@ class OpenAICompatibleEngine(HttpEngine):
                             texts.append(text)
                         if want_logprobs:
                             logprobs.extend(choice_logprobs(choice, top))
+                        if assembler is not None:
+                            delta = choice.get("delta")
+                            items = delta.get("tool_calls") if isinstance(delta, dict) else None
+                            if isinstance(items, list):
+                                calls.extend(assembler.feed(items))
                         if choice.get("finish_reason"):
                             finish = _finish(choice)
-                if texts or logprobs:
-                    chunks += len(texts)
+                if texts or logprobs or calls:
+                    chunks += len(texts) or int(bool(calls))
                     parts.extend(texts)
-                    yield EngineToken("".join(texts), len(texts), tuple(logprobs))
+                    yield EngineToken("".join(texts), len(texts) or int(bool(calls)),
+                                      tuple(logprobs), tuple(calls))
             if finish is None:
                 raise MeshError(
                     Reason.INCOMPLETE_GENERATION,
@@ -357,12 +383,16 @@ class OpenAICompatibleEngine(HttpEngine):
                     metadata={"backend": self.base_url},
                 )
             finished = True
+            made = assembler.calls if assembler is not None else ()
+            if made and finish is not FinishReason.LENGTH:
+                finish = FinishReason.TOOL_CALLS  # TGI's OpenAI route says `stop`
             yield EngineResult(
                 text="".join(parts),
                 generated_tokens=int((usage or {}).get("completion_tokens") or chunks),
                 input_tokens=int((usage or {}).get("prompt_tokens") or 0),
                 finish_reason=finish,
                 cached_input_tokens=_cached(usage or {}),
+                tool_calls=made,
             )
         except (MeshError, asyncio.CancelledError, GeneratorExit):
             raise
@@ -544,8 +574,12 @@ def _choice_text(choice: dict[str, Any], delta: bool = False) -> str:
     return str(message.get("content") or "")
 
 
-def _finish(choice: dict[str, Any]) -> FinishReason:
+def _finish(choice: dict[str, Any], calls: bool = False) -> FinishReason:
     reason = str(choice.get("finish_reason") or "")
+    if reason == "tool_calls" or (calls and reason != "length"):
+        # An answer with calls ends with `tool_calls`, whatever the engine
+        # said (TGI's OpenAI route says `stop`); cut short, with `length`.
+        return FinishReason.TOOL_CALLS
     # vLLM and SGLang say which stop string or token ended it: a string is a
     # stop sequence, a token id (or nothing) the end of sequence.
     if reason == "stop" and isinstance(choice.get("stop_reason") or choice.get("matched_stop"),

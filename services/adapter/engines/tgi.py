@@ -19,6 +19,7 @@ import aiohttp
 
 from services.adapter.engines.base import EngineInfo, EngineResult, EngineToken, Prompt
 from services.adapter.engines.http import HttpEngine, KeepAlivePool, SSEParser, json_or_text
+from services.adapter.tool_calls.types import ToolChoice
 from services.common import tracing
 from services.common.errors import FieldViolation, MeshError, Reason, invalid
 from services.common.parameters import PARAMS
@@ -166,6 +167,9 @@ class TGIEngine(HttpEngine):
     @property
     def applies_template(self) -> bool:
         return False  # TGI's /generate applies no template: the adapter renders it
+
+    def native_tools(self, choice: ToolChoice) -> bool:
+        return False  # the adapter renders tools and reads calls out of the text
 
     def body(self, prompt: Prompt, params: Parameters, stream: bool) -> dict[str, Any]:
         """The JSON body of a generation."""
