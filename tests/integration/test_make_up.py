@@ -205,10 +205,18 @@ def test_replicas_two_runs_two_backends_and_adapters_per_model_and_says_a_model_
         time.sleep(1.5)  # a few of the watch's polls
         assert "MODEL DOWN" not in log.read_text()
         # Every replica down: said with the model and the time, then said back.
-        for pid in backend_pids():
-            os.kill(pid, signal.SIGKILL)
-        _until(lambda: "MODEL DOWN: llama3 has no serving replica since" in log.read_text(),
-               30, "model down", log)
+        # Stopped rather than killed, so the outage lasts until the test ends it
+        # (a killed backend is back within two seconds, which a loaded machine's
+        # health rounds may not see).
+        stopped = backend_pids()
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            _until(lambda: "MODEL DOWN: llama3 has no serving replica since" in log.read_text(),
+                   60, "model down", log)
+        finally:
+            for pid in stopped:
+                os.kill(pid, signal.SIGCONT)
         _until(lambda: "model llama3 serves again at" in log.read_text(), 120, "back", log)
         assert "MODEL DOWN: qwen2" not in log.read_text()
         assert "stopping the mesh" not in log.read_text()
