@@ -131,7 +131,7 @@ class TenancyGate:
             yield admission
             ok = True
         finally:
-            queue.release()
+            queue.release(priority)
             used = admission.used
             if used is None:
                 used = reservation.tokens if ok else 0

@@ -20,7 +20,6 @@ from services.common.metrics import LATENCY_BUCKETS
 from services.tenancy.admission import AdmissionQueue
 from services.tenancy.priority import Priority
 
-
 # Every reason tenancy refuses a request with 429 (its budget, then the queue).
 REFUSALS: tuple[Reason, ...] = (
     Reason.QUOTA_EXCEEDED, Reason.QUOTA_NEVER_FITS, Reason.QUEUE_TIMEOUT, Reason.OVERLOADED,

@@ -221,7 +221,7 @@ async def test_queue_gauges_are_read_at_scrape_time():
     assert sample(registry, "llmmesh_queue_slots", model="qwen2", state="in_use") == 2
     assert sample(registry, "llmmesh_queue_waiting", model="qwen2", priority="interactive") == 1
     assert sample(registry, "llmmesh_queue_waiting", model="qwen2", priority="batch") == 0
-    queue.release()
+    queue.release(Priority.BATCH)
     await waiter
     assert sample(registry, "llmmesh_queue_waiting", model="qwen2", priority="interactive") == 0
 
