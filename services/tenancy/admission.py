@@ -235,9 +235,11 @@ class AdmissionQueue:
     def release(self, priority: Priority) -> None:
         """Give back a slot that a request of `priority` held; the next waiter
         (if any) takes it."""
-        self._in_use = max(0, self._in_use - 1)
         if priority is Priority.BATCH:
             self._batch = max(0, self._batch - 1)
+        else:
+            self._note_urgent()  # the level held until now counts from now
+        self._in_use = max(0, self._in_use - 1)
         self._freed.append(self._clock())
         self._dispatch()
 
@@ -245,8 +247,12 @@ class AdmissionQueue:
         self._in_use += 1
         if priority is Priority.BATCH:
             self._batch += 1
-            return
-        # An urgent band took a slot: remember how many it holds now.
+        else:
+            self._note_urgent()
+
+    def _note_urgent(self) -> None:
+        """Remember how many slots the urgent bands hold at this moment (on
+        taking one, and just before giving one back)."""
         urgent, now = self._in_use - self._batch, self._clock()
         while self._urgent_peaks and self._urgent_peaks[-1][1] <= urgent:
             self._urgent_peaks.pop()
