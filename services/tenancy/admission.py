@@ -110,7 +110,7 @@ class AdmissionQueue:
         timeout: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
         headroom: int = 0,
-        memory: float = 10.0,
+        memory: float = 3.0,
     ) -> None:
         self.model = model
         self._headroom = max(0, headroom)

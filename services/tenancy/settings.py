@@ -39,7 +39,7 @@ class TenancySettings:
     # The most slots of each model the batch band may not take: it is held
     # back only as many as the other bands used within headroom_memory seconds.
     headroom: int = 0
-    headroom_memory: float = 10.0
+    headroom_memory: float = 3.0
     reload_interval: float = 2.0
 
 
@@ -72,7 +72,7 @@ def add_tenancy_arguments(parser: argparse.ArgumentParser) -> None:
                    help="the most slots of each model that batch requests may not take, so "
                         "interactive and standard ones start at once during a batch flood; "
                         "only as many are held as those bands used lately")
-    g.add_argument("--headroom-memory", type=float, default=10.0,
+    g.add_argument("--headroom-memory", type=float, default=3.0,
                    help="seconds the held slots follow the most interactive and standard "
                         "requests in flight at once (none held after such a quiet spell)")
 

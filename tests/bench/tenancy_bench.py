@@ -242,7 +242,7 @@ def mesh(tmp: Path, *router_flags: str, profile: str = "gpu") -> Iterator[str]:
 
 
 def run(seconds: float, headroom: int = 2, profile: str = "gpu",
-        memory: float = 10.0) -> dict[str, Any]:
+        memory: float = 3.0) -> dict[str, Any]:
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -298,7 +298,7 @@ def main() -> dict[str, Any]:
     p.add_argument("--headroom", type=int, default=2,
                    help="the router's --headroom: the most slots batch requests may not "
                         "take (only as many as interactive requests used lately are held)")
-    p.add_argument("--headroom-memory", type=float, default=10.0,
+    p.add_argument("--headroom-memory", type=float, default=3.0,
                    help="the router's --headroom-memory: seconds the held slots follow "
                         "interactive use")
     p.add_argument("--profile", choices=("gpu", "cpu"), default="gpu",
