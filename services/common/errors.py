@@ -208,6 +208,9 @@ class MeshError(Exception):
         self.violations = tuple(violations)
         self.metadata = dict(metadata or {})
         self.retry_after = retry_after
+        # HTTP headers an HTTP face adds to its reply (e.g. a tenant's
+        # x-ratelimit-* windows on a refusal); never sent over gRPC.
+        self.headers: dict[str, str] = {}
 
     @property
     def code(self) -> str:

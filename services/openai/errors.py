@@ -55,7 +55,7 @@ def error_object(error: MeshError, request: OpenAIRequest | None = None) -> dict
 
 
 def error_reply(error: MeshError, request: OpenAIRequest | None = None) -> ErrorReply:
-    headers = {"x-should-retry": "true" if error.retryable else "false"}
+    headers = {**error.headers, "x-should-retry": "true" if error.retryable else "false"}
     if error.retry_after is not None:
         headers["retry-after"] = str(max(1, math.ceil(error.retry_after)))
         headers["retry-after-ms"] = str(int(error.retry_after * 1000))

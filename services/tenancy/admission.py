@@ -17,10 +17,16 @@ it at once; when none is, requests wait and each freed slot goes to:
    time, so idleness banks no credit;
 3. within a tenant, first come first served (its tags only grow).
 
-Work conserving: a slot never stays free while anyone waits, so a lone batch
-tenant gets the whole model, less `headroom`: slots the batch band may not
-take (0 by default), kept for interactive and standard requests, which then
-start at once instead of waiting for a batch request to end. The queue is
+Headroom, adaptive: the batch band may hold every slot but those the other
+bands (interactive and standard) used lately: the most of them in use at
+once within the last `memory` seconds (or now), at most `headroom` (0 by
+default: no slot is ever held back). An urgent request then starts at once
+in a held slot instead of waiting for a batch request to end, and the price
+is exactly the slots urgent callers really use: while none has come for
+`memory` seconds nothing is held, so a lone batch tenant gets the whole model
+(the first urgent request after such a spell waits for one batch request to
+end, and from then on its band's slots are held). Work conserving otherwise:
+a slot never stays free while anyone it is not held from waits. The queue is
 bounded (OVERLOADED beyond it) and a waiter gives up after `timeout`
 (QUEUE_TIMEOUT); both say when to retry, from the rate at which slots were
 freed lately. A waiter that is cancelled or times out leaves at once.
@@ -104,9 +110,17 @@ class AdmissionQueue:
         timeout: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
         headroom: int = 0,
+        memory: float = 3.0,
     ) -> None:
         self.model = model
         self._headroom = max(0, headroom)
+        self._memory = memory
+        self._batch = 0  # slots held by batch requests
+        # (when, how many slots the urgent bands held then), kept as a sliding
+        # maximum: each entry's count exceeds every later one's.
+        self._urgent_peaks: deque[tuple[float, int]] = deque()
+        # A wake-up for when held slots lapse while batch waits for them.
+        self._wake: asyncio.TimerHandle | None = None
         self._capacity = max(0, capacity)
         self._max_waiting = max_waiting
         self._timeout = timeout
@@ -129,6 +143,17 @@ class AdmissionQueue:
     @property
     def waiting(self) -> int:
         return sum(b.waiting for b in self._bands.values())
+
+    @property
+    def held(self) -> int:
+        """The slots the batch band may not take now (see the module's text)."""
+        if not self._headroom:
+            return 0
+        horizon = self._clock() - self._memory
+        while self._urgent_peaks and self._urgent_peaks[0][0] < horizon:
+            self._urgent_peaks.popleft()
+        recent = self._urgent_peaks[0][1] if self._urgent_peaks else 0
+        return min(self._headroom, max(recent, self._in_use - self._batch))
 
     def stats(self) -> QueueStats:
         return QueueStats(
@@ -154,7 +179,7 @@ class AdmissionQueue:
         try:
             yield waited
         finally:
-            self.release()
+            self.release(priority)
 
     async def acquire(
         self, tenant: str, priority: Priority, *, weight: float = 1.0, cost: float = 1.0,
@@ -165,10 +190,10 @@ class AdmissionQueue:
         band = self._bands[priority]
         cost = max(cost, 1e-9)
         weight = max(weight, 1e-9)
-        if self._in_use < self._limit(priority) and self.waiting == 0:
+        if self.waiting == 0 and self._may_take(priority):
             start, _ = band.tags(tenant, cost, weight)
             band.vtime = max(band.vtime, start)
-            self._in_use += 1
+            self._take(priority)
             return 0.0
         if self.waiting >= self._max_waiting:
             raise MeshError(
@@ -203,15 +228,35 @@ class AdmissionQueue:
         except BaseException:
             # Cancelled: leave at once; a slot handed over meanwhile goes back.
             if not self._leave(band, waiter):
-                self.release()
+                self.release(priority)
             raise
         return self._clock() - began
 
-    def release(self) -> None:
-        """Give a slot back; the next waiter (if any) takes it."""
+    def release(self, priority: Priority) -> None:
+        """Give back a slot that a request of `priority` held; the next waiter
+        (if any) takes it."""
+        if priority is Priority.BATCH:
+            self._batch = max(0, self._batch - 1)
+        else:
+            self._note_urgent()  # the level held until now counts from now
         self._in_use = max(0, self._in_use - 1)
         self._freed.append(self._clock())
         self._dispatch()
+
+    def _take(self, priority: Priority) -> None:
+        self._in_use += 1
+        if priority is Priority.BATCH:
+            self._batch += 1
+        else:
+            self._note_urgent()
+
+    def _note_urgent(self) -> None:
+        """Remember how many slots the urgent bands hold at this moment (on
+        taking one, and just before giving one back)."""
+        urgent, now = self._in_use - self._batch, self._clock()
+        while self._urgent_peaks and self._urgent_peaks[-1][1] <= urgent:
+            self._urgent_peaks.pop()
+        self._urgent_peaks.append((now, urgent))
 
     def _leave(self, band: _Band, waiter: _Waiter) -> bool:
         """Take a waiter out; False when it had been given a slot already."""
@@ -231,18 +276,21 @@ class AdmissionQueue:
             waiter.future.cancel()
         return True
 
-    def _limit(self, priority: Priority) -> int:
-        """The slots `priority` may fill: batch leaves the headroom free (but
-        always has one slot when the model has any)."""
+    def _may_take(self, priority: Priority) -> bool:
+        """Whether a request of `priority` may take a slot now: any free one,
+        but batch leaves the held slots (and always has one slot when the
+        model has any)."""
+        if self._in_use >= self._capacity:
+            return False
         if priority is Priority.BATCH and self._headroom:
-            return max(min(1, self._capacity), self._capacity - self._headroom)
-        return self._capacity
+            return self._batch < max(min(1, self._capacity), self._capacity - self.held)
+        return True
 
     def _dispatch(self) -> None:
         while self._in_use < self._capacity:
             waiter = None
             for priority, band in self._bands.items():  # in priority order
-                if band.waiting and self._in_use < self._limit(priority):
+                if band.waiting and self._may_take(priority):
                     waiter = band.pop()
                     if waiter is not None:
                         band.waiting -= 1
@@ -250,9 +298,25 @@ class AdmissionQueue:
                         band.forget_idle()
                         break
             if waiter is None:
+                self._wake_when_held_lapse()
                 return
-            self._in_use += 1
+            self._take(priority)
             waiter.future.set_result(None)
+
+    def _wake_when_held_lapse(self) -> None:
+        """Batch waits while slots are free but held: dispatch again when the
+        oldest urgent peak leaves the memory, so a held slot cannot stay idle
+        because no request happened to end."""
+        if self._wake is not None:
+            self._wake.cancel()
+            self._wake = None
+        batch = self._bands[Priority.BATCH]
+        if not (batch.waiting and self._in_use < self._capacity and self._urgent_peaks):
+            return
+        with contextlib.suppress(RuntimeError):  # no loop: nothing waits either
+            delay = self._urgent_peaks[0][0] + self._memory - self._clock()
+            self._wake = asyncio.get_running_loop().call_later(
+                max(0.0, delay) + 0.001, self._dispatch)
 
     def _retry_hint(self, ahead: int) -> float:
         """Seconds until about `ahead` slots will have been freed, at the rate

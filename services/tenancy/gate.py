@@ -28,7 +28,7 @@ from services.tenancy.metrics import TenancyMetrics
 from services.tenancy.priority import Priority, resolve
 from services.tenancy.quota import QuotaStore, Reservation
 from services.tenancy.tenants import Tenant
-from services.tenancy.usage import ratelimit_headers
+from services.tenancy.usage import headers_of, ratelimit_headers
 
 log = logging.getLogger("llmmesh.tenancy")
 
@@ -108,6 +108,8 @@ class TenancyGate:
             reservation = await self.store.reserve(tenant, tokens)
         except MeshError as exc:
             self._refused(tenant, model, exc)
+            if exc.http_status == 429:
+                exc.headers.update(await self._windows(tenant))
             raise
         queue = self.queues[model]
         try:
@@ -118,6 +120,7 @@ class TenancyGate:
         except BaseException as exc:
             if isinstance(exc, MeshError):
                 self._refused(tenant, model, exc)
+                exc.headers.update(ratelimit_headers(reservation))
             self._settle(reservation, 0)
             raise
         admission = Admission(tenant, model, priority, reservation, waited)
@@ -128,11 +131,21 @@ class TenancyGate:
             yield admission
             ok = True
         finally:
-            queue.release()
+            queue.release(priority)
             used = admission.used
             if used is None:
                 used = reservation.tokens if ok else 0
             self._settle(reservation, used, admission)
+
+    async def _windows(self, tenant: Tenant) -> dict[str, str]:
+        """The rate-limit headers of a refused tenant's windows as the store has
+        them now; none when the store cannot say (the refusal stands anyway)."""
+        try:
+            return headers_of((await self.store.usage(tenant)).windows)
+        except Exception:
+            log.warning("reading a refused tenant's windows failed", exc_info=True,
+                        extra={"tenant": tenant.name})
+            return {}
 
     def _refused(self, tenant: Tenant, model: str, error: MeshError) -> None:
         if self._metrics is not None and error.http_status == 429:

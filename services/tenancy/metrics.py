@@ -15,9 +15,15 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from services.common.errors import Reason
 from services.common.metrics import LATENCY_BUCKETS
 from services.tenancy.admission import AdmissionQueue
 from services.tenancy.priority import Priority
+
+# Every reason tenancy refuses a request with 429 (its budget, then the queue).
+REFUSALS: tuple[Reason, ...] = (
+    Reason.QUOTA_EXCEEDED, Reason.QUOTA_NEVER_FITS, Reason.QUEUE_TIMEOUT, Reason.OVERLOADED,
+)
 
 
 class TenancyMetrics:
@@ -63,6 +69,8 @@ class TenancyMetrics:
             for p in Priority:
                 self.requests.labels(self.service, tenant, model, p.label)
                 self.queue_time.labels(self.service, tenant, model, p.label)
+            for reason in REFUSALS:
+                self.refused.labels(self.service, tenant, model, reason.label)
         self.overshoot.labels(self.service, tenant)
 
     def record_admitted(self, tenant: str, model: str, priority: Priority, waited: float) -> None:
@@ -83,7 +91,6 @@ class TenancyMetrics:
 
     def store_failed(self) -> None:
         self.store_errors.labels(self.service).inc()
-
 
 
 class QueueCollector(Collector):

@@ -36,8 +36,10 @@ class TenancySettings:
     queue_timeout: float = 30.0
     # Slots per replica for a model whose registry entry gives none.
     slots_per_replica: int = 8
-    # Slots of each model the batch band may not take (kept for the others).
+    # The most slots of each model the batch band may not take: it is held
+    # back only as many as the other bands used within headroom_memory seconds.
     headroom: int = 0
+    headroom_memory: float = 3.0
     reload_interval: float = 2.0
 
 
@@ -67,8 +69,12 @@ def add_tenancy_arguments(parser: argparse.ArgumentParser) -> None:
                    help="requests a replica's engine runs at once, for models whose "
                         "registry entry gives none")
     g.add_argument("--headroom", type=int, default=0,
-                   help="slots of each model that batch requests may not take, so "
-                        "interactive and standard ones start at once during a batch flood")
+                   help="the most slots of each model that batch requests may not take, so "
+                        "interactive and standard ones start at once during a batch flood; "
+                        "only as many are held as those bands used lately")
+    g.add_argument("--headroom-memory", type=float, default=3.0,
+                   help="seconds the held slots follow the most interactive and standard "
+                        "requests in flight at once (none held after such a quiet spell)")
 
 
 def tenancy_settings(
@@ -80,7 +86,7 @@ def tenancy_settings(
         parser.error(f"--quota-store must be {MEMORY} or a redis:// URL, not {store!r}")
     if not 0 < args.quota_share <= 1:
         parser.error("--quota-share must be in (0, 1]")
-    for flag in ("quota_timeout", "queue_timeout"):
+    for flag in ("quota_timeout", "queue_timeout", "headroom_memory"):
         if getattr(args, flag) <= 0:
             parser.error(f"--{flag.replace('_', '-')} must be > 0")
     for flag in ("queue_size", "slots_per_replica"):
@@ -98,6 +104,7 @@ def tenancy_settings(
         queue_timeout=args.queue_timeout,
         slots_per_replica=args.slots_per_replica,
         headroom=args.headroom,
+        headroom_memory=args.headroom_memory,
     )
 
 
@@ -131,7 +138,7 @@ def make_gate(
     queues = {
         model: AdmissionQueue(
             model, capacity, max_waiting=settings.queue_size, timeout=settings.queue_timeout,
-            headroom=settings.headroom,
+            headroom=settings.headroom, memory=settings.headroom_memory,
         )
         for model, capacity in slots.items()
     }

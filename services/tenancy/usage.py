@@ -6,7 +6,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-from services.tenancy.quota import QuotaStore, Reservation, TenantUsage
+from services.tenancy.quota import QuotaStore, Reservation, TenantUsage, WindowState
 from services.tenancy.tenants import Tenant
 
 
@@ -33,9 +33,16 @@ def duration(seconds: float) -> str:
 def ratelimit_headers(reservation: Reservation) -> dict[str, str]:
     """OpenAI's x-ratelimit-* headers for requests and tokens per minute, as the
     reservation left them; only for limits the tenant has."""
+    return headers_of(reservation.states)
+
+
+def headers_of(states: Iterable[WindowState]) -> dict[str, str]:
+    """OpenAI's x-ratelimit-* headers of a tenant's windows (a reservation's, or
+    the store's read of them when a request was refused)."""
+    by_name = {s.name: s for s in states}
     headers: dict[str, str] = {}
     for name, kind in (("requests_per_minute", "requests"), ("tokens_per_minute", "tokens")):
-        state = reservation.state(name)
+        state = by_name.get(name)
         if state is None or state.limit is None:
             continue
         headers[f"x-ratelimit-limit-{kind}"] = str(state.limit)

@@ -1,19 +1,24 @@
 """Tenants on a saturated model: priority, fair share and limits, with and
 without the router's queue.
 
-    python -m tests.bench.tenancy_bench [--seconds 20] [--quick] [--json out.json]
+    python -m tests.bench.tenancy_bench [--seconds 20] [--quick] [--headroom 2]
+        [--profile gpu|cpu] [--json out.json]
 
 One model over a TGI double paced like a GPU: 8 sequences at a time, 20 ms
 per token, the rest waiting first come first served in the engine (as TGI's
-batch does). Real adapter and router processes; the load is gRPC streams to
-the router.
+batch does); or, with `--profile cpu`, over the CPU backend (SmolLM2 through
+llama.cpp, 8 sequences in its continuous batch). Real adapter and router
+processes; the load is gRPC streams to the router.
 
 - B alone: tenant B sends `interactive` requests (16 tokens) at a steady
-  rate; its time to first token (TTFT) is the reference.
+  rate, one every 1/B_RATE seconds (2 requests/s: a fixed interval, not
+  Poisson arrivals), each its own stream; its time to first token (TTFT) is
+  the reference.
 - flood: tenant A keeps 80 `batch` streams of 64 tokens open (10x the
-  model's 8 slots) while B sends as before (2 requests/s). Without the queue (the router of
-  before: no tenants file) B waits behind A in the engine's queue; with it,
-  B's requests go first and `--headroom 1` keeps one slot from batch.
+  model's 8 slots) while B sends as before. Without the queue (the router
+  of before: no tenants file) B waits behind A in the engine's queue; with
+  it, B's requests go first, and the adaptive headroom (`--headroom`, the
+  most slots held) keeps free from batch as many slots as B used lately.
 - weights: two batch tenants with weights 1 and 3 keep 40 streams each
   open; their tokens served should be 1:3.
 - limits: a tenant with a tokens_per_minute limit floods alone; the tokens
@@ -42,7 +47,8 @@ import grpc
 from llmmesh.v1 import generate_pb2 as pb
 from llmmesh.v1 import generate_pb2_grpc as pb_grpc
 
-from tests.harness.parts import AdapterPart, DoublePart, RouterPart, stop_all
+from tests.harness.parts import AdapterPart, DoublePart, Part, RouterPart, stop_all
+from tests.harness.procs import free_port, python_module, wait_http
 from tools.loadtest.stats import nearest_rank
 
 SLOTS = 8
@@ -199,13 +205,30 @@ async def scenario(address: str, seconds: float, *, flood: bool, interactive: bo
     return out
 
 
+class CpuBackendPart(DoublePart):
+    """The CPU backend (TGI's HTTP API over llama.cpp) where a double would be."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        Part.__init__(
+            self, "cpu-backend",
+            python_module("services.cpu_backend", "--port", str(self.port),
+                          "--served-model-id", "qwen2", "--max-batch-size", str(SLOTS),
+                          "--max-concurrent-requests", "1024", "--threads", "2"),
+            tmp / "cpu-backend.log",
+            lambda part: wait_http(f"{self.url}/health", 0.5),
+        )
+
+
 @contextmanager
-def mesh(tmp: Path, *router_flags: str) -> Iterator[str]:
-    double = DoublePart("qwen2", tmp, "--batch-slots", str(SLOTS), "--token-delay",
-                        str(TOKEN_DELAY), "--reply", REPLY, "--max-concurrent-requests", "1024")
-    parts = [double]
+def mesh(tmp: Path, *router_flags: str, profile: str = "gpu") -> Iterator[str]:
+    double = (CpuBackendPart(tmp) if profile == "cpu" else DoublePart(
+        "qwen2", tmp, "--batch-slots", str(SLOTS), "--token-delay", str(TOKEN_DELAY),
+        "--reply", REPLY, "--max-concurrent-requests", "1024"))
+    parts: list[Part] = [double]
     try:
-        double.start()
+        double.start(timeout=120)
         adapter = AdapterPart("adapter", tmp, "qwen2", double, "--max-concurrency", "1024")
         adapter.start()
         parts.append(adapter)
@@ -218,14 +241,15 @@ def mesh(tmp: Path, *router_flags: str) -> Iterator[str]:
         stop_all(parts[::-1])
 
 
-def run(seconds: float, headroom: int = 1) -> dict[str, Any]:
+def run(seconds: float, headroom: int = 2, profile: str = "gpu",
+        memory: float = 3.0) -> dict[str, Any]:
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         tenants = tmp / "tenants.yaml"
         tenants.write_text(TENANTS)
         (tmp / "off").mkdir()
-        with mesh(tmp / "off") as address:
+        with mesh(tmp / "off", profile=profile) as address:
             off = results.setdefault("without_queue", {})
             off["b_alone"] = asyncio.run(scenario(address, seconds, flood=False,
                                                   interactive=True, keys=False))
@@ -236,7 +260,8 @@ def run(seconds: float, headroom: int = 1) -> dict[str, Any]:
             print("without the queue:", json.dumps(off), flush=True)
         (tmp / "on").mkdir()
         with mesh(tmp / "on", "--tenants-file", str(tenants), "--headroom", str(headroom),
-                  "--slots-per-replica", str(SLOTS)) as address:
+                  "--headroom-memory", str(memory),
+                  "--slots-per-replica", str(SLOTS), profile=profile) as address:
             on = results.setdefault("with_queue", {})
             on["b_alone"] = asyncio.run(scenario(address, seconds, flood=False, interactive=True))
             on["a_alone"] = asyncio.run(scenario(address, seconds, flood=True, interactive=False))
@@ -270,16 +295,25 @@ def main() -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="python -m tests.bench.tenancy_bench", description=__doc__)
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--quick", action="store_true", help="5 s per scenario")
-    p.add_argument("--headroom", type=int, default=1,
-                   help="the router's --headroom: slots batch requests may not take")
+    p.add_argument("--headroom", type=int, default=2,
+                   help="the router's --headroom: the most slots batch requests may not "
+                        "take (only as many as interactive requests used lately are held)")
+    p.add_argument("--headroom-memory", type=float, default=3.0,
+                   help="the router's --headroom-memory: seconds the held slots follow "
+                        "interactive use")
+    p.add_argument("--profile", choices=("gpu", "cpu"), default="gpu",
+                   help="gpu: TGI doubles paced like a GPU; cpu: the CPU backend")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
-    results = run(5.0 if args.quick else args.seconds, args.headroom)
+    results = run(5.0 if args.quick else args.seconds, args.headroom, args.profile,
+                  args.headroom_memory)
     results["path_cost"] = path_cost()
     s = results["summary"]
-    print("\nTenants on a saturated model (8 slots, 20 ms/token; A floods with 80 batch "
+    engine = "the CPU backend" if args.profile == "cpu" else "8 slots, 20 ms/token"
+    print(f"\nTenants on a saturated model ({engine}; A floods with 80 batch "
           f"streams, B sends interactive requests at {B_RATE:g}/s)")
-    print(f"| | without the queue | with the queue (headroom {args.headroom}) |")
+    print(f"| | without the queue | with the queue (headroom up to {args.headroom}, "
+          f"memory {args.headroom_memory:g} s) |")
     print("|---|---|---|")
     print(f"| B's TTFT p95, alone | {results['without_queue']['b_alone']['b_ttft_ms']['p95']} ms "
           f"| {s['b_ttft_p95_alone_ms']} ms |")

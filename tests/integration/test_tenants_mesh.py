@@ -237,7 +237,8 @@ def test_over_budget_in_the_native_shape(mesh: TwoRouters) -> None:
 
 @pytest.fixture(scope="module")
 def openai_face(tmp_path_factory: pytest.TempPathFactory, mesh: TwoRouters) -> Iterator[str]:
-    """The first router's setup behind an OpenAI listener of its own."""
+    """The first router's setup with an OpenAI listener of its own, behind a
+    real Envoy (OpenAI's headers must survive the proxy)."""
     tmp = tmp_path_factory.mktemp("tenants-openai")
     tenants = tmp / "tenants.yaml"
     tenants.write_text(TENANTS.replace(
@@ -249,7 +250,11 @@ def openai_face(tmp_path_factory: pytest.TempPathFactory, mesh: TwoRouters) -> I
                         "--openai-port", str(port))
     router.start()
     wait_http(f"http://127.0.0.1:{port}/health", timeout=30)
-    yield f"http://127.0.0.1:{port}"
+    envoy = EnvoyPart(tmp, router.port, openai_port=port)
+    envoy.spawn()
+    wait_http(f"{envoy.http}/v1/mesh/models", 30, envoy.proc, expect=401)
+    yield envoy.http
+    envoy.stop()
     router.stop()
 
 
@@ -295,7 +300,14 @@ def test_refusals_in_the_openai_shape(openai_face: str) -> None:
             break
     assert (status, body["error"]["type"], body["error"]["code"]) == (
         429, "rate_limit_error", "quota_exceeded"), body
-    assert float({k.lower(): v for k, v in headers.items()}["retry-after"]) > 0
+    lower = {k.lower(): v for k, v in headers.items()}
+    assert float(lower["retry-after"]) > 0
+    # The refusal carries the tenant's windows too: the limit, what is left
+    # (less than this request needs) and when the window empties.
+    assert lower["x-ratelimit-limit-tokens"] == "400"
+    assert 0 <= int(lower["x-ratelimit-remaining-tokens"]) < 400
+    assert re.fullmatch(r"\d+(ms|s)|\d+m\d+s", lower["x-ratelimit-reset-tokens"])
+    assert "x-ratelimit-limit-requests" not in lower  # the tenant has no request limit
 
 
 def test_a_tenants_file_with_an_error_stops_the_router(tmp_path: Path) -> None:

@@ -22,8 +22,9 @@ async def settle() -> None:
 class Recorder:
     """Waiters that note, in order, who got a slot."""
 
-    def __init__(self, queue: AdmissionQueue) -> None:
+    def __init__(self, queue: AdmissionQueue, band: Priority = STANDARD) -> None:
         self.queue = queue
+        self.band = band  # the band of the slots drain() frees
         self.order: list[str] = []
         self.tasks: list[asyncio.Task[None]] = []
 
@@ -40,7 +41,7 @@ class Recorder:
     async def drain(self, count: int) -> None:
         """Free `count` slots one at a time, letting each next waiter in."""
         for _ in range(count):
-            self.queue.release()
+            self.queue.release(self.band)
             await settle()
 
 
@@ -139,7 +140,7 @@ async def test_timeout_leaves_with_retry_info():
     assert error.retry_after is not None and error.retry_after >= 1
     assert queue.waiting == 0 and queue.in_use == 1
     # A freed slot then stays free: nobody is waiting for it.
-    queue.release()
+    queue.release(STANDARD)
     assert queue.in_use == 0
     # A per-request timeout wins over the queue's.
     queue2 = await full_queue(timeout=30)
@@ -168,7 +169,7 @@ async def test_a_slot_handed_to_a_waiter_cancelled_at_that_moment_comes_back():
     recorder = Recorder(queue)
     task = recorder.add("late", "a", STANDARD)
     await settle()
-    queue.release()  # hands the slot over (the waiter has not run yet)
+    queue.release(STANDARD)  # hands the slot over (the waiter has not run yet)
     task.cancel()
     await settle()
     assert task.cancelled()
@@ -215,7 +216,7 @@ async def test_slot_context_releases_and_reports_the_wait():
         await settle()
     waited_b = await other
     assert waited_b > 0.0 and queue.in_use == 1  # b's
-    queue.release()
+    queue.release(STANDARD)
     with pytest.raises(RuntimeError):
         async with queue.slot("a", STANDARD, timeout=1):
             assert queue.in_use == 1
@@ -276,7 +277,7 @@ class Engine:
 
     def __init__(self, queue: AdmissionQueue) -> None:
         self.queue = queue
-        self.active: list[list] = []  # [tenant, tokens left]
+        self.active: list[list] = []  # [tenant, tokens left, band]
         self.served: Counter[str] = Counter()
         self.tasks: list[asyncio.Task[None]] = []
 
@@ -284,7 +285,7 @@ class Engine:
                priority: Priority = BATCH) -> asyncio.Task[None]:
         async def request() -> None:
             await self.queue.acquire(tenant, priority, weight=weight, cost=size)
-            self.active.append([tenant, size])
+            self.active.append([tenant, size, priority])
 
         task = asyncio.create_task(request())
         self.tasks.append(task)
@@ -299,7 +300,7 @@ class Engine:
             self.served[entry[0]] += 1
         for entry in [e for e in self.active if e[1] == 0]:
             self.active.remove(entry)
-            self.queue.release()
+            self.queue.release(entry[2])
             ended.append(entry[0])
             if entry[0] in resubmit:
                 self.submit(entry[0], *resubmit[entry[0]])
@@ -347,28 +348,90 @@ async def test_an_interactive_request_waits_for_one_slot_not_the_flood():
     engine.stop()
 
 
-async def test_headroom_keeps_slots_for_urgent_bands_only():
-    """Batch fills capacity less the headroom and waits there; an interactive
-    request takes a kept slot at once; without other bands, batch still
-    has its share and the kept slots stay free for the next urgent caller."""
-    queue = AdmissionQueue("qwen2", 4, headroom=1)
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_a_lone_batch_tenant_gets_the_whole_model_despite_headroom():
+    queue = AdmissionQueue("qwen2", 4, headroom=2)
+    for _ in range(4):
+        assert await queue.acquire("nightly", BATCH) == 0.0
+    assert queue.in_use == 4 and queue.held == 0
+
+
+async def test_headroom_holds_the_slots_urgent_bands_used_lately():
+    """Batch fills the model less what interactive used within `memory`; an
+    interactive request then starts at once in a held slot; once no urgent
+    request has come for `memory` seconds, batch may take every slot again."""
+    clock = Clock()
+    queue = AdmissionQueue("qwen2", 4, headroom=2, memory=10.0, clock=clock)
+    assert await queue.acquire("search", INTERACTIVE) == 0.0
+    assert queue.held == 1
     for _ in range(3):
         assert await queue.acquire("nightly", BATCH) == 0.0
-    recorder = Recorder(queue)
+    queue.release(INTERACTIVE)
+    recorder = Recorder(queue, band=BATCH)
     recorder.add("batch-4", "nightly", BATCH)
     await settle()
-    assert queue.in_use == 3 and queue.waiting == 1 and recorder.order == []
-    # At once: batch waiting cannot take the slot kept for it.
-    assert await asyncio.wait_for(queue.acquire("search", INTERACTIVE), 0.5) < 0.1
-    assert queue.in_use == 4
-    queue.release()  # the interactive one ends: its slot is not batch's
+    # The slot interactive used stays held: batch waits although it is free.
+    assert queue.in_use == 3 and queue.waiting == 1 and queue.held == 1
+    clock.now += 5
+    assert await asyncio.wait_for(queue.acquire("search", INTERACTIVE), 0.5) == 0.0
+    queue.release(INTERACTIVE)
     await settle()
     assert recorder.order == [] and queue.in_use == 3
-    queue.release()  # a batch one ends: the waiting batch request takes it
+    clock.now += 10.5  # no urgent request for longer than `memory`
+    assert queue.held == 0
+    queue.release(BATCH)  # a batch one ends: the waiting one and the freed slot fill
     await settle()
     assert recorder.order == ["batch-4"] and queue.in_use == 3
+    assert await queue.acquire("nightly", BATCH) == 0.0
+    assert queue.in_use == 4
+
+
+async def test_headroom_follows_the_peak_and_stays_within_its_bound():
+    clock = Clock()
+    queue = AdmissionQueue("qwen2", 8, headroom=2, memory=10.0, clock=clock)
+    for _ in range(3):
+        await queue.acquire("search", INTERACTIVE)
+    assert queue.held == 2  # three at once, but at most `headroom`
+    for _ in range(3):
+        queue.release(INTERACTIVE)
+    await queue.acquire("api", STANDARD)  # standard counts as urgent too
+    clock.now += 10.5
+    assert queue.held == 1  # the old peak has left the memory; one still runs
+    for _ in range(7):
+        await queue.acquire("nightly", BATCH)
+    assert queue.in_use == 8
+    clock.now += 5
+    queue.release(STANDARD)  # it held its slot until now: held a while longer
+    clock.now += 9
+    assert queue.held == 1
+    clock.now += 2
+    assert queue.held == 0
+
+
+async def test_a_free_slot_held_from_batch_opens_when_the_memory_lapses():
+    """No slot stays free while batch waits once nothing is held any more,
+    even when no request ends to wake the queue."""
+    queue = AdmissionQueue("qwen2", 2, headroom=1, memory=0.05)
+    await queue.acquire("search", INTERACTIVE)
+    await queue.acquire("nightly", BATCH)
+    queue.release(INTERACTIVE)
+    waiter = asyncio.create_task(queue.acquire("nightly", BATCH))
+    await settle()
+    assert not waiter.done() and queue.in_use == 1
+    assert await asyncio.wait_for(waiter, 2.0) > 0.0
+    assert queue.in_use == 2
 
 
 async def test_headroom_never_starves_batch_of_its_last_slot():
     queue = AdmissionQueue("qwen2", 1, headroom=4)
+    await queue.acquire("search", INTERACTIVE)
+    queue.release(INTERACTIVE)
+    assert queue.held == 1
     assert await queue.acquire("nightly", BATCH) == 0.0

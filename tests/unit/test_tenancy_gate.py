@@ -74,6 +74,22 @@ async def test_over_budget_is_refused_before_the_queue(parts):
                   reason="quota_never_fits") == 1
 
 
+async def test_a_quota_refusal_carries_the_tenants_windows(parts):
+    gate, _, _ = parts
+    async with gate.admit(SEARCH, "qwen2", Priority.INTERACTIVE, tokens=700):
+        pass
+    await gate.drain()
+    with pytest.raises(MeshError) as caught:
+        async with gate.admit(SEARCH, "qwen2", Priority.INTERACTIVE, tokens=400):
+            pass
+    assert caught.value.reason is Reason.QUOTA_EXCEEDED
+    headers = caught.value.headers
+    assert headers["x-ratelimit-limit-tokens"] == "1000"
+    assert headers["x-ratelimit-remaining-tokens"] == "300"
+    assert headers["x-ratelimit-reset-tokens"] == "1m1s"
+    assert "x-ratelimit-limit-requests" not in headers  # SEARCH has no request limit
+
+
 async def test_a_model_the_tenant_may_not_use(parts):
     gate, _, _ = parts
     with pytest.raises(MeshError) as caught:
@@ -90,6 +106,9 @@ async def test_queue_timeout_gives_the_reservation_back(parts):
         async with gate.admit(SEARCH, "qwen2", Priority.INTERACTIVE, tokens=900):
             pass
     assert caught.value.reason is Reason.QUEUE_TIMEOUT
+    # The refusal carries the tenant's windows as the reservation saw them.
+    assert caught.value.headers["x-ratelimit-limit-tokens"] == "1000"
+    assert caught.value.headers["x-ratelimit-remaining-tokens"] == "100"
     await gate.drain()
     usage = await store.usage(SEARCH)
     assert next(w for w in usage.windows if w.name == "tokens_per_minute").used == 0
@@ -169,6 +188,9 @@ def test_metrics_hold_tenant_names_never_keys():
     assert 'tenant="search"' in text and "llmmesh_quota_store_errors_total" in text
     assert sample(registry, "llmmesh_tenant_requests_total", tenant="search", model="qwen2",
                   priority="batch") == 0
+    for reason in ("quota_exceeded", "quota_never_fits", "queue_timeout", "overloaded"):
+        assert registry.get_sample_value("llmmesh_tenant_refused_total", {
+            "service": "router", "tenant": "search", "model": "qwen2", "reason": reason}) == 0
     assert "sk-" not in text
 
 
@@ -199,7 +221,7 @@ async def test_queue_gauges_are_read_at_scrape_time():
     assert sample(registry, "llmmesh_queue_slots", model="qwen2", state="in_use") == 2
     assert sample(registry, "llmmesh_queue_waiting", model="qwen2", priority="interactive") == 1
     assert sample(registry, "llmmesh_queue_waiting", model="qwen2", priority="batch") == 0
-    queue.release()
+    queue.release(Priority.BATCH)
     await waiter
     assert sample(registry, "llmmesh_queue_waiting", model="qwen2", priority="interactive") == 0
 
