@@ -451,7 +451,10 @@ class ScriptedEngine:
             if held:
                 assert self._batch is not None
                 self._batch.release()
-            stats.generations_active -= 1
+            # The stats in force now: a reset carries the running count over,
+            # so a generation that outlives a reset ends there; its outcome
+            # belongs to the stats it started under.
+            self.stats.generations_active -= 1
             name = f"generations_{outcome or 'faulted'}"
             setattr(stats, name, getattr(stats, name) + 1)
 
