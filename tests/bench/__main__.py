@@ -81,7 +81,7 @@ def main() -> None:
         results["resume_seam"] = resume_bench.main(["--prompts", "10" if quick else "50"])
         print()
         # Streams one router and one adapter relay before TTFT doubles; then
-        # the burst of 3,000 against the router's default bound.
+        # a burst of 3,000 streams against the router's default bound.
         results["relay"] = relay_bench.main(
             ["--levels", "1,50,100,200" if quick else "1,50,100,200,400,800,1600"])
         print()
