@@ -140,9 +140,11 @@ def wait_launcher(log: Path, launcher: subprocess.Popen[bytes], timeout: float) 
         if "llmmesh is up." in log.read_text(errors="replace"):
             return
         if launcher.poll() is not None:
-            raise RuntimeError(f"the launcher exited with {launcher.returncode}")
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
+            raise RuntimeError(f"the launcher exited with {launcher.returncode}:\n{tail}")
         time.sleep(0.2)
-    raise TimeoutError(f"the mesh was not up after {timeout}s")
+    tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
+    raise TimeoutError(f"the mesh was not up after {timeout}s:\n{tail}")
 
 
 def models(mesh: Mesh) -> list[dict[str, Any]]:

@@ -41,7 +41,8 @@ def edge() -> Iterator[str]:
                 "services.launcher", "--run-dir", f"{tmp}/run", "--envoy-port", str(envoy),
                 "--admin-port", str(free_port()), "--router-port", str(free_port()),
                 "--adapter-port", str(free_run(2)), "--backend-port", str(free_run(2)),
-                "--metrics-port", str(free_run(3)), "--no-prometheus",
+                "--metrics-port", str(free_run(3)), "--openai-port", str(free_port()),
+                "--no-prometheus",
             ),
             log_path=log,
         )  # fmt: skip
