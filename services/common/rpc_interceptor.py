@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -18,9 +17,10 @@ from services.common import request_context
 from services.common.auth import ApiKeys
 from services.common.call_record import CallRecord
 from services.common.errors import MeshError, Reason
+from services.common.method_interceptor import MethodInterceptor
 from services.common.metrics import Metrics
 from services.common.rich_status import to_status
-from services.common.servicer import DEADLINE_SLACK_SECONDS, SERVICE_NAME, GenerationCore
+from services.common.servicer import DEADLINE_SLACK_SECONDS, GenerationCore
 
 if TYPE_CHECKING:
     from services.tenancy.caller import Callers
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("llmmesh.rpc")
 
 
-class MeshInterceptor(grpc.aio.ServerInterceptor):
+class MeshInterceptor(MethodInterceptor):
     """Maps MeshError through the error table, records metrics, logs each RPC.
 
     Unexpected exceptions become INTERNAL with a generic message: the stack
@@ -39,15 +39,13 @@ class MeshInterceptor(grpc.aio.ServerInterceptor):
         self, core: GenerationCore, metrics: Metrics, api_keys: ApiKeys | None = None,
         callers: Callers | None = None,
     ) -> None:
+        super().__init__()
         self._core = core
         self._metrics = metrics
         self._api_keys = api_keys
         # With tenants: who calls and how urgently, resolved once per call
         # into the request context (it checks the key too).
         self._callers = callers
-        # Wrapped handlers by method path: a method's handler never changes,
-        # so it is wrapped once, not on every call.
-        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     def _authenticate(self, rpc: _Rpc, context: grpc.aio.ServicerContext) -> None:
         if self._callers is not None:
@@ -56,36 +54,6 @@ class MeshInterceptor(grpc.aio.ServerInterceptor):
                 rpc.resolved, caller=caller, tenant=caller.tenant.name))
         elif self._api_keys is not None:
             self._api_keys.check(context.invocation_metadata())
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        path: str = details.method
-        cached = self._wrapped.get(path)
-        if cached is not None:
-            return cached
-        handler = await continuation(details)
-        if handler is None or not path.startswith(f"/{SERVICE_NAME}/"):
-            return handler
-        self._wrapped[path] = self._wrap(path.rsplit("/", 1)[-1], handler)
-        return self._wrapped[path]
-
-    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(method, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(method, handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
 
     def _wrap_unary(self, method: str, behavior: Any) -> Any:
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +32,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from services.common import request_context
 from services.common.errors import MeshError, Reason
+from services.common.method_interceptor import MethodInterceptor
 from services.common.parameters import SPAN
 from services.common.request_context import UNKNOWN
 from services.common.servicer import DEADLINE_SLACK_SECONDS
@@ -103,42 +104,12 @@ def _set_error(span: Any, code: str, reason: str, message: str) -> None:
     span.set_status(Status(StatusCode.ERROR, f"{reason}: {message}"[:512]))
 
 
-class ServerTracing(grpc.aio.ServerInterceptor):
+class ServerTracing(MethodInterceptor):
     """A SERVER span per GenerateService call, parented by the caller's traceparent."""
 
     def __init__(self, tracer: Any) -> None:
+        super().__init__()
         self._tracer = tracer
-        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        path: str = details.method
-        cached = self._wrapped.get(path)
-        if cached is not None:
-            return cached
-        handler = await continuation(details)
-        if handler is None or not path.startswith(_PREFIX):
-            return handler
-        method = path.removeprefix(_PREFIX)
-        if handler.unary_unary is not None:
-            wrapped = grpc.unary_unary_rpc_method_handler(
-                self._unary(method, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        elif handler.unary_stream is not None:
-            wrapped = grpc.unary_stream_rpc_method_handler(
-                self._stream(method, handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        else:
-            return handler
-        self._wrapped[path] = wrapped
-        return wrapped
 
     def _start(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> Any:
         carrier = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
@@ -167,7 +138,7 @@ class ServerTracing(grpc.aio.ServerInterceptor):
         _ATTEMPTS.set(_Attempts())
         return span
 
-    def _unary(self, method: str, behavior: Any) -> Any:
+    def _wrap_unary(self, method: str, behavior: Any) -> Any:
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             span = self._start(method, request, context)
             if span is None:
@@ -184,7 +155,7 @@ class ServerTracing(grpc.aio.ServerInterceptor):
 
         return unary
 
-    def _stream(self, method: str, behavior: Any) -> Any:
+    def _wrap_stream(self, method: str, behavior: Any) -> Any:
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             span = self._start(method, request, context)
             if span is None:
