@@ -6,8 +6,9 @@ reasons."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -82,6 +83,17 @@ class HttpEngine:
 
     def transport_error(self, exc: BaseException) -> MeshError:
         return transport_error(exc, self.base_url, self.api)
+
+    @contextlib.contextmanager
+    def engine_errors(self) -> Iterator[None]:
+        """A failure to talk to the engine raised as its reason in the error
+        table; the mesh's own errors (and cancellation) pass as they are."""
+        try:
+            yield
+        except MeshError:
+            raise
+        except Exception as exc:
+            raise self.transport_error(exc) from exc
 
 
 async def json_or_text(resp: aiohttp.ClientResponse) -> Any:

@@ -263,7 +263,7 @@ class OpenAICompatibleEngine(HttpEngine):
         if self.kind.name != "vllm":
             return None
         body: dict[str, Any] = {"model": self.served_model or "", "prompt": prompt}
-        try:
+        with self.engine_errors():
             await self._model_for(body)
             async with self.post_json(f"{self.root_url}/tokenize", body, timeout) as resp:
                 payload = await json_or_text(resp)
@@ -272,10 +272,6 @@ class OpenAICompatibleEngine(HttpEngine):
                 if not isinstance(payload, dict) or not isinstance(payload.get("count"), int):
                     raise ValueError("no count")
                 return int(payload["count"])
-        except (MeshError, asyncio.CancelledError):
-            raise
-        except Exception as exc:
-            raise self.transport_error(exc) from exc
 
     async def generate(
         self, prompt: Prompt, params: Parameters, timeout: float | None
@@ -283,33 +279,30 @@ class OpenAICompatibleEngine(HttpEngine):
         route, body = self.body(prompt, params, stream=False)
         self._active += 1
         try:
-            await self._model_for(body)
-            async with self.post_json(f"{self.base_url}{route}", body, timeout) as resp:
-                payload = await json_or_text(resp)
-                if resp.status != 200:
-                    raise error_from_engine(
-                        resp.status, payload, resp.headers.get("Retry-After"))
-                if not isinstance(payload, dict) or not payload.get("choices"):
-                    raise ValueError("no choices")
-                choice = payload["choices"][0]
-                usage = payload.get("usage") or {}
-                text = _choice_text(choice)
-                calls = (CallAssembler().message(choice.get("message"))
-                         if isinstance(prompt, EngineTools) else ())
-                return EngineResult(
-                    text=text,
-                    generated_tokens=int(usage.get("completion_tokens") or 0),
-                    input_tokens=int(usage.get("prompt_tokens") or 0),
-                    finish_reason=_finish(choice, bool(calls)),
-                    tool_calls=calls,
-                    logprobs=choice_logprobs(choice, params.top_logprobs or 0)
-                    if params.wants_logprobs else (),
-                    cached_input_tokens=_cached(usage),
-                )
-        except (MeshError, asyncio.CancelledError):
-            raise
-        except Exception as exc:
-            raise self.transport_error(exc) from exc
+            with self.engine_errors():
+                await self._model_for(body)
+                async with self.post_json(f"{self.base_url}{route}", body, timeout) as resp:
+                    payload = await json_or_text(resp)
+                    if resp.status != 200:
+                        raise error_from_engine(
+                            resp.status, payload, resp.headers.get("Retry-After"))
+                    if not isinstance(payload, dict) or not payload.get("choices"):
+                        raise ValueError("no choices")
+                    choice = payload["choices"][0]
+                    usage = payload.get("usage") or {}
+                    text = _choice_text(choice)
+                    calls = (CallAssembler().message(choice.get("message"))
+                             if isinstance(prompt, EngineTools) else ())
+                    return EngineResult(
+                        text=text,
+                        generated_tokens=int(usage.get("completion_tokens") or 0),
+                        input_tokens=int(usage.get("prompt_tokens") or 0),
+                        finish_reason=_finish(choice, bool(calls)),
+                        tool_calls=calls,
+                        logprobs=choice_logprobs(choice, params.top_logprobs or 0)
+                        if params.wants_logprobs else (),
+                        cached_input_tokens=_cached(usage),
+                    )
         finally:
             self._active -= 1
 

@@ -200,23 +200,19 @@ class TGIEngine(HttpEngine):
     async def count_tokens(self, prompt: str, timeout: float | None) -> int:
         """The prompt's tokens by TGI's own tokenizer (`POST /tokenize`, which
         the CPU backend serves too): what TGI counts as the input."""
-        try:
+        with self.engine_errors():
             async with self.post_json(f"{self.base_url}/tokenize", {"inputs": prompt},
                                       timeout) as resp:
                 payload = json.loads(await resp.read())
                 if resp.status != 200 or not isinstance(payload, list):
                     raise error_from_tgi(resp.status, payload)
                 return len(payload)
-        except (MeshError, asyncio.CancelledError):
-            raise
-        except Exception as exc:
-            raise self.transport_error(exc) from exc
 
     async def generate(
         self, prompt: Prompt, params: Parameters, timeout: float | None
     ) -> EngineResult:
         body = self.body(prompt, params, stream=False)
-        try:
+        with self.engine_errors():
             if self._pool is not None and not tracing.enabled():
                 reply = await self._pool.post_json("/", body, timeout)
                 return _result(reply.status, reply.headers, json.loads(reply.body),
@@ -225,10 +221,6 @@ class TGIEngine(HttpEngine):
             async with self.post_json(f"{self.base_url}/", body, timeout) as resp:
                 return _result(resp.status, resp.headers, json.loads(await resp.read()),
                                params.wants_logprobs)
-        except (MeshError, asyncio.CancelledError):
-            raise
-        except Exception as exc:
-            raise self.transport_error(exc) from exc
 
     async def generate_stream(
         self, prompt: Prompt, params: Parameters, timeout: float | None
