@@ -72,6 +72,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="GGUF file for the CPU backends (default: SmolLM2-135M-Instruct)")
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
                    help="llama.cpp threads per CPU backend")
+    p.add_argument("--max-input-tokens", type=int, default=None,
+                   help="CPU backends: most prompt tokens (their default: 1536)")
+    p.add_argument("--max-total-tokens", type=int, default=None,
+                   help="CPU backends: most prompt + generated tokens (their default: 2048)")
     p.add_argument("--max-concurrent-requests", type=int, default=None,
                    help="per model: backends (CPU or TGI) and their adapters take 128 by "
                         "default, TGI's own default; the CPU backend queues what it cannot "
@@ -144,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             replicas=args.replicas,
             tenants_file=args.tenants_file,
             quota_store=args.quota_store,
+            max_input_tokens=args.max_input_tokens,
+            max_total_tokens=args.max_total_tokens,
         )
         if plan.tls is not None and certs.ensure(plan.tls):
             print(f"made development certificates in {plan.tls.dir}", flush=True)

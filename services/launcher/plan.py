@@ -204,6 +204,8 @@ def build_plan(
     replicas: int = 1,
     tenants_file: Path | None = None,
     quota_store: str | None = None,
+    max_input_tokens: int | None = None,
+    max_total_tokens: int | None = None,
 ) -> Plan:
     """Every process of the mesh, in start order. `tls_dir`: serve HTTPS and
     gRPC over TLS at the edge, mutual TLS inside, with the certificates of
@@ -211,7 +213,8 @@ def build_plan(
     adapter) per model without BACKENDS; a model with BACKENDS gets one
     adapter per URL. `tenants_file`: tenants, quotas and the router's queue;
     `quota_store`: "redis" starts a redis-server for the counters, a redis://
-    URL uses that one.
+    URL uses that one. `max_input_tokens`, `max_total_tokens`: the CPU
+    backends' context bounds (their own defaults when None).
 
     Ports: model i's r-th CPU backend takes `backend + i * replicas + r`;
     adapters take consecutive ports from `adapter` in model order, and their
@@ -253,6 +256,10 @@ def build_plan(
         elif not quota_store.startswith(("redis://", "rediss://", "unix://")):
             raise LaunchError(f"QUOTA_STORE must be redis or a redis:// URL, not {quota_store!r}")
         tenancy_flags += ["--quota-store", quota_store]
+    context_flags = [
+        *(("--max-input-tokens", str(max_input_tokens)) if max_input_tokens else ()),
+        *(("--max-total-tokens", str(max_total_tokens)) if max_total_tokens else ()),
+    ]
     addresses: dict[str, str] = {}
     replica_list: list[Replica] = []
     slot = 0  # the next adapter's offset from the first adapter port
@@ -268,7 +275,7 @@ def build_plan(
                     argv=(py, "-m", "services.cpu_backend", "--host", host, "--port", str(port),
                           "--model-path", str(gguf), "--served-model-id", _served_name(gguf),
                           "--max-concurrent-requests", str(max_concurrent_requests or 128),
-                          "--threads", str(threads)),
+                          "--threads", str(threads), *context_flags),
                     ready=Ready("http", f"{url}/health"), model=model,
                 ))
                 engines.append(("tgi", url, True))

@@ -20,9 +20,8 @@ and its load average when the run began) and the tables to
 (tests/bench/prefix_bench.py, key `prefix`): the mesh's
 round robin, load only and cache-aware choice over 4 TGI doubles modelling
 a prefix cache and over 2 CPU backends, then vLLM's router (cache-aware and
-round robin) and the mesh over the same two llama-cpp-python servers, these
-last two on real models with 4 conversations of 3 turns (a ~1,200-token
-prompt takes seconds to prefill on one shared core); its plot goes to
+round robin) and the mesh over the same two llama-cpp-python servers, every
+run 8 conversations of 6 turns (`--quick`: 4 of 3); its plot goes to
 .run/bench/prefix.png.
 """
 
@@ -100,7 +99,6 @@ def main() -> None:
             # Conversations sharing long prefixes, by routing policy.
             results["prefix"] = prefix_bench.main(
                 ["--doubles", "--cpu", "--anchor", "--plot", str(OUT / "prefix.png"),
-                 "--live-conversations", "4", "--live-turns", "3", "--max-tokens", "16",
                  *(["--quick"] if quick else [])])
         print()
         # Tools on the OpenAI path: three function tools against none.

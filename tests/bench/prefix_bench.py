@@ -8,9 +8,13 @@ tokens/s and prefix-cache hits, by routing policy.
 The workload (the shape of the prefix-repetition datasets of vLLM's serving
 benchmarks): 8 conversations of 6 turns, each with its own system prompt of
 about 1,200 tokens (4,600 characters), all conversations at once, each
-sending its next turn when the previous reply has ended, the reply kept in
-the history (so every turn's prompt extends the previous turn's). Streamed
-chat completions against any OpenAI-compatible base URL, greedy decoding.
+sending its next turn a pause after the previous reply has ended (a user
+reading and typing: exponential, 2 s on average, seeded, `--think`), the
+reply kept in the history (so every turn's prompt extends the previous
+turn's). Streamed chat completions against any OpenAI-compatible base URL,
+greedy decoding. Without pauses (`--think 0`) the load policy is sticky by
+accident: the replica a reply has just left is the least loaded one, so the
+conversation's next turn goes back to it.
 
 Figures: time to first token p50/p90 (all turns, first turns, later
 turns), output tokens/s over the run, and cache hits, from the first of
@@ -34,7 +38,7 @@ Every run first prints what the router's choice costs per request
 cache-aware: the router's own code) over 2 and 4 modelled engines in
 virtual time (`simulate`): one request at a time each, prefill time
 proportional to uncached prompt tokens (the TGI double's prefix cache
-model), users thinking ~2 s between turns.
+model), users pausing between turns as in the live runs.
 
 `--anchor` runs the side-by-side reference on this machine: two
 llama-cpp-python servers (SmolLM2, `--cache True`, one thread each, started
@@ -74,6 +78,8 @@ CONVERSATIONS = 8
 TURNS = 6
 SYSTEM_CHARS = 4_600
 MAX_TOKENS = 32
+# Mean seconds a user takes between a reply and the next turn (exponential).
+THINK_S = 2.0
 # A turn whose reused prompt tokens reach this share of its prompt is a hit.
 HIT_SHARE = 0.5
 _WORDS = (
@@ -95,11 +101,16 @@ _WORDS = (
 class Conversation:
     system: str
     questions: tuple[str, ...]
+    # Seconds the user waits before each turn (the first: when they arrive).
+    pauses: tuple[float, ...]
 
 
-def conversations(n: int, turns: int, system_chars: int, seed: int = 23) -> list[Conversation]:
+def conversations(
+    n: int, turns: int, system_chars: int, seed: int = 23, think_s: float = THINK_S
+) -> list[Conversation]:
     """`n` conversations, each with its own system prompt of about `system_chars`."""
     rng = random.Random(seed)
+    think = random.Random(seed + 1)
     out = []
     for c in range(n):
         sentences = [f"You are the support assistant of company number {c}. Policies follow."]
@@ -117,7 +128,9 @@ def conversations(n: int, turns: int, system_chars: int, seed: int = 23) -> list
             f"{rng.choice(_WORDS)} {rng.choice(_WORDS)}? Answer briefly."
             for t in range(turns)
         )
-        out.append(Conversation(" ".join(sentences), questions))
+        pauses = tuple(think.expovariate(1 / think_s) if think_s > 0 else 0.0
+                       for _ in range(turns))
+        out.append(Conversation(" ".join(sentences), questions, pauses))
     return out
 
 
@@ -140,6 +153,7 @@ async def run_conversation(
     messages: list[dict[str, str]] = [{"role": "system", "content": conv.system}]
     turns = []
     for t, question in enumerate(conv.questions):
+        await asyncio.sleep(conv.pauses[t])
         messages.append({"role": "user", "content": question})
         turn = Turn(index, t)
         body = {
@@ -389,7 +403,9 @@ def llama_servers(n: int, tmp: Path) -> Iterator[tuple[list[str], list[Path]]]:
             log = tmp / f"llama_{i}.log"
             procs.append(start(python_module(
                 "tests.bench.llama_server", "--model", str(model), "--cache", "True",
-                "--interrupt_requests", "False", "--n_threads", "1", "--n_ctx", "4096",
+                "--interrupt_requests", "False", "--n_threads", "1",
+                # Its prefill takes every core unless told (n_threads_batch).
+                "--n_threads_batch", "1", "--n_ctx", "4096",
                 "--host", "127.0.0.1", "--port", str(port),
             ), log_path=log))
             urls.append(f"http://127.0.0.1:{port}")
@@ -492,6 +508,8 @@ def mesh(
             "--router-port", str(free_port()), "--adapter-port", str(free_run(6)),
             "--backend-port", str(backend), "--metrics-port", str(free_run(7)),
             "--openai-port", str(openai),
+            # A conversation outgrows the CPU backend's default 1,536 prompt tokens.
+            "--max-input-tokens", "3072", "--max-total-tokens", "4096",
         ), env={"LLMMESH_REPLICA_CHOICE": policy}, log_path=log)
         try:
             wait_launcher(log, launcher, 240)
@@ -562,8 +580,6 @@ async def warm_mesh(base: str) -> None:
 SIM_PREFILL_S = 0.0016
 SIM_DECODE_S = 0.010
 SIM_POLICIES = ("round-robin", "load", "cache-aware")
-# Mean seconds a user takes between a reply and the next turn (exponential).
-SIM_THINK_S = 2.0
 
 
 @dataclass(eq=False)
@@ -609,7 +625,6 @@ def simulate(
         for i in range(replicas)
     ]
     router = PrefixRouter(settings)
-    think = random.Random(7)
     turn_counter = itertools.count()
     events: list[tuple[float, int, str, Any]] = []
     seq = itertools.count()
@@ -654,7 +669,7 @@ def simulate(
                                 (engine, c, t)))
 
     for c in range(len(convs)):
-        heapq.heappush(events, (think.expovariate(1 / SIM_THINK_S), next(seq), "send", (c, 0)))
+        heapq.heappush(events, (convs[c].pauses[0], next(seq), "send", (c, 0)))
     while events:
         now, _, kind, data = heapq.heappop(events)
         if kind == "send":
@@ -671,7 +686,7 @@ def simulate(
         if engine.queue:
             begin(now, engine)
         if t + 1 < len(convs[c].questions):
-            at = now + think.expovariate(1 / SIM_THINK_S)
+            at = now + convs[c].pauses[t + 1]
             heapq.heappush(events, (at, next(seq), "send", (c, t + 1)))
     every = [x for _, x in ttfts]
     later = [x for t, x in ttfts if t > 0]
@@ -714,6 +729,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--conversations", type=int, default=CONVERSATIONS)
     parser.add_argument("--turns", type=int, default=TURNS)
     parser.add_argument("--system-chars", type=int, default=SYSTEM_CHARS)
+    parser.add_argument("--think", type=float, default=THINK_S,
+                        help="mean seconds between a reply and the next turn (0: none)")
     parser.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
     parser.add_argument("--quick", action="store_true", help="4 conversations of 3 turns")
     parser.add_argument(
@@ -733,12 +750,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return earlier
     if args.quick:
         args.conversations, args.turns = 4, 3
-    convs = conversations(args.conversations, args.turns, args.system_chars)
+    convs = conversations(args.conversations, args.turns, args.system_chars,
+                          think_s=args.think)
     print(f"prefix bench: {len(convs)} conversations x {args.turns} turns, system prompts of "
           f"{args.system_chars} characters, {args.max_tokens} tokens a reply", flush=True)
     results: dict[str, Any] = {"workload": {
         "conversations": len(convs), "turns": args.turns, "system_chars": args.system_chars,
-        "max_tokens": args.max_tokens,
+        "max_tokens": args.max_tokens, "think_s": args.think,
     }}
     results["routing_cost"] = routing_cost()
     print(f"routing cost per request: {results['routing_cost']}", flush=True)
@@ -754,7 +772,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     live = convs
     if args.live_conversations or args.live_turns:
         live = conversations(args.live_conversations or args.conversations,
-                             args.live_turns or args.turns, args.system_chars)
+                             args.live_turns or args.turns, args.system_chars,
+                             think_s=args.think)
         results["workload"]["live"] = {"conversations": len(live),
                                        "turns": len(live[0].questions)}
         print(f"runs on real models: {len(live)} conversations x {len(live[0].questions)} turns",

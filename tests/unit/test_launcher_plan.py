@@ -135,6 +135,19 @@ def test_replicas_give_each_cpu_model_backends_and_adapters_on_the_port_scheme(
         plan(tmp_path, backends={}, model_path=gguf, replicas=0)
 
 
+def test_context_bounds_reach_the_cpu_backends_only_when_set(tmp_path: Path) -> None:
+    gguf = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf.write_bytes(b"gguf")
+    bounded = {x.name: x for x in plan(tmp_path, backends={}, model_path=gguf,
+                                       max_input_tokens=3072, max_total_tokens=4096).procs}
+    argv = list(bounded["backend-qwen2"].argv)
+    assert argv[argv.index("--max-input-tokens") + 1] == "3072"
+    assert argv[argv.index("--max-total-tokens") + 1] == "4096"
+    default = {x.name: x for x in plan(tmp_path, backends={}, model_path=gguf).procs}
+    assert "--max-input-tokens" not in default["backend-qwen2"].argv
+    assert "--max-total-tokens" not in default["backend-qwen2"].argv
+
+
 def test_several_backends_urls_of_a_model_get_one_adapter_each(tmp_path: Path) -> None:
     backends = parse_backends("qwen2=http://a:1,vllm+http://b:2/v1 llama3=http://c:3")
     assert backends == {"qwen2": "http://a:1,vllm+http://b:2/v1", "llama3": "http://c:3"}

@@ -17,6 +17,15 @@ def test_each_conversation_has_its_own_long_system_prompt():
     assert conversations(8, 6, 4600) == convs  # the same every run
 
 
+def test_users_pause_between_turns_without_changing_the_text():
+    paused = conversations(8, 6, 4600, think_s=2.0)
+    at_once = conversations(8, 6, 4600, think_s=0)
+    assert [c.system for c in paused] == [c.system for c in at_once]
+    assert all(c.pauses == (0.0,) * 6 for c in at_once)
+    every = [p for c in paused for p in c.pauses]
+    assert len(set(every)) == 48 and 1.0 < sum(every) / 48 < 3.0  # exponential, mean ~2 s
+
+
 def test_metric_totals_add_the_engines_names_over_series():
     text = (
         "# HELP vllm:prefix_cache_queries_total x\n"
@@ -81,7 +90,7 @@ async def test_a_run_against_an_openai_server_reads_streams_and_usage():
     app = web.Application()
     app.router.add_post("/v1/chat/completions", chat)
     async with TestServer(app) as server:
-        convs = conversations(2, 3, 500)
+        convs = conversations(2, 3, 500, think_s=0)
         r = await prefix_bench.run(str(server.make_url("")).rstrip("/"), "m", convs, 4)
     assert r["turns"] == 6 and r["failed"] == 0 and r["output_tokens"] == 12
     assert r["replies"]["turn_hit_share"] == 1.0
