@@ -45,7 +45,10 @@ llama-cpp-python servers (SmolLM2, `--cache True`, one thread each, started
 through tests.bench.llama_server, which adds the /health route vLLM's
 router waits for) behind vLLM's router (pip `vllm-router`) with
 `--policy cache_aware`, then `round_robin`, each run on freshly started
-servers (empty caches). The hook marked HOOK below is where the mesh's own
+servers (empty caches). Before them (`placement`), the same conversations
+without pauses through vLLM's router and the mesh over two workers that
+answer at once: the share of later turns each router sent to the worker
+of the conversation's previous turn. The hook marked HOOK below is where the mesh's own
 policies over the same two servers join the same run.
 """
 
@@ -471,6 +474,114 @@ def anchor(convs: list[Conversation], max_tokens: int) -> dict[str, Any]:
     return results
 
 
+# --- where a router sends each turn -------------------------------------------
+
+
+@contextmanager
+def instant_workers(n: int, seen: dict[str, list[int]], delay: float) -> Iterator[list[str]]:
+    """`n` OpenAI-compatible servers that stream a two-token reply after
+    `delay` seconds, in a thread of their own, noting in `seen` which worker
+    each conversation's turns reached."""
+    import threading
+
+    from aiohttp import web
+
+    def app(index: int) -> web.Application:
+        async def reply(request: web.Request) -> web.StreamResponse:
+            raw = await request.text()
+            # The conversation: the bench's system prompts each name their company.
+            company = _COMPANY.search(raw)
+            seen.setdefault(company[0] if company else "", []).append(index)
+            await asyncio.sleep(delay)
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            choice: dict[str, Any] = {"index": 0, "finish_reason": "stop"}
+            if request.path.endswith("/chat/completions"):
+                choice["delta"] = {"content": "ok then"}
+            else:  # /v1/completions: a prompt the mesh rendered
+                choice["text"] = "ok then"
+            chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m",
+                     "choices": [choice]}
+            await resp.write(f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode())
+            return resp
+
+        async def models(request: web.Request) -> web.Response:
+            return web.json_response({"object": "list", "data": [{"id": "m", "object": "model"}]})
+
+        async def health(request: web.Request) -> web.Response:
+            return web.json_response({"status": "ok"})
+
+        a = web.Application()
+        a.router.add_post("/v1/chat/completions", reply)
+        a.router.add_post("/v1/completions", reply)
+        a.router.add_get("/v1/models", models)
+        a.router.add_get("/health", health)
+        return a
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    runners: list[web.AppRunner] = []
+
+    async def up() -> list[str]:
+        urls = []
+        for i in range(n):
+            runner = web.AppRunner(app(i))
+            await runner.setup()
+            port = free_port()
+            await web.TCPSite(runner, "127.0.0.1", port).start()
+            runners.append(runner)
+            urls.append(f"http://127.0.0.1:{port}")
+        return urls
+
+    async def down() -> None:
+        for runner in runners:
+            await runner.cleanup()
+
+    try:
+        yield asyncio.run_coroutine_threadsafe(up(), loop).result(30)
+    finally:
+        asyncio.run_coroutine_threadsafe(down(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+_COMPANY = re.compile(r"assistant of company number \d+")
+
+
+def kept_share(seen: dict[str, list[int]]) -> float | None:
+    """Of the turns after a conversation's first, the share sent to the
+    worker that served its previous turn."""
+    pairs = [(a, b) for workers in seen.values() for a, b in zip(workers, workers[1:])]
+    return round(sum(a == b for a, b in pairs) / len(pairs), 3) if pairs else None
+
+
+def placement(convs: list[Conversation], delay: float = 0.2) -> dict[str, Any]:
+    """Where each router sends the turns of conversations that overlap, over
+    two workers that answer in `delay` seconds: vLLM's router (cache_aware,
+    round_robin) and the mesh (cache-aware, load)."""
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="prefix-placement-") as name:
+        tmp = Path(name)
+        for policy in VLLM_ROUTER_POLICIES:
+            seen: dict[str, list[int]] = {}
+            with instant_workers(2, seen, delay) as urls, vllm_router(urls, policy, tmp) as base:
+                asyncio.run(run(base, "m", convs, 2))
+            out[f"vllm_router_{policy}"] = kept_share(seen)
+        for variant, policy in (MESH_VARIANTS[2], MESH_VARIANTS[1]):
+            seen = {}
+            run_dir = tmp / variant
+            run_dir.mkdir()
+            with instant_workers(2, seen, delay) as urls:
+                backends = ",".join(f"openai+{u}/v1" for u in urls)
+                with mesh(run_dir, policy, f"{MODEL}={backends}") as (base, _):
+                    asyncio.run(run(base, MODEL, convs, 2))
+            out[f"mesh_{variant}"] = kept_share(seen)
+    print("later turns sent to the previous turn's worker (instant workers): " + ", ".join(
+        f"{k} {v}" for k, v in out.items()), flush=True)
+    return out
+
+
 # --- the mesh itself: CPU backends, TGI doubles, the servers above ------------
 
 
@@ -781,6 +892,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.cpu:
         results["cpu_x2"] = cpu_profile(live, args.max_tokens)
     if args.anchor:
+        # Overlapping conversations (no pauses) over workers that answer at once.
+        results["placement"] = placement(conversations(
+            len(live), len(live[0].questions), args.system_chars, think_s=0))
         results.update(anchor(live, args.max_tokens))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

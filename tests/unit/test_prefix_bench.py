@@ -7,7 +7,15 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from tests.bench import prefix_bench
-from tests.bench.prefix_bench import Turn, conversations, llama_log_hits, metric_totals, summarize
+from tests.bench.prefix_bench import (
+    Turn,
+    conversations,
+    instant_workers,
+    kept_share,
+    llama_log_hits,
+    metric_totals,
+    summarize,
+)
 
 
 def test_each_conversation_has_its_own_long_system_prompt():
@@ -97,3 +105,19 @@ async def test_a_run_against_an_openai_server_reads_streams_and_usage():
     # Each turn carries the previous reply in its history.
     assert seen[-1][-2] == {"role": "assistant", "content": "Hello there"}
     assert len(max(seen, key=len)) == 1 + 3 + 2
+
+
+def test_kept_share_counts_turns_sent_where_the_previous_turn_went():
+    assert kept_share({"a": [0, 0, 0], "b": [1, 0, 0]}) == 0.75
+    assert kept_share({"a": [1]}) is None
+
+
+async def test_instant_workers_note_which_worker_each_conversation_reached():
+    seen: dict[str, list[int]] = {}
+    convs = conversations(2, 2, 300, think_s=0)
+    with instant_workers(2, seen, 0.0) as urls:
+        for i, url in enumerate(urls):
+            r = await prefix_bench.run(url, "m", convs[i:i + 1], 2)
+            assert r["failed"] == 0 and r["turns"] == 2
+    assert seen == {"assistant of company number 0": [0, 0],
+                    "assistant of company number 1": [1, 1]}
