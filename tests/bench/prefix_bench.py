@@ -57,6 +57,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import random
 import re
@@ -552,7 +553,7 @@ _COMPANY = re.compile(r"assistant of company number \d+")
 def kept_share(seen: dict[str, list[int]]) -> float | None:
     """Of the turns after a conversation's first, the share sent to the
     worker that served its previous turn."""
-    pairs = [(a, b) for workers in seen.values() for a, b in zip(workers, workers[1:])]
+    pairs = [(a, b) for workers in seen.values() for a, b in itertools.pairwise(workers)]
     return round(sum(a == b for a, b in pairs) / len(pairs), 3) if pairs else None
 
 
@@ -724,7 +725,6 @@ def simulate(
     router's own policy code choosing, and what each turn waited for its
     first token."""
     import heapq
-    import itertools
 
     from services.common.types import GenerationRequest, Message
     from services.router.choice import choose
