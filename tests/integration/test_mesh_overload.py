@@ -203,3 +203,28 @@ def test_envoy_refuses_what_it_cannot_hand_over_as_429(bounded: Mesh) -> None:
     assert {g for s, g in answers if s == "200"} <= {"ResourceExhausted"}, overflow[:3]
     statuses = Counter(str(e.get("status")) for e in entries)
     assert set(statuses) <= {"200", "429"}, statuses
+
+
+BURST = 3_000  # past gRPC's own limits on calls waiting for the server (1,000; 3,000)
+
+
+async def router_burst(mesh: Mesh, n: int) -> list[Outcome]:
+    """`n` gRPC streams at once, straight to the router, on one connection."""
+    channel = grpc.aio.insecure_channel(mesh.router)
+    try:
+        stub = pb_grpc.GenerateServiceStub(channel)
+        return list(await asyncio.gather(*(grpc_stream(stub) for _ in range(n))))
+    finally:
+        await channel.close()
+
+
+def test_a_burst_of_thousands_reaches_the_router_bound_not_grpc_s_queue(bounded: Mesh) -> None:
+    """Calls the router's event loop has not yet taken up wait for it: each of
+    a burst of thousands is a stream or the bound's OVERLOADED refusal, never
+    the bare CANCELLED gRPC gives calls it drops from a full queue."""
+    outcomes = asyncio.run(router_burst(bounded, BURST))
+    counts = Counter(o.kind for o in outcomes)
+    bad = Counter(o.bad for o in outcomes if o.kind == "bad")
+    print("\nrouter burst outcomes:", dict(counts))
+    assert not bad, bad
+    assert counts["ok"] and counts["refused"], counts
