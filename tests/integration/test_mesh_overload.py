@@ -4,6 +4,8 @@ above it, and 10x B streams at once through Envoy on each of the three APIs
 (gRPC, HTTP/JSON, OpenAI). Every answer is a stream that runs at its pace or
 a 429 in its API's shape with a retry hint: never a 5xx, a 499, a bare
 CANCELLED or a reset connection, whether the router refused or Envoy did.
+And 3,000 gRPC streams at once straight to the router: the same, past
+gRPC's own limits on calls waiting for the server.
 """
 
 from __future__ import annotations
