@@ -217,6 +217,7 @@ class RouterCore:
         seam = ""  # the text received before the current replica's stream
         base = 0  # tokens relayed before the current replica's stream
         tokens = 0  # tokens relayed so far
+        calls = False  # whether tool call deltas were relayed
         resumes = 0
         broken: MeshError | None = None  # the error that broke the stream first
         while True:
@@ -245,6 +246,7 @@ class RouterCore:
                             return
                         tokens = base + event.tokens
                         relayed.append(event.text)
+                        calls = calls or bool(event.tool_calls)
                         yield replace(event, tokens=tokens) if resumes else event
                 return
             except MeshError as exc:
@@ -256,7 +258,7 @@ class RouterCore:
                 broken = broken or exc
                 next_request = self._resumption(
                     spec, forward, replica, exc, tried, "".join(relayed), tokens,
-                    resumes, deadline,
+                    resumes, deadline, calls,
                 )
                 if next_request is None:
                     raise broken from None
@@ -270,9 +272,11 @@ class RouterCore:
     def _resumption(
         self, spec: ModelSpec, forward: GenerationRequest, replica: Replica, error: MeshError,
         tried: set[Replica], text: str, tokens: int, resumes: int, deadline: float | None,
+        calls: bool = False,
     ) -> GenerationRequest | None:
         """The request that continues a stream `error` broke after `text` (None:
-        the stream may not, or cannot, resume)."""
+        the stream may not, or cannot, resume); `calls`: tool call deltas were
+        relayed."""
         effective = forward.parameters.with_defaults(spec.defaults)
         budget = effective.max_new_tokens or self._pools[spec.id].limits.max_new_tokens
         left = None if deadline is None else deadline - asyncio.get_running_loop().time()
@@ -282,6 +286,10 @@ class RouterCore:
         elif not resume.allowed(forward, effective):
             why = ("the request asked for none" if forward.resume is ResumePolicy.NEVER
                    else "the request samples and did not opt in")
+        elif calls:
+            # The continuation would start its calls anew: the client would
+            # get each call's deltas twice.
+            why = "it had sent tool calls, which a continuation cannot extend"
         elif resumes >= self._max_resumes:
             why = f"already resumed {resumes} times, the limit"
         elif budget - tokens <= 0:

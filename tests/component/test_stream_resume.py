@@ -221,3 +221,32 @@ async def test_openai_face_streams_resume_too(start_adapter, start_router):
         else:
             assert text == "".join(ANSWER[:3])
             assert events[-1]["error"]["code"] == "incomplete_generation"
+
+
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+async def test_a_stream_that_sent_tool_calls_is_not_resumed(start_adapter, start_router):
+    """A continuation would start its calls anew, and the client would get
+    each call's deltas twice: the stream ends with its in-band error."""
+    two = CALL + "\n" + CALL.replace("Oslo", "Bergen")
+    pieces = [two[i:i + 4] for i in range(0, len(two), 4)]
+    # Broken after the first call ends: its deltas have reached the client.
+    cut = next(i for i in range(len(pieces)) if "</tool_call>" in "".join(pieces[:i]))
+    first = FakeBackend(words=pieces, fail_after=cut, fail=MeshError(
+        Reason.INCOMPLETE_GENERATION, "the engine closed the stream"))
+    second = FakeBackend(words=pieces)
+    a = await start_adapter("qwen2", first)
+    b = await start_adapter("qwen2", second)
+    router = await start_router({"qwen2": [a.address, b.address]})
+    router.core._pools["qwen2"].pick = _first_untried(a.address, router)  # type: ignore[method-assign]
+    events = await openai_stream(router, {
+        "messages": [{"role": "user", "content": "Weather in Oslo?"}], "tools": [WEATHER]})
+    deltas = [d for e in events if e.get("choices")
+              for d in e["choices"][0]["delta"].get("tool_calls") or ()]
+    assert deltas and deltas[0]["function"]["name"] == "get_weather"  # the call had begun
+    assert events[-1]["error"]["code"] == "incomplete_generation"
+    assert not second.prompts
