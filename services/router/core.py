@@ -20,7 +20,14 @@ from services.common.errors import FieldViolation, MeshError, Reason, clip, inva
 from services.common.metrics import UNKNOWN_MODEL, Metrics
 from services.common.registry import ModelSpec, Registry
 from services.common.request_context import UNKNOWN, RequestContext
-from services.common.types import Chunk, Generation, GenerationRequest, ModelInfo, ResumePolicy
+from services.common.types import (
+    Chunk,
+    FinishReason,
+    Generation,
+    GenerationRequest,
+    ModelInfo,
+    ResumePolicy,
+)
 from services.common.validation import validate
 from services.router import resume
 from services.router.pool import ReplicaPool
@@ -218,6 +225,7 @@ class RouterCore:
         base = 0  # tokens relayed before the current replica's stream
         tokens = 0  # tokens relayed so far
         calls = False  # whether tool call deltas were relayed
+        watch: resume.SeamStop | None = None  # a stop sequence split by the seam
         resumes = 0
         broken: MeshError | None = None  # the error that broke the stream first
         while True:
@@ -244,10 +252,18 @@ class RouterCore:
                             self._metrics.record_tokens(spec.id, event.input_tokens, event.tokens)
                             yield event
                             return
+                        keep = watch.feed(event.text) if watch is not None else None
+                        if keep is not None:
+                            event = replace(event, text=event.text[:keep])
                         tokens = base + event.tokens
                         relayed.append(event.text)
                         calls = calls or bool(event.tool_calls)
                         yield replace(event, tokens=tokens) if resumes else event
+                        if keep is not None:
+                            await events.aclose()  # type: ignore[attr-defined]
+                            yield await self._stopped_at_seam(
+                                spec, forward, replica, "".join(relayed), tokens, resumes)
+                            return
                 return
             except MeshError as exc:
                 last = exc
@@ -264,10 +280,32 @@ class RouterCore:
                     raise broken from None
                 request = next_request
                 seam = "".join(relayed)
+                watch = resume.SeamStop(seam, forward.parameters.with_defaults(spec.defaults).stop)
                 base = tokens
                 resumes += 1
             finally:
                 await events.aclose()  # type: ignore[attr-defined]
+
+    async def _stopped_at_seam(
+        self, spec: ModelSpec, forward: GenerationRequest, replica: Replica, text: str,
+        tokens: int, resumes: int,
+    ) -> Generation:
+        """The last event of a resumed stream whose stop sequence the seam split
+        (services.router.resume.SeamStop): no engine saw it whole, so the
+        router ends the stream there. Its input tokens are the request's, as
+        the replica counts them."""
+        try:
+            input_tokens, _ = await replica.count_tokens(forward, COUNT_TIMEOUT)
+        except MeshError as exc:
+            log.warning("could not count a stream's input tokens",
+                        extra={"model": spec.id, "replica": replica.address,
+                               "error": exc.message})
+            input_tokens = 0
+        self._metrics.record_tokens(spec.id, input_tokens, tokens)
+        return Generation(
+            text=text, model=spec.name, model_id=spec.id, tokens=tokens,
+            input_tokens=input_tokens, finish_reason=FinishReason.STOP_SEQUENCE, resumes=resumes,
+        )
 
     def _resumption(
         self, spec: ModelSpec, forward: GenerationRequest, replica: Replica, error: MeshError,

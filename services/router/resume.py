@@ -19,6 +19,12 @@ the final `tokens` is the tokens relayed before the seam plus the
 continuation's, and `input_tokens` is the continuation's prompt less the
 tokens relayed before the seam.
 
+A stop sequence the seam splits (its first characters relayed before the
+break, the rest generated after) is one no engine sees whole: each matches
+its own output only. `SeamStop` watches the continuation's first characters
+for it; where one ends, the router ends the stream there, as the engine
+would have (the stop sequence ends the text, TGI's way).
+
 Deterministic requests (greedy decoding) resume by default: their
 continuation is what the broken replica would have produced. Sampled ones
 resume only on opt-in (ResumePolicy ALLOW, `x-llmmesh-resume: allow`), as
@@ -27,6 +33,7 @@ their continuation is a new sample; NEVER turns resuming off.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 
 from services.common.errors import MeshError
@@ -63,3 +70,36 @@ def continuation(forward: GenerationRequest, text: str, max_new_tokens: int) -> 
     return forward.evolve(
         messages=(*forward.messages, Message("assistant", text)), parameters=parameters
     )
+
+
+class SeamStop:
+    """Finds a stop sequence that began in the text relayed before a seam
+    and ends in the continuation after it."""
+
+    def __init__(self, before: str, stops: Sequence[str]) -> None:
+        self._stops = tuple(s for s in stops if len(s) > 1)
+        reach = max((len(s) - 1 for s in self._stops), default=0)
+        self._tail = before[-reach:] if reach else ""
+        self._after = ""  # the continuation so far, while a stop may still span the seam
+
+    @property
+    def done(self) -> bool:
+        """No stop sequence can span the seam any more."""
+        return not self._tail or len(self._after) >= len(self._tail)
+
+    def feed(self, text: str) -> int | None:
+        """The continuation's next `text`: how many of its characters to relay
+        when a stop sequence that began before the seam ends in it (None: no
+        such stop sequence ended)."""
+        if self.done:
+            return None
+        seen = len(self._tail) + len(self._after)
+        window = self._tail + self._after + text
+        ends = [
+            start + len(stop)
+            for stop in self._stops
+            for start in range(max(len(self._tail) - len(stop) + 1, 0), len(self._tail))
+            if start + len(stop) > seen and window.startswith(stop, start)
+        ]
+        self._after += text
+        return min(ends) - seen if ends else None

@@ -90,6 +90,42 @@ async def test_greedy_stream_resumes_with_one_finish_and_counts_that_add_up(
     assert resumes._value.get() == 1
 
 
+async def test_a_stop_sequence_split_by_the_seam_ends_the_stream(start_adapter, start_router):
+    """" brown" was relayed before the break, " fox" came after: no engine saw
+    the stop sequence whole, so the router ends the stream where it ends."""
+    first, second = broken(3), Continuing()
+    a = await start_adapter("qwen2", first)
+    b = await start_adapter("qwen2", second)
+    router = await start_router({"qwen2": [a.address, b.address]})
+    router.core._pools["qwen2"].pick = _first_untried(a.address, router)  # type: ignore[method-assign]
+    replies = await stream(router, request(parameters={"stop": [" brown fox"]}))
+    assert "".join(m.text for m in replies[:-1]) == "The quick brown fox"
+    last = replies[-1]
+    assert last.finish_reason == pb.FINISH_REASON_STOP_SEQUENCE and not last.HasField("error")
+    assert (last.generated_text, last.tokens, last.resumes) == ("The quick brown fox", 4, 1)
+    assert last.input_tokens > 0  # the request's, as the replica counts them
+    # Without the stop sequence the same break resumes to the end.
+    first, second = broken(3), Continuing()
+    a = await start_adapter("qwen2", first)
+    b = await start_adapter("qwen2", second)
+    router = await start_router({"qwen2": [a.address, b.address]})
+    router.core._pools["qwen2"].pick = _first_untried(a.address, router)  # type: ignore[method-assign]
+    replies = await stream(router, request(parameters={"stop": [" lazy cat"]}))
+    assert replies[-1].generated_text == FULL
+    # The OpenAI face leaves the matched stop sequence out, as OpenAI does.
+    first, second = broken(3), Continuing()
+    a = await start_adapter("qwen2", first)
+    b = await start_adapter("qwen2", second)
+    router = await start_router({"qwen2": [a.address, b.address]})
+    router.core._pools["qwen2"].pick = _first_untried(a.address, router)  # type: ignore[method-assign]
+    events = await openai_stream(router, {
+        "messages": [{"role": "user", "content": "Say the pangram."}], "stop": [" brown fox"]})
+    text = "".join(e["choices"][0]["delta"].get("content") or ""
+                   for e in events if e.get("choices"))
+    assert text == "The quick"
+    assert events[-1]["choices"][0]["finish_reason"] == "stop"
+
+
 def _first_untried(address: str, router):
     """A pick that takes the replica at `address` first, then any other."""
     pool = router.core._pools["qwen2"]
