@@ -9,7 +9,7 @@ import json
 import signal
 import subprocess
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,6 +129,26 @@ def _start_mesh(tmp: Path, doubles: dict[str, Double], *extra: str) -> Mesh:
         print((tmp / "launcher.log").read_text(errors="replace"))
         raise
     return mesh
+
+
+def launch(
+    log: Path, args: Callable[[], Sequence[str]], timeout: float,
+    env: Mapping[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """The launcher with the arguments `args()` makes, once it is up. As in
+    start_mesh, a port picked as free and taken before the launcher bound it
+    starts it again with new arguments (so `args` picks its ports anew), twice
+    at most."""
+    for attempt in range(3):
+        launcher = start(python_module("services.launcher", *args()), env=env, log_path=log)
+        try:
+            wait_launcher(log, launcher, timeout)
+            return launcher
+        except RuntimeError:
+            stop_launcher(launcher)
+            if attempt == 2 or not any(t in log.read_text(errors="replace") for t in PORT_TAKEN):
+                raise
+    raise AssertionError("unreachable")
 
 
 def wait_launcher(log: Path, launcher: subprocess.Popen[bytes], timeout: float) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.mesh import free_run, stop_launcher, wait_launcher
+from tests.harness.mesh import free_run, launch, stop_launcher
 from tests.harness.procs import ROOT, free_port, python_module, start, stop, wait_http
 
 pytestmark = pytest.mark.integration
@@ -160,22 +160,26 @@ def test_replicas_two_runs_two_backends_and_adapters_per_model_and_says_a_model_
                                            "--model-id", "double/qwen2"),
                              log_path=tmp_path / f"double-{i}.log"))
         urls.append(f"http://127.0.0.1:{port}")
-    envoy_port = free_port()
-    backends = free_run(4)
+    ports: dict[str, int] = {}
+
+    def args() -> list[str]:
+        ports.update(envoy=free_port(), backends=free_run(4))
+        return [
+            "--run-dir", str(tmp_path / "run"), "--no-prometheus",
+            "--replicas", "2", "--backends", f"qwen2={','.join(urls)}", "--threads", "1",
+            "--envoy-port", str(ports["envoy"]), "--admin-port", str(free_port()),
+            "--router-port", str(free_port()), "--adapter-port", str(free_run(4)),
+            "--backend-port", str(ports["backends"]), "--metrics-port", str(free_run(5)),
+            "--openai-port", str(free_port()),
+        ]
+
     log = tmp_path / "up.log"
-    launcher = start(python_module(
-        "services.launcher", "--run-dir", str(tmp_path / "run"), "--no-prometheus",
-        "--replicas", "2", "--backends", f"qwen2={','.join(urls)}", "--threads", "1",
-        "--envoy-port", str(envoy_port), "--admin-port", str(free_port()),
-        "--router-port", str(free_port()), "--adapter-port", str(free_run(4)),
-        "--backend-port", str(backends), "--metrics-port", str(free_run(5)),
-        "--openai-port", str(free_port()),
-    ), log_path=log)
-    base = f"http://127.0.0.1:{envoy_port}"
+    launcher = None
     try:
         for double, url in zip(doubles, urls, strict=True):
             wait_http(f"{url}/health", 30, double)
-        wait_launcher(log, launcher, 240)
+        launcher = launch(log, args, 240)
+        base, backends = f"http://127.0.0.1:{ports['envoy']}", ports["backends"]
         for model in ("qwen2", "llama3"):
             info = _model(base, model)
             assert (info["replicas"], info["ready_replicas"]) == (2, 2), info
@@ -221,6 +225,7 @@ def test_replicas_two_runs_two_backends_and_adapters_per_model_and_says_a_model_
         assert "MODEL DOWN: qwen2" not in log.read_text()
         assert "stopping the mesh" not in log.read_text()
     finally:
-        stop_launcher(launcher)
+        if launcher is not None:
+            stop_launcher(launcher)
         for double in doubles:
             stop(double)
