@@ -20,8 +20,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.harness.mesh import free_run, stop_launcher, wait_launcher
-from tests.harness.procs import free_port, python_module, start
+from tests.harness.mesh import free_run, launch, stop_launcher
+from tests.harness.procs import free_port
 
 pytest.importorskip("llama_cpp", reason="make test installs llama-cpp-python")
 jsonschema = pytest.importorskip("jsonschema")
@@ -34,21 +34,21 @@ CROWD = 40
 @pytest.fixture(scope="module")
 def edge() -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="llmmesh-cpu-load-") as tmp:
-        envoy = free_port()
-        log = Path(tmp) / "launcher.log"
-        launcher = start(
-            python_module(
-                "services.launcher", "--run-dir", f"{tmp}/run", "--envoy-port", str(envoy),
+        envoy: list[int] = []
+
+        def args() -> list[str]:
+            envoy[:] = [free_port()]
+            return [
+                "--run-dir", f"{tmp}/run", "--envoy-port", str(envoy[0]),
                 "--admin-port", str(free_port()), "--router-port", str(free_port()),
                 "--adapter-port", str(free_run(2)), "--backend-port", str(free_run(2)),
                 "--metrics-port", str(free_run(3)), "--openai-port", str(free_port()),
                 "--no-prometheus",
-            ),
-            log_path=log,
-        )  # fmt: skip
+            ]
+
+        launcher = launch(Path(tmp) / "launcher.log", args, 240)
         try:
-            wait_launcher(log, launcher, 240)
-            yield f"http://127.0.0.1:{envoy}"
+            yield f"http://127.0.0.1:{envoy[0]}"
         finally:
             stop_launcher(launcher)
 

@@ -12,8 +12,8 @@ import jsonschema
 import openai
 import pytest
 
-from tests.harness.mesh import free_run, stop_launcher, wait_launcher
-from tests.harness.procs import free_port, python_module, start
+from tests.harness.mesh import free_run, launch, stop_launcher
+from tests.harness.procs import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -29,20 +29,21 @@ SCHEMA = {
 def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     pytest.importorskip("llama_cpp", reason="make test installs llama-cpp-python")
     tmp: Path = tmp_path_factory.mktemp("openai-cpu")
-    envoy = free_port()
-    launcher = start(
-        python_module(
-            "services.launcher", "--run-dir", str(tmp / "run"),
-            "--envoy-port", str(envoy), "--admin-port", str(free_port()),
+    envoy: list[int] = []
+
+    def args() -> list[str]:
+        envoy[:] = [free_port()]
+        return [
+            "--run-dir", str(tmp / "run"),
+            "--envoy-port", str(envoy[0]), "--admin-port", str(free_port()),
             "--router-port", str(free_port()), "--openai-port", str(free_port()),
             "--adapter-port", str(free_run(2)), "--backend-port", str(free_run(2)),
             "--metrics-port", str(free_run(3)), "--no-prometheus",
-        ),
-        log_path=tmp / "launcher.log",
-    )
+        ]
+
+    launcher = launch(tmp / "launcher.log", args, 240)
     try:
-        wait_launcher(tmp / "launcher.log", launcher, 240)
-        yield f"http://127.0.0.1:{envoy}/v1"
+        yield f"http://127.0.0.1:{envoy[0]}/v1"
     finally:
         stop_launcher(launcher)
 
