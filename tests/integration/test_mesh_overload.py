@@ -210,12 +210,31 @@ def test_envoy_refuses_what_it_cannot_hand_over_as_429(bounded: Mesh) -> None:
 BURST = 3_000  # past gRPC's own limits on calls waiting for the server (1,000; 3,000)
 
 
+async def whole_stream(stub: pb_grpc.GenerateServiceStub) -> Outcome:
+    """One stream, judged by its end: all its tokens, or the bound's refusal.
+    (Under the burst the router sends tokens that arrive together as one
+    message, so its replies are fewer than its tokens.)"""
+    request = pb.GenerateStreamRequest(
+        model_id="qwen2", inputs=INPUTS, parameters=pb.GenerationParameters(max_new_tokens=TOKENS))
+    last = None
+    try:
+        async for reply in stub.GenerateStream(request, timeout=60):
+            last = reply
+    except grpc.aio.AioRpcError as exc:
+        if last is not None:
+            return Outcome("bad", bad=f"grpc {exc.code().name} mid-stream")
+        return _grpc_refusal(exc)
+    if last is None or last.finish_reason == pb.FINISH_REASON_ERROR or last.tokens != TOKENS:
+        return Outcome("bad", bad=f"stream ended {last}")
+    return Outcome("ok")
+
+
 async def router_burst(mesh: Mesh, n: int) -> list[Outcome]:
     """`n` gRPC streams at once, straight to the router, on one connection."""
     channel = grpc.aio.insecure_channel(mesh.router)
     try:
         stub = pb_grpc.GenerateServiceStub(channel)
-        return list(await asyncio.gather(*(grpc_stream(stub) for _ in range(n))))
+        return list(await asyncio.gather(*(whole_stream(stub) for _ in range(n))))
     finally:
         await channel.close()
 
