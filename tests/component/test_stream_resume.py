@@ -93,37 +93,36 @@ async def test_greedy_stream_resumes_with_one_finish_and_counts_that_add_up(
 async def test_a_stop_sequence_split_by_the_seam_ends_the_stream(start_adapter, start_router):
     """" brown" was relayed before the break, " fox" came after: no engine saw
     the stop sequence whole, so the router ends the stream where it ends."""
-    first, second = broken(3), Continuing()
-    a = await start_adapter("qwen2", first)
-    b = await start_adapter("qwen2", second)
-    router = await start_router({"qwen2": [a.address, b.address]})
-    router.core._pools["qwen2"].pick = _first_untried(a.address, router)  # type: ignore[method-assign]
+    router = await first_breaks(start_adapter, start_router)
     replies = await stream(router, request(parameters={"stop": [" brown fox"]}))
     assert "".join(m.text for m in replies[:-1]) == "The quick brown fox"
     last = replies[-1]
     assert last.finish_reason == pb.FINISH_REASON_STOP_SEQUENCE and not last.HasField("error")
     assert (last.generated_text, last.tokens, last.resumes) == ("The quick brown fox", 4, 1)
     assert last.input_tokens > 0  # the request's, as the replica counts them
-    # Without the stop sequence the same break resumes to the end.
-    first, second = broken(3), Continuing()
-    a = await start_adapter("qwen2", first)
-    b = await start_adapter("qwen2", second)
-    router = await start_router({"qwen2": [a.address, b.address]})
-    router.core._pools["qwen2"].pick = _first_untried(a.address, router)  # type: ignore[method-assign]
+    # With a stop sequence that never forms, the same break resumes to the end.
+    router = await first_breaks(start_adapter, start_router)
     replies = await stream(router, request(parameters={"stop": [" lazy cat"]}))
     assert replies[-1].generated_text == FULL
     # The OpenAI face leaves the matched stop sequence out, as OpenAI does.
-    first, second = broken(3), Continuing()
-    a = await start_adapter("qwen2", first)
-    b = await start_adapter("qwen2", second)
-    router = await start_router({"qwen2": [a.address, b.address]})
-    router.core._pools["qwen2"].pick = _first_untried(a.address, router)  # type: ignore[method-assign]
+    router = await first_breaks(start_adapter, start_router)
     events = await openai_stream(router, {
         "messages": [{"role": "user", "content": "Say the pangram."}], "stop": [" brown fox"]})
     text = "".join(e["choices"][0]["delta"].get("content") or ""
                    for e in events if e.get("choices"))
     assert text == "The quick"
     assert events[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+async def first_breaks(start_adapter, start_router, first=None, second=None):
+    """A router over two replicas of qwen2 that tries `first` (by default one
+    that breaks after three tokens) before `second` (one that continues)."""
+    first = first if first is not None else broken(3)
+    a = await start_adapter("qwen2", first)
+    b = await start_adapter("qwen2", second if second is not None else Continuing())
+    router = await start_router({"qwen2": [a.address, b.address]})
+    router.core._pools["qwen2"].pick = _first_untried(a.address, router)  # type: ignore[method-assign]
+    return router
 
 
 def _first_untried(address: str, router):
@@ -275,10 +274,7 @@ async def test_a_stream_that_sent_tool_calls_is_not_resumed(start_adapter, start
     first = FakeBackend(words=pieces, fail_after=cut, fail=MeshError(
         Reason.INCOMPLETE_GENERATION, "the engine closed the stream"))
     second = FakeBackend(words=pieces)
-    a = await start_adapter("qwen2", first)
-    b = await start_adapter("qwen2", second)
-    router = await start_router({"qwen2": [a.address, b.address]})
-    router.core._pools["qwen2"].pick = _first_untried(a.address, router)  # type: ignore[method-assign]
+    router = await first_breaks(start_adapter, start_router, first, second)
     events = await openai_stream(router, {
         "messages": [{"role": "user", "content": "Weather in Oslo?"}], "tools": [WEATHER]})
     deltas = [d for e in events if e.get("choices")
