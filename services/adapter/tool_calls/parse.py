@@ -116,27 +116,24 @@ class StreamParser:
         if not self.active:
             return [Delta(content=text)] if text else []
         self._buf += text
-        out: list[Delta] = []
-        if self.forced:
-            self._forced_step(out, final=False)
-        elif self.family is Family.LLAMA3_JSON:
-            self._llama_step(out, final=False)
-        else:
-            self._hermes_step(out, final=False)
-        return out
+        return self._step(final=False)
 
     def finish(self) -> list[Delta]:
         """The end of the output: whatever was held back is settled."""
         if not self.active or self._done:
             return []
         self._done = True
+        return self._step(final=True)
+
+    def _step(self, final: bool) -> list[Delta]:
+        """What the held text settles, read by the output's form."""
         out: list[Delta] = []
         if self.forced:
-            self._forced_step(out, final=True)
+            self._forced_step(out, final=final)
         elif self.family is Family.LLAMA3_JSON:
-            self._llama_step(out, final=True)
+            self._llama_step(out, final=final)
         else:
-            self._hermes_step(out, final=True)
+            self._hermes_step(out, final=final)
         return out
 
     # -- content and calls out -------------------------------------------
