@@ -373,3 +373,18 @@ __all__ = [
     "stop_all",
     "stub",
 ]
+
+
+def start_edge(tmp: Path, adapters: dict[str, Sequence[str]]) -> tuple[RouterPart, EnvoyPart]:
+    """A router over `adapters` with its OpenAI listener, and Envoy in front
+    of both, started in that order."""
+    openai_port = free_port()
+    router = RouterPart(tmp, adapters, "--openai-port", str(openai_port))
+    router.start(60)
+    envoy = EnvoyPart(tmp, router.port, openai_port)
+    try:
+        envoy.start(60)
+    except BaseException:
+        router.stop()
+        raise
+    return router, envoy

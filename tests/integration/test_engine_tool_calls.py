@@ -22,8 +22,7 @@ from tests.harness.engine_parts import (
     VLLMPart,
     gguf,
 )
-from tests.harness.parts import EnvoyPart, RouterPart, start_all, stop_all
-from tests.harness.procs import free_port
+from tests.harness.parts import EnvoyPart, start_all, start_edge, stop_all
 
 pytestmark = pytest.mark.integration
 ID = re.compile(r"^call_[0-9a-f]{24}$")
@@ -61,12 +60,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ToolMesh]:
                                     "--engine-url", f"{vllm.url}/v1", "--chat-api", "engine"),
     }
     start_all(list(adapters.values()))
-    openai_port = free_port()
-    router = RouterPart(tmp, {m: [a.address] for m, a in adapters.items()},
-                        "--openai-port", str(openai_port))
-    router.start(60)
-    envoy = EnvoyPart(tmp, router.port, openai_port)
-    envoy.start(60)
+    router, envoy = start_edge(tmp, {m: [a.address] for m, a in adapters.items()})
     parts = [llama, vllm, *adapters.values(), router, envoy]
     try:
         yield ToolMesh(llama, vllm, envoy)

@@ -41,10 +41,10 @@ from tests.harness.parts import (
     ready_replicas,
     sse_events,
     start_all,
+    start_edge,
     stop_all,
     stub,
 )
-from tests.harness.procs import free_port
 from tests.harness.wait import eventually
 
 pytestmark = pytest.mark.integration
@@ -77,12 +77,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineMesh]:
                                     "--engine-url", f"{vllm.url}/v1"),
     }
     start_all(list(adapters.values()))
-    openai_port = free_port()
-    router = RouterPart(tmp, {m: [a.address] for m, a in adapters.items()},
-                        "--openai-port", str(openai_port))
-    router.start(60)
-    envoy = EnvoyPart(tmp, router.port, openai_port)
-    envoy.start(60)
+    router, envoy = start_edge(tmp, {m: [a.address] for m, a in adapters.items()})
     parts = [llama, vllm, *adapters.values(), router, envoy]
     try:
         yield EngineMesh(llama, vllm, adapters, router, envoy)
